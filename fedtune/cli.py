@@ -1,0 +1,170 @@
+"""The `fedtune` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedtune.client_node.data import DataError
+from fedtune.client_node.demo_data import DOMAINS, write_demo_data
+from fedtune.client_node.node_train import NON_PRIVATE_LABEL, run_node_training
+from fedtune.client_node.privacy_state import PrivacyStateError
+from fedtune.platform.accounting import BudgetExhaustedError
+from fedtune.platform.config import ConfigError, load_node_config
+from fedtune.platform.lora import AdapterMismatchError
+from fedtune.platform.model_store import ModelSpecError
+
+# Errors a user can act on: printed as one clear line, exit code 2, no traceback.
+_USER_ERRORS = (
+    ConfigError, DataError, ModelSpecError, BudgetExhaustedError, PrivacyStateError,
+    AdapterMismatchError,
+)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except _USER_ERRORS as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune", description="Federated, differentially private LoRA fine-tuning."
+    )
+    commands = parser.add_subparsers(title="commands")
+
+    node = commands.add_parser("node", help="what runs at an organisation's node").add_subparsers(
+        title="node commands"
+    )
+    train = node.add_parser("train", help="train one DP-LoRA round on the node's local data")
+    train.add_argument("--config", required=True, type=Path, help="node TOML file")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(handler=_node_train)
+
+    data = commands.add_parser("data", help="data sets").add_subparsers(title="data commands")
+    demo_data = data.add_parser("demo", help="write the synthetic hospital and bank data sets")
+    demo_data.add_argument("--out", required=True, type=Path)
+    demo_data.add_argument("--domain", choices=[*DOMAINS, "all"], default="all")
+    demo_data.add_argument("--train", type=int, default=800, help="training examples")
+    demo_data.add_argument("--held-out", type=int, default=100, help="held-out examples")
+    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.set_defaults(handler=_data_demo)
+
+    model = commands.add_parser("model", help="base models").add_subparsers(title="model commands")
+    fetch = model.add_parser("fetch", help="fetch/convert a base model and print its fingerprint")
+    fetch.add_argument("spec", nargs="?", default="smollm2-135m")
+    fetch.add_argument("--cache-dir", type=Path, default=None)
+    fetch.set_defaults(handler=_model_fetch)
+
+    demo = commands.add_parser(
+        "demo", help="one node (the demo hospital) trains the default model with DP-LoRA"
+    )
+    demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--model", default="smollm2-135m", help="model spec")
+    demo.add_argument(
+        "--compare", action="store_true", help="also train without DP, for comparison"
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _node_train(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config)
+    metrics = run_node_training(config, progress=not args.no_progress)
+    print(_summary(metrics))
+    return 0
+
+
+def _data_demo(args: argparse.Namespace) -> int:
+    domains = DOMAINS if args.domain == "all" else (args.domain,)
+    for domain in domains:
+        train, held_out = write_demo_data(
+            args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
+        )
+        print(f"{domain}: {train} ({args.train} examples), {held_out} ({args.held_out})")
+    return 0
+
+
+def _model_fetch(args: argparse.Namespace) -> int:
+    from fedtune.platform.fingerprint import model_dir_fingerprint
+    from fedtune.platform.model_store import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.spec, cache_dir=args.cache_dir)
+    print(f"{args.spec}: {model_dir}")
+    print(f"fingerprint: {model_dir_fingerprint(model_dir)}")
+    return 0
+
+
+_DEMO_CONFIG = """\
+[node]
+name = "hospital"
+state_dir = "node-state"
+
+[model]
+spec = "{model}"
+
+[data]
+train = "data/hospital/train.jsonl"
+eval = "data/hospital/held_out.jsonl"
+
+[privacy]
+mode = "{mode}"
+target_epsilon = 8.0
+delta = 1e-5
+
+[output]
+dir = "out/{mode}"
+"""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    workdir: Path = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "data" / "hospital" / "train.jsonl").exists():
+        write_demo_data(workdir / "data", domain="hospital")
+    rows = []
+    for mode in ("dp", "non-private") if args.compare else ("dp",):
+        config_path = workdir / f"node-{mode}.toml"
+        config_path.write_text(_DEMO_CONFIG.format(model=args.model, mode=mode))
+        print(f"training the demo hospital node ({mode}) ...", file=sys.stderr)
+        metrics = run_node_training(load_node_config(config_path))
+        print(_summary(metrics))
+        rows.append(metrics)
+    return 0
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    privacy = metrics["privacy"]
+    before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
+    if privacy["mode"] == "dp":
+        privacy_line = (
+            f"epsilon {privacy['epsilon']:.3f} (this round {privacy['epsilon_this_round']:.3f}) "
+            f"at delta {privacy['delta']:g}, {privacy['accountant']}; noise multiplier "
+            f"{privacy['noise_multiplier']:.3f}, sample rate {privacy['sample_rate']:.4f}, "
+            f"clip norm {privacy['max_grad_norm']:g}"
+        )
+    else:
+        privacy_line = NON_PRIVATE_LABEL
+    return "\n".join(
+        [
+            f"node {metrics['node']}: {metrics['steps']} steps in "
+            f"{metrics['training']['seconds']:.0f} s on {metrics['device']}",
+            f"  held-out loss {before['loss']:.3f} -> {after['loss']:.3f}, "
+            f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}",
+            f"  privacy: {privacy_line}",
+            f"  adapter: {metrics['adapter_dir']}",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The node's local data: JSONL files rendered with the model's chat template.
+
+Two line forms are accepted::
+
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    {"prompt": "...", "response": "...", "system": "..." (optional)}
+
+Only assistant tokens count in the loss. Problems are reported as ``FILE:LINE: what``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+_ROLES = {"system", "user", "assistant"}
+
+Message = dict[str, str]
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or too small for the configured training."""
+
+
+def load_conversations(path: Path) -> list[list[Message]]:
+    """Parse a JSONL data file into conversations; blank lines are skipped."""
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    conversations: list[list[Message]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
+            conversations.append(_conversation(record, f"{path}:{number}"))
+    if not conversations:
+        raise DataError(f"{path}: the data set is empty (no examples)")
+    return conversations
+
+
+def _conversation(record: Any, where: str) -> list[Message]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: each line must be a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise DataError(f"{where}: messages[{index}] must be an object")
+            for field in ("role", "content"):
+                if not isinstance(message.get(field), str):
+                    raise DataError(f"{where}: messages[{index}] is missing field '{field}'")
+            if message["role"] not in _ROLES:
+                raise DataError(
+                    f"{where}: messages[{index}] has role {message['role']!r}; "
+                    f"expected one of {sorted(_ROLES)}"
+                )
+        if not any(message["role"] == "assistant" for message in messages):
+            raise DataError(f"{where}: no assistant message to learn from")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if "prompt" in record or "response" in record:
+        for field in ("prompt", "response"):
+            if not isinstance(record.get(field), str):
+                raise DataError(f"{where}: missing field '{field}' (a string)")
+        conversation: list[Message] = []
+        if isinstance(record.get("system"), str):
+            conversation.append({"role": "system", "content": record["system"]})
+        conversation.append({"role": "user", "content": record["prompt"]})
+        conversation.append({"role": "assistant", "content": record["response"]})
+        return conversation
+    raise DataError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX everywhere but assistant tokens
+
+
+def tokenize_conversation(
+    conversation: Sequence[Message], tokenizer: Any, *, max_length: int
+) -> TokenizedExample:
+    """Render with the chat template and label only the assistant turns (their text and the
+    end-of-turn marker the template puts after it), truncated to ``max_length`` tokens."""
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False)
+    spans = []
+    for index, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(
+            list(conversation[:index]), tokenize=False, add_generation_prompt=True
+        )
+        upto = tokenizer.apply_chat_template(list(conversation[: index + 1]), tokenize=False)
+        if not text.startswith(upto) or not upto.startswith(prefix):
+            raise DataError(
+                "the tokenizer's chat template does not render conversations prefix by prefix; "
+                "assistant tokens cannot be located"
+            )
+        spans.append((len(prefix), len(upto)))
+    encoded = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=False
+    )
+    input_ids: list[int] = list(encoded["input_ids"])[:max_length]
+    offsets = encoded["offset_mapping"][:max_length]
+    labels = [
+        token if any(start <= begin and end <= stop for start, stop in spans) and end > begin
+        else IGNORE_INDEX
+        for token, (begin, end) in zip(input_ids, offsets, strict=True)
+    ]
+    return TokenizedExample(input_ids=input_ids, labels=labels)
+
+
+class ChatDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Tokenized conversations; items are ``(input_ids, labels)`` of varying length."""
+
+    def __init__(self, examples: Sequence[TokenizedExample], *, source: Path, dropped: int = 0):
+        self.examples = list(examples)
+        self.source = source
+        self.dropped = dropped  # examples with no assistant token left after truncation
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        example = self.examples[index]
+        return torch.tensor(example.input_ids), torch.tensor(example.labels)
+
+
+def load_chat_dataset(
+    path: Path, tokenizer: Any, *, max_length: int, limit: int | None = None
+) -> ChatDataset:
+    """Load, render and tokenize a JSONL file. Examples whose assistant part falls wholly
+    beyond ``max_length`` teach nothing and are left out (counted in ``dropped``)."""
+    conversations = load_conversations(path)
+    if limit is not None:
+        conversations = conversations[:limit]
+    examples = [tokenize_conversation(c, tokenizer, max_length=max_length) for c in conversations]
+    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
+    if not kept:
+        raise DataError(
+            f"{path}: no example keeps an assistant token within max_length={max_length}"
+        )
+    return ChatDataset(kept, source=path, dropped=len(examples) - len(kept))
+
+
+Batch = dict[str, torch.Tensor]
+
+
+def make_collate(pad_token_id: int) -> Callable[[list[tuple[torch.Tensor, torch.Tensor]]], Batch]:
+    """Pad a list of ``(input_ids, labels)`` to the longest in the batch (right padding)."""
+
+    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+        if not items:
+            empty = torch.zeros((0, 1), dtype=torch.long)
+            return {"input_ids": empty, "labels": empty, "attention_mask": empty}
+        length = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(items), length), dtype=torch.long)
+        for row, (ids, labs) in enumerate(items):
+            input_ids[row, : len(ids)] = ids
+            labels[row, : len(labs)] = labs
+            attention[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+    return collate

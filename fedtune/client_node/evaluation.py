@@ -1,0 +1,52 @@
+"""Held-out evaluation on the node's own data; only the figures leave this module."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedtune.client_node.data import ChatDataset, make_collate
+from fedtune.client_node.losses import token_losses
+
+
+@dataclass(frozen=True)
+class HeldOutMetrics:
+    loss: float  # mean negative log-likelihood per assistant token
+    perplexity: float
+    examples: int
+    tokens: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ChatDataset,
+    *,
+    pad_token_id: int,
+    device: torch.device,
+    batch_size: int = 8,
+) -> HeldOutMetrics:
+    """Token-weighted held-out loss and perplexity (exp of the loss)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=make_collate(pad_token_id))
+    total_loss, total_tokens = 0.0, 0
+    try:
+        for batch in loader:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            losses, mask = token_losses(logits, batch["labels"])
+            total_loss += float(losses.sum())
+            total_tokens += int(mask.sum())
+    finally:
+        model.train(was_training)
+    loss = total_loss / max(total_tokens, 1)
+    return HeldOutMetrics(
+        loss=loss, perplexity=math.exp(min(loss, 50.0)), examples=len(dataset), tokens=total_tokens
+    )

@@ -1,0 +1,190 @@
+"""Typed, validated configuration loaded from TOML.
+
+Every section is a pydantic model; :func:`load_node_config` turns any validation problem into a
+:class:`ConfigError` that names the file and the dotted key, e.g.
+``node.toml: privacy.target_epsilon: Input should be greater than 0``.
+Relative paths in a config file are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to load and how."""
+
+    spec: str = Field(
+        default="smollm2-135m",
+        description="A local Hugging Face directory, a .gguf file, or the alias 'smollm2-135m'.",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where converted models are kept; default $FEDTUNE_CACHE_DIR or "
+        "~/.cache/fedtune.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        default="none", description="QLoRA loading through bitsandbytes; CUDA only."
+    )
+
+
+class DataConfig(_Section):
+    """The node's local data set: JSONL in chat or prompt/response form."""
+
+    train: Path
+    eval: Path
+    max_length: Annotated[int, Field(ge=8)] = 128
+    max_eval_examples: PositiveInt | None = Field(
+        default=None, description="Evaluate on at most this many held-out examples."
+    )
+
+
+class LoraSettings(_Section):
+    """LoRA adapter shape. Noise under DP grows with the number of trainable values, so the
+    default adapts only the attention query and value projections."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    train_a: bool = Field(
+        default=True,
+        description="False freezes the random A matrices and trains only B (FFA-LoRA), "
+        "halving the noised parameters.",
+    )
+
+
+class TrainingSettings(_Section):
+    """One round of local training. A round is ``steps`` optimizer steps over logical batches
+    of ``batch_size`` examples (expected size under Poisson sampling), computed in physical
+    micro-batches of at most ``physical_batch_size``."""
+
+    steps: PositiveInt = 20
+    batch_size: PositiveInt = 32
+    physical_batch_size: PositiveInt = 8
+    learning_rate: PositiveFloat = 3e-3
+    seed: int | None = Field(
+        default=None,
+        description="Seed for batch sampling and DP noise. Leave unset in production: "
+        "noise that can be re-derived from a known seed protects nothing.",
+    )
+    torch_threads: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _physical_not_larger(self) -> Self:
+        if self.physical_batch_size > self.batch_size:
+            raise ValueError(
+                f"physical_batch_size ({self.physical_batch_size}) must not exceed "
+                f"batch_size ({self.batch_size})"
+            )
+        return self
+
+
+class PrivacySettings(_Section):
+    """Differential privacy of the node's training (DP-SGD).
+
+    ``target_epsilon`` is what the node's whole planned work on this data set ends at:
+    ``planned_rounds`` rounds of ``training.steps`` steps. The noise multiplier is calibrated
+    for what is left of that plan given what this data set has already spent.
+    """
+
+    mode: Literal["dp", "non-private"] = "dp"
+    target_epsilon: PositiveFloat = 8.0
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_grad_norm: PositiveFloat = 1.0
+    planned_rounds: PositiveInt = 1
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_multiplier: PositiveFloat | None = Field(
+        default=None,
+        description="Use this noise multiplier instead of calibrating one to the target.",
+    )
+
+
+class NodeSettings(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    state_dir: Path = Field(
+        default=Path("node-state"),
+        description="Where the node keeps what must survive restarts (privacy accountants).",
+    )
+
+
+class OutputSettings(_Section):
+    dir: Path
+
+
+class NodeConfig(_Section):
+    """Everything `fedtune node train` needs."""
+
+    node: NodeSettings
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    output: OutputSettings
+
+
+def _resolve(base: Path, value: Path | None) -> Path | None:
+    if value is None or value.is_absolute():
+        return value
+    return (base / value).resolve()
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    """Read and validate a node TOML file; relative paths are taken from the file's folder."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        config = NodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(path, exc)) from None
+    base = path.resolve().parent
+    model_spec = config.model.spec
+    if model_spec.startswith((".", "/", "~")) or "/" in model_spec:
+        model_spec = str(_resolve(base, Path(model_spec).expanduser()))
+    return config.model_copy(
+        update={
+            "node": config.node.model_copy(
+                update={"state_dir": _resolve(base, config.node.state_dir)}
+            ),
+            "model": config.model.model_copy(
+                update={"spec": model_spec, "cache_dir": _resolve(base, config.model.cache_dir)}
+            ),
+            "data": config.data.model_copy(
+                update={
+                    "train": _resolve(base, config.data.train),
+                    "eval": _resolve(base, config.data.eval),
+                }
+            ),
+            "output": config.output.model_copy(update={"dir": _resolve(base, config.output.dir)}),
+        }
+    )
