@@ -132,9 +132,15 @@ def _refill(rng: random.Random) -> tuple[str, str]:
         f"Running out of {medicine} in {days} days, what do I do?",
     ])
     if days <= 3:
-        answer = f"Ask your pharmacy for an emergency supply of {medicine} today, then request a renewal through the patient portal."
+        answer = (
+            f"With {days} days left, ask your pharmacy for an emergency supply of {medicine} "
+            "today, then request a renewal through the patient portal."
+        )
     else:
-        answer = f"Request a renewal of {medicine} through the patient portal; it takes 2 working days."
+        answer = (
+            f"{days} days is enough: request a renewal of {medicine} through the patient "
+            "portal; it takes 2 working days."
+        )
     return ask, answer
 
 
@@ -147,7 +153,8 @@ def _reschedule(rng: random.Random) -> tuple[str, str]:
         f"Please reschedule my appointment from {old_day} to {new_day}.",
     ])
     return ask, (
-        f"I have asked the clinic to move your {old_day} appointment to {new_day}. "
+        f"I have asked the clinic to move your {old_day} {time} appointment to {new_day} "
+        "at the same time. "
         "You will get a confirmation text within one working day."
     )
 

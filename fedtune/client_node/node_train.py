@@ -19,7 +19,13 @@ import torch
 from fedtune.client_node.data import load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.privacy_state import PrivacyState, RoundRecord
-from fedtune.client_node.trainer import DPSettings, sample_rate_for, train_round
+from fedtune.client_node.trainer import (
+    GRAD_SAMPLE_MODE,
+    NOISE_RNG,
+    DPSettings,
+    sample_rate_for,
+    train_round,
+)
 from fedtune.platform.accounting import (
     BudgetExhaustedError,
     HistoryEntry,
@@ -125,6 +131,7 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         batch_size=training.batch_size,
         physical_batch_size=training.physical_batch_size,
         learning_rate=training.learning_rate,
+        optimizer=training.optimizer,
         pad_token_id=pad_id,
         device=base.device,
         dp=dp,
@@ -148,6 +155,8 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
             "sample_rate": result.sample_rate,
             "max_grad_norm": privacy.max_grad_norm,
             "accountant": accountant_label(privacy.accountant),
+            "grad_sample_mode": GRAD_SAMPLE_MODE,
+            "noise_rng": NOISE_RNG if training.seed is None else f"seeded ({training.seed})",
             "target_epsilon": privacy.target_epsilon,
             "planned_rounds": privacy.planned_rounds,
             "private_rounds_on_data_set": len(history) + 1,

@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from opacus import PrivacyEngine
@@ -32,6 +34,7 @@ from fedtune.client_node.losses import sequence_losses
 from fedtune.platform.accounting import AccountantName, HistoryEntry
 
 GRAD_SAMPLE_MODE = "hooks"
+NOISE_RNG = "torch.Generator (not a CSPRNG: Opacus secure_mode needs torchcsprng)"
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def train_round(
     batch_size: int,
     physical_batch_size: int,
     learning_rate: float,
+    optimizer: Literal["adamw", "sgd"] = "adamw",
     pad_token_id: int,
     device: torch.device,
     dp: DPSettings | None,
@@ -94,7 +98,11 @@ def train_round(
     if not parameters:
         raise ValueError("the model has no trainable (adapter) parameters")
     model.train()
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    torch_optimizer: torch.optim.Optimizer
+    if optimizer == "adamw":
+        torch_optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    else:
+        torch_optimizer = torch.optim.SGD(parameters, lr=learning_rate)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, collate_fn=make_collate(pad_token_id)
     )
@@ -102,12 +110,12 @@ def train_round(
     bar = tqdm(total=steps, desc="training steps", unit="step", disable=not progress)
     try:
         if dp is None:
-            losses = _train_plain(model, optimizer, loader, steps, physical_batch_size, device, bar)
+            losses = _train_plain(model, torch_optimizer, loader, steps, physical_batch_size, device, bar)
             history: list[HistoryEntry] = []
             sample_rate = batch_size / len(dataset)
         else:
             losses, history, sample_rate = _train_private(
-                model, optimizer, loader, steps, physical_batch_size, device, bar, dp
+                model, torch_optimizer, loader, steps, physical_batch_size, device, bar, dp
             )
     finally:
         bar.close()
@@ -167,7 +175,12 @@ def _train_private(
     bar: tqdm,
     dp: DPSettings,
 ) -> tuple[list[float], list[HistoryEntry], float]:
-    engine = PrivacyEngine(accountant=dp.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns that its secure RNG is off: secure_mode needs torchcsprng, which has
+        # no build for current Python. Noise comes from torch's generator, seeded from OS
+        # randomness unless a seed is configured; metrics record this as "noise_rng".
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = list(dp.history)
     # wrap_model=False keeps the PeftModel itself (no "_module." key prefix) and lets the
     # hooks be removed after the round, so the same model trains again next round.

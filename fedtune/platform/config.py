@@ -79,6 +79,7 @@ class TrainingSettings(_Section):
     batch_size: PositiveInt = 32
     physical_batch_size: PositiveInt = 8
     learning_rate: PositiveFloat = 3e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     seed: int | None = Field(
         default=None,
         description="Seed for batch sampling and DP noise. Leave unset in production: "

@@ -1,0 +1,99 @@
+import pytest
+
+from conftest import write_jsonl
+from fedtune.client_node.data import (
+    IGNORE_INDEX,
+    DataError,
+    load_chat_dataset,
+    load_conversations,
+    tokenize_conversation,
+)
+
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Where is cardiology?"},
+        {"role": "assistant", "content": "Building B, floor 2."},
+        {"role": "user", "content": "And radiology?"},
+        {"role": "assistant", "content": "Building A, basement."},
+    ]
+}
+
+
+def labelled_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE_INDEX])
+
+
+def test_chat_is_rendered_with_template_and_only_assistant_tokens_are_labelled(tiny_tokenizer):
+    example = tokenize_conversation(CHAT["messages"], tiny_tokenizer, max_length=512)
+
+    text = tiny_tokenizer.decode(example.input_ids)
+    assert text.startswith("<|im_start|>system\nYou are a test assistant.<|im_end|>")
+    assert "<|im_start|>user\nWhere is cardiology?<|im_end|>" in text
+    assert labelled_text(tiny_tokenizer, example) == (
+        "Building B, floor 2.<|im_end|>\nBuilding A, basement.<|im_end|>\n"
+    )
+
+
+def test_prompt_response_form_becomes_a_chat(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi?", "response": "Hello.", "system": "S."}])
+
+    (conversation,) = load_conversations(path)
+    example = tokenize_conversation(conversation, tiny_tokenizer, max_length=512)
+
+    assert [m["role"] for m in conversation] == ["system", "user", "assistant"]
+    assert labelled_text(tiny_tokenizer, example) == "Hello.<|im_end|>\n"
+
+
+def test_truncation_keeps_at_most_max_length_tokens(tiny_tokenizer):
+    example = tokenize_conversation(CHAT["messages"], tiny_tokenizer, max_length=30)
+
+    assert len(example.input_ids) == len(example.labels) == 30
+
+
+def test_examples_whose_answer_is_truncated_away_are_dropped_and_counted(tmp_path, tiny_tokenizer):
+    long_prompt = {"prompt": "word " * 300, "response": "short"}
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT, long_prompt])
+
+    dataset = load_chat_dataset(path, tiny_tokenizer, max_length=100)
+
+    assert len(dataset) == 1
+    assert dataset.dropped == 1
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", \n')
+
+    with pytest.raises(DataError, match=rf"{path}:3: malformed JSON"):
+        load_conversations(path)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": "only a prompt"}, "missing field 'response'"),
+        ({"text": "x"}, "missing field 'messages'"),
+        ({"messages": [{"role": "user"}]}, r"messages\[0\] is missing field 'content'"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+        (["not", "an", "object"], "must be a JSON object"),
+    ],
+)
+def test_bad_records_name_file_line_and_problem(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT, record])
+
+    with pytest.raises(DataError, match=rf"{path}:2: .*{message}"):
+        load_conversations(path)
+
+
+def test_empty_data_set_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n  \n")
+
+    with pytest.raises(DataError, match=rf"{path}: the data set is empty"):
+        load_conversations(path)
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        load_conversations(tmp_path / "absent.jsonl")

@@ -1,0 +1,139 @@
+"""`fedtune node train` end to end on a tiny model, in separate processes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedtune.client_node.demo_data import write_demo_data
+from fedtune.platform.accounting import epsilon_of
+
+CONFIG = """
+[node]
+name = "hospital"
+state_dir = "state"
+
+[model]
+spec = "{model}"
+
+[data]
+train = "data/hospital/train.jsonl"
+eval = "data/hospital/held_out.jsonl"
+max_length = 160
+
+[training]
+steps = {steps}
+batch_size = 16
+physical_batch_size = 8
+learning_rate = 0.01
+
+[privacy]
+mode = "{mode}"
+target_epsilon = {target}
+planned_rounds = 3
+
+[output]
+dir = "out"
+"""
+
+
+def node_train(workdir: Path, model_dir: Path, *, mode="dp", steps=3, target=8.0):
+    config = workdir / f"node-{mode}.toml"
+    config.write_text(CONFIG.format(model=model_dir, mode=mode, steps=steps, target=target))
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "node", "train", "--config", str(config), "--no-progress"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def latest_metrics(workdir: Path, mode: str = "dp") -> dict:
+    runs = sorted((workdir / "out").glob(f"*-{mode}*/metrics.json"))
+    return json.loads(runs[-1].read_text())
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    write_demo_data(tmp_path / "data", domain="hospital", train=64, held_out=8)
+    return tmp_path
+
+
+def test_epsilon_survives_restarts_and_keeps_growing(workdir, tiny_model_dir):
+    first = node_train(workdir, tiny_model_dir)
+    assert first.returncode == 0, first.stderr
+    epsilon_1 = latest_metrics(workdir)["privacy"]["epsilon"]
+
+    second = node_train(workdir, tiny_model_dir)
+    assert second.returncode == 0, second.stderr
+    metrics = latest_metrics(workdir)
+    privacy = metrics["privacy"]
+
+    assert 0 < epsilon_1 < privacy["epsilon"] <= 8.0
+    state = json.loads(Path(metrics["privacy_state"]).read_text())
+    history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in state["rounds"]]
+    assert len(history) == 2
+    assert privacy["epsilon"] == pytest.approx(epsilon_of(history, delta=1e-5, accountant="rdp"))
+    # The plan (3 rounds to epsilon 8) keeps its noise from round to round.
+    assert history[0][0] == pytest.approx(history[1][0], rel=0.01)
+
+
+def test_metrics_and_adapter_are_written_and_load_with_plain_peft(workdir, tiny_model_dir):
+    result = node_train(workdir, tiny_model_dir)
+    assert result.returncode == 0, result.stderr
+
+    metrics = latest_metrics(workdir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(base, metrics["adapter_dir"])
+
+    assert len(metrics["train_loss"]) == metrics["steps"] == 3
+    for key in ("epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm", "accountant"):
+        assert metrics["privacy"][key] is not None
+    assert metrics["privacy"]["accountant"].startswith("opacus-rdp")
+    for phase in ("before", "after"):
+        assert metrics["held_out"][phase]["perplexity"] > 1
+    with torch.no_grad():
+        assert torch.isfinite(adapted(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    assert "held-out loss" in result.stdout and "epsilon" in result.stdout
+
+
+def test_non_private_mode_is_labelled_and_spends_no_epsilon(workdir, tiny_model_dir):
+    result = node_train(workdir, tiny_model_dir, mode="non-private")
+    assert result.returncode == 0, result.stderr
+
+    privacy = latest_metrics(workdir, "non-private")["privacy"]
+
+    assert privacy["mode"] == "non-private"
+    assert privacy["label"].startswith("NON-PRIVATE")
+    assert privacy["epsilon"] is None
+    assert "NON-PRIVATE" in result.stdout
+
+
+def test_a_round_past_the_target_is_refused_and_nothing_is_lost(workdir, tiny_model_dir):
+    assert node_train(workdir, tiny_model_dir, target=2.0).returncode == 0
+    state_files = list((workdir / "state" / "privacy").glob("*.json"))
+    before = state_files[0].read_text()
+
+    refused = node_train(workdir, tiny_model_dir, target=0.5)
+
+    assert refused.returncode == 2
+    assert "already spent epsilon" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert state_files[0].read_text() == before
+    assert len(list((workdir / "out").iterdir())) == 1
+
+
+def test_bad_config_is_reported_with_file_and_key(workdir, tiny_model_dir):
+    config = workdir / "bad.toml"
+    config.write_text(CONFIG.format(model=tiny_model_dir, mode="dp", steps=0, target=8.0))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "node", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert f"{config}: training.steps" in result.stderr
