@@ -18,14 +18,9 @@ Intent = Callable[[random.Random], tuple[str, str]]
 
 DOMAINS = ("hospital", "bank")
 
-_HOSPITAL_SYSTEM = (
-    "You are the patient help line of Riverside General Hospital. Be brief, kind and precise. "
-    "You do not diagnose; you triage and direct."
-)
-_BANK_SYSTEM = (
-    "You are the customer support assistant of Northgate Bank. Be brief and precise, never ask "
-    "for full card numbers, PINs or passwords."
-)
+# Short on purpose: every token of every example costs training time on a CPU.
+_HOSPITAL_SYSTEM = "Riverside General Hospital help line. Triage and direct; never diagnose."
+_BANK_SYSTEM = "Northgate Bank support. Never ask for card numbers, PINs or passwords."
 
 # symptom -> (triage level, where to go)
 _SYMPTOMS = {

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.client_node.data import ChatDataset, make_collate
-from fedtune.client_node.losses import token_losses
+from fedtune.client_node.losses import labelled_token_losses
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,9 @@ def evaluate(
     total_loss, total_tokens = 0.0, 0
     try:
         for batch in loader:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            losses, mask = token_losses(logits, batch["labels"])
+            losses, _, _ = labelled_token_losses(model, batch, device)
             total_loss += float(losses.sum())
-            total_tokens += int(mask.sum())
+            total_tokens += losses.numel()
     finally:
         model.train(was_training)
     loss = total_loss / max(total_tokens, 1)

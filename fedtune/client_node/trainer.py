@@ -29,7 +29,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fedtune.client_node.data import Batch, ChatDataset, DataError, make_collate
+from fedtune.client_node.data import ChatDataset, DataError, make_collate
 from fedtune.client_node.losses import sequence_losses
 from fedtune.platform.accounting import AccountantName, HistoryEntry
 
@@ -129,12 +129,6 @@ def train_round(
     )
 
 
-def _forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    batch = {key: value.to(device) for key, value in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_losses(logits, batch["labels"])
-
-
 def _train_plain(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -153,7 +147,7 @@ def _train_plain(
             total = 0.0
             for start in range(0, size, physical_batch_size):
                 chunk = {k: v[start : start + physical_batch_size] for k, v in batch.items()}
-                per_example = _forward_loss(model, chunk, device)
+                per_example = sequence_losses(model, chunk, device)
                 (per_example.sum() / size).backward()
                 total += float(per_example.detach().sum())
             optimizer.step()
@@ -230,7 +224,7 @@ def _train_private(
                         for parameter in trainable:
                             parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
                     else:
-                        per_example = _forward_loss(model, batch, device)
+                        per_example = sequence_losses(model, batch, device)
                         per_example.mean().backward()
                         pending_loss += float(per_example.detach().sum())
                         pending_examples += size
