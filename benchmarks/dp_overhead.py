@@ -52,8 +52,11 @@ def fixed_batch(tokenizer, *, batch: int, length: int) -> dict[str, torch.Tensor
         rows_ids.append(ids[:length])
         rows_labels.append(labels[:length])
     input_ids = torch.tensor(rows_ids)
-    return {"input_ids": input_ids, "labels": torch.tensor(rows_labels),
-            "attention_mask": torch.ones_like(input_ids)}  # fmt: skip
+    return {
+        "input_ids": input_ids,
+        "labels": torch.tensor(rows_labels),
+        "attention_mask": torch.ones_like(input_ids),
+    }
 
 
 class PeakMemory:
@@ -112,7 +115,9 @@ def main() -> None:
     batch = fixed_batch(base.tokenizer, batch=args.batch, length=args.length)
 
     plain_model.train()
-    plain_optimizer = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-3)
+    plain_optimizer = torch.optim.AdamW(
+        [p for p in plain_model.parameters() if p.requires_grad], lr=1e-3
+    )
 
     def plain_step() -> None:
         plain_optimizer.zero_grad(set_to_none=True)
@@ -124,9 +129,13 @@ def main() -> None:
     _, dp_optimizer, _ = PrivacyEngine().make_private(
         module=dp_model,
         optimizer=torch.optim.AdamW([p for p in dp_model.parameters() if p.requires_grad], lr=1e-3),
-        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-        grad_sample_mode=GRAD_SAMPLE_MODE, wrap_model=False,
-    )  # fmt: skip
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        grad_sample_mode=GRAD_SAMPLE_MODE,
+        wrap_model=False,
+    )
 
     def dp_step() -> None:
         dp_optimizer.zero_grad(set_to_none=True)
@@ -147,7 +156,11 @@ def main() -> None:
             if index >= args.warmup:
                 times[name].append(elapsed)
                 memory[name].append(peak.peak)
-        print(f"step {index + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in modes if times[n]), flush=True)
+        print(
+            f"step {index + 1}: "
+            + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in modes if times[n]),
+            flush=True,
+        )
 
     summary = {
         name: {
@@ -163,9 +176,13 @@ def main() -> None:
     report = {
         "benchmark": "dp_overhead",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "device": str(device),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpus": psutil.cpu_count()},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": psutil.cpu_count(),
+        },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "grad_sample_mode": GRAD_SAMPLE_MODE,
         "trainable_parameters": sum(p.numel() for p in dp_model.parameters() if p.requires_grad),

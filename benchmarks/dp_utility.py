@@ -77,16 +77,26 @@ def main() -> None:
                 dp = None
                 if epsilon is not None:
                     sigma = calibrate_noise_multiplier(
-                        target_epsilon=epsilon, delta=args.delta, sample_rate=rate,
-                        steps=args.steps, accountant="rdp",
-                    )  # fmt: skip
+                        target_epsilon=epsilon,
+                        delta=args.delta,
+                        sample_rate=rate,
+                        steps=args.steps,
+                        accountant="rdp",
+                    )
                     dp = DPSettings(noise_multiplier=sigma, max_grad_norm=1.0, accountant="rdp")
                 result = train_round(
-                    model, train, steps=args.steps, batch_size=batch_size,
+                    model,
+                    train,
+                    steps=args.steps,
+                    batch_size=batch_size,
                     physical_batch_size=min(args.physical_batch_size, batch_size),
-                    learning_rate=learning_rate, pad_token_id=pad_id, device=base.device,
-                    dp=dp, seed=args.seed, progress=False,
-                )  # fmt: skip
+                    learning_rate=learning_rate,
+                    pad_token_id=pad_id,
+                    device=base.device,
+                    dp=dp,
+                    seed=args.seed,
+                    progress=False,
+                )
                 after = evaluate(model, held_out, pad_token_id=pad_id, device=base.device).loss
                 run = {
                     "batch_size": batch_size,
@@ -110,10 +120,11 @@ def main() -> None:
         if run["target_epsilon"] is None:
             continue
         same = next(
-            r for r in runs
+            r
+            for r in runs
             if r["target_epsilon"] is None
             and (r["batch_size"], r["learning_rate"]) == (run["batch_size"], run["learning_rate"])
-        )  # fmt: skip
+        )
         run["ratio_same_hyperparameters"] = run["gain"] / same["gain"] if same["gain"] > 0 else None
         run["ratio_best_non_private"] = run["gain"] / best_plain if best_plain > 0 else None
 
@@ -126,7 +137,10 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
-        "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "lora": lora.model_dump()},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "lora": lora.model_dump(),
+        },
         "base_model_fingerprint": base.fingerprint,
         "train_examples": len(train),
         "held_out_examples": len(held_out),

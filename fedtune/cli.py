@@ -18,9 +18,13 @@ from fedtune.platform.model_store import ModelSpecError
 
 # Errors a user can act on: printed as one clear line, exit code 2, no traceback.
 _USER_ERRORS = (
-    ConfigError, DataError, ModelSpecError, BudgetExhaustedError, PrivacyStateError,
+    ConfigError,
+    DataError,
+    ModelSpecError,
+    BudgetExhaustedError,
+    PrivacyStateError,
     AdapterMismatchError,
-)  # fmt: skip
+)
 
 
 def main(argv: list[str] | None = None) -> int:

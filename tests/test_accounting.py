@@ -27,10 +27,17 @@ def test_a_spent_budget_is_refused():
 
     with pytest.raises(BudgetExhaustedError, match="already spent"):
         calibrate_noise_multiplier(
-            target_epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="rdp", history=history
+            target_epsilon=1.0,
+            delta=1e-5,
+            sample_rate=0.1,
+            steps=10,
+            accountant="rdp",
+            history=history,
         )
 
 
 def test_opacus_rdp_matches_the_known_value():
     # Measured with Opacus and Google's dp-accounting alike: q=0.01, sigma=1, 1000 steps.
-    assert epsilon_of([(1.0, 0.01, 1000)], delta=1e-5, accountant="rdp") == pytest.approx(2.1014, abs=1e-3)
+    assert epsilon_of([(1.0, 0.01, 1000)], delta=1e-5, accountant="rdp") == pytest.approx(
+        2.1014, abs=1e-3
+    )

@@ -44,7 +44,7 @@ def test_unknown_spec_is_refused_with_the_aliases(tmp_path):
 
 
 def test_directory_without_config_is_refused(tmp_path):
-    with pytest.raises(ModelSpecError, match="no config.json"):
+    with pytest.raises(ModelSpecError, match=r"no config\.json"):
         resolve_model_dir(str(tmp_path))
 
 

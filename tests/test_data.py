@@ -20,7 +20,9 @@ CHAT = {
 
 
 def labelled_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE_INDEX]
+    )
 
 
 def test_chat_is_rendered_with_template_and_only_assistant_tokens_are_labelled(tiny_tokenizer):
@@ -35,7 +37,9 @@ def test_chat_is_rendered_with_template_and_only_assistant_tokens_are_labelled(t
 
 
 def test_prompt_response_form_becomes_a_chat(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi?", "response": "Hello.", "system": "S."}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "Hi?", "response": "Hello.", "system": "S."}]
+    )
 
     (conversation,) = load_conversations(path)
     example = tokenize_conversation(conversation, tiny_tokenizer, max_length=512)

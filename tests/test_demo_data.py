@@ -16,7 +16,9 @@ def test_held_out_examples_do_not_repeat_training_prompts(tmp_path):
     train, held_out = write_demo_data(tmp_path, domain="hospital", train=800, held_out=100)
 
     def prompts(path):
-        return {json.loads(line)["messages"][1]["content"] for line in path.read_text().splitlines()}
+        return {
+            json.loads(line)["messages"][1]["content"] for line in path.read_text().splitlines()
+        }
 
     assert len(prompts(train)) == 800
     assert len(prompts(held_out)) == 100

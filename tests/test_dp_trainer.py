@@ -29,12 +29,23 @@ def adapter_vector(model):
     return torch.cat([torch.from_numpy(a).flatten() for a in adapter_arrays(model).values()])
 
 
-def train(model, dataset, tokenizer, *, dp, steps=1, batch_size=8, seed=0, optimizer="adamw", lr=1e-2):
+def train(
+    model, dataset, tokenizer, *, dp, steps=1, batch_size=8, seed=0, optimizer="adamw", lr=1e-2
+):
     return train_round(
-        model, dataset, steps=steps, batch_size=batch_size, physical_batch_size=4,
-        learning_rate=lr, optimizer=optimizer, pad_token_id=tokenizer.pad_token_id,
-        device=CPU, dp=dp, seed=seed, progress=False,
-    )  # fmt: skip
+        model,
+        dataset,
+        steps=steps,
+        batch_size=batch_size,
+        physical_batch_size=4,
+        learning_rate=lr,
+        optimizer=optimizer,
+        pad_token_id=tokenizer.pad_token_id,
+        device=CPU,
+        dp=dp,
+        seed=seed,
+        progress=False,
+    )
 
 
 def sgd_update_norm(tokenizer, dataset, clip):
@@ -43,7 +54,9 @@ def sgd_update_norm(tokenizer, dataset, clip):
     model = fresh_model(tokenizer)
     start = adapter_vector(model)
     dp = DPSettings(noise_multiplier=0.0, max_grad_norm=clip, accountant="rdp")
-    result = train(model, dataset, tokenizer, dp=dp, batch_size=len(dataset), optimizer="sgd", lr=1.0)
+    result = train(
+        model, dataset, tokenizer, dp=dp, batch_size=len(dataset), optimizer="sgd", lr=1.0
+    )
     assert result.sample_rate == 1.0
     return float((adapter_vector(model) - start).norm())
 
@@ -65,7 +78,7 @@ def test_noise_makes_runs_differ_and_a_seed_reproduces_them(tiny_tokenizer, data
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp")
     models = [fresh_model(tiny_tokenizer) for _ in range(3)]
 
-    for model, seed in zip(models, (1, 1, 2)):
+    for model, seed in zip(models, (1, 1, 2), strict=True):
         train(model, dataset, tiny_tokenizer, dp=dp, steps=2, seed=seed)
 
     first, same_seed, other_seed = (adapter_vector(m) for m in models)
@@ -84,7 +97,9 @@ def test_noise_is_there_even_when_batches_match(tiny_tokenizer, dataset):
     assert not torch.allclose(adapter_vector(a), adapter_vector(b))
 
 
-def test_epsilon_after_a_run_equals_a_fresh_accountant_replaying_its_history(tiny_tokenizer, dataset):
+def test_epsilon_after_a_run_equals_a_fresh_accountant_replaying_its_history(
+    tiny_tokenizer, dataset
+):
     prior = [(1.1, 0.2, 7)]
     dp = DPSettings(noise_multiplier=0.9, max_grad_norm=1.0, accountant="rdp", history=prior)
 
@@ -109,4 +124,10 @@ def test_non_private_training_lowers_training_loss(tiny_tokenizer, dataset):
 
 def test_data_set_smaller_than_a_batch_is_refused(tiny_tokenizer, dataset):
     with pytest.raises(DataError, match="fewer than one batch"):
-        train(fresh_model(tiny_tokenizer), dataset, tiny_tokenizer, dp=None, batch_size=len(dataset) + 1)
+        train(
+            fresh_model(tiny_tokenizer),
+            dataset,
+            tiny_tokenizer,
+            dp=None,
+            batch_size=len(dataset) + 1,
+        )

@@ -45,9 +45,22 @@ def test_a_few_dp_steps_on_the_demo_hospital_data(tmp_path):
     (tmp_path / "node.toml").write_text(CONFIG)
 
     result = subprocess.run(
-        [sys.executable, "-m", "fedtune.cli", "node", "train", "--config", "node.toml", "--no-progress"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "node",
+            "train",
+            "--config",
+            "node.toml",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
 
     assert result.returncode == 0, result.stderr
     (metrics_path,) = (tmp_path / "out").glob("*/metrics.json")

@@ -5,7 +5,12 @@ from peft import PeftModel
 
 from conftest import build_tiny_model
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.lora import AdapterMismatchError, adapter_arrays, attach_lora, load_adapter_arrays
+from fedtune.platform.lora import (
+    AdapterMismatchError,
+    adapter_arrays,
+    attach_lora,
+    load_adapter_arrays,
+)
 
 
 def randomise_adapter(model, seed=1):

@@ -46,9 +46,21 @@ def node_train(workdir: Path, model_dir: Path, *, mode="dp", steps=3, target=8.0
     config = workdir / f"node-{mode}.toml"
     config.write_text(CONFIG.format(model=model_dir, mode=mode, steps=steps, target=target))
     return subprocess.run(
-        [sys.executable, "-m", "fedtune.cli", "node", "train", "--config", str(config), "--no-progress"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "node",
+            "train",
+            "--config",
+            str(config),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def latest_metrics(workdir: Path, mode: str = "dp") -> dict:
@@ -90,7 +102,14 @@ def test_metrics_and_adapter_are_written_and_load_with_plain_peft(workdir, tiny_
     adapted = PeftModel.from_pretrained(base, metrics["adapter_dir"])
 
     assert len(metrics["train_loss"]) == metrics["steps"] == 3
-    for key in ("epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm", "accountant"):
+    for key in (
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "max_grad_norm",
+        "accountant",
+    ):
         assert metrics["privacy"][key] is not None
     assert metrics["privacy"]["accountant"].startswith("opacus-rdp")
     for phase in ("before", "after"):
@@ -132,8 +151,11 @@ def test_bad_config_is_reported_with_file_and_key(workdir, tiny_model_dir):
 
     result = subprocess.run(
         [sys.executable, "-m", "fedtune.cli", "node", "train", "--config", str(config)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
     assert result.returncode == 2
     assert f"{config}: training.steps" in result.stderr

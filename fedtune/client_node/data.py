@@ -114,7 +114,8 @@ def tokenize_conversation(
     input_ids: list[int] = list(encoded["input_ids"])[:max_length]
     offsets = encoded["offset_mapping"][:max_length]
     labels = [
-        token if any(start <= begin and end <= stop for start, stop in spans) and end > begin
+        token
+        if any(start <= begin and end <= stop for start, stop in spans) and end > begin
         else IGNORE_INDEX
         for token, (begin, end) in zip(input_ids, offsets, strict=True)
     ]

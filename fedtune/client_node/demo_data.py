@@ -28,8 +28,14 @@ _SYMPTOMS = {
     "sudden weakness on one side of my face": ("emergency", "call 112 now"),
     "trouble breathing and blue lips": ("emergency", "call 112 now"),
     "a high fever of 39.5 and a stiff neck": ("urgent", "come to the emergency department today"),
-    "a deep cut on my hand that keeps bleeding": ("urgent", "come to the emergency department today"),
-    "severe abdominal pain on the lower right side": ("urgent", "come to the emergency department today"),
+    "a deep cut on my hand that keeps bleeding": (
+        "urgent",
+        "come to the emergency department today",
+    ),
+    "severe abdominal pain on the lower right side": (
+        "urgent",
+        "come to the emergency department today",
+    ),
     "a sprained ankle that is swollen": ("same week", "book a slot at the minor injuries clinic"),
     "a cough that has lasted ten days": ("same week", "book an appointment with your GP"),
     "burning when I urinate": ("same week", "book an appointment with your GP"),
@@ -38,7 +44,13 @@ _SYMPTOMS = {
     "dry eyes in the evening": ("routine", "book a routine appointment"),
 }
 _WHO = ["I have", "My father has", "My daughter has", "My wife has", "My neighbour has", "I've got"]
-_SINCE = ["since this morning", "since yesterday", "for two days", "for a few hours", "since last night"]
+_SINCE = [
+    "since this morning",
+    "since yesterday",
+    "for two days",
+    "for a few hours",
+    "since last night",
+]
 _DEPARTMENTS = {
     "cardiology": ("Building B, floor 2", "Monday to Friday, 8:00 to 16:00"),
     "radiology": ("Building A, basement", "every day, 7:00 to 21:00"),
@@ -60,7 +72,14 @@ _PROCEDURES = {
     "an MRI scan": "no fasting, but remove all metal and tell us about any implants",
     "a blood glucose test": "nothing to eat or drink except water for 8 hours before",
 }
-_MEDICINES = ["metformin", "lisinopril", "atorvastatin", "levothyroxine", "salbutamol", "omeprazole"]
+_MEDICINES = [
+    "metformin",
+    "lisinopril",
+    "atorvastatin",
+    "levothyroxine",
+    "salbutamol",
+    "omeprazole",
+]
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
 _TIMES = ["8:30", "9:15", "10:00", "11:45", "13:30", "14:15", "15:40"]
 
@@ -69,12 +88,14 @@ def _triage(rng: random.Random) -> tuple[str, str]:
     symptom = rng.choice(list(_SYMPTOMS))
     level, action = _SYMPTOMS[symptom]
     who, since = rng.choice(_WHO), rng.choice(_SINCE)
-    ask = rng.choice([
-        f"{who} {symptom} {since}. What should we do?",
-        f"{who} {symptom} {since}. Is it serious?",
-        f"Hello, {who.lower()} {symptom} {since}. Should we come in?",
-        f"Quick question: {who.lower()} {symptom}. It started {since.replace('for ', '')} ago-ish.",
-    ])
+    ask = rng.choice(
+        [
+            f"{who} {symptom} {since}. What should we do?",
+            f"{who} {symptom} {since}. Is it serious?",
+            f"Hello, {who.lower()} {symptom} {since}. Should we come in?",
+            f"Quick question: {who.lower()} {symptom}, {since}.",
+        ]
+    )
     answer = f"Triage level: {level}. Please {action}."
     if level == "emergency":
         answer += " Do not drive yourself."
@@ -88,44 +109,52 @@ def _triage(rng: random.Random) -> tuple[str, str]:
 def _department(rng: random.Random) -> tuple[str, str]:
     name = rng.choice(list(_DEPARTMENTS))
     place, hours = _DEPARTMENTS[name]
-    ask = rng.choice([
-        f"Where is {name}?",
-        f"How do I find the {name} department?",
-        f"When is {name} open?",
-        f"I have an appointment in {name}. Where do I go and when are you open?",
-    ])
+    ask = rng.choice(
+        [
+            f"Where is {name}?",
+            f"How do I find the {name} department?",
+            f"When is {name} open?",
+            f"I have an appointment in {name}. Where do I go and when are you open?",
+        ]
+    )
     return ask, f"{name.capitalize()} is in {place}. Opening hours: {hours}."
 
 
 def _visiting(rng: random.Random) -> tuple[str, str]:
     ward = rng.choice(list(_VISIT_WARDS))
-    ask = rng.choice([
-        f"What are the visiting hours for {ward}?",
-        f"Can I visit someone in {ward} today?",
-        f"My mother is in {ward}. When can we visit?",
-    ])
+    ask = rng.choice(
+        [
+            f"What are the visiting hours for {ward}?",
+            f"Can I visit someone in {ward} today?",
+            f"My mother is in {ward}. When can we visit?",
+        ]
+    )
     return ask, f"Visiting in {ward}: {_VISIT_WARDS[ward]}."
 
 
 def _fasting(rng: random.Random) -> tuple[str, str]:
     procedure = rng.choice(list(_PROCEDURES))
     day = rng.choice(_DAYS)
-    ask = rng.choice([
-        f"I'm having {procedure} on {day}. Do I need to fast?",
-        f"How should I prepare for {procedure}?",
-        f"What can I eat before {procedure} on {day}?",
-    ])
+    ask = rng.choice(
+        [
+            f"I'm having {procedure} on {day}. Do I need to fast?",
+            f"How should I prepare for {procedure}?",
+            f"What can I eat before {procedure} on {day}?",
+        ]
+    )
     return ask, f"For {procedure}: {_PROCEDURES[procedure]}. Bring your referral letter."
 
 
 def _refill(rng: random.Random) -> tuple[str, str]:
     medicine = rng.choice(_MEDICINES)
     days = rng.choice([2, 3, 5, 7])
-    ask = rng.choice([
-        f"I have {days} days of {medicine} left. How do I get a refill?",
-        f"Can I renew my {medicine} prescription? Only {days} days left.",
-        f"Running out of {medicine} in {days} days, what do I do?",
-    ])
+    ask = rng.choice(
+        [
+            f"I have {days} days of {medicine} left. How do I get a refill?",
+            f"Can I renew my {medicine} prescription? Only {days} days left.",
+            f"Running out of {medicine} in {days} days, what do I do?",
+        ]
+    )
     if days <= 3:
         answer = (
             f"With {days} days left, ask your pharmacy for an emergency supply of {medicine} "
@@ -142,11 +171,13 @@ def _refill(rng: random.Random) -> tuple[str, str]:
 def _reschedule(rng: random.Random) -> tuple[str, str]:
     old_day, new_day = rng.sample(_DAYS, 2)
     time = rng.choice(_TIMES)
-    ask = rng.choice([
-        f"Can I move my {old_day} {time} appointment to {new_day}?",
-        f"I can't make it on {old_day} at {time}. Is {new_day} possible?",
-        f"Please reschedule my appointment from {old_day} to {new_day}.",
-    ])
+    ask = rng.choice(
+        [
+            f"Can I move my {old_day} {time} appointment to {new_day}?",
+            f"I can't make it on {old_day} at {time}. Is {new_day} possible?",
+            f"Please reschedule my appointment from {old_day} to {new_day}.",
+        ]
+    )
     return ask, (
         f"I have asked the clinic to move your {old_day} {time} appointment to {new_day} "
         "at the same time. "
@@ -156,14 +187,22 @@ def _reschedule(rng: random.Random) -> tuple[str, str]:
 
 # card type -> (replacement fee, delivery days)
 _CARDS = {
-    "debit card": ("free", 5), "credit card": ("free", 7),
-    "premium credit card": ("free", 2), "business card": ("15 EUR", 5),
-}  # fmt: skip
+    "debit card": ("free", 5),
+    "credit card": ("free", 7),
+    "premium credit card": ("free", 2),
+    "business card": ("15 EUR", 5),
+}
 _LIMITS = {"standard": 2000, "plus": 5000, "premium": 15000, "business": 50000}
 _MERCHANTS = [
-    "an online shop", "a petrol station", "a hotel in Lisbon", "a streaming service",
-    "a supermarket", "an airline", "a car rental company", "a restaurant in Berlin",
-]  # fmt: skip
+    "an online shop",
+    "a petrol station",
+    "a hotel in Lisbon",
+    "a streaming service",
+    "a supermarket",
+    "an airline",
+    "a car rental company",
+    "a restaurant in Berlin",
+]
 _FEES = {
     "foreign ATM withdrawal": "2% of the amount, at least 3 EUR",
     "instant transfer": "0.50 EUR per transfer",
@@ -175,26 +214,31 @@ _FEES = {
 def _lost_card(rng: random.Random) -> tuple[str, str]:
     card = rng.choice(list(_CARDS))
     fee, days = _CARDS[card]
-    ask = rng.choice([
-        f"I lost my {card}. What do I do?",
-        f"My {card} was stolen last night!",
-        f"I can't find my {card} anywhere, please help.",
-        f"Someone took my wallet with my {card} in it.",
-    ])
+    ask = rng.choice(
+        [
+            f"I lost my {card}. What do I do?",
+            f"My {card} was stolen last night!",
+            f"I can't find my {card} anywhere, please help.",
+            f"Someone took my wallet with my {card} in it.",
+        ]
+    )
     return ask, (
         f"I have blocked your {card}. A new one is on its way ({fee}) and arrives within "
-        f"{days} working days. Check your recent transactions and tell us about any you do not recognise."
+        f"{days} working days. Check your recent transactions and tell us about any you do "
+        "not recognise."
     )
 
 
 def _dispute(rng: random.Random) -> tuple[str, str]:
     merchant = rng.choice(_MERCHANTS)
     amount = round(rng.choice([rng.uniform(5, 499), rng.uniform(500, 3000)]), 2)
-    ask = rng.choice([
-        f"There is a payment of {amount:.2f} EUR to {merchant} that I never made.",
-        f"I don't recognise a {amount:.2f} EUR charge from {merchant}.",
-        f"Why was I charged {amount:.2f} EUR by {merchant}? It wasn't me.",
-    ])
+    ask = rng.choice(
+        [
+            f"There is a payment of {amount:.2f} EUR to {merchant} that I never made.",
+            f"I don't recognise a {amount:.2f} EUR charge from {merchant}.",
+            f"Why was I charged {amount:.2f} EUR by {merchant}? It wasn't me.",
+        ]
+    )
     if amount >= 500:
         answer = (
             f"I have opened a fraud case for {amount:.2f} EUR to {merchant} and blocked the card. "
@@ -210,11 +254,13 @@ def _dispute(rng: random.Random) -> tuple[str, str]:
 
 def _limit(rng: random.Random) -> tuple[str, str]:
     account = rng.choice(list(_LIMITS))
-    ask = rng.choice([
-        f"What is the daily transfer limit on a {account} account?",
-        f"How much can I transfer per day with my {account} account?",
-        f"Is there a maximum daily transfer on {account} accounts?",
-    ])
+    ask = rng.choice(
+        [
+            f"What is the daily transfer limit on a {account} account?",
+            f"How much can I transfer per day with my {account} account?",
+            f"Is there a maximum daily transfer on {account} accounts?",
+        ]
+    )
     return ask, (
         f"On a {account} account you can transfer up to {_LIMITS[account]} EUR per day. "
         "You can raise it temporarily in the app under Settings > Limits."
@@ -223,21 +269,25 @@ def _limit(rng: random.Random) -> tuple[str, str]:
 
 def _fee(rng: random.Random) -> tuple[str, str]:
     fee = rng.choice(list(_FEES))
-    ask = rng.choice([
-        f"How much does a {fee} cost?",
-        f"What is your fee for a {fee}?",
-        f"Do you charge anything for a {fee}?",
-    ])
+    ask = rng.choice(
+        [
+            f"How much does a {fee} cost?",
+            f"What is your fee for a {fee}?",
+            f"Do you charge anything for a {fee}?",
+        ]
+    )
     return ask, f"The fee for a {fee} is {_FEES[fee]}."
 
 
 def _password(rng: random.Random) -> tuple[str, str]:
     channel = rng.choice(["the app", "online banking", "the website"])
-    ask = rng.choice([
-        f"I forgot my password for {channel}.",
-        f"I'm locked out of {channel}.",
-        f"How do I reset my login for {channel}?",
-    ])
+    ask = rng.choice(
+        [
+            f"I forgot my password for {channel}.",
+            f"I'm locked out of {channel}.",
+            f"How do I reset my login for {channel}?",
+        ]
+    )
     return ask, (
         f"Choose 'Forgot password' on the login page of {channel} and confirm with your "
         "card reader. Never share your password or PIN with anyone, including us."
@@ -246,21 +296,45 @@ def _password(rng: random.Random) -> tuple[str, str]:
 
 def _open_account(rng: random.Random) -> tuple[str, str]:
     who = rng.choice(["myself", "my son who is 16", "my small business", "my partner and me"])
-    ask = rng.choice([
-        f"How can I open an account for {who}?",
-        f"I want a new account for {who}. What do you need?",
-    ])
+    ask = rng.choice(
+        [
+            f"How can I open an account for {who}?",
+            f"I want a new account for {who}. What do you need?",
+        ]
+    )
     needs = {
         "myself": "an ID card or passport and proof of address",
         "my son who is 16": "his ID, your ID as parent, and both signatures",
-        "my small business": "the company registration, the director's ID and the articles of association",
+        "my small business": (
+            "the company registration, the director's ID and the articles of association"
+        ),
         "my partner and me": "both IDs and proof of a shared address",
     }[who]
-    return ask, f"To open an account for {who} we need {needs}. You can start in the app or at any branch."
+    return (
+        ask,
+        f"To open an account for {who} we need {needs}. You can start in the app or at any branch.",
+    )
 
 
-_OPENERS = ["", "", "Hi. ", "Hello, ", "Good morning. ", "Hi there, ", "Sorry to bother you. ", "Hey, "]
-_CLOSERS = ["", "", " Thanks.", " Thank you!", " Please help.", " Thanks in advance.", " Any advice?"]
+_OPENERS = [
+    "",
+    "",
+    "Hi. ",
+    "Hello, ",
+    "Good morning. ",
+    "Hi there, ",
+    "Sorry to bother you. ",
+    "Hey, ",
+]
+_CLOSERS = [
+    "",
+    "",
+    " Thanks.",
+    " Thank you!",
+    " Please help.",
+    " Thanks in advance.",
+    " Any advice?",
+]
 
 
 def _phrase(rng: random.Random, ask: str) -> str:
@@ -295,13 +369,15 @@ def generate_examples(domain: str, count: int, *, seed: int = 0) -> list[Example
         if ask in seen:
             continue
         seen.add(ask)
-        examples.append({
-            "messages": [
-                {"role": "system", "content": _SYSTEMS[domain]},
-                {"role": "user", "content": ask},
-                {"role": "assistant", "content": answer},
-            ]
-        })
+        examples.append(
+            {
+                "messages": [
+                    {"role": "system", "content": _SYSTEMS[domain]},
+                    {"role": "user", "content": ask},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     return examples
 
 

@@ -11,6 +11,8 @@ padding) carry no label.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,9 @@ def labelled_token_losses(
     attention_mask = batch["attention_mask"].to(device)
     targets = batch["labels"].to(device)[:, 1:]
     rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm: Any = model
+    if hasattr(model, "get_base_model"):  # a PeftModel: its base model holds the LoRA layers
+        causal_lm = model.get_base_model()  # type: ignore[operator]
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
     head = causal_lm.get_output_embeddings()
     if decoder is None or head is None or _post_processes_logits(causal_lm):

@@ -90,9 +90,7 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     base = load_base_model(config.model)
     tokenizer = base.tokenizer
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    train_data = load_chat_dataset(
-        config.data.train, tokenizer, max_length=config.data.max_length
-    )
+    train_data = load_chat_dataset(config.data.train, tokenizer, max_length=config.data.max_length)
     held_out = load_chat_dataset(
         config.data.eval,
         tokenizer,
@@ -139,8 +137,12 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         progress=progress,
     )
     privacy_report: dict[str, Any]
+    epsilon_after: float | None
+    epsilon_round: float | None
     if dp is not None:
-        epsilon_after = epsilon_of(result.history, delta=privacy.delta, accountant=privacy.accountant)
+        epsilon_after = epsilon_of(
+            result.history, delta=privacy.delta, accountant=privacy.accountant
+        )
         epsilon_round = epsilon_of(
             [(dp.noise_multiplier, result.sample_rate, result.steps)],
             delta=privacy.delta,
@@ -189,7 +191,7 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     )
     after = evaluate(model, held_out, pad_token_id=pad_id, device=base.device)
     out_dir = _new_output_dir(config.output.dir, finished, privacy.mode)
-    model.save_pretrained(out_dir / "adapter")
+    model.save_pretrained(str(out_dir / "adapter"))
     metrics = {
         "node": config.node.name,
         "run": run_id,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -110,7 +110,9 @@ def train_round(
     bar = tqdm(total=steps, desc="training steps", unit="step", disable=not progress)
     try:
         if dp is None:
-            losses = _train_plain(model, torch_optimizer, loader, steps, physical_batch_size, device, bar)
+            losses = _train_plain(
+                model, torch_optimizer, loader, steps, physical_batch_size, device, bar
+            )
             history: list[HistoryEntry] = []
             sample_rate = batch_size / len(dataset)
         else:
@@ -222,7 +224,9 @@ def _train_private(
                         # An empty Poisson batch still is a step: noise only. The model
                         # cannot forward zero rows, so give Opacus empty per-example grads.
                         for parameter in trainable:
-                            parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+                            parameter.grad_sample = parameter.new_zeros(  # type: ignore[attr-defined]
+                                (0, *parameter.shape)
+                            )
                     else:
                         per_example = sequence_losses(model, batch, device)
                         per_example.mean().backward()

@@ -29,7 +29,9 @@ def make_accountant(name: AccountantName, history: Sequence[HistoryEntry] = ()) 
     return accountant
 
 
-def epsilon_of(history: Sequence[HistoryEntry], *, delta: float, accountant: AccountantName) -> float:
+def epsilon_of(
+    history: Sequence[HistoryEntry], *, delta: float, accountant: AccountantName
+) -> float:
     """Epsilon spent by ``history`` at ``delta``; 0 for an empty history."""
     if not history:
         return 0.0
@@ -68,7 +70,9 @@ def calibrate_noise_multiplier(
         )
 
     def total(sigma: float) -> float:
-        return epsilon_of([*history, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+        return epsilon_of(
+            [*history, (sigma, sample_rate, steps)], delta=delta, accountant=accountant
+        )
 
     low, high = 0.0, 1.0
     while total(high) > target_epsilon:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -51,11 +52,11 @@ def load_base_model(config: ModelConfig) -> BaseModel:
 
 def _load_weights(model_dir: Path, quantization: str, device: torch.device) -> PreTrainedModel:
     if quantization == "none":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         return model.to(device)
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
         raise RuntimeError(
             "quantized loading needs bitsandbytes: pip install 'fedtune[gpu]'"

@@ -60,7 +60,7 @@ class LoraSettings(_Section):
     default adapts only the attention query and value projections."""
 
     r: PositiveInt = 8
-    alpha: PositiveFloat = 16.0
+    alpha: PositiveInt = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
     train_a: bool = Field(

