@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "dp_utility.json")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the runs already in --out, add the rest"
+    )
     args = parser.parse_args()
 
     base = load_base_model(ModelConfig(spec=args.model))
@@ -63,16 +66,46 @@ def main() -> None:
         train = load_chat_dataset(train_path, base.tokenizer, max_length=args.max_length)
         held_out = load_chat_dataset(held_out_path, base.tokenizer, max_length=args.max_length)
     lora = LoraSettings(r=args.lora_r, train_a=args.train_a == "yes")
+    torch.manual_seed(args.seed)  # the same initial adapter in every invocation
     model = attach_lora(base.model, lora)
     initial = adapter_arrays(model)
     base_loss = evaluate(model, held_out, pad_token_id=pad_id, device=base.device).loss
     print(f"base held-out loss {base_loss:.4f}", flush=True)
 
-    runs = []
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.exists() else None
+    grid_keys = {"batch_sizes", "learning_rates", "epsilons", "out", "resume"}
+    fixed = {k: v for k, v in vars(args).items() if k not in grid_keys}
+    if previous and (
+        previous["base_model_fingerprint"] != base.fingerprint
+        or {k: previous["settings"].get(k) for k in fixed} != fixed
+    ):
+        raise SystemExit(f"{args.out} was measured with other settings; drop --resume")
+    runs: list[dict] = previous["runs"] if previous else []
+    report = {
+        "benchmark": "dp_utility",
+        "machine": {
+            "platform": platform.platform(),
+            "device": str(base.device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "settings": {
+            **fixed,
+            "lora": lora.model_dump(),
+        },
+        "base_model_fingerprint": base.fingerprint,
+        "train_examples": len(train),
+        "held_out_examples": len(held_out),
+        "base_held_out_loss": base_loss,
+        "runs": runs,
+    }
     for batch_size in args.batch_sizes:
         rate = sample_rate_for(len(train), batch_size)
         for learning_rate in args.learning_rates:
             for epsilon in [None, *args.epsilons]:
+                key = (batch_size, learning_rate, epsilon)
+                if any(_key(run) == key for run in runs):
+                    continue
                 load_adapter_arrays(model, initial)
                 dp = None
                 if epsilon is not None:
@@ -114,43 +147,28 @@ def main() -> None:
                 }
                 runs.append(run)
                 print(json.dumps(run), flush=True)
+                _add_ratios(runs)
+                report["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}")
 
-    best_plain = max(r["gain"] for r in runs if r["target_epsilon"] is None)
+
+def _key(run: dict) -> tuple:
+    return (run["batch_size"], run["learning_rate"], run["target_epsilon"])
+
+
+def _add_ratios(runs: list[dict]) -> None:
+    """Gain under DP over the non-private gain: same batch size and learning rate, and best."""
+    plain = {_key(r)[:2]: r["gain"] for r in runs if r["target_epsilon"] is None}
+    best = max(plain.values(), default=0.0)
     for run in runs:
         if run["target_epsilon"] is None:
             continue
-        same = next(
-            r
-            for r in runs
-            if r["target_epsilon"] is None
-            and (r["batch_size"], r["learning_rate"]) == (run["batch_size"], run["learning_rate"])
-        )
-        run["ratio_same_hyperparameters"] = run["gain"] / same["gain"] if same["gain"] > 0 else None
-        run["ratio_best_non_private"] = run["gain"] / best_plain if best_plain > 0 else None
-
-    report = {
-        "benchmark": "dp_utility",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "platform": platform.platform(),
-            "device": str(base.device),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "settings": {
-            **{k: v for k, v in vars(args).items() if k != "out"},
-            "lora": lora.model_dump(),
-        },
-        "base_model_fingerprint": base.fingerprint,
-        "train_examples": len(train),
-        "held_out_examples": len(held_out),
-        "base_held_out_loss": base_loss,
-        "runs": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
+        same = plain.get(_key(run)[:2])
+        run["ratio_same_hyperparameters"] = run["gain"] / same if same and same > 0 else None
+        run["ratio_best_non_private"] = run["gain"] / best if best > 0 else None
 
 
 def plot(report: dict, path: Path) -> None:
@@ -170,6 +188,8 @@ def plot(report: dict, path: Path) -> None:
                 for r in runs
                 if r["target_epsilon"] == epsilon and r["learning_rate"] == learning_rate
             )
+            if not points:
+                continue
             axis.plot(*zip(*points, strict=True), marker="o", label=f"lr {learning_rate:g}")
         axis.axhline(0.9, color="grey", linestyle="--", label="target 0.9")
         axis.set_title(f"epsilon {epsilon:g}, delta {report['settings']['delta']:g}")

@@ -69,3 +69,12 @@ def test_malformed_toml_and_missing_file_are_clear(tmp_path):
         load_node_config(write(tmp_path, "[node\n"))
     with pytest.raises(ConfigError, match="config file not found"):
         load_node_config(tmp_path / "absent.toml")
+
+
+def test_the_documented_example_config_is_valid():
+    example = Path(__file__).parent.parent / "examples" / "node.toml"
+
+    config = load_node_config(example)
+
+    assert config.node.name == "hospital"
+    assert config.training.steps == 20
