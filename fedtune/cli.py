@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="one node (the demo hospital) trains the default model with DP-LoRA"
     )
-    demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    demo.add_argument(
+        "--workdir", type=Path, default=None, help="a new folder (default: runs/demo-<time>)"
+    )
     demo.add_argument("--model", default="smollm2-135m", help="model spec")
     demo.add_argument(
         "--compare", action="store_true", help="also train without DP, for comparison"
@@ -131,19 +134,33 @@ dir = "out/{mode}"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    workdir: Path = args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "data" / "hospital" / "train.jsonl").exists():
-        write_demo_data(workdir / "data", domain="hospital")
-    rows = []
+    workdir: Path = args.workdir or Path("runs") / time.strftime("demo-%Y%m%dT%H%M%S")
+    if workdir.exists() and any(workdir.iterdir()):
+        raise ConfigError(f"{workdir}: the demo needs a new or empty folder (--workdir)")
+    write_demo_data(workdir / "data", domain="hospital")
+    results = []
     for mode in ("dp", "non-private") if args.compare else ("dp",):
         config_path = workdir / f"node-{mode}.toml"
         config_path.write_text(_DEMO_CONFIG.format(model=args.model, mode=mode))
         print(f"training the demo hospital node ({mode}) ...", file=sys.stderr)
         metrics = run_node_training(load_node_config(config_path))
         print(_summary(metrics))
-        rows.append(metrics)
+        results.append(metrics)
+    print(_comparison(results))
     return 0
+
+
+def _comparison(results: list[dict[str, Any]]) -> str:
+    lines = [f"{'mode':<38} {'held-out ppl before':>20} {'after':>8} {'epsilon':>8}"]
+    for metrics in results:
+        privacy = metrics["privacy"]
+        label = privacy["mode"] if privacy["mode"] == "dp" else NON_PRIVATE_LABEL
+        epsilon = f"{privacy['epsilon']:.2f}" if privacy["epsilon"] is not None else "-"
+        lines.append(
+            f"{label:<38} {metrics['held_out']['before']['perplexity']:>20.2f} "
+            f"{metrics['held_out']['after']['perplexity']:>8.2f} {epsilon:>8}"
+        )
+    return "\n".join(lines)
 
 
 def _summary(metrics: dict[str, Any]) -> str:
