@@ -131,3 +131,18 @@ def test_data_set_smaller_than_a_batch_is_refused(tiny_tokenizer, dataset):
             dp=None,
             batch_size=len(dataset) + 1,
         )
+
+
+def test_empty_poisson_batches_are_noise_only_steps_that_count(tiny_tokenizer, dataset):
+    """At batch size 1 of 40 examples about a third of Poisson batches are empty."""
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp")
+    model = fresh_model(tiny_tokenizer)
+    start = adapter_vector(model)
+
+    result = train(model, dataset, tiny_tokenizer, dp=dp, steps=12, batch_size=1, seed=3)
+
+    empty_steps = sum(loss is None for loss in result.train_losses)
+    assert len(result.train_losses) == 12
+    assert 0 < empty_steps < 12
+    assert sum(steps for _, _, steps in result.history) == 12
+    assert not torch.equal(adapter_vector(model), start)

@@ -50,7 +50,7 @@ class DPSettings:
 @dataclass
 class RoundResult:
     steps: int
-    train_losses: list[float]
+    train_losses: list[float | None]  # None: an empty Poisson batch (a noise-only step)
     num_examples: int
     sample_rate: float
     seconds: float
@@ -139,9 +139,9 @@ def _train_plain(
     physical_batch_size: int,
     device: torch.device,
     bar: tqdm,
-) -> list[float]:
+) -> list[float | None]:
     """Non-private reference: fixed-size shuffled batches, gradient accumulation."""
-    losses: list[float] = []
+    losses: list[float | None] = []
     while len(losses) < steps:
         for batch in loader:
             size = batch["input_ids"].shape[0]
@@ -170,7 +170,7 @@ def _train_private(
     device: torch.device,
     bar: tqdm,
     dp: DPSettings,
-) -> tuple[list[float], list[HistoryEntry], float]:
+) -> tuple[list[float | None], list[HistoryEntry], float]:
     with warnings.catch_warnings():
         # Opacus warns that its secure RNG is off: secure_mode needs torchcsprng, which has
         # no build for current Python. Noise comes from torch's generator, seeded from OS
@@ -192,7 +192,7 @@ def _train_private(
     )
     assert isinstance(dp_optimizer, DPOptimizer)
     sample_rate = float(dp_loader.sample_rate)
-    losses: list[float] = []
+    losses: list[float | None] = []
     pending_loss, pending_examples = 0.0, 0
 
     accounting_hook = dp_optimizer.step_hook
@@ -203,30 +203,31 @@ def _train_private(
         nonlocal pending_loss, pending_examples
         if accounting_hook is not None:
             accounting_hook(optim)
-        losses.append(pending_loss / pending_examples if pending_examples else float("nan"))
+        losses.append(pending_loss / pending_examples if pending_examples else None)
         pending_loss, pending_examples = 0.0, 0
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if losses[-1] is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
     dp_optimizer.attach_step_hook(on_real_step)
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
-        with BatchMemoryManager(
-            data_loader=dp_loader,
-            max_physical_batch_size=physical_batch_size,
-            optimizer=dp_optimizer,
-        ) as physical_loader:
+        with (
+            warnings.catch_warnings(),
+            BatchMemoryManager(
+                data_loader=dp_loader,
+                max_physical_batch_size=physical_batch_size,
+                optimizer=dp_optimizer,
+            ) as physical_loader,
+        ):
+            # Opacus' hooks sit on LoRA layers of a frozen base whose inputs need no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             while len(losses) < steps:
                 for batch in physical_loader:
                     dp_optimizer.zero_grad(set_to_none=True)
                     size = _batch_size(batch)
                     if size == 0:
-                        # An empty Poisson batch still is a step: noise only. The model
-                        # cannot forward zero rows, so give Opacus empty per-example grads.
-                        for parameter in trainable:
-                            parameter.grad_sample = parameter.new_zeros(  # type: ignore[attr-defined]
-                                (0, *parameter.shape)
-                            )
+                        _prepare_noise_only_step(trainable)
                     else:
                         per_example = sequence_losses(model, batch, device)
                         per_example.mean().backward()
@@ -240,6 +241,14 @@ def _train_private(
         for parameter in trainable:
             parameter.grad = None
     return losses, list(engine.accountant.history), sample_rate
+
+
+def _prepare_noise_only_step(trainable: list[torch.nn.Parameter]) -> None:
+    """An empty Poisson batch still is a step (skipping it would break the accounting): the
+    model cannot forward zero rows, so hand Opacus empty per-example gradients and let it
+    add the noise."""
+    for parameter in trainable:
+        parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))  # type: ignore[attr-defined]
 
 
 def _batch_size(batch: object) -> int:

@@ -7,6 +7,7 @@ federated message carry the same keys.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -44,7 +45,10 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     With ``settings.train_a`` false the A matrices keep their random initialisation and only
     B trains (FFA-LoRA, Sun et al. 2024), which halves the parameters that DP noise touches.
     """
-    peft_model = get_peft_model(model, lora_config(settings))
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing`; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, lora_config(settings))
     if not settings.train_a:
         for name, parameter in peft_model.named_parameters():
             if "lora_A" in name:
