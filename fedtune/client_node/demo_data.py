@@ -185,6 +185,87 @@ def _reschedule(rng: random.Random) -> tuple[str, str]:
     )
 
 
+# test -> working days until results
+_LAB_TESTS = {
+    "full blood count": 1, "cholesterol panel": 2, "thyroid function": 3, "urine culture": 3,
+    "HbA1c": 2, "vitamin D": 5, "allergy panel": 10, "biopsy": 14,
+}  # fmt: skip
+
+
+def _lab_results(rng: random.Random) -> tuple[str, str]:
+    test, day = rng.choice(list(_LAB_TESTS)), rng.choice(_DAYS)
+    days = _LAB_TESTS[test]
+    ask = rng.choice(
+        [
+            f"I had a {test} on {day}. When will I get the results?",
+            f"How long do {test} results take?",
+            f"Are my {test} results from {day} ready yet?",
+        ]
+    )
+    if days >= 10:
+        answer = (
+            f"{test.capitalize()} results take about {days} working days. Your doctor will "
+            "call you to discuss them; they are not shown in the portal first."
+        )
+    else:
+        answer = (
+            f"{test.capitalize()} results take about {days} working day{'s' if days > 1 else ''}"
+            " and appear in the patient portal as soon as they are ready."
+        )
+    return ask, answer
+
+
+_LANGUAGES = ["Arabic", "Polish", "Turkish", "Ukrainian", "Spanish", "Mandarin", "sign language"]
+
+
+def _interpreter(rng: random.Random) -> tuple[str, str]:
+    language, day = rng.choice(_LANGUAGES), rng.choice(_DAYS)
+    notice = rng.choice([1, 2, 4, 7])
+    ask = rng.choice(
+        [
+            f"I need a {language} interpreter for my appointment on {day}, {notice} days from now.",
+            f"Can you arrange {language} interpretation? My appointment is in {notice} days.",
+        ]
+    )
+    if notice >= 2:
+        answer = (
+            f"Yes: I have booked a {language} interpreter for your {day} appointment, "
+            "free of charge."
+        )
+    else:
+        answer = (
+            f"We need 2 days' notice to book a {language} interpreter in person; for tomorrow "
+            "we will connect one by video at the start of your appointment."
+        )
+    return ask, answer
+
+
+# vaccine -> minimum age in years
+_VACCINES = {"flu": 65, "shingles": 70, "pneumococcal": 65, "RSV": 75, "COVID-19 booster": 75}
+
+
+def _vaccine(rng: random.Random) -> tuple[str, str]:
+    vaccine, age = rng.choice(list(_VACCINES)), rng.choice([34, 52, 66, 71, 78, 83])
+    ask = rng.choice(
+        [
+            f"I am {age}. Can I get the {vaccine} vaccine here?",
+            f"Is a {age}-year-old eligible for the free {vaccine} vaccine?",
+        ]
+    )
+    minimum = _VACCINES[vaccine]
+    if age >= minimum:
+        answer = (
+            f"Yes: from {minimum} the {vaccine} vaccine is free. Book it at the vaccination "
+            "desk in Building A."
+        )
+    else:
+        answer = (
+            f"The free {vaccine} vaccine starts at {minimum}. At {age} you can get it at a "
+            "pharmacy, or free if your GP says you are at risk."
+        )
+    return ask, answer
+
+
 # card type -> (replacement fee, delivery days)
 _CARDS = {
     "debit card": ("free", 5),
@@ -204,10 +285,10 @@ _MERCHANTS = [
     "a restaurant in Berlin",
 ]
 _FEES = {
-    "foreign ATM withdrawal": "2% of the amount, at least 3 EUR",
-    "instant transfer": "0.50 EUR per transfer",
-    "paper statement": "1.50 EUR per statement",
-    "overdraft": "9.9% yearly interest on the overdrawn amount",
+    "a foreign ATM withdrawal": "2% of the amount, at least 3 EUR",
+    "an instant transfer": "0.50 EUR per transfer",
+    "a paper statement": "1.50 EUR per statement",
+    "an overdraft": "9.9% yearly interest on the overdrawn amount",
 }
 
 
@@ -271,12 +352,12 @@ def _fee(rng: random.Random) -> tuple[str, str]:
     fee = rng.choice(list(_FEES))
     ask = rng.choice(
         [
-            f"How much does a {fee} cost?",
-            f"What is your fee for a {fee}?",
-            f"Do you charge anything for a {fee}?",
+            f"How much does {fee} cost?",
+            f"What is your fee for {fee}?",
+            f"Do you charge anything for {fee}?",
         ]
     )
-    return ask, f"The fee for a {fee} is {_FEES[fee]}."
+    return ask, f"The fee for {fee} is {_FEES[fee]}."
 
 
 def _password(rng: random.Random) -> tuple[str, str]:
@@ -316,6 +397,81 @@ def _open_account(rng: random.Random) -> tuple[str, str]:
     )
 
 
+# region -> (fee, working days)
+_REGIONS = {
+    "Germany": ("free", 1), "Spain": ("free", 1), "Poland": ("free", 1),
+    "the United Kingdom": ("5 EUR", 2), "Switzerland": ("5 EUR", 2),
+    "the United States": ("15 EUR", 3), "India": ("15 EUR", 4), "Brazil": ("15 EUR", 5),
+}  # fmt: skip
+
+
+def _foreign_transfer(rng: random.Random) -> tuple[str, str]:
+    country = rng.choice(list(_REGIONS))
+    amount = rng.choice([150, 400, 900, 2500, 7000])
+    fee, days = _REGIONS[country]
+    ask = rng.choice(
+        [
+            f"How much does it cost to send {amount} EUR to {country}?",
+            f"I want to transfer {amount} EUR to a friend in {country}. How long does it take?",
+            f"What are the fees for a transfer of {amount} EUR to {country}?",
+        ]
+    )
+    plural = "s" if days > 1 else ""
+    answer = (
+        f"A transfer of {amount} EUR to {country} costs {fee} and arrives in {days} "
+        f"working day{plural}."
+    )
+    if amount > 5000:
+        answer += " Above 5000 EUR we confirm it with you by phone first."
+    return ask, answer
+
+
+# (account, term in months) -> yearly rate
+_SAVINGS = {"easy access": 1.5, "fixed 12 months": 2.8, "fixed 24 months": 3.1, "junior saver": 3.5}
+
+
+def _savings(rng: random.Random) -> tuple[str, str]:
+    account = rng.choice(list(_SAVINGS))
+    deposit = rng.choice([500, 2000, 10000, 50000])
+    ask = rng.choice(
+        [
+            f"What interest would I get on {deposit} EUR in a {account} account?",
+            f"What is the rate for {account} savings?",
+        ]
+    )
+    rate = _SAVINGS[account]
+    yearly = deposit * rate / 100
+    answer = (
+        f"The {account} account pays {rate}% a year; on {deposit} EUR that is about "
+        f"{yearly:.0f} EUR a year."
+    )
+    if account.startswith("fixed"):
+        answer += " You cannot withdraw before the term ends."
+    return ask, answer
+
+
+def _travel(rng: random.Random) -> tuple[str, str]:
+    country, weeks = rng.choice(list(_REGIONS)), rng.choice([1, 2, 3, 6])
+    card = rng.choice(list(_CARDS))
+    ask = rng.choice(
+        [
+            f"I'm going to {country} for {weeks} weeks. Will my {card} work there?",
+            f"Do I need to tell you before using my {card} in {country}?",
+        ]
+    )
+    fee, _ = _REGIONS[country]
+    if fee == "free":
+        answer = (
+            f"Your {card} works in {country} like at home, with no extra fees and no notice needed."
+        )
+    else:
+        answer = (
+            f"Your {card} works in {country}; card payments there cost 1.5% extra. "
+            "No notice is needed, but keep the app's notifications on."
+        )
+    return ask, answer
+
+
 _OPENERS = [
     "",
     "",
@@ -337,17 +493,54 @@ _CLOSERS = [
 ]
 
 
+_ANSWER_OPENERS = [
+    "",
+    "",
+    "",
+    "Thanks for asking. ",
+    "Of course. ",
+    "Certainly. ",
+    "Good question. ",
+]
+
+
 def _phrase(rng: random.Random, ask: str) -> str:
     """Vary how people open and close a message; the answer must not depend on it."""
     opener = rng.choice(_OPENERS)
     if opener:
-        ask = ask[0].lower() + ask[1:] if opener.endswith(", ") and not ask.startswith("I") else ask
+        ask = (
+            ask[0].lower() + ask[1:]
+            if opener.endswith(", ") and not ask.startswith(("I ", "I'"))
+            else ask
+        )
     return opener + ask + rng.choice(_CLOSERS)
 
 
 _INTENTS: dict[str, list[Intent]] = {
-    "hospital": [_triage, _triage, _department, _visiting, _fasting, _refill, _reschedule],
-    "bank": [_lost_card, _dispute, _dispute, _limit, _fee, _password, _open_account],
+    "hospital": [
+        _triage,
+        _triage,
+        _department,
+        _visiting,
+        _fasting,
+        _refill,
+        _reschedule,
+        _lab_results,
+        _interpreter,
+        _vaccine,
+    ],
+    "bank": [
+        _lost_card,
+        _dispute,
+        _dispute,
+        _limit,
+        _fee,
+        _password,
+        _open_account,
+        _foreign_transfer,
+        _savings,
+        _travel,
+    ],
 }
 _SYSTEMS = {"hospital": _HOSPITAL_SYSTEM, "bank": _BANK_SYSTEM}
 
@@ -366,6 +559,7 @@ def generate_examples(domain: str, count: int, *, seed: int = 0) -> list[Example
             raise ValueError(f"cannot generate {count} distinct {domain} examples")
         ask, answer = rng.choice(_INTENTS[domain])(rng)
         ask = _phrase(rng, ask)
+        answer = rng.choice(_ANSWER_OPENERS) + answer
         if ask in seen:
             continue
         seen.add(ask)
