@@ -81,3 +81,36 @@ def test_wrong_keys_shapes_or_values_are_refused(tiny_tokenizer):
     bad.flat[0] = np.nan
     with pytest.raises(AdapterMismatchError, match="non-finite"):
         load_adapter_arrays(model, {**arrays, name: bad})
+
+
+def test_train_b_only_keeps_a_fixed_through_dp_training(tmp_path, tiny_tokenizer):
+    from fedtune.client_node.data import load_chat_dataset
+    from fedtune.client_node.demo_data import write_demo_data
+    from fedtune.client_node.trainer import DPSettings, train_round
+
+    train, _ = write_demo_data(tmp_path, domain="bank", train=24, held_out=2)
+    dataset = load_chat_dataset(train, tiny_tokenizer, max_length=160)
+    model = attach_lora(build_tiny_model(len(tiny_tokenizer)), LoraSettings(r=4, train_a=False))
+    before = adapter_arrays(model)
+
+    train_round(
+        model, dataset, steps=2, batch_size=8, physical_batch_size=8, learning_rate=1e-2,
+        pad_token_id=tiny_tokenizer.pad_token_id, device=torch.device("cpu"),
+        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp"),
+        seed=0, progress=False,
+    )  # fmt: skip
+
+    after = adapter_arrays(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before if "lora_A" in k)
+    assert all(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+def test_adapter_arrays_are_a_snapshot_that_later_changes_do_not_touch(tiny_tokenizer):
+    model = attach_lora(build_tiny_model(len(tiny_tokenizer)), LoraSettings(r=4))
+    snapshot = adapter_arrays(model)
+    copy_of_snapshot = {k: v.copy() for k, v in snapshot.items()}
+
+    randomise_adapter(model)
+
+    assert all(np.array_equal(snapshot[k], copy_of_snapshot[k]) for k in snapshot)
+    assert not all(np.array_equal(snapshot[k], v) for k, v in adapter_arrays(model).items())

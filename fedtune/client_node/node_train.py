@@ -119,9 +119,8 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
             history=history,
         )
 
+    before = evaluate(base.model, held_out, pad_token_id=pad_id, device=base.device)
     model = attach_lora(base.model, config.lora)
-    with model.disable_adapter():
-        before = evaluate(model, held_out, pad_token_id=pad_id, device=base.device)
     result = train_round(
         model,
         train_data,

@@ -57,10 +57,12 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
 
 
 def adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
-    """The adapter's weights as float32 numpy arrays, keyed by PEFT's state-dict names."""
+    """A snapshot of the adapter's weights as float32 numpy arrays, keyed by PEFT's
+    state-dict names. Copies: later training does not change what was returned."""
     state = get_peft_model_state_dict(model)
     return {
-        name: tensor.detach().to("cpu", torch.float32).numpy() for name, tensor in state.items()
+        name: tensor.detach().to("cpu", torch.float32).numpy().copy()
+        for name, tensor in state.items()
     }
 
 
