@@ -10,10 +10,11 @@ from typing import Any
 
 from fedtune.client_node.data import DataError
 from fedtune.client_node.demo_data import DOMAINS, write_demo_data
-from fedtune.client_node.node_train import NON_PRIVATE_LABEL, run_node_training
+from fedtune.client_node.local_round import NON_PRIVATE_LABEL
+from fedtune.client_node.node_train import run_node_training
 from fedtune.client_node.privacy_state import PrivacyStateError
 from fedtune.platform.accounting import BudgetExhaustedError
-from fedtune.platform.config import ConfigError, load_node_config
+from fedtune.platform.config import ConfigError, load_node_config, load_run_config
 from fedtune.platform.lora import AdapterMismatchError
 from fedtune.platform.model_store import ModelSpecError
 
@@ -71,16 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     fetch.set_defaults(handler=_model_fetch)
 
     demo = commands.add_parser(
-        "demo", help="one node (the demo hospital) trains the default model with DP-LoRA"
+        "demo",
+        help="two nodes (a hospital and a bank) train the default model together with DP-LoRA",
     )
     demo.add_argument(
         "--workdir", type=Path, default=None, help="a new folder (default: runs/demo-<time>)"
     )
+    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    demo.add_argument("--steps", type=int, default=4, help="DP-SGD steps per round (default 4)")
     demo.add_argument("--model", default="smollm2-135m", help="model spec")
-    demo.add_argument(
-        "--compare", action="store_true", help="also train without DP, for comparison"
-    )
     demo.set_defaults(handler=_demo)
+
+    sim = commands.add_parser(
+        "simulate", help="a federated run with any number of nodes (Flower Simulation Engine)"
+    )
+    sim.add_argument("--config", required=True, type=Path, help="run TOML file")
+    sim.set_defaults(handler=_simulate)
     return parser
 
 
@@ -111,56 +118,29 @@ def _model_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-_DEMO_CONFIG = """\
-[node]
-name = "hospital"
-state_dir = "node-state"
-
-[model]
-spec = "{model}"
-
-[data]
-train = "data/hospital/train.jsonl"
-eval = "data/hospital/held_out.jsonl"
-
-[privacy]
-mode = "{mode}"
-target_epsilon = 8.0
-delta = 1e-5
-
-[output]
-dir = "out/{mode}"
-"""
-
-
 def _demo(args: argparse.Namespace) -> int:
+    from fedtune.demo import run_demo
+
     workdir: Path = args.workdir or Path("runs") / time.strftime("demo-%Y%m%dT%H%M%S")
-    if workdir.exists() and any(workdir.iterdir()):
-        raise ConfigError(f"{workdir}: the demo needs a new or empty folder (--workdir)")
-    write_demo_data(workdir / "data", domain="hospital")
-    results = []
-    for mode in ("dp", "non-private") if args.compare else ("dp",):
-        config_path = workdir / f"node-{mode}.toml"
-        config_path.write_text(_DEMO_CONFIG.format(model=args.model, mode=mode))
-        print(f"training the demo hospital node ({mode}) ...", file=sys.stderr)
-        metrics = run_node_training(load_node_config(config_path))
-        print(_summary(metrics))
-        results.append(metrics)
-    print(_comparison(results))
+    run_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
     return 0
 
 
-def _comparison(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'mode':<38} {'held-out ppl before':>20} {'after':>8} {'epsilon':>8}"]
-    for metrics in results:
-        privacy = metrics["privacy"]
-        label = privacy["mode"] if privacy["mode"] == "dp" else NON_PRIVATE_LABEL
-        epsilon = f"{privacy['epsilon']:.2f}" if privacy["epsilon"] is not None else "-"
-        lines.append(
-            f"{label:<38} {metrics['held_out']['before']['perplexity']:>20.2f} "
-            f"{metrics['held_out']['after']['perplexity']:>8.2f} {epsilon:>8}"
+def _simulate(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.run_summary import format_summary, run_summary
+    from fedtune.platform.storage import open_database
+    from fedtune.simulation import simulate
+
+    config = load_run_config(args.config)
+    adapters = config.output.dir / "adapters"
+    if adapters.exists() and any(adapters.iterdir()):
+        raise ConfigError(
+            f"{args.config}: output.dir {config.output.dir} already holds a run's "
+            "adapters; choose a new output.dir"
         )
-    return "\n".join(lines)
+    run_id = simulate(config)
+    print(format_summary(run_summary(open_database(config.database_url), run_id)))
+    return 0
 
 
 def _summary(metrics: dict[str, Any]) -> str:

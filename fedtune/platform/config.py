@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+_ConfigT = TypeVar("_ConfigT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -140,7 +143,126 @@ class NodeConfig(_Section):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     privacy: PrivacySettings = PrivacySettings()
-    output: OutputSettings
+    output: OutputSettings | None = Field(
+        default=None, description="Required by `fedtune node train`; a federated node has none."
+    )
+
+
+NodeName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class RunSettings(_Section):
+    """The federated run: how many rounds, how many nodes train in each."""
+
+    name: NodeName = "fedtune-run"
+    rounds: PositiveInt = 3
+    fraction_train: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0, description="Share of the connected nodes sampled for each round."
+    )
+    min_nodes: PositiveInt | None = Field(
+        default=None, description="Wait for at least this many nodes; default: all of [[nodes]]."
+    )
+    adapter_seed: int = Field(
+        default=0, description="Seed of the initial global adapter (its frozen A matrices)."
+    )
+    evaluate_local_model: bool = Field(
+        default=True,
+        description="Nodes also report the held-out loss of their own model after training.",
+    )
+
+
+class RunDataSettings(_Section):
+    max_length: Annotated[int, Field(ge=8)] = 128
+    max_eval_examples: PositiveInt | None = None
+
+
+class RunNode(_Section):
+    """One node of a simulated run: its data set and, optionally, its own privacy target."""
+
+    name: NodeName
+    train: Path
+    eval: Path
+    state_dir: Path | None = Field(default=None, description="Default: OUTPUT_DIR/nodes/NAME.")
+    model: str | None = Field(
+        default=None,
+        description="Where this node loads the base model from, if not model.spec; the run "
+        "refuses a node whose base model differs (by fingerprint).",
+    )
+    target_epsilon: PositiveFloat | None = None
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+
+class RunOutput(_Section):
+    dir: Path
+    database: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: sqlite:///OUTPUT_DIR/fedtune.db."
+    )
+
+
+class SimulationSettings(_Section):
+    client_cpus: PositiveInt | None = Field(
+        default=None,
+        description="CPUs given to each simulated node; default: all of them, so nodes train "
+        "one after the other with every core (the fastest on a small CPU machine).",
+    )
+
+
+class RunConfig(_Section):
+    """Everything `fedtune simulate` needs: the run, the shared training plan, and the nodes."""
+
+    run: RunSettings = RunSettings()
+    model: ModelConfig = ModelConfig()
+    data: RunDataSettings = RunDataSettings()
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    nodes: list[RunNode] = Field(min_length=1)
+    output: RunOutput
+    simulation: SimulationSettings = SimulationSettings()
+
+    @model_validator(mode="after")
+    def _unique_nodes(self) -> Self:
+        names = [node.name for node in self.nodes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"node names must be unique; repeated: {duplicates}")
+        if self.run.min_nodes is not None and self.run.min_nodes > len(self.nodes):
+            raise ValueError(
+                f"run.min_nodes ({self.run.min_nodes}) exceeds the {len(self.nodes)} nodes"
+            )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.output.database or f"sqlite:///{self.output.dir / 'fedtune.db'}"
+
+    def node_config(self, name: str) -> NodeConfig:
+        """The configuration the simulated node ``name`` runs with; its privacy plan spans the
+        run's rounds."""
+        node = next((n for n in self.nodes if n.name == name), None)
+        if node is None:
+            raise KeyError(f"no node named {name!r} in this run")
+        privacy_updates: dict[str, object] = {"planned_rounds": self.run.rounds}
+        if node.target_epsilon is not None:
+            privacy_updates["target_epsilon"] = node.target_epsilon
+        if node.delta is not None:
+            privacy_updates["delta"] = node.delta
+        return NodeConfig(
+            node=NodeSettings(
+                name=node.name,
+                state_dir=node.state_dir or self.output.dir / "nodes" / node.name,
+            ),
+            model=self.model.model_copy(update={"spec": node.model or self.model.spec}),
+            data=DataConfig(
+                train=node.train,
+                eval=node.eval,
+                max_length=self.data.max_length,
+                max_eval_examples=self.data.max_eval_examples,
+            ),
+            lora=self.lora,
+            training=self.training,
+            privacy=self.privacy.model_copy(update=privacy_updates),
+        )
 
 
 def _resolve(base: Path, value: Path | None) -> Path | None:
@@ -157,9 +279,7 @@ def _format_error(path: Path, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_node_config(path: str | Path) -> NodeConfig:
-    """Read and validate a node TOML file; relative paths are taken from the file's folder."""
-    path = Path(path)
+def _read(path: Path, model: type[_ConfigT]) -> _ConfigT:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -167,27 +287,72 @@ def load_node_config(path: str | Path) -> NodeConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        config = NodeConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_error(path, exc)) from None
+
+
+def _resolve_spec(base: Path, spec: str) -> str:
+    """A model spec that looks like a path is taken from the config file's folder."""
+    if spec.startswith((".", "/", "~")) or "/" in spec:
+        return str(_resolve(base, Path(spec).expanduser()))
+    return spec
+
+
+def _resolve_model(base: Path, model: ModelConfig) -> ModelConfig:
+    return model.model_copy(
+        update={
+            "spec": _resolve_spec(base, model.spec),
+            "cache_dir": _resolve(base, model.cache_dir),
+        }
+    )
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    """Read and validate a node TOML file; relative paths are taken from the file's folder."""
+    path = Path(path)
+    config = _read(path, NodeConfig)
     base = path.resolve().parent
-    model_spec = config.model.spec
-    if model_spec.startswith((".", "/", "~")) or "/" in model_spec:
-        model_spec = str(_resolve(base, Path(model_spec).expanduser()))
+    output = config.output
+    if output is not None:
+        output = output.model_copy(update={"dir": _resolve(base, output.dir)})
     return config.model_copy(
         update={
             "node": config.node.model_copy(
                 update={"state_dir": _resolve(base, config.node.state_dir)}
             ),
-            "model": config.model.model_copy(
-                update={"spec": model_spec, "cache_dir": _resolve(base, config.model.cache_dir)}
-            ),
+            "model": _resolve_model(base, config.model),
             "data": config.data.model_copy(
                 update={
                     "train": _resolve(base, config.data.train),
                     "eval": _resolve(base, config.data.eval),
                 }
             ),
+            "output": output,
+        }
+    )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a run TOML file; relative paths are taken from the file's folder."""
+    path = Path(path)
+    config = _read(path, RunConfig)
+    base = path.resolve().parent
+    nodes = [
+        node.model_copy(
+            update={
+                "train": _resolve(base, node.train),
+                "eval": _resolve(base, node.eval),
+                "state_dir": _resolve(base, node.state_dir),
+                "model": _resolve_spec(base, node.model) if node.model else None,
+            }
+        )
+        for node in config.nodes
+    ]
+    return config.model_copy(
+        update={
+            "model": _resolve_model(base, config.model),
+            "nodes": nodes,
             "output": config.output.model_copy(update={"dir": _resolve(base, config.output.dir)}),
         }
     )

@@ -1,0 +1,252 @@
+"""The node's Flower ClientApp (Message API): train and evaluate the global LoRA adapter on
+this node's data. Only the adapter update, metrics and the privacy report leave the node.
+
+The base model is loaded once per process and reused across messages (:func:`node_runtime`);
+a message for a different base model is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+
+from fedtune.client_node.data import ChatDataset, load_chat_dataset
+from fedtune.client_node.evaluation import evaluate
+from fedtune.client_node.local_round import train_local_round
+from fedtune.client_node.privacy_state import PrivacyState
+from fedtune.platform.accounting import BudgetExhaustedError
+from fedtune.platform.base_model import BaseModel, load_base_model
+from fedtune.platform.config import LoraSettings, NodeConfig, load_node_config
+from fedtune.platform.fingerprint import file_fingerprint
+from fedtune.platform.lora import adapter_arrays, attach_lora, load_adapter_arrays
+from fedtune.platform.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NODE,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    TrainInstructions,
+    decline_content,
+    node_identity,
+    record_to_arrays,
+    train_reply_content,
+)
+
+
+class BaseModelMismatchError(RuntimeError):
+    """The run trains a different base model than the one this node holds."""
+
+
+@dataclass
+class _LoadedModel:
+    base: BaseModel
+    peft: PeftModel | None = None
+    lora: LoraSettings | None = None
+
+
+@dataclass
+class NodeRuntime:
+    """What a node keeps in memory between messages."""
+
+    config: NodeConfig
+    loaded: _LoadedModel
+    train_data: ChatDataset
+    held_out: ChatDataset
+    data_fingerprint: str
+    state: PrivacyState
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.loaded.base.tokenizer.pad_token_id)  # type: ignore[attr-defined]
+
+    def model_with(self, lora: LoraSettings) -> PeftModel:
+        """The base model with an adapter of shape ``lora`` (re-wrapped if the shape changed)."""
+        loaded = self.loaded
+        if loaded.peft is None or loaded.lora != lora:
+            if loaded.peft is not None:
+                loaded.base.model = loaded.peft.unload()
+            loaded.peft = attach_lora(loaded.base.model, lora)
+            loaded.lora = lora
+        return loaded.peft
+
+    def identity(self) -> ConfigRecord:
+        return node_identity(
+            name=self.config.node.name,
+            base_model_fingerprint=self.loaded.base.fingerprint,
+            data_fingerprint=self.data_fingerprint,
+        )
+
+
+_MODELS: dict[tuple[str, str], _LoadedModel] = {}
+_RUNTIMES: dict[str, NodeRuntime] = {}
+
+
+def node_runtime(config: NodeConfig) -> NodeRuntime:
+    """This process's runtime for the node ``config`` describes; loaded on first use."""
+    runtime = _RUNTIMES.get(config.node.name)
+    if runtime is not None and runtime.config == config:
+        return runtime
+    if config.training.torch_threads:
+        torch.set_num_threads(config.training.torch_threads)
+    key = (config.model.spec, config.model.quantization)
+    loaded = _MODELS.get(key)
+    if loaded is None:
+        loaded = _MODELS[key] = _LoadedModel(base=load_base_model(config.model))
+    tokenizer = loaded.base.tokenizer
+    train_data = load_chat_dataset(config.data.train, tokenizer, max_length=config.data.max_length)
+    held_out = load_chat_dataset(
+        config.data.eval,
+        tokenizer,
+        max_length=config.data.max_length,
+        limit=config.data.max_eval_examples,
+    )
+    data_fingerprint = file_fingerprint(config.data.train)
+    runtime = NodeRuntime(
+        config=config,
+        loaded=loaded,
+        train_data=train_data,
+        held_out=held_out,
+        data_fingerprint=data_fingerprint,
+        state=PrivacyState(
+            config.node.state_dir,
+            base_model=loaded.base.fingerprint,
+            data_set=data_fingerprint,
+        ),
+    )
+    _RUNTIMES[config.node.name] = runtime
+    return runtime
+
+
+def _check_base_model(runtime: NodeRuntime, expected: str) -> None:
+    own = runtime.loaded.base.fingerprint
+    if own != expected:
+        raise BaseModelMismatchError(
+            f"node {runtime.config.node.name} refuses the round: the run trains base model "
+            f"{expected}, this node holds {own} ({runtime.config.model.spec})"
+        )
+
+
+def _held_out_loss(runtime: NodeRuntime, model: torch.nn.Module) -> float:
+    metrics = evaluate(
+        model,
+        runtime.held_out,
+        pad_token_id=runtime.pad_token_id,
+        device=runtime.loaded.base.device,
+    )
+    return metrics.loss
+
+
+def handle_train(config: NodeConfig, message: Message) -> Message:
+    """Set the global adapter, train one private round, reply with the update."""
+    config_record = message.content.config_records[CONFIG]
+    instructions = TrainInstructions.from_record(config_record)
+    server_round = config_record.get(SERVER_ROUND)
+    runtime = node_runtime(config)
+    _check_base_model(runtime, instructions.base_model_fingerprint)
+    model = runtime.model_with(instructions.lora)
+    load_adapter_arrays(model, record_to_arrays(message.content[ARRAYS]))  # type: ignore[arg-type]
+    training = config.training.model_copy(
+        update={
+            "steps": instructions.steps,
+            "batch_size": instructions.batch_size,
+            "physical_batch_size": min(
+                config.training.physical_batch_size, instructions.batch_size
+            ),
+            "learning_rate": instructions.learning_rate,
+            "optimizer": instructions.optimizer,
+        }
+    )
+    privacy = config.privacy.model_copy(update={"planned_rounds": instructions.planned_rounds})
+    metrics: dict[str, int | float] = {}
+    if instructions.evaluate_local_model and server_round == 1:
+        # The first global adapter is the base model's (B = 0): its loss is the baseline.
+        metrics["held-out-loss-start"] = _held_out_loss(runtime, model)
+    try:
+        local = train_local_round(
+            model,
+            runtime.train_data,
+            state=runtime.state,
+            training=training,
+            privacy=privacy,
+            pad_token_id=runtime.pad_token_id,
+            device=runtime.loaded.base.device,
+            run_id=instructions.run_id,
+            progress=False,
+        )
+    except BudgetExhaustedError as exc:
+        return Message(
+            decline_content(identity=runtime.identity(), reason=str(exc)), reply_to=message
+        )
+    losses = [loss for loss in local.result.train_losses if loss is not None]
+    metrics[NUM_EXAMPLES] = len(runtime.train_data)
+    metrics["train-loss"] = sum(losses) / len(losses) if losses else math.nan
+    if instructions.evaluate_local_model:
+        metrics["held-out-loss-local"] = _held_out_loss(runtime, model)
+    content = train_reply_content(
+        arrays=adapter_arrays(model),
+        metrics=metrics,
+        identity=runtime.identity(),
+        privacy=local.privacy,
+    )
+    return Message(content, reply_to=message)
+
+
+def handle_evaluate(config: NodeConfig, message: Message) -> Message:
+    """Held-out loss and perplexity of the global adapter on this node's data."""
+    runtime = node_runtime(config)
+    instructions = TrainInstructions.from_record(message.content.config_records[CONFIG])
+    _check_base_model(runtime, instructions.base_model_fingerprint)
+    model = runtime.model_with(instructions.lora)
+    load_adapter_arrays(model, record_to_arrays(message.content[ARRAYS]))  # type: ignore[arg-type]
+    result = evaluate(
+        model,
+        runtime.held_out,
+        pad_token_id=runtime.pad_token_id,
+        device=runtime.loaded.base.device,
+    )
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: result.examples,
+            "held-out-loss": result.loss,
+            "held-out-perplexity": result.perplexity,
+            "held-out-tokens": result.tokens,
+        }
+    )
+    return Message(RecordDict({METRICS: metrics, NODE: runtime.identity()}), reply_to=message)
+
+
+def build_client_app(node_config_for: Callable[[Context], NodeConfig]) -> ClientApp:
+    """A ClientApp whose node configuration comes from ``node_config_for(context)``.
+
+    ``node_config_for`` must be picklable: Flower's simulation ships the app to its workers.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return handle_train(node_config_for(context), message)
+
+    @app.evaluate()
+    def evaluate_(message: Message, context: Context) -> Message:
+        return handle_evaluate(node_config_for(context), message)
+
+    return app
+
+
+def config_from_node_config(context: Context) -> NodeConfig:
+    """A deployed node names its TOML file in the SuperNode's ``--node-config "config=..."``."""
+    path = context.node_config.get("config")
+    if not isinstance(path, str):
+        raise ValueError("start the node with --node-config \"config='PATH/node.toml'\"")
+    return load_node_config(Path(path))
+
+
+app = build_client_app(config_from_node_config)

@@ -1,0 +1,184 @@
+"""One round of local training with its privacy bookkeeping: the piece that `fedtune node
+train` and the federated ClientApp share.
+
+Plans the noise from what this data set already spent, trains, and records the round in the
+node's privacy state *before* the caller releases anything trained on the data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from fedtune.client_node.data import ChatDataset
+from fedtune.client_node.privacy_state import PrivacyState, RoundRecord
+from fedtune.client_node.trainer import (
+    GRAD_SAMPLE_MODE,
+    NOISE_RNG,
+    DPSettings,
+    RoundResult,
+    sample_rate_for,
+    train_round,
+)
+from fedtune.platform.accounting import (
+    BudgetExhaustedError,
+    HistoryEntry,
+    accountant_label,
+    calibrate_noise_multiplier,
+    epsilon_of,
+)
+from fedtune.platform.config import PrivacySettings, TrainingSettings
+
+NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
+
+
+def plan_noise_multiplier(
+    privacy: PrivacySettings,
+    *,
+    history: list[HistoryEntry],
+    sample_rate: float,
+    steps: int,
+) -> float:
+    """Noise for the next round so that the planned rounds end at the target epsilon.
+
+    The plan is ``privacy.planned_rounds`` rounds of ``steps`` steps on this data set; rounds
+    already in ``history`` count against it. Refuses a round past the plan or the target.
+    """
+    remaining_rounds = privacy.planned_rounds - len(history)  # one history entry per round
+    if privacy.noise_multiplier is not None:
+        sigma = privacy.noise_multiplier
+    else:
+        if remaining_rounds <= 0:
+            spent = epsilon_of(history, delta=privacy.delta, accountant=privacy.accountant)
+            raise BudgetExhaustedError(
+                f"all {privacy.planned_rounds} planned rounds on this data set are done "
+                f"(epsilon {spent:.3f} of target {privacy.target_epsilon:g}); raise "
+                "privacy.planned_rounds and privacy.target_epsilon to train more"
+            )
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            sample_rate=sample_rate,
+            steps=remaining_rounds * steps,
+            accountant=privacy.accountant,
+            history=history,
+        )
+    after = epsilon_of(
+        [*history, (sigma, sample_rate, steps)], delta=privacy.delta, accountant=privacy.accountant
+    )
+    if after > privacy.target_epsilon * 1.001:
+        raise BudgetExhaustedError(
+            f"this round would bring epsilon to {after:.3f}, past the target "
+            f"{privacy.target_epsilon:g} (delta {privacy.delta:g})"
+        )
+    return sigma
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    result: RoundResult
+    privacy: dict[str, Any]  # the privacy report: epsilon, delta, sigma, ... or NON-PRIVATE
+    record: RoundRecord  # what was appended to the node's privacy state
+
+
+def train_local_round(
+    model: PeftModel,
+    train_data: ChatDataset,
+    *,
+    state: PrivacyState,
+    training: TrainingSettings,
+    privacy: PrivacySettings,
+    pad_token_id: int,
+    device: torch.device,
+    run_id: str | None = None,
+    progress: bool = True,
+) -> LocalRound:
+    """Train the adapter of ``model`` for one round and record the round on the data set.
+
+    Raises :class:`BudgetExhaustedError` before any training when the round would pass the
+    data set's target epsilon.
+    """
+    history = state.dp_history()
+    rounds_so_far = len(state.rounds())
+    sample_rate = sample_rate_for(len(train_data), training.batch_size)
+    dp = None
+    if privacy.mode == "dp":
+        sigma = plan_noise_multiplier(
+            privacy, history=history, sample_rate=sample_rate, steps=training.steps
+        )
+        dp = DPSettings(
+            noise_multiplier=sigma,
+            max_grad_norm=privacy.max_grad_norm,
+            accountant=privacy.accountant,
+            history=history,
+        )
+    result = train_round(
+        model,
+        train_data,
+        steps=training.steps,
+        batch_size=training.batch_size,
+        physical_batch_size=training.physical_batch_size,
+        learning_rate=training.learning_rate,
+        optimizer=training.optimizer,
+        pad_token_id=pad_token_id,
+        device=device,
+        dp=dp,
+        seed=training.seed,
+        progress=progress,
+    )
+    report: dict[str, Any]
+    epsilon_after = epsilon_round = None
+    if dp is not None:
+        epsilon_after = epsilon_of(
+            result.history, delta=privacy.delta, accountant=privacy.accountant
+        )
+        epsilon_round = epsilon_of(
+            [(dp.noise_multiplier, result.sample_rate, result.steps)],
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+        )
+        report = {
+            "mode": "dp",
+            "epsilon": epsilon_after,
+            "epsilon_this_round": epsilon_round,
+            "delta": privacy.delta,
+            "noise_multiplier": dp.noise_multiplier,
+            "sample_rate": result.sample_rate,
+            "max_grad_norm": privacy.max_grad_norm,
+            "steps": result.steps,
+            "accountant": accountant_label(privacy.accountant),
+            "grad_sample_mode": GRAD_SAMPLE_MODE,
+            "noise_rng": NOISE_RNG if training.seed is None else f"seeded ({training.seed})",
+            "target_epsilon": privacy.target_epsilon,
+            "planned_rounds": privacy.planned_rounds,
+            "private_rounds_on_data_set": len(history) + 1,
+        }
+    else:
+        report = {
+            "mode": "non-private",
+            "label": NON_PRIVATE_LABEL,
+            "epsilon": None,
+            "sample_rate": result.sample_rate,
+            "steps": result.steps,
+        }
+    record = RoundRecord(
+        mode=privacy.mode,
+        run=run_id or f"local-{uuid.uuid4().hex[:12]}",
+        round=rounds_so_far + 1,
+        steps=result.steps,
+        sample_rate=result.sample_rate,
+        noise_multiplier=dp.noise_multiplier if dp else None,
+        max_grad_norm=privacy.max_grad_norm if dp else None,
+        delta=privacy.delta if dp else None,
+        accountant=accountant_label(privacy.accountant) if dp else None,
+        epsilon_round=epsilon_round,
+        epsilon_after=epsilon_after,
+        finished_at=datetime.now(UTC).isoformat(),
+    )
+    state.append(record)
+    return LocalRound(result=result, privacy=report, record=record)

@@ -1,0 +1,199 @@
+"""Records each round of a run in the coordinator's database and checkpoints the global
+adapter. A round's writes (its row, the nodes' metrics and epsilon reports, the rejected
+updates and the checkpoint row) commit together once its evaluation is in."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from flwr.app import ArrayRecord, MetricRecord
+from sqlalchemy.engine import Engine
+
+from fedtune.coordinator.checkpoints import AdapterCheckpointer
+from fedtune.coordinator.strategy import ReplyOutcome
+from fedtune.platform.messages import METRICS, NODE, NUM_EXAMPLES, PRIVACY, record_to_arrays
+from fedtune.platform.storage import (
+    AdapterCheckpoint,
+    EpsilonReport,
+    NodeMetric,
+    RejectedUpdate,
+    Round,
+    transaction,
+)
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+@dataclass
+class _PendingRound:
+    started: float
+    rows: list[Any] = field(default_factory=list)
+    sampled: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    train_loss: float | None = None
+
+
+class RunRecorder:
+    """The strategy's :class:`~fedtune.coordinator.strategy.RoundObserver` for one run."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        run_id: str,
+        rounds: int,
+        checkpointer: AdapterCheckpointer,
+        progress: Callable[[str], None] = print,
+    ):
+        self.engine = engine
+        self.run_id = run_id
+        self.rounds = rounds
+        self.checkpointer = checkpointer
+        self.progress = progress
+        self.node_names: dict[str, str] = {}  # Flower node id -> the name the node gave
+        self._pending: _PendingRound | None = None
+        self._round_started = time.perf_counter()
+
+    def round_started(self) -> None:
+        self._round_started = time.perf_counter()
+
+    def _name(self, outcome: ReplyOutcome) -> str | None:
+        if outcome.node_name:
+            self.node_names[outcome.flower_node_id] = outcome.node_name
+        return outcome.node_name or self.node_names.get(outcome.flower_node_id)
+
+    def _rejections(self, server_round: int, phase: str, outcomes: list[ReplyOutcome]) -> list[Any]:
+        return [
+            RejectedUpdate(
+                run_id=self.run_id,
+                round=server_round,
+                phase=phase,
+                node_name=self._name(o),
+                flower_node_id=o.flower_node_id,
+                kind=o.kind,
+                reason=o.reason or "",
+            )
+            for o in outcomes
+            if o.kind != "accepted"
+        ]
+
+    def on_train(
+        self,
+        server_round: int,
+        outcomes: list[ReplyOutcome],
+        aggregate: ArrayRecord | None,
+        metrics: MetricRecord | None,
+    ) -> None:
+        pending = _PendingRound(started=self._round_started, sampled=len(outcomes))
+        pending.rows += self._rejections(server_round, "train", outcomes)
+        for outcome in outcomes:
+            content = outcome.content
+            if content is None:
+                continue
+            name = self._name(outcome) or f"node-{outcome.flower_node_id}"
+            node_metrics = dict(content.metric_records[METRICS])
+            pending.rows.append(
+                NodeMetric(
+                    run_id=self.run_id,
+                    round=server_round,
+                    phase="train",
+                    node_name=name,
+                    flower_node_id=outcome.flower_node_id,
+                    num_examples=int(cast(int, node_metrics[NUM_EXAMPLES])),
+                    metrics={k: _finite(v) for k, v in node_metrics.items()},
+                )
+            )
+            if PRIVACY in content.config_records:
+                pending.rows.append(self._epsilon_report(server_round, name, content))
+        pending.accepted = sum(o.kind == "accepted" for o in outcomes)
+        pending.rejected = len(outcomes) - pending.accepted
+        if metrics is not None:
+            pending.train_loss = _finite(metrics.get("train-loss"))
+        if aggregate is not None:
+            path, sha = self.checkpointer.save(server_round, record_to_arrays(aggregate))
+            pending.rows.append(
+                AdapterCheckpoint(
+                    run_id=self.run_id, round=server_round, path=str(path), sha256=sha
+                )
+            )
+        self._pending = pending
+        declined = [
+            f"{self._name(o)}: {o.kind} ({o.reason})" for o in outcomes if o.kind != "accepted"
+        ]
+        self.progress(
+            f"round {server_round}/{self.rounds}: aggregated {pending.accepted} of "
+            f"{pending.sampled} updates"
+            + (f", train loss {pending.train_loss:.3f}" if pending.train_loss is not None else "")
+            + "".join(f"\n  not aggregated: {line}" for line in declined)
+        )
+
+    def _epsilon_report(self, server_round: int, name: str, content: Any) -> EpsilonReport:
+        privacy = content.config_records[PRIVACY]
+        node = content.config_records.get(NODE, {})
+        return EpsilonReport(
+            run_id=self.run_id,
+            round=server_round,
+            node_name=name,
+            data_fingerprint=str(node.get("data-fingerprint", "")),
+            mode=str(privacy.get("mode")),
+            epsilon=_finite(privacy.get("epsilon")),
+            epsilon_round=_finite(privacy.get("epsilon_this_round")),
+            delta=_finite(privacy.get("delta")),
+            noise_multiplier=_finite(privacy.get("noise_multiplier")),
+            sample_rate=float(privacy.get("sample_rate", math.nan)),
+            max_grad_norm=_finite(privacy.get("max_grad_norm")),
+            steps=int(privacy.get("steps", 0)),
+            accountant=str(privacy["accountant"]) if "accountant" in privacy else None,
+        )
+
+    def on_evaluate(
+        self, server_round: int, outcomes: list[ReplyOutcome], metrics: MetricRecord | None
+    ) -> None:
+        pending = self._pending or _PendingRound(started=self._round_started)
+        self._pending = None
+        rows = pending.rows + self._rejections(server_round, "evaluate", outcomes)
+        for outcome in outcomes:
+            if outcome.content is None:
+                continue
+            node_metrics = dict(outcome.content.metric_records[METRICS])
+            rows.append(
+                NodeMetric(
+                    run_id=self.run_id,
+                    round=server_round,
+                    phase="evaluate",
+                    node_name=self._name(outcome) or f"node-{outcome.flower_node_id}",
+                    flower_node_id=outcome.flower_node_id,
+                    num_examples=int(cast(int, node_metrics.get(NUM_EXAMPLES, 0))),
+                    metrics={k: _finite(v) for k, v in node_metrics.items()},
+                )
+            )
+        held_out = _finite(metrics.get("held-out-loss")) if metrics is not None else None
+        seconds = time.perf_counter() - pending.started
+        rows.append(
+            Round(
+                run_id=self.run_id,
+                number=server_round,
+                nodes_sampled=pending.sampled,
+                updates_accepted=pending.accepted,
+                updates_rejected=pending.rejected,
+                train_loss=pending.train_loss,
+                held_out_loss=held_out,
+                seconds=seconds,
+            )
+        )
+        with transaction(self.engine) as session:
+            session.add_all(rows)
+        if held_out is not None:
+            self.progress(
+                f"round {server_round}/{self.rounds}: global held-out loss {held_out:.3f} "
+                f"(perplexity {math.exp(held_out):.2f}) on {len(outcomes)} nodes, "
+                f"{seconds:.0f} s"
+            )
+        self._round_started = time.perf_counter()

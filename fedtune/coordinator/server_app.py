@@ -1,0 +1,138 @@
+"""The coordinator's Flower ServerApp: one federated run of DP-LoRA fine-tuning.
+
+It loads the base model (to fingerprint it and to write PEFT checkpoints), builds the initial
+global adapter, registers the run in the database, and drives :class:`ValidatingFedAvg` for the
+configured rounds: train on the sampled nodes, aggregate, checkpoint, evaluate on every node.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from sqlalchemy.engine import Engine
+
+from fedtune.coordinator.checkpoints import AdapterCheckpointer
+from fedtune.coordinator.recorder import RunRecorder
+from fedtune.coordinator.strategy import ValidatingFedAvg
+from fedtune.platform.base_model import load_base_model
+from fedtune.platform.config import RunConfig
+from fedtune.platform.lora import adapter_arrays, attach_lora
+from fedtune.platform.messages import TrainInstructions, arrays_to_record
+from fedtune.platform.storage import Run, open_database, transaction
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    run_id: str,
+    flower_run_id: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> None:
+    """Run ``config``'s rounds over the nodes reachable through ``grid``; results go to the
+    database at ``config.database_url`` and checkpoints under ``OUTPUT_DIR/adapters``."""
+    engine = open_database(config.database_url)
+    adapters = config.output.dir / "adapters"
+    if adapters.exists() and any(adapters.iterdir()):
+        raise FileExistsError(f"{adapters} already holds checkpoints; use a new output.dir")
+    # The coordinator only averages and saves: CPU and full precision are enough.
+    base = load_base_model(
+        config.model.model_copy(update={"device": "cpu", "quantization": "none"})
+    )
+    torch.manual_seed(config.run.adapter_seed)
+    model = attach_lora(base.model, config.lora)
+    initial = adapter_arrays(model)
+    _register_run(
+        engine, config, run_id=run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint
+    )
+    progress(f"run {run_id}: {config.run.rounds} rounds, base model {base.fingerprint[:23]}...")
+    recorder = RunRecorder(
+        engine,
+        run_id=run_id,
+        rounds=config.run.rounds,
+        checkpointer=AdapterCheckpointer(model, adapters),
+        progress=progress,
+    )
+    min_nodes = config.run.min_nodes or len(config.nodes)
+    strategy = ValidatingFedAvg(
+        observer=recorder,
+        fraction_train=config.run.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min(min_nodes, max(1, int(config.run.fraction_train * min_nodes))),
+        min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes,
+    )
+    instructions = TrainInstructions(
+        run_id=run_id,
+        base_model_fingerprint=base.fingerprint,
+        steps=config.training.steps,
+        batch_size=config.training.batch_size,
+        learning_rate=config.training.learning_rate,
+        optimizer=config.training.optimizer,
+        planned_rounds=config.run.rounds,
+        lora=config.lora,
+        evaluate_local_model=config.run.evaluate_local_model,
+    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays_to_record(initial),
+            num_rounds=config.run.rounds,
+            train_config=instructions.to_record(),
+            evaluate_config=instructions.to_record(),
+        )
+    except BaseException as exc:
+        _finish_run(engine, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    _finish_run(engine, run_id, status="finished")
+
+
+def _register_run(
+    engine: Engine, config: RunConfig, *, run_id: str, flower_run_id: str | None, fingerprint: str
+) -> None:
+    with transaction(engine) as session:
+        session.add(
+            Run(
+                id=run_id,
+                name=config.run.name,
+                flower_run_id=flower_run_id,
+                status="running",
+                rounds_planned=config.run.rounds,
+                base_model_spec=config.model.spec,
+                base_model_fingerprint=fingerprint,
+                config=json.loads(config.model_dump_json()),
+            )
+        )
+
+
+def _finish_run(engine: Engine, run_id: str, *, status: str, error: str | None = None) -> None:
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is not None:
+            run.status = status
+            run.error = error
+            run.finished_at = datetime.now(UTC)
+
+
+def build_server_app(
+    config: RunConfig, *, run_id: str, progress: Callable[[str], None] = print
+) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(
+            grid, config, run_id=run_id, flower_run_id=str(context.run_id), progress=progress
+        )
+
+    return app
+
+
+def adapters_dir(config: RunConfig) -> Path:
+    return config.output.dir / "adapters"

@@ -1,0 +1,176 @@
+"""FedAvg over LoRA adapter arrays that aggregates only the replies it can trust.
+
+Aggregation itself is Flower's (``flwr.serverapp.strategy.FedAvg``: the mean of the replies'
+arrays weighted by ``num-examples``, McMahan et al. 2017). This subclass sorts each round's
+replies first: a node's error (``failed``), a node's ``decline`` (e.g. its privacy budget), or
+an update with wrong keys, shapes, dtype or non-finite values (``rejected``) is left out with
+its reason, and the rest are aggregated. Every outcome goes to a :class:`RoundObserver`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedtune.platform.messages import ARRAYS, DECLINE, METRICS, NODE, NUM_EXAMPLES
+
+OutcomeKind = Literal["accepted", "rejected", "declined", "failed"]
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """What became of one node's reply in one round."""
+
+    kind: OutcomeKind
+    flower_node_id: str
+    node_name: str | None
+    reason: str | None = None
+    message: Message | None = None  # set for accepted replies
+
+    @property
+    def content(self) -> RecordDict | None:
+        return self.message.content if self.message is not None else None
+
+
+class RoundObserver(Protocol):
+    def on_train(
+        self,
+        server_round: int,
+        outcomes: list[ReplyOutcome],
+        aggregate: ArrayRecord | None,
+        metrics: MetricRecord | None,
+    ) -> None: ...
+
+    def on_evaluate(
+        self, server_round: int, outcomes: list[ReplyOutcome], metrics: MetricRecord | None
+    ) -> None: ...
+
+
+def update_problem(content: RecordDict, expected: ArrayRecord) -> str | None:
+    """Why a train reply cannot be aggregated against the global ``expected`` arrays, or None."""
+    if len(content.array_records) != 1 or ARRAYS not in content.array_records:
+        return f"expected exactly one array record named '{ARRAYS}'"
+    if len(content.metric_records) != 1 or METRICS not in content.metric_records:
+        return f"expected exactly one metric record named '{METRICS}'"
+    weight = content.metric_records[METRICS].get(NUM_EXAMPLES)
+    if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
+        return f"'{NUM_EXAMPLES}' must be a positive integer, got {weight!r}"
+    arrays = content.array_records[ARRAYS]
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, reference in expected.items():
+        value = arrays[name]
+        if tuple(value.shape) != tuple(reference.shape):
+            return f"{name} has shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
+        if value.dtype != reference.dtype:
+            return f"{name} has dtype {value.dtype}, expected {reference.dtype}"
+        if not np.isfinite(value.numpy()).all():
+            return f"{name} has non-finite values (NaN or inf)"
+    return None
+
+
+def _node_name(message: Message) -> str | None:
+    if message.has_content() and NODE in message.content.config_records:
+        name = message.content.config_records[NODE].get("name")
+        return name if isinstance(name, str) else None
+    return None
+
+
+def sort_train_replies(replies: Iterable[Message], expected: ArrayRecord) -> list[ReplyOutcome]:
+    outcomes = []
+    for message in replies:
+        node_id = str(message.metadata.src_node_id)
+        name = _node_name(message)
+        if message.has_error():
+            reason = f"node error {message.error.code}: {message.error.reason}"
+            outcomes.append(ReplyOutcome("failed", node_id, name, reason))
+        elif DECLINE in message.content.config_records:
+            reason = str(message.content.config_records[DECLINE].get("reason", "no reason given"))
+            outcomes.append(ReplyOutcome("declined", node_id, name, reason))
+        elif (problem := update_problem(message.content, expected)) is not None:
+            outcomes.append(ReplyOutcome("rejected", node_id, name, problem))
+        else:
+            outcomes.append(ReplyOutcome("accepted", node_id, name, message=message))
+    return _same_metric_keys(outcomes)
+
+
+def _same_metric_keys(outcomes: list[ReplyOutcome]) -> list[ReplyOutcome]:
+    """Flower's FedAvg needs every aggregated reply to carry the same metric names; a reply
+    that differs from the most common set is rejected instead of failing the round."""
+    keys = {
+        id(o): frozenset(o.content.metric_records[METRICS].keys())
+        for o in outcomes
+        if o.content is not None
+    }
+    if len(set(keys.values())) <= 1:
+        return outcomes
+    common, _ = Counter(keys.values()).most_common(1)[0]
+    return [
+        ReplyOutcome(
+            "rejected", o.flower_node_id, o.node_name, f"metric names {sorted(keys[id(o)])} differ"
+        )
+        if o.content is not None and keys[id(o)] != common
+        else o
+        for o in outcomes
+    ]
+
+
+def sort_evaluate_replies(replies: Iterable[Message]) -> list[ReplyOutcome]:
+    outcomes = []
+    for message in replies:
+        node_id, name = str(message.metadata.src_node_id), _node_name(message)
+        if message.has_error():
+            reason = f"node error {message.error.code}: {message.error.reason}"
+            outcomes.append(ReplyOutcome("failed", node_id, name, reason))
+        elif METRICS not in message.content.metric_records:
+            outcomes.append(ReplyOutcome("rejected", node_id, name, "no metrics in reply"))
+        else:
+            outcomes.append(ReplyOutcome("accepted", node_id, name, message=message))
+    return outcomes
+
+
+class ValidatingFedAvg(FedAvg):
+    """Flower's FedAvg, fed only the replies that pass :func:`update_problem`."""
+
+    def __init__(self, *, observer: RoundObserver, **fedavg_options: object) -> None:
+        super().__init__(**fedavg_options)  # type: ignore[arg-type]
+        self.observer = observer
+        # The global arrays sent out this round: replies must match their keys and shapes.
+        self.global_arrays: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.global_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        outcomes = sort_train_replies(replies, self.global_arrays)
+        accepted = [o.message for o in outcomes if o.message is not None]
+        arrays, metrics = None, None
+        if accepted:
+            arrays, metrics = super().aggregate_train(server_round, accepted)
+        self.observer.on_train(server_round, outcomes, arrays, metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        outcomes = sort_evaluate_replies(replies)
+        accepted = [o.message for o in outcomes if o.message is not None]
+        metrics = super().aggregate_evaluate(server_round, accepted) if accepted else None
+        self.observer.on_evaluate(server_round, outcomes, metrics)
+        return metrics

@@ -1,0 +1,132 @@
+"""What the coordinator and the nodes say to each other: the contents of Flower messages.
+
+The coordinator never imports the node and the node never imports the coordinator; both build
+and read messages through this module. A train message carries the global adapter (``arrays``)
+and :class:`TrainInstructions` (``config``); a train reply carries the node's adapter, its
+``metrics`` (``num-examples`` weighs it in FedAvg), who it is (``node``) and what the round cost
+(``privacy``), or a ``decline`` with the reason. Only metrics leave a node in evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune.platform.config import LoraSettings
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NODE = "node"
+PRIVACY = "privacy"
+DECLINE = "decline"
+NUM_EXAMPLES = "num-examples"  # FedAvg's weight
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+
+
+@dataclass(frozen=True)
+class TrainInstructions:
+    """The round's plan, identical for every node; each node keeps its own privacy target."""
+
+    run_id: str
+    base_model_fingerprint: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    planned_rounds: int
+    lora: LoraSettings
+    evaluate_local_model: bool
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "run-id": self.run_id,
+                "base-model-fingerprint": self.base_model_fingerprint,
+                "steps": self.steps,
+                "batch-size": self.batch_size,
+                "learning-rate": self.learning_rate,
+                "optimizer": self.optimizer,
+                "planned-rounds": self.planned_rounds,
+                "lora-r": self.lora.r,
+                "lora-alpha": self.lora.alpha,
+                "lora-dropout": self.lora.dropout,
+                "lora-target-modules": list(self.lora.target_modules),
+                "lora-train-a": self.lora.train_a,
+                "evaluate-local-model": self.evaluate_local_model,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> TrainInstructions:
+        try:
+            return cls(
+                run_id=str(record["run-id"]),
+                base_model_fingerprint=str(record["base-model-fingerprint"]),
+                steps=int(record["steps"]),  # type: ignore[arg-type]
+                batch_size=int(record["batch-size"]),  # type: ignore[arg-type]
+                learning_rate=float(record["learning-rate"]),  # type: ignore[arg-type]
+                optimizer=str(record["optimizer"]),
+                planned_rounds=int(record["planned-rounds"]),  # type: ignore[arg-type]
+                lora=LoraSettings(
+                    r=int(record["lora-r"]),  # type: ignore[arg-type]
+                    alpha=int(record["lora-alpha"]),  # type: ignore[arg-type]
+                    dropout=float(record["lora-dropout"]),  # type: ignore[arg-type]
+                    target_modules=[str(m) for m in record["lora-target-modules"]],  # type: ignore[union-attr]
+                    train_a=bool(record["lora-train-a"]),
+                ),
+                evaluate_local_model=bool(record["evaluate-local-model"]),
+            )
+        except KeyError as exc:
+            raise ValueError(f"train message lacks config key {exc}") from None
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def node_identity(*, name: str, base_model_fingerprint: str, data_fingerprint: str) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "name": name,
+            "base-model-fingerprint": base_model_fingerprint,
+            "data-fingerprint": data_fingerprint,
+        }
+    )
+
+
+def privacy_record(report: Mapping[str, Any]) -> ConfigRecord:
+    """A node's privacy report as a ConfigRecord (absent figures are left out, never None)."""
+    return ConfigRecord(
+        {key: value for key, value in report.items() if isinstance(value, (str, int, float, bool))}
+    )
+
+
+def train_reply_content(
+    *,
+    arrays: Mapping[str, np.ndarray],
+    metrics: Mapping[str, int | float],
+    identity: ConfigRecord,
+    privacy: Mapping[str, Any],
+) -> RecordDict:
+    return RecordDict(
+        {
+            ARRAYS: arrays_to_record(arrays),
+            METRICS: MetricRecord(dict(metrics)),
+            NODE: identity,
+            PRIVACY: privacy_record(privacy),
+        }
+    )
+
+
+def decline_content(*, identity: ConfigRecord, reason: str) -> RecordDict:
+    """A node that will not train this round (e.g. its privacy budget would be passed)."""
+    return RecordDict({NODE: identity, DECLINE: ConfigRecord({"reason": reason})})

@@ -1,0 +1,167 @@
+"""The coordinator's database: runs, rounds, per-node metrics, epsilon reports, adapter
+checkpoints and rejected updates (SQLAlchemy 2.x; SQLite by default, any SQLAlchemy URL).
+
+Flower's run and node ids are unsigned 64-bit integers, beyond a signed BIGINT: they are
+stored as text. Times are stored in UTC. One round's writes go through one session and commit
+together (:func:`transaction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        datetime: DateTime(timezone=True),
+    }
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    flower_run_id: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # running | finished | failed
+    rounds_planned: Mapped[int] = mapped_column(Integer)
+    base_model_spec: Mapped[str] = mapped_column(Text)
+    base_model_fingerprint: Mapped[str] = mapped_column(String(80))
+    config: Mapped[dict[str, Any]]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    nodes_sampled: Mapped[int] = mapped_column(Integer)
+    updates_accepted: Mapped[int] = mapped_column(Integer)
+    updates_rejected: Mapped[int] = mapped_column(Integer)  # rejected, declined or failed
+    train_loss: Mapped[float | None] = mapped_column(Float)  # weighted by examples
+    held_out_loss: Mapped[float | None] = mapped_column(Float)  # global model, weighted
+    seconds: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class NodeMetric(Base):
+    """One node's figures in one round: ``phase`` is ``train`` (its own update) or
+    ``evaluate`` (the global model on its held-out data)."""
+
+    __tablename__ = "node_metrics"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16))
+    node_name: Mapped[str] = mapped_column(String(200))
+    flower_node_id: Mapped[str] = mapped_column(String(32))
+    num_examples: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]]
+
+
+class EpsilonReport(Base):
+    """What one node reported its data set has spent, after one round."""
+
+    __tablename__ = "epsilon_reports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    node_name: Mapped[str] = mapped_column(String(200))
+    data_fingerprint: Mapped[str] = mapped_column(String(80))
+    mode: Mapped[str] = mapped_column(String(16))  # dp | non-private
+    epsilon: Mapped[float | None] = mapped_column(Float)
+    epsilon_round: Mapped[float | None] = mapped_column(Float)
+    delta: Mapped[float | None] = mapped_column(Float)
+    noise_multiplier: Mapped[float | None] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    max_grad_norm: Mapped[float | None] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    accountant: Mapped[str | None] = mapped_column(String(80))
+
+
+class AdapterCheckpoint(Base):
+    __tablename__ = "adapter_checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "round"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))  # of adapter_model.safetensors
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RejectedUpdate(Base):
+    """A reply that was not aggregated: ``kind`` is ``rejected`` (the coordinator refused
+    it), ``declined`` (the node chose not to train) or ``failed`` (the node reported an
+    error)."""
+
+    __tablename__ = "rejected_updates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16))
+    node_name: Mapped[str | None] = mapped_column(String(200))
+    flower_node_id: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def open_database(url: str, *, create: bool = True) -> Engine:
+    """An engine for ``url``; creates a SQLite file's folder and the schema when asked."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_foreign_keys)
+    if create:
+        Base.metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_foreign_keys(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """A session whose writes commit together at the end, or not at all."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    with factory() as session, session.begin():
+        yield session

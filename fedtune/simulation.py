@@ -1,0 +1,78 @@
+"""`fedtune simulate`: a whole federated run on one machine through Flower's Simulation Engine.
+
+This module wires the two sides together (the coordinator's ServerApp and the node's
+ClientApp), which is why it sits beside ``cli.py`` and not inside either part. Each simulated
+SuperNode is one ``[[nodes]]`` entry of the run config; Flower runs the ClientApps in Ray
+worker processes and this process hosts the ServerApp. Nothing stays running afterwards:
+Flower shuts Ray down at the end, and no SuperLink is started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import torch
+from flwr.app import Context
+from flwr.simulation import run_simulation
+
+from fedtune.client_node.client_app import build_client_app
+from fedtune.coordinator.server_app import build_server_app
+from fedtune.platform.config import NodeConfig, RunConfig
+from fedtune.platform.storage import Run, open_database, transaction
+
+
+class SimulatedNodes:
+    """Which node a simulated SuperNode plays: ``[[nodes]]`` entry number ``partition-id``."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    def __call__(self, context: Context) -> NodeConfig:
+        index = int(context.node_config["partition-id"])
+        return self.config.node_config(self.config.nodes[index].name)
+
+
+class SimulationError(RuntimeError):
+    """The simulated run did not finish."""
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+def simulate(
+    config: RunConfig, *, run_id: str | None = None, progress: Callable[[str], None] = print
+) -> str:
+    """Run ``config`` to the end; returns the run id under which the database holds it."""
+    run_id = run_id or new_run_id()
+    cpus = os.cpu_count() or 1
+    client_cpus = min(config.simulation.client_cpus or cpus, cpus)
+    backend_config = {
+        "client_resources": {
+            "num_cpus": client_cpus,
+            "num_gpus": 1.0 if torch.cuda.is_available() else 0.0,
+        },
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+    }
+    flower_logger = logging.getLogger("flwr")
+    level = flower_logger.level
+    flower_logger.setLevel(logging.WARNING)  # fedtune prints its own progress per round
+    try:
+        run_simulation(
+            server_app=build_server_app(config, run_id=run_id, progress=progress),
+            client_app=build_client_app(SimulatedNodes(config)),
+            num_supernodes=len(config.nodes),
+            backend_config=backend_config,  # type: ignore[arg-type]
+        )
+    finally:
+        flower_logger.setLevel(level)
+    with transaction(open_database(config.database_url)) as session:
+        run = session.get(Run, run_id)
+        if run is None or run.status != "finished":
+            detail = run.error if run is not None else "the run never started"
+            raise SimulationError(f"run {run_id} did not finish: {detail}")
+    return run_id

@@ -1,0 +1,174 @@
+"""The node's ClientApp handlers, called as Flower calls them, on a tiny model."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from peft import get_peft_model_state_dict
+
+from fedtune.client_node import client_app
+from fedtune.client_node.client_app import BaseModelMismatchError, handle_evaluate, handle_train
+from fedtune.client_node.demo_data import write_demo_data
+from fedtune.platform.config import (
+    DataConfig,
+    LoraSettings,
+    ModelConfig,
+    NodeConfig,
+    NodeSettings,
+    PrivacySettings,
+    TrainingSettings,
+)
+from fedtune.platform.fingerprint import model_dir_fingerprint
+from fedtune.platform.lora import adapter_arrays, attach_lora
+from fedtune.platform.messages import TrainInstructions, arrays_to_record
+
+LORA = LoraSettings()
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_cache():
+    """Each test starts like a fresh node process."""
+    client_app._RUNTIMES.clear()
+    client_app._MODELS.clear()
+    yield
+    client_app._RUNTIMES.clear()
+    client_app._MODELS.clear()
+
+
+@pytest.fixture
+def node(tmp_path, tiny_model_dir) -> NodeConfig:
+    write_demo_data(tmp_path / "data", domain="hospital", train=48, held_out=6)
+    return NodeConfig(
+        node=NodeSettings(name="hospital", state_dir=tmp_path / "state"),
+        model=ModelConfig(spec=str(tiny_model_dir)),
+        data=DataConfig(
+            train=tmp_path / "data/hospital/train.jsonl",
+            eval=tmp_path / "data/hospital/held_out.jsonl",
+            max_length=160,
+        ),
+        training=TrainingSettings(physical_batch_size=8, seed=0),
+        privacy=PrivacySettings(target_epsilon=8.0),
+    )
+
+
+def initial_arrays(model_dir: Path) -> dict[str, np.ndarray]:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return adapter_arrays(attach_lora(AutoModelForCausalLM.from_pretrained(model_dir), LORA))
+
+
+def server_message(model_dir: Path, *, fingerprint: str, server_round: int = 1, kind="train"):
+    instructions = TrainInstructions(
+        run_id="run-1",
+        base_model_fingerprint=fingerprint,
+        steps=2,
+        batch_size=16,
+        learning_rate=0.01,
+        optimizer="adamw",
+        planned_rounds=1,
+        lora=LORA,
+        evaluate_local_model=True,
+    )
+    config = instructions.to_record()
+    config["server-round"] = server_round
+    content = RecordDict({"arrays": arrays_to_record(initial_arrays(model_dir)), "config": config})
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=42,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=kind,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def test_a_node_refuses_a_round_for_another_base_model(node, tiny_model_dir):
+    other = "sha256:" + "0" * 64
+
+    with pytest.raises(BaseModelMismatchError) as error:
+        handle_train(node, server_message(tiny_model_dir, fingerprint=other))
+
+    assert other in str(error.value)
+    assert model_dir_fingerprint(tiny_model_dir) in str(error.value)
+    assert not (node.node.state_dir / "privacy").exists()  # nothing was spent
+
+
+def test_train_replies_with_the_update_metrics_and_privacy_report(node, tiny_model_dir):
+    fingerprint = model_dir_fingerprint(tiny_model_dir)
+    sent = initial_arrays(tiny_model_dir)
+
+    reply = handle_train(node, server_message(tiny_model_dir, fingerprint=fingerprint))
+
+    arrays = {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+    assert set(arrays) == set(sent)
+    changed = [k for k in arrays if not np.array_equal(arrays[k], sent[k])]
+    assert changed and all("lora_B" in k for k in changed)  # FFA-LoRA: A stays as sent
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num-examples"] == 48
+    assert np.isfinite(metrics["held-out-loss-start"]) and np.isfinite(metrics["train-loss"])
+    privacy = reply.content.config_records["privacy"]
+    assert privacy["mode"] == "dp" and 0 < privacy["epsilon"] <= 8.0 * 1.001
+    assert privacy["accountant"].startswith("opacus-rdp")
+    assert reply.content.config_records["node"]["name"] == "hospital"
+
+
+def test_a_node_declines_a_round_past_its_privacy_plan(node, tiny_model_dir):
+    fingerprint = model_dir_fingerprint(tiny_model_dir)
+    handle_train(node, server_message(tiny_model_dir, fingerprint=fingerprint))
+
+    second = handle_train(node, server_message(tiny_model_dir, fingerprint=fingerprint))
+
+    assert "decline" in second.content.config_records
+    assert "planned rounds" in second.content.config_records["decline"]["reason"]
+    assert "arrays" not in second.content.array_records
+
+
+def test_evaluate_sends_only_metrics(node, tiny_model_dir):
+    fingerprint = model_dir_fingerprint(tiny_model_dir)
+
+    reply = handle_evaluate(
+        node, server_message(tiny_model_dir, fingerprint=fingerprint, kind="evaluate")
+    )
+
+    assert len(reply.content.array_records) == 0
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num-examples"] == 6
+    assert metrics["held-out-perplexity"] == pytest.approx(np.exp(metrics["held-out-loss"]))
+
+
+def test_the_base_model_is_loaded_once_per_process(node, tiny_model_dir):
+    fingerprint = model_dir_fingerprint(tiny_model_dir)
+    handle_evaluate(node, server_message(tiny_model_dir, fingerprint=fingerprint, kind="evaluate"))
+    loaded = next(iter(client_app._MODELS.values())).base.model
+
+    handle_evaluate(node, server_message(tiny_model_dir, fingerprint=fingerprint, kind="evaluate"))
+
+    assert len(client_app._MODELS) == 1
+    assert next(iter(client_app._MODELS.values())).base.model is loaded
+    assert get_peft_model_state_dict(client_app._RUNTIMES["hospital"].loaded.peft)
+
+
+def test_train_instructions_survive_the_config_record():
+    instructions = TrainInstructions(
+        run_id="r",
+        base_model_fingerprint="sha256:f",
+        steps=3,
+        batch_size=8,
+        learning_rate=0.5,
+        optimizer="sgd",
+        planned_rounds=4,
+        lora=LoraSettings(r=4, target_modules=["q_proj"], train_a=True),
+        evaluate_local_model=False,
+    )
+
+    assert (
+        TrainInstructions.from_record(ConfigRecord(dict(instructions.to_record()))) == instructions
+    )

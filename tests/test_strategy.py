@@ -1,0 +1,169 @@
+"""The coordinator's strategy: weighted FedAvg of the replies it can trust, and a stored
+reason for every reply it leaves out."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, Metadata
+from sqlalchemy import select
+
+from fedtune.coordinator.checkpoints import AdapterCheckpointer
+from fedtune.coordinator.recorder import RunRecorder
+from fedtune.coordinator.strategy import ValidatingFedAvg
+from fedtune.platform.config import LoraSettings
+from fedtune.platform.lora import adapter_arrays, attach_lora
+from fedtune.platform.messages import arrays_to_record, decline_content, train_reply_content
+from fedtune.platform.storage import (
+    AdapterCheckpoint,
+    NodeMetric,
+    RejectedUpdate,
+    Round,
+    Run,
+    open_database,
+    transaction,
+)
+
+
+def reply_metadata(node_id: int) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id="sent",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="train",
+    )
+
+
+def reply(node_id: int, arrays: dict, examples: int, name: str | None = None) -> Message:
+    content = train_reply_content(
+        arrays=arrays,
+        metrics={"num-examples": examples, "train-loss": 1.0},
+        identity=ConfigRecord({"name": name or f"node-{node_id}"}),
+        privacy={"mode": "dp", "epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.1, "steps": 2},
+    )
+    return Message(content=content, metadata=reply_metadata(node_id))
+
+
+@pytest.fixture
+def setting(tmp_path, tiny_model):
+    """A real recorder on SQLite and a real PEFT checkpointer, as the ServerApp builds them."""
+    torch.manual_seed(0)
+    model = attach_lora(tiny_model, LoraSettings(train_a=True))
+    global_arrays = adapter_arrays(model)
+    engine = open_database(f"sqlite:///{tmp_path / 'fedtune.db'}")
+    with transaction(engine) as session:
+        session.add(
+            Run(
+                id="r1",
+                name="test",
+                status="running",
+                rounds_planned=1,
+                base_model_spec="tiny",
+                base_model_fingerprint="sha256:x",
+                config={},
+            )
+        )
+    recorder = RunRecorder(
+        engine,
+        run_id="r1",
+        rounds=1,
+        checkpointer=AdapterCheckpointer(model, tmp_path / "adapters"),
+        progress=lambda line: None,
+    )
+    strategy = ValidatingFedAvg(observer=recorder, min_train_nodes=1, min_available_nodes=1)
+    strategy.global_arrays = arrays_to_record(global_arrays)
+    return strategy, engine, global_arrays
+
+
+def shifted(arrays: dict, by: float) -> dict:
+    return {name: value + by for name, value in arrays.items()}
+
+
+def test_aggregate_equals_the_example_weighted_mean(setting):
+    strategy, _, global_arrays = setting
+    rng = np.random.default_rng(0)
+    updates = [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in global_arrays.items()}
+        for _ in range(3)
+    ]
+    examples = [10, 30, 60]
+
+    aggregate, _ = strategy.aggregate_train(
+        1, [reply(i + 1, u, n) for i, (u, n) in enumerate(zip(updates, examples, strict=True))]
+    )
+
+    total = sum(examples)
+    for name in global_arrays:
+        expected = sum(
+            u[name].astype(np.float64) * n / total for u, n in zip(updates, examples, strict=True)
+        )
+        np.testing.assert_allclose(aggregate[name].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_updates_are_dropped_with_a_stored_reason_and_the_round_completes(setting):
+    strategy, engine, global_arrays = setting
+    good = shifted(global_arrays, 0.5)
+    name = next(iter(global_arrays))
+    wrong_shape = {**good, name: np.zeros((3, 3), dtype=np.float32)}
+    missing_key = {k: v for k, v in good.items() if k != name}
+    with_nan = {**good, name: np.full_like(good[name], np.nan)}
+    with_inf = {**good, name: np.full_like(good[name], np.inf)}
+    failed = Message(error=Error(code=3, reason="out of memory"), metadata=reply_metadata(7))
+    declined = Message(
+        content=decline_content(
+            identity=ConfigRecord({"name": "bank"}), reason="would pass epsilon 8"
+        ),
+        metadata=reply_metadata(8),
+    )
+
+    aggregate, _ = strategy.aggregate_train(
+        1,
+        [
+            reply(1, good, 10, "hospital"),
+            reply(2, wrong_shape, 10, "wrong-shape"),
+            reply(3, missing_key, 10, "missing-key"),
+            reply(4, with_nan, 10, "nan"),
+            reply(5, with_inf, 10, "inf"),
+            failed,
+            declined,
+        ],
+    )
+    strategy.aggregate_evaluate(1, [])
+
+    for key in global_arrays:
+        np.testing.assert_allclose(aggregate[key].numpy(), good[key], rtol=1e-6)
+    with transaction(engine) as session:
+        reasons = {(r.node_name, r.kind): r.reason for r in session.scalars(select(RejectedUpdate))}
+        round_row = session.scalars(select(Round)).one()
+        checkpoint = session.scalars(select(AdapterCheckpoint)).one()
+        trained = session.scalars(select(NodeMetric)).all()
+    assert "shape (3, 3)" in reasons[("wrong-shape", "rejected")]
+    assert "missing" in reasons[("missing-key", "rejected")]
+    assert "non-finite" in reasons[("nan", "rejected")]
+    assert "non-finite" in reasons[("inf", "rejected")]
+    assert "out of memory" in reasons[(None, "failed")]
+    assert "would pass epsilon 8" in reasons[("bank", "declined")]
+    assert (round_row.updates_accepted, round_row.updates_rejected) == (1, 6)
+    assert checkpoint.round == 1 and len(checkpoint.sha256) == 64
+    assert [m.node_name for m in trained] == ["hospital"]
+
+
+def test_a_round_with_no_usable_update_keeps_the_global_adapter(setting):
+    strategy, engine, global_arrays = setting
+    name = next(iter(global_arrays))
+
+    aggregate, _ = strategy.aggregate_train(
+        1, [reply(1, {**global_arrays, name: np.zeros((1,), dtype=np.float32)}, 5)]
+    )
+    strategy.aggregate_evaluate(1, [])
+
+    assert aggregate is None
+    with transaction(engine) as session:
+        assert session.scalars(select(AdapterCheckpoint)).all() == []
+        assert session.scalars(select(Round)).one().updates_accepted == 0
