@@ -4,17 +4,21 @@ This module wires the two sides together (the coordinator's ServerApp and the no
 ClientApp), which is why it sits beside ``cli.py`` and not inside either part. Each simulated
 SuperNode is one ``[[nodes]]`` entry of the run config; Flower runs the ClientApps in Ray
 worker processes and this process hosts the ServerApp. Nothing stays running afterwards:
-Flower shuts Ray down at the end, and no SuperLink is started.
+Flower shuts Ray down at the end, and ``simulate`` then waits for (and if need be stops) every
+process Ray started, including workers that outlive their raylet.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import psutil
 import torch
 from flwr.app import Context
 from flwr.simulation import run_simulation
@@ -34,6 +38,28 @@ class SimulatedNodes:
     def __call__(self, context: Context) -> NodeConfig:
         index = int(context.node_config["partition-id"])
         return self.config.node_config(self.config.nodes[index].name)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _adopt_orphans() -> None:
+    """Make this process the parent of orphaned descendants (Linux), so Ray workers whose raylet
+    exited first stay visible to :func:`_stop_descendants` instead of moving to init."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stop_descendants(*, grace_s: float = 15.0) -> None:
+    """Wait for the processes this one started to exit; terminate, then kill, what remains."""
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for process in alive:
+        process.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for process in alive:
+        process.kill()
 
 
 class SimulationError(RuntimeError):
@@ -61,6 +87,7 @@ def simulate(
     flower_logger = logging.getLogger("flwr")
     level = flower_logger.level
     flower_logger.setLevel(logging.WARNING)  # fedtune prints its own progress per round
+    _adopt_orphans()
     try:
         run_simulation(
             server_app=build_server_app(config, run_id=run_id, progress=progress),
@@ -70,6 +97,7 @@ def simulate(
         )
     finally:
         flower_logger.setLevel(level)
+        _stop_descendants()
     with transaction(open_database(config.database_url)) as session:
         run = session.get(Run, run_id)
         if run is None or run.status != "finished":

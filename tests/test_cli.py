@@ -1,3 +1,9 @@
+import hashlib
+import json
+from pathlib import Path
+
+import psutil
+
 from fedtune.cli import main
 
 
@@ -9,15 +15,46 @@ def test_data_demo_writes_both_domains(tmp_path, capsys):
         assert len((tmp_path / domain / "held_out.jsonl").read_text().splitlines()) == 5
 
 
-def test_demo_compares_dp_with_non_private_training(tmp_path, tiny_model_dir, capsys):
+def test_demo_trains_two_nodes_together_and_writes_database_adapters_and_summary(
+    tmp_path, tiny_model_dir, capsys
+):
     workdir = tmp_path / "demo"
 
-    code = main(["demo", "--workdir", str(workdir), "--model", str(tiny_model_dir), "--compare"])
+    code = main(
+        [
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--model",
+            str(tiny_model_dir),
+            "--rounds",
+            "2",
+            "--steps",
+            "1",
+        ]
+    )
 
     out = capsys.readouterr().out
     assert code == 0
-    assert "NON-PRIVATE" in out and "epsilon" in out
-    assert len(list((workdir / "out").glob("*/*/adapter/adapter_model.safetensors"))) == 2
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["run"]["status"] == "finished"
+    assert set(summary["nodes"]) == {"hospital", "bank"}
+    for name, node in summary["nodes"].items():
+        assert node["epsilon"] <= 8.0 * 1.001 and node["delta"] == 1e-5
+        for figure in ("base_perplexity", "first_round_perplexity", "final_global_perplexity"):
+            assert node[figure] > 1
+        row = next(line for line in out.splitlines() if line.startswith(f"{name} "))
+        assert f"{node['final_global_perplexity']:.2f}" in row
+    for number, entry in enumerate(summary["rounds"], start=1):
+        assert Path(entry["adapter"]) == workdir / "adapters" / f"round-{number}"
+        digest = hashlib.sha256(
+            (workdir / "adapters" / f"round-{number}" / "adapter_model.safetensors").read_bytes()
+        )
+        assert entry["adapter_sha256"] == digest.hexdigest()
+    assert (workdir / "fedtune.db").is_file()
+    assert not [
+        p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("ray::")
+    ]
 
 
 def test_demo_refuses_a_used_folder(tmp_path, capsys):
@@ -26,3 +63,14 @@ def test_demo_refuses_a_used_folder(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 2
     assert "new or empty folder" in capsys.readouterr().err
     assert (tmp_path / "something").read_text() == "keep me"
+
+
+def test_simulate_refuses_an_output_folder_that_holds_a_run(tmp_path, capsys):
+    (tmp_path / "out" / "adapters" / "round-1").mkdir(parents=True)
+    (tmp_path / "run.toml").write_text(
+        '[[nodes]]\nname = "a"\ntrain = "t.jsonl"\neval = "e.jsonl"\n[output]\ndir = "out"\n'
+    )
+
+    assert main(["simulate", "--config", str(tmp_path / "run.toml")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "out" / "adapters" / "round-1").is_dir()

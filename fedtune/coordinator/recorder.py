@@ -61,9 +61,6 @@ class RunRecorder:
         self._pending: _PendingRound | None = None
         self._round_started = time.perf_counter()
 
-    def round_started(self) -> None:
-        self._round_started = time.perf_counter()
-
     def _name(self, outcome: ReplyOutcome) -> str | None:
         if outcome.node_name:
             self.node_names[outcome.flower_node_id] = outcome.node_name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -132,7 +131,3 @@ def build_server_app(
         )
 
     return app
-
-
-def adapters_dir(config: RunConfig) -> Path:
-    return config.output.dir / "adapters"
