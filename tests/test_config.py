@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.platform.config import ConfigError, load_node_config
+from fedtune.platform.config import ConfigError, load_node_config, load_run_config
 
 VALID = """
 [node]
@@ -78,3 +78,12 @@ def test_the_documented_example_config_is_valid():
 
     assert config.node.name == "hospital"
     assert config.training.steps == 20
+
+
+def test_the_documented_example_run_config_is_valid():
+    example = Path(__file__).parent.parent / "examples" / "run.toml"
+
+    config = load_run_config(example)
+
+    assert [node.name for node in config.nodes] == ["hospital", "bank"]
+    assert config.node_config("bank").privacy.planned_rounds == config.run.rounds

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from fedtune.client_node.data import ChatDataset, load_chat_dataset
-from fedtune.client_node.evaluation import evaluate
+from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
 from fedtune.client_node.privacy_state import PrivacyState
 from fedtune.platform.accounting import BudgetExhaustedError
@@ -134,14 +134,13 @@ def _check_base_model(runtime: NodeRuntime, expected: str) -> None:
         )
 
 
-def _held_out_loss(runtime: NodeRuntime, model: torch.nn.Module) -> float:
-    metrics = evaluate(
+def _evaluate(runtime: NodeRuntime, model: torch.nn.Module) -> HeldOutMetrics:
+    return evaluate(
         model,
         runtime.held_out,
         pad_token_id=runtime.pad_token_id,
         device=runtime.loaded.base.device,
     )
-    return metrics.loss
 
 
 def handle_train(config: NodeConfig, message: Message) -> Message:
@@ -166,9 +165,12 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
     )
     privacy = config.privacy.model_copy(update={"planned_rounds": instructions.planned_rounds})
     metrics: dict[str, int | float] = {}
+    evaluate_seconds = 0.0
     if instructions.evaluate_local_model and server_round == 1:
         # The first global adapter is the base model's (B = 0): its loss is the baseline.
-        metrics["held-out-loss-start"] = _held_out_loss(runtime, model)
+        baseline = _evaluate(runtime, model)
+        metrics["held-out-loss-start"] = baseline.loss
+        evaluate_seconds += baseline.seconds
     try:
         local = train_local_round(
             model,
@@ -188,8 +190,12 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
     losses = [loss for loss in local.result.train_losses if loss is not None]
     metrics[NUM_EXAMPLES] = len(runtime.train_data)
     metrics["train-loss"] = sum(losses) / len(losses) if losses else math.nan
+    metrics["train-seconds"] = local.result.seconds
     if instructions.evaluate_local_model:
-        metrics["held-out-loss-local"] = _held_out_loss(runtime, model)
+        local_model = _evaluate(runtime, model)
+        metrics["held-out-loss-local"] = local_model.loss
+        evaluate_seconds += local_model.seconds
+    metrics["evaluate-seconds"] = evaluate_seconds
     content = train_reply_content(
         arrays=adapter_arrays(model),
         metrics=metrics,
@@ -206,18 +212,14 @@ def handle_evaluate(config: NodeConfig, message: Message) -> Message:
     _check_base_model(runtime, instructions.base_model_fingerprint)
     model = runtime.model_with(instructions.lora)
     load_adapter_arrays(model, record_to_arrays(message.content[ARRAYS]))  # type: ignore[arg-type]
-    result = evaluate(
-        model,
-        runtime.held_out,
-        pad_token_id=runtime.pad_token_id,
-        device=runtime.loaded.base.device,
-    )
+    result = _evaluate(runtime, model)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: result.examples,
             "held-out-loss": result.loss,
             "held-out-perplexity": result.perplexity,
             "held-out-tokens": result.tokens,
+            "evaluate-seconds": result.seconds,
         }
     )
     return Message(RecordDict({METRICS: metrics, NODE: runtime.identity()}), reply_to=message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ class HeldOutMetrics:
     perplexity: float
     examples: int
     tokens: int
+    seconds: float
 
 
 @torch.no_grad()
@@ -31,6 +33,7 @@ def evaluate(
     batch_size: int = 8,
 ) -> HeldOutMetrics:
     """Token-weighted held-out loss and perplexity (exp of the loss)."""
+    started = time.perf_counter()
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=make_collate(pad_token_id))
@@ -44,5 +47,7 @@ def evaluate(
         model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
     return HeldOutMetrics(
-        loss=loss, perplexity=math.exp(min(loss, 50.0)), examples=len(dataset), tokens=total_tokens
+        loss=loss, perplexity=math.exp(min(loss, 50.0)), examples=len(dataset),
+        tokens=total_tokens,
+        seconds=time.perf_counter() - started,
     )
