@@ -73,7 +73,9 @@ def write_run(folder: Path, *, model: str, nodes: int, rounds: int, steps: int, 
         train, held_out = write_demo_data(
             folder / f"node-{index}", domain=domain, train=400, held_out=48, seed=index
         )
-        entries.append(f'[[nodes]]\nname = "node-{index}"\ntrain = "{train}"\neval = "{held_out}"\n')
+        entries.append(
+            f'[[nodes]]\nname = "node-{index}"\ntrain = "{train}"\neval = "{held_out}"\n'
+        )
     run = folder / "run.toml"
     run.write_text(
         f'[run]\nname = "round-overhead"\nrounds = {rounds}\n\n'
@@ -175,9 +177,10 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2) + "\n")
             share = outcome["steady_state_overhead_share"]
+            seconds = outcome["steady_state_overhead_seconds"]
             print(
-                f"{key}: steady-state overhead {share:.1%} of a round "
-                f"({outcome['steady_state_overhead_seconds']:.2f} s), run {outcome['run_seconds']:.0f} s",
+                f"{key}: steady-state overhead {share:.1%} of a round ({seconds:.2f} s), "
+                f"run {outcome['run_seconds']:.0f} s",
                 flush=True,
             )
 
