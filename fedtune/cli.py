@@ -1,4 +1,9 @@
-"""The `fedtune` command."""
+"""The `fedtune` command.
+
+Heavy libraries (torch, transformers, Flower) load only in the handler that needs them, so
+`fedtune --help` and the audit commands start fast (the audit's worker processes re-import
+this module).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.client_node.data import DataError
 from fedtune.client_node.demo_data import DOMAINS, write_demo_data
-from fedtune.client_node.local_round import NON_PRIVATE_LABEL
-from fedtune.client_node.node_train import run_node_training
-from fedtune.client_node.privacy_state import PrivacyStateError
-from fedtune.platform.accounting import BudgetExhaustedError
 from fedtune.platform.config import ConfigError, load_node_config, load_run_config
-from fedtune.platform.lora import AdapterMismatchError
-from fedtune.platform.model_store import ModelSpecError
 
-# Errors a user can act on: printed as one clear line, exit code 2, no traceback.
-_USER_ERRORS = (
-    ConfigError,
-    DataError,
-    ModelSpecError,
-    BudgetExhaustedError,
-    PrivacyStateError,
-    AdapterMismatchError,
-)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can act on: printed as one clear line, exit code 2, no traceback."""
+    from fedtune.client_node.data import DataError
+    from fedtune.platform.accounting import BudgetExhaustedError
+    from fedtune.platform.audit import AuditError
+    from fedtune.platform.ledger import LedgerFormatError
+    from fedtune.platform.ledger_store import LedgerConflictError
+    from fedtune.platform.lora import AdapterMismatchError
+    from fedtune.platform.model_store import ModelSpecError
+
+    return (
+        ConfigError,
+        DataError,
+        ModelSpecError,
+        AuditError,
+        BudgetExhaustedError,
+        LedgerConflictError,
+        LedgerFormatError,
+        AdapterMismatchError,
+        FileExistsError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except _USER_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
 
@@ -55,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, type=Path, help="node TOML file")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_node_train)
+    key = node.add_parser(
+        "key", help="print the node's public signing key (created on first use), to enroll it"
+    )
+    key.add_argument("--config", required=True, type=Path, help="node TOML file")
+    key.set_defaults(handler=_node_key)
 
     data = commands.add_parser("data", help="data sets").add_subparsers(title="data commands")
     demo_data = data.add_parser("demo", help="write the synthetic hospital and bank data sets")
@@ -88,13 +106,55 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--config", required=True, type=Path, help="run TOML file")
     sim.set_defaults(handler=_simulate)
+
+    audit = commands.add_parser(
+        "audit", help="export, verify and report on a node's epsilon ledger"
+    ).add_subparsers(title="audit commands")
+    export = audit.add_parser("export", help="write a node's ledger as auditor-facing JSONL")
+    export.add_argument(
+        "--db",
+        required=True,
+        help="database URL, or the path of a SQLite file (a node's "
+        "STATE_DIR/ledger.db or the coordinator's fedtune.db)",
+    )
+    export.add_argument("--node", required=True, help="node name")
+    export.add_argument("--out", required=True, type=Path, help="a new .jsonl file")
+    export.set_defaults(handler=_audit_export)
+    verify = audit.add_parser("verify", help="verify an exported ledger (exit 0: it holds)")
+    verify.add_argument("ledger", type=Path)
+    verify.add_argument(
+        "--public-key", required=True, help="the node's public key (PEM file or base64)"
+    )
+    verify.set_defaults(handler=_audit_verify)
+    report = audit.add_parser(
+        "report",
+        help="an HTML report: epsilon per data set against its cap, every entry, "
+        "verification, independent recomputation",
+    )
+    report.add_argument("ledger", type=Path)
+    report.add_argument("--out", required=True, type=Path, help="a new .html file")
+    report.add_argument(
+        "--public-key", default=None, help="the node's public key (default: the file's own)"
+    )
+    report.set_defaults(handler=_audit_report)
     return parser
 
 
 def _node_train(args: argparse.Namespace) -> int:
+    from fedtune.client_node.node_train import run_node_training
+
     config = load_node_config(args.config)
     metrics = run_node_training(config, progress=not args.no_progress)
     print(_summary(metrics))
+    return 0
+
+
+def _node_key(args: argparse.Namespace) -> int:
+    from fedtune.client_node.node_ledger import KEY_FILE, node_key
+
+    config = load_node_config(args.config)
+    print(node_key(config.node.state_dir).public_key_text())
+    print(f"(key file {config.node.state_dir / KEY_FILE}; keep it private)", file=sys.stderr)
     return 0
 
 
@@ -143,7 +203,41 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_export(args: argparse.Namespace) -> int:
+    from fedtune.platform.audit import export_ledger
+
+    count = export_ledger(args.db, node=args.node, out=args.out)
+    print(f"{args.out}: {count} ledger entries of node {args.node}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from fedtune.platform.ledger_file import format_verification, verify_ledger_file
+    from fedtune.platform.signing import load_public_key
+
+    result = verify_ledger_file(args.ledger, public_key=load_public_key(args.public_key))
+    print(format_verification(result))
+    return 0 if result.ok else 1
+
+
+def _audit_report(args: argparse.Namespace) -> int:
+    from fedtune.platform.audit import audit_ledger, write_audit_report
+
+    outcome = audit_ledger(args.ledger, public_key=args.public_key)
+    path = write_audit_report(outcome, args.ledger, out=args.out)
+    verdict = "verified" if outcome.verification.ok else f"FAILED: {outcome.verification.problem}"
+    checked = [r for r in outcome.recomputations if not r.skipped]
+    print(f"{path}: ledger {verdict}")
+    print(
+        f"  independent recomputation: {len(checked) - len(outcome.disagreements)} of "
+        f"{len(checked)} private entries agree"
+    )
+    return 0 if outcome.ok else 1
+
+
 def _summary(metrics: dict[str, Any]) -> str:
+    from fedtune.client_node.local_round import NON_PRIVATE_LABEL
+
     privacy = metrics["privacy"]
     before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
     if privacy["mode"] == "dp":

@@ -97,6 +97,9 @@ def run_demo(
     progress(format_summary(summary))
     progress(
         f"database {workdir / 'fedtune.db'}, adapters {workdir / 'adapters'}, summary "
-        f"{workdir / 'summary.json'}"
+        f"{workdir / 'summary.json'}\n"
+        f"each node's signed epsilon ledger: {workdir / 'nodes'}/<node>/ledger.db; audit it "
+        f"with `fedtune audit export --db {workdir / 'fedtune.db'} --node hospital --out "
+        "hospital.jsonl`, then `fedtune audit report hospital.jsonl --out hospital.html`"
     )
     return summary

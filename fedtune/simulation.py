@@ -24,6 +24,7 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
+from fedtune.client_node.node_ledger import node_key
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
 from fedtune.platform.storage import Run, open_database, transaction
@@ -62,6 +63,16 @@ def _stop_descendants(*, grace_s: float = 15.0) -> None:
         process.kill()
 
 
+def enroll_nodes(config: RunConfig) -> dict[str, str]:
+    """Each simulated node's public key: the configured one, else the key in its state_dir
+    (created there if need be), as a node operator would hand it to the coordinator."""
+    return {
+        node.name: node.public_key
+        or node_key(config.node_config(node.name).node.state_dir).public_key_text()
+        for node in config.nodes
+    }
+
+
 class SimulationError(RuntimeError):
     """The simulated run did not finish."""
 
@@ -90,7 +101,9 @@ def simulate(
     _adopt_orphans()
     try:
         run_simulation(
-            server_app=build_server_app(config, run_id=run_id, progress=progress),
+            server_app=build_server_app(
+                config, run_id=run_id, enrolled=enroll_nodes(config), progress=progress
+            ),
             client_app=build_client_app(SimulatedNodes(config)),
             num_supernodes=len(config.nodes),
             backend_config=backend_config,  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedtune.client_node.demo_data import write_demo_data
+from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.accounting import epsilon_of
 
 CONFIG = """
@@ -85,8 +86,9 @@ def test_epsilon_survives_restarts_and_keeps_growing(workdir, tiny_model_dir):
     privacy = metrics["privacy"]
 
     assert 0 < epsilon_1 < privacy["epsilon"] <= 8.0
-    state = json.loads(Path(metrics["privacy_state"]).read_text())
-    history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in state["rounds"]]
+    ledger = NodeLedger(workdir / "state", node="hospital").entries()
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger]
+    assert [e.seq for e in ledger] == [1, 2] and metrics["ledger"]["hash"] == ledger[1].hash
     assert len(history) == 2
     assert privacy["epsilon"] == pytest.approx(epsilon_of(history, delta=1e-5, accountant="rdp"))
     # The plan (3 rounds to epsilon 8) keeps its noise from round to round.
@@ -133,15 +135,14 @@ def test_non_private_mode_is_labelled_and_spends_no_epsilon(workdir, tiny_model_
 
 def test_a_round_past_the_target_is_refused_and_nothing_is_lost(workdir, tiny_model_dir):
     assert node_train(workdir, tiny_model_dir, target=2.0).returncode == 0
-    state_files = list((workdir / "state" / "privacy").glob("*.json"))
-    before = state_files[0].read_text()
+    before = NodeLedger(workdir / "state", node="hospital").entries()
 
     refused = node_train(workdir, tiny_model_dir, target=0.5)
 
     assert refused.returncode == 2
     assert "already spent epsilon" in refused.stderr
     assert "Traceback" not in refused.stderr
-    assert state_files[0].read_text() == before
+    assert NodeLedger(workdir / "state", node="hospital").entries() == before
     assert len(list((workdir / "out").iterdir())) == 1
 
 

@@ -10,11 +10,15 @@ from flwr.app import ConfigRecord, Error, Message, Metadata
 from sqlalchemy import select
 
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
+from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.platform.config import LoraSettings
+from fedtune.platform.ledger import seal_entry, sign_checkpoint
+from fedtune.platform.ledger_store import LedgerEntryRow
 from fedtune.platform.lora import adapter_arrays, attach_lora
 from fedtune.platform.messages import arrays_to_record, decline_content, train_reply_content
+from fedtune.platform.signing import NodeKey
 from fedtune.platform.storage import (
     AdapterCheckpoint,
     NodeMetric,
@@ -24,6 +28,9 @@ from fedtune.platform.storage import (
     open_database,
     transaction,
 )
+
+NAMES = ["node-1", "node-2", "node-3", "hospital", "wrong-shape", "missing-key", "nan", "inf"]
+KEYS = {name: NodeKey.generate() for name in NAMES}
 
 
 def reply_metadata(node_id: int) -> Metadata:
@@ -40,12 +47,43 @@ def reply_metadata(node_id: int) -> Metadata:
     )
 
 
-def reply(node_id: int, arrays: dict, examples: int, name: str | None = None) -> Message:
+def signed_round(name: str, key: NodeKey) -> tuple:
+    """What a node's ledger holds after its first round: the entry and the signed head."""
+    entry = seal_entry(
+        {
+            "node": name,
+            "run_id": "r1",
+            "round": 1,
+            "base_model_fingerprint": "sha256:x",
+            "data_fingerprint": "sha256:d",
+            "mode": "dp",
+            "steps": 2,
+            "sample_rate": 0.1,
+            "noise_multiplier": 1.0,
+            "max_grad_norm": 1.0,
+            "delta": 1e-5,
+            "epsilon_round": 1.0,
+            "epsilon_after": 1.0,
+            "epsilon_cap": 8.0,
+            "accountant": "rdp",
+            "accountant_version": "opacus-1.6.0",
+        },
+        previous=None,
+        key=key,
+    )
+    return entry, sign_checkpoint(node=name, head=entry, key=key)
+
+
+def reply(
+    node_id: int, arrays: dict, examples: int, name: str | None = None, key: NodeKey | None = None
+) -> Message:
+    name = name or f"node-{node_id}"
     content = train_reply_content(
         arrays=arrays,
         metrics={"num-examples": examples, "train-loss": 1.0},
-        identity=ConfigRecord({"name": name or f"node-{node_id}"}),
+        identity=ConfigRecord({"name": name}),
         privacy={"mode": "dp", "epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.1, "steps": 2},
+        ledger=signed_round(name, key or KEYS.get(name) or NodeKey.generate()),
     )
     return Message(content=content, metadata=reply_metadata(node_id))
 
@@ -76,7 +114,12 @@ def setting(tmp_path, tiny_model):
         checkpointer=AdapterCheckpointer(model, tmp_path / "adapters"),
         progress=lambda line: None,
     )
-    strategy = ValidatingFedAvg(observer=recorder, min_train_nodes=1, min_available_nodes=1)
+    check = LedgerCheck(
+        engine=engine, run_id="r1", enrolled={n: k.public_key for n, k in KEYS.items()}
+    )
+    strategy = ValidatingFedAvg(
+        observer=recorder, ledger_check=check, min_train_nodes=1, min_available_nodes=1
+    )
     strategy.global_arrays = arrays_to_record(global_arrays)
     return strategy, engine, global_arrays
 
@@ -167,3 +210,41 @@ def test_a_round_with_no_usable_update_keeps_the_global_adapter(setting):
     with transaction(engine) as session:
         assert session.scalars(select(AdapterCheckpoint)).all() == []
         assert session.scalars(select(Round)).one().updates_accepted == 0
+
+
+def test_a_ledger_entry_not_signed_by_the_enrolled_key_is_refused(setting):
+    strategy, engine, global_arrays = setting
+    update = shifted(global_arrays, 0.5)
+
+    aggregate, _ = strategy.aggregate_train(
+        1,
+        [
+            reply(1, update, 10, "hospital"),
+            reply(2, update, 10, "node-2", key=NodeKey.generate()),
+            reply(3, update, 10, "stranger"),
+        ],
+    )
+    strategy.aggregate_evaluate(1, [])
+
+    assert aggregate is not None
+    with transaction(engine) as session:
+        reasons = {r.node_name: r.reason for r in session.scalars(select(RejectedUpdate))}
+        stored = [row.node for row in session.scalars(select(LedgerEntryRow))]
+    assert "signature does not match" in reasons["node-2"]
+    assert "not enrolled" in reasons["stranger"]
+    assert stored == ["hospital"]
+
+
+def test_a_verified_ledger_entry_is_stored_even_when_its_update_is_rejected(setting):
+    strategy, engine, global_arrays = setting
+    name = next(iter(global_arrays))
+    with_nan = {**global_arrays, name: np.full_like(global_arrays[name], np.nan)}
+
+    strategy.aggregate_train(1, [reply(4, with_nan, 10, "nan")])
+    strategy.aggregate_evaluate(1, [])
+
+    with transaction(engine) as session:
+        row = session.scalars(select(LedgerEntryRow)).one()
+        rejected = session.scalars(select(RejectedUpdate)).one()
+    assert (row.node, row.seq, row.epsilon_after) == ("nan", 1, 1.0)
+    assert "non-finite" in rejected.reason

@@ -20,7 +20,7 @@ from peft import PeftModel
 from fedtune.client_node.data import ChatDataset, load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
-from fedtune.client_node.privacy_state import PrivacyState
+from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.accounting import BudgetExhaustedError
 from fedtune.platform.base_model import BaseModel, load_base_model
 from fedtune.platform.config import LoraSettings, NodeConfig, load_node_config
@@ -61,7 +61,7 @@ class NodeRuntime:
     train_data: ChatDataset
     held_out: ChatDataset
     data_fingerprint: str
-    state: PrivacyState
+    ledger: NodeLedger
 
     @property
     def pad_token_id(self) -> int:
@@ -115,11 +115,7 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
         train_data=train_data,
         held_out=held_out,
         data_fingerprint=data_fingerprint,
-        state=PrivacyState(
-            config.node.state_dir,
-            base_model=loaded.base.fingerprint,
-            data_set=data_fingerprint,
-        ),
+        ledger=NodeLedger(config.node.state_dir, node=config.node.name),
     )
     _RUNTIMES[config.node.name] = runtime
     return runtime
@@ -175,12 +171,15 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
         local = train_local_round(
             model,
             runtime.train_data,
-            state=runtime.state,
+            ledger=runtime.ledger,
+            data_fingerprint=runtime.data_fingerprint,
+            base_model_fingerprint=runtime.loaded.base.fingerprint,
             training=training,
             privacy=privacy,
             pad_token_id=runtime.pad_token_id,
             device=runtime.loaded.base.device,
             run_id=instructions.run_id,
+            server_round=int(server_round) if isinstance(server_round, int) else None,
             progress=False,
         )
     except BudgetExhaustedError as exc:
@@ -201,6 +200,7 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
         metrics=metrics,
         identity=runtime.identity(),
         privacy=local.privacy,
+        ledger=(local.entry, local.checkpoint),
     )
     return Message(content, reply_to=message)
 

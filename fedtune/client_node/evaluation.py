@@ -47,7 +47,9 @@ def evaluate(
         model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
     return HeldOutMetrics(
-        loss=loss, perplexity=math.exp(min(loss, 50.0)), examples=len(dataset),
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        examples=len(dataset),
         tokens=total_tokens,
         seconds=time.perf_counter() - started,
     )

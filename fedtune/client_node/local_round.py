@@ -1,22 +1,23 @@
 """One round of local training with its privacy bookkeeping: the piece that `fedtune node
 train` and the federated ClientApp share.
 
-Plans the noise from what this data set already spent, trains, and records the round in the
-node's privacy state *before* the caller releases anything trained on the data.
+Plans the noise from what this data set already spent, asks the budget guard, trains, and
+appends the round to the node's signed epsilon ledger *before* the caller releases anything
+trained on the data.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import torch
 from peft import PeftModel
 
+from fedtune.client_node.budget_guard import check_round
 from fedtune.client_node.data import ChatDataset
-from fedtune.client_node.privacy_state import PrivacyState, RoundRecord
+from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.client_node.trainer import (
     GRAD_SAMPLE_MODE,
     NOISE_RNG,
@@ -29,10 +30,12 @@ from fedtune.platform.accounting import (
     BudgetExhaustedError,
     HistoryEntry,
     accountant_label,
+    accountant_version,
     calibrate_noise_multiplier,
     epsilon_of,
 )
 from fedtune.platform.config import PrivacySettings, TrainingSettings
+from fedtune.platform.ledger import Checkpoint, LedgerEntry
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 
@@ -83,33 +86,43 @@ def plan_noise_multiplier(
 class LocalRound:
     result: RoundResult
     privacy: dict[str, Any]  # the privacy report: epsilon, delta, sigma, ... or NON-PRIVATE
-    record: RoundRecord  # what was appended to the node's privacy state
+    entry: LedgerEntry  # what was appended to the node's ledger
+    checkpoint: Checkpoint  # the node's signature over its ledger's new head
 
 
 def train_local_round(
     model: PeftModel,
     train_data: ChatDataset,
     *,
-    state: PrivacyState,
+    ledger: NodeLedger,
+    data_fingerprint: str,
+    base_model_fingerprint: str,
     training: TrainingSettings,
     privacy: PrivacySettings,
     pad_token_id: int,
     device: torch.device,
     run_id: str | None = None,
+    server_round: int | None = None,
     progress: bool = True,
 ) -> LocalRound:
     """Train the adapter of ``model`` for one round and record the round on the data set.
 
     Raises :class:`BudgetExhaustedError` before any training when the round would pass the
-    data set's target epsilon.
+    data set's target epsilon or its cap.
     """
-    history = state.dp_history()
-    rounds_so_far = len(state.rounds())
+    history = ledger.dp_history(data_fingerprint)
     sample_rate = sample_rate_for(len(train_data), training.batch_size)
     dp = None
     if privacy.mode == "dp":
         sigma = plan_noise_multiplier(
             privacy, history=history, sample_rate=sample_rate, steps=training.steps
+        )
+        check_round(
+            history,
+            (sigma, sample_rate, training.steps),
+            cap=privacy.cap,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
         )
         dp = DPSettings(
             noise_multiplier=sigma,
@@ -155,6 +168,7 @@ def train_local_round(
             "grad_sample_mode": GRAD_SAMPLE_MODE,
             "noise_rng": NOISE_RNG if training.seed is None else f"seeded ({training.seed})",
             "target_epsilon": privacy.target_epsilon,
+            "epsilon_cap": privacy.cap,
             "planned_rounds": privacy.planned_rounds,
             "private_rounds_on_data_set": len(history) + 1,
         }
@@ -166,19 +180,24 @@ def train_local_round(
             "sample_rate": result.sample_rate,
             "steps": result.steps,
         }
-    record = RoundRecord(
-        mode=privacy.mode,
-        run=run_id or f"local-{uuid.uuid4().hex[:12]}",
-        round=rounds_so_far + 1,
-        steps=result.steps,
-        sample_rate=result.sample_rate,
-        noise_multiplier=dp.noise_multiplier if dp else None,
-        max_grad_norm=privacy.max_grad_norm if dp else None,
-        delta=privacy.delta if dp else None,
-        accountant=accountant_label(privacy.accountant) if dp else None,
-        epsilon_round=epsilon_round,
-        epsilon_after=epsilon_after,
-        finished_at=datetime.now(UTC).isoformat(),
+    entry, checkpoint = ledger.append(
+        {
+            "run_id": run_id or f"local-{uuid.uuid4().hex[:12]}",
+            "round": server_round or 1,
+            "base_model_fingerprint": base_model_fingerprint,
+            "data_fingerprint": data_fingerprint,
+            "mode": privacy.mode,
+            "steps": result.steps,
+            "sample_rate": result.sample_rate,
+            "noise_multiplier": dp.noise_multiplier if dp else None,
+            "max_grad_norm": privacy.max_grad_norm if dp else None,
+            "delta": privacy.delta if dp else None,
+            "epsilon_round": epsilon_round,
+            "epsilon_after": epsilon_after,
+            "epsilon_cap": privacy.cap if dp else None,
+            "accountant": privacy.accountant if dp else None,
+            "accountant_version": accountant_version() if dp else None,
+        }
     )
-    state.append(record)
-    return LocalRound(result=result, privacy=report, record=record)
+    report["ledger_seq"] = entry.seq
+    return LocalRound(result=result, privacy=report, entry=entry, checkpoint=checkpoint)

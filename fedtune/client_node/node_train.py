@@ -1,8 +1,9 @@
 """`fedtune node train`: one round of DP-LoRA training on the node's data, end to end.
 
-Loads the base model and data, plans the noise, trains, records the round in the node's
-privacy state *before* releasing anything, then writes a PEFT adapter directory and a metrics
-JSON into a new, timestamped folder (earlier outputs are never overwritten).
+Loads the base model and data, plans the noise, asks the budget guard, trains, appends the
+round to the node's signed epsilon ledger *before* releasing anything, then writes a PEFT
+adapter directory and a metrics JSON into a new, timestamped folder (earlier outputs are never
+overwritten).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from fedtune.client_node.data import load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
-from fedtune.client_node.privacy_state import PrivacyState
+from fedtune.client_node.node_ledger import NodeLedger, ledger_url
 from fedtune.platform.base_model import load_base_model
 from fedtune.platform.config import ConfigError, NodeConfig
 from fedtune.platform.fingerprint import file_fingerprint
@@ -43,29 +44,29 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         limit=config.data.max_eval_examples,
     )
     data_fingerprint = file_fingerprint(config.data.train)
-    state = PrivacyState(
-        config.node.state_dir, base_model=base.fingerprint, data_set=data_fingerprint
-    )
+    ledger = NodeLedger(config.node.state_dir, node=config.node.name)
     before = evaluate(base.model, held_out, pad_token_id=pad_id, device=base.device)
     model = attach_lora(base.model, config.lora)
     local = train_local_round(
         model,
         train_data,
-        state=state,
+        ledger=ledger,
+        data_fingerprint=data_fingerprint,
+        base_model_fingerprint=base.fingerprint,
         training=config.training,
         privacy=config.privacy,
         pad_token_id=pad_id,
         device=base.device,
         progress=progress,
     )
-    result, record = local.result, local.record
-    finished = datetime.fromisoformat(record.finished_at)
+    result, entry = local.result, local.entry
+    finished = datetime.fromisoformat(entry.recorded_at.replace("Z", "+00:00"))
     after = evaluate(model, held_out, pad_token_id=pad_id, device=base.device)
     out_dir = _new_output_dir(output.dir, finished, config.privacy.mode)
     model.save_pretrained(str(out_dir / "adapter"))
     metrics = {
         "node": config.node.name,
-        "run": record.run,
+        "run": entry.run_id,
         "finished_at": finished.isoformat(),
         "device": str(base.device),
         "base_model": {"spec": config.model.spec, "fingerprint": base.fingerprint},
@@ -84,7 +85,11 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         "held_out": {"before": _held_out(before), "after": _held_out(after)},
         "privacy": local.privacy,
         "adapter_dir": str(out_dir / "adapter"),
-        "privacy_state": str(state.path),
+        "ledger": {
+            "database": ledger_url(config.node.state_dir),
+            "seq": entry.seq,
+            "hash": entry.hash,
+        },
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics

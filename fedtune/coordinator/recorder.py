@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
 from fedtune.coordinator.strategy import ReplyOutcome
+from fedtune.platform.ledger_store import checkpoint_row, entry_row
 from fedtune.platform.messages import METRICS, NODE, NUM_EXAMPLES, PRIVACY, record_to_arrays
 from fedtune.platform.storage import (
     AdapterCheckpoint,
@@ -90,6 +91,12 @@ class RunRecorder:
     ) -> None:
         pending = _PendingRound(started=self._round_started, sampled=len(outcomes))
         pending.rows += self._rejections(server_round, "train", outcomes)
+        for outcome in outcomes:
+            if outcome.ledger is not None:  # stored even when the update was rejected
+                pending.rows += [
+                    entry_row(outcome.ledger.entry),
+                    checkpoint_row(outcome.ledger.checkpoint),
+                ]
         for outcome in outcomes:
             content = outcome.content
             if content is None:

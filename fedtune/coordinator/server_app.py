@@ -8,7 +8,7 @@ configured rounds: train on the sampled nodes, aggregate, checkpoint, evaluate o
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 import torch
@@ -17,12 +17,15 @@ from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
+from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.platform.base_model import load_base_model
 from fedtune.platform.config import RunConfig
+from fedtune.platform.ledger_store import add_public_key
 from fedtune.platform.lora import adapter_arrays, attach_lora
 from fedtune.platform.messages import TrainInstructions, arrays_to_record
+from fedtune.platform.signing import load_public_key, public_key_text
 from fedtune.platform.storage import Run, open_database, transaction
 
 
@@ -32,11 +35,20 @@ def run_federation(
     *,
     run_id: str,
     flower_run_id: str | None = None,
+    enrolled: Mapping[str, str] | None = None,
     progress: Callable[[str], None] = print,
 ) -> None:
     """Run ``config``'s rounds over the nodes reachable through ``grid``; results go to the
-    database at ``config.database_url`` and checkpoints under ``OUTPUT_DIR/adapters``."""
+    database at ``config.database_url`` and checkpoints under ``OUTPUT_DIR/adapters``.
+
+    ``enrolled`` maps node names to their Ed25519 public keys (base64 or key files); default:
+    each ``[[nodes]]`` entry's ``public_key``. A node without one cannot contribute.
+    """
     engine = open_database(config.database_url)
+    keys = {
+        name: load_public_key(value)
+        for name, value in (enrolled or _configured_keys(config)).items()
+    }
     adapters = config.output.dir / "adapters"
     if adapters.exists() and any(adapters.iterdir()):
         raise FileExistsError(f"{adapters} already holds checkpoints; use a new output.dir")
@@ -50,6 +62,9 @@ def run_federation(
     _register_run(
         engine, config, run_id=run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint
     )
+    with transaction(engine) as session:
+        for name, key in keys.items():
+            add_public_key(session, name, public_key_text(key))
     progress(f"run {run_id}: {config.run.rounds} rounds, base model {base.fingerprint[:23]}...")
     recorder = RunRecorder(
         engine,
@@ -61,6 +76,7 @@ def run_federation(
     min_nodes = config.run.min_nodes or len(config.nodes)
     strategy = ValidatingFedAvg(
         observer=recorder,
+        ledger_check=LedgerCheck(engine=engine, run_id=run_id, enrolled=keys),
         fraction_train=config.run.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=min(min_nodes, max(1, int(config.run.fraction_train * min_nodes))),
@@ -92,6 +108,10 @@ def run_federation(
     _finish_run(engine, run_id, status="finished")
 
 
+def _configured_keys(config: RunConfig) -> dict[str, str]:
+    return {node.name: node.public_key for node in config.nodes if node.public_key is not None}
+
+
 def _register_run(
     engine: Engine, config: RunConfig, *, run_id: str, flower_run_id: str | None, fingerprint: str
 ) -> None:
@@ -120,14 +140,23 @@ def _finish_run(engine: Engine, run_id: str, *, status: str, error: str | None =
 
 
 def build_server_app(
-    config: RunConfig, *, run_id: str, progress: Callable[[str], None] = print
+    config: RunConfig,
+    *,
+    run_id: str,
+    enrolled: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] = print,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_federation(
-            grid, config, run_id=run_id, flower_run_id=str(context.run_id), progress=progress
+            grid,
+            config,
+            run_id=run_id,
+            flower_run_id=str(context.run_id),
+            enrolled=enrolled,
+            progress=progress,
         )
 
     return app

@@ -4,7 +4,10 @@ Aggregation itself is Flower's (``flwr.serverapp.strategy.FedAvg``: the mean of 
 arrays weighted by ``num-examples``, McMahan et al. 2017). This subclass sorts each round's
 replies first: a node's error (``failed``), a node's ``decline`` (e.g. its privacy budget), or
 an update with wrong keys, shapes, dtype or non-finite values (``rejected``) is left out with
-its reason, and the rest are aggregated. Every outcome goes to a :class:`RoundObserver`.
+its reason, and the rest are aggregated. With a :class:`~fedtune.coordinator.ledger_check.
+LedgerCheck`, a train reply must also carry a signed ledger entry that verifies; a verified
+entry is kept with the outcome even when the update itself is rejected (the node did spend
+that epsilon). Every outcome goes to a :class:`RoundObserver`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedtune.coordinator.ledger_check import LedgerCheck, SignedRound
 from fedtune.platform.messages import ARRAYS, DECLINE, METRICS, NODE, NUM_EXAMPLES
 
 OutcomeKind = Literal["accepted", "rejected", "declined", "failed"]
@@ -33,6 +37,7 @@ class ReplyOutcome:
     node_name: str | None
     reason: str | None = None
     message: Message | None = None  # set for accepted replies
+    ledger: SignedRound | None = None  # the reply's verified ledger entry, if any
 
     @property
     def content(self) -> RecordDict | None:
@@ -85,7 +90,13 @@ def _node_name(message: Message) -> str | None:
     return None
 
 
-def sort_train_replies(replies: Iterable[Message], expected: ArrayRecord) -> list[ReplyOutcome]:
+def sort_train_replies(
+    replies: Iterable[Message],
+    expected: ArrayRecord,
+    *,
+    server_round: int,
+    ledger_check: LedgerCheck | None = None,
+) -> list[ReplyOutcome]:
     outcomes = []
     for message in replies:
         node_id = str(message.metadata.src_node_id)
@@ -93,13 +104,19 @@ def sort_train_replies(replies: Iterable[Message], expected: ArrayRecord) -> lis
         if message.has_error():
             reason = f"node error {message.error.code}: {message.error.reason}"
             outcomes.append(ReplyOutcome("failed", node_id, name, reason))
-        elif DECLINE in message.content.config_records:
+            continue
+        if DECLINE in message.content.config_records:
             reason = str(message.content.config_records[DECLINE].get("reason", "no reason given"))
             outcomes.append(ReplyOutcome("declined", node_id, name, reason))
-        elif (problem := update_problem(message.content, expected)) is not None:
-            outcomes.append(ReplyOutcome("rejected", node_id, name, problem))
+            continue
+        signed, problem = None, None
+        if ledger_check is not None:
+            signed, problem = ledger_check(server_round, name, message.content)
+        problem = update_problem(message.content, expected) or problem
+        if problem is not None:
+            outcomes.append(ReplyOutcome("rejected", node_id, name, problem, ledger=signed))
         else:
-            outcomes.append(ReplyOutcome("accepted", node_id, name, message=message))
+            outcomes.append(ReplyOutcome("accepted", node_id, name, message=message, ledger=signed))
     return _same_metric_keys(outcomes)
 
 
@@ -116,7 +133,11 @@ def _same_metric_keys(outcomes: list[ReplyOutcome]) -> list[ReplyOutcome]:
     common, _ = Counter(keys.values()).most_common(1)[0]
     return [
         ReplyOutcome(
-            "rejected", o.flower_node_id, o.node_name, f"metric names {sorted(keys[id(o)])} differ"
+            "rejected",
+            o.flower_node_id,
+            o.node_name,
+            f"metric names {sorted(keys[id(o)])} differ",
+            ledger=o.ledger,
         )
         if o.content is not None and keys[id(o)] != common
         else o
@@ -141,9 +162,16 @@ def sort_evaluate_replies(replies: Iterable[Message]) -> list[ReplyOutcome]:
 class ValidatingFedAvg(FedAvg):
     """Flower's FedAvg, fed only the replies that pass :func:`update_problem`."""
 
-    def __init__(self, *, observer: RoundObserver, **fedavg_options: object) -> None:
+    def __init__(
+        self,
+        *,
+        observer: RoundObserver,
+        ledger_check: LedgerCheck | None = None,
+        **fedavg_options: object,
+    ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.observer = observer
+        self.ledger_check = ledger_check
         # The global arrays sent out this round: replies must match their keys and shapes.
         self.global_arrays: ArrayRecord | None = None
 
@@ -158,7 +186,12 @@ class ValidatingFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        outcomes = sort_train_replies(replies, self.global_arrays)
+        outcomes = sort_train_replies(
+            replies,
+            self.global_arrays,
+            server_round=server_round,
+            ledger_check=self.ledger_check,
+        )
         accepted = [o.message for o in outcomes if o.message is not None]
         arrays, metrics = None, None
         if accepted:

@@ -23,6 +23,11 @@ def accountant_label(name: AccountantName) -> str:
     return f"opacus-{name}-{opacus.__version__}"
 
 
+def accountant_version() -> str:
+    """The library that computed a ledger entry's epsilon, with its version."""
+    return f"opacus-{opacus.__version__}"
+
+
 def make_accountant(name: AccountantName, history: Sequence[HistoryEntry] = ()) -> IAccountant:
     accountant = create_accountant(mechanism=name)
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]

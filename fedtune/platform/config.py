@@ -112,6 +112,11 @@ class PrivacySettings(_Section):
 
     mode: Literal["dp", "non-private"] = "dp"
     target_epsilon: PositiveFloat = 8.0
+    epsilon_cap: PositiveFloat | None = Field(
+        default=None,
+        description="The most this node may ever spend on a data set, over all runs; the "
+        "budget guard declines a round that would pass it. Default: target_epsilon.",
+    )
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     max_grad_norm: PositiveFloat = 1.0
     planned_rounds: PositiveInt = 1
@@ -121,12 +126,18 @@ class PrivacySettings(_Section):
         description="Use this noise multiplier instead of calibrating one to the target.",
     )
 
+    @property
+    def cap(self) -> float:
+        """The data set's epsilon cap in force (``epsilon_cap``, else ``target_epsilon``)."""
+        return self.epsilon_cap if self.epsilon_cap is not None else self.target_epsilon
+
 
 class NodeSettings(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     state_dir: Path = Field(
         default=Path("node-state"),
-        description="Where the node keeps what must survive restarts (privacy accountants).",
+        description="Where the node keeps what must survive restarts: its epsilon ledger "
+        "(ledger.db) and its signing key (node_key.pem).",
     )
 
 
@@ -189,7 +200,13 @@ class RunNode(_Section):
         "refuses a node whose base model differs (by fingerprint).",
     )
     target_epsilon: PositiveFloat | None = None
+    epsilon_cap: PositiveFloat | None = None
     delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    public_key: str | None = Field(
+        default=None,
+        description="The node's enrolled Ed25519 public key (base64, or a key file); a "
+        "simulated node without one is enrolled with the key in its state_dir.",
+    )
 
 
 class RunOutput(_Section):
@@ -245,6 +262,8 @@ class RunConfig(_Section):
         privacy_updates: dict[str, object] = {"planned_rounds": self.run.rounds}
         if node.target_epsilon is not None:
             privacy_updates["target_epsilon"] = node.target_epsilon
+        if node.epsilon_cap is not None:
+            privacy_updates["epsilon_cap"] = node.epsilon_cap
         if node.delta is not None:
             privacy_updates["delta"] = node.delta
         return NodeConfig(

@@ -4,11 +4,13 @@ The coordinator never imports the node and the node never imports the coordinato
 and read messages through this module. A train message carries the global adapter (``arrays``)
 and :class:`TrainInstructions` (``config``); a train reply carries the node's adapter, its
 ``metrics`` (``num-examples`` weighs it in FedAvg), who it is (``node``) and what the round cost
-(``privacy``), or a ``decline`` with the reason. Only metrics leave a node in evaluation.
+(``privacy``) with the signed ledger entry of the round and the signed head of the node's
+ledger (``ledger``), or a ``decline`` with the reason. Only metrics leave a node in evaluation.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.platform.config import LoraSettings
+from fedtune.platform.ledger import Checkpoint, LedgerEntry, LedgerFormatError
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -24,6 +27,7 @@ METRICS = "metrics"
 NODE = "node"
 PRIVACY = "privacy"
 DECLINE = "decline"
+LEDGER = "ledger"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 
@@ -116,15 +120,37 @@ def train_reply_content(
     metrics: Mapping[str, int | float],
     identity: ConfigRecord,
     privacy: Mapping[str, Any],
+    ledger: tuple[LedgerEntry, Checkpoint],
 ) -> RecordDict:
+    entry, checkpoint = ledger
     return RecordDict(
         {
             ARRAYS: arrays_to_record(arrays),
             METRICS: MetricRecord(dict(metrics)),
             NODE: identity,
             PRIVACY: privacy_record(privacy),
+            LEDGER: ConfigRecord(
+                {
+                    "entry": json.dumps(entry.to_dict()),
+                    "checkpoint": json.dumps(checkpoint.to_dict()),
+                }
+            ),
         }
     )
+
+
+def ledger_from_content(content: RecordDict) -> tuple[LedgerEntry, Checkpoint]:
+    """The signed ledger entry and checkpoint of a train reply; ``LedgerFormatError`` when
+    they are missing or malformed."""
+    if LEDGER not in content.config_records:
+        raise LedgerFormatError("the reply carries no signed ledger entry")
+    record = content.config_records[LEDGER]
+    try:
+        entry = LedgerEntry.from_dict(json.loads(str(record["entry"])))
+        checkpoint = Checkpoint.from_dict(json.loads(str(record["checkpoint"])))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise LedgerFormatError(f"the reply's ledger record is malformed ({exc})") from None
+    return entry, checkpoint
 
 
 def decline_content(*, identity: ConfigRecord, reason: str) -> RecordDict:

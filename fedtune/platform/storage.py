@@ -29,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from fedtune.platform.ledger_store import create_ledger_tables
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -150,6 +152,7 @@ def open_database(url: str, *, create: bool = True) -> Engine:
         event.listen(engine, "connect", _sqlite_foreign_keys)
     if create:
         Base.metadata.create_all(engine)
+        create_ledger_tables(engine)  # the coordinator keeps copies of the nodes' ledgers
     return engine
 
 

@@ -1,0 +1,113 @@
+"""`fedtune audit`: export a node's ledger from a database, verify it, and report on it.
+
+``export`` reads either a node's own ledger database (``STATE_DIR/ledger.db``) or the
+coordinator's (which holds the copies that reached it); both have the same tables. ``verify``
+and ``report`` work offline on the exported file, against a public key the auditor trusts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedtune.platform.audit_report import render_report, write_report
+from fedtune.platform.independent_accounting import Recomputation, recompute_ledger
+from fedtune.platform.ledger_file import (
+    LedgerVerification,
+    read_ledger_file,
+    verify_ledger_file,
+    write_ledger_file,
+)
+from fedtune.platform.ledger_store import (
+    latest_checkpoint,
+    ledger_entries,
+    ledger_nodes,
+    node_public_keys,
+)
+from fedtune.platform.signing import load_public_key
+from fedtune.platform.storage import open_database, transaction
+
+
+class AuditError(ValueError):
+    """The export or report cannot be made as asked."""
+
+
+def database_url(value: str) -> str:
+    """``value`` as an SQLAlchemy URL: a URL as given, a plain path as a SQLite file."""
+    if "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise AuditError(f"{value}: no such database file")
+    return f"sqlite:///{path.resolve()}"
+
+
+def export_ledger(db: str, *, node: str, out: Path) -> int:
+    """Write ``node``'s ledger from database ``db`` to ``out``; returns the entry count."""
+    engine = open_database(database_url(db), create=False)
+    with transaction(engine) as session:
+        entries = ledger_entries(session, node)
+        checkpoint = latest_checkpoint(session, node)
+        keys = node_public_keys(session, node)
+        known = ledger_nodes(session)
+    if not entries:
+        raise AuditError(
+            f"no ledger entries for node {node!r} in {db}"
+            + (f" (nodes there: {', '.join(known)})" if known else "")
+        )
+    if checkpoint is None or not keys:
+        raise AuditError(f"{db} holds no signed ledger head or no public key for {node!r}")
+    write_ledger_file(out, node=node, public_key=keys[-1], entries=entries, checkpoint=checkpoint)
+    return len(entries)
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    verification: LedgerVerification
+    recomputations: list[Recomputation]
+    trusted_key_given: bool
+
+    @property
+    def disagreements(self) -> list[Recomputation]:
+        return [r for r in self.recomputations if not r.skipped and not r.agrees]
+
+    @property
+    def ok(self) -> bool:
+        return self.verification.ok and not self.disagreements
+
+
+def audit_ledger(ledger: Path, *, public_key: str | Path | None) -> AuditOutcome:
+    """Verify ``ledger`` (against ``public_key``; without one, against the key its header
+    names, which proves integrity but not authorship) and recompute every epsilon."""
+    parsed = read_ledger_file(ledger)
+    trusted: Ed25519PublicKey = load_public_key(
+        public_key if public_key is not None else str(parsed.header["public_key"])
+    )
+    verification = verify_ledger_file(ledger, public_key=trusted)
+    recomputations = recompute_ledger([entry.to_dict() for entry in parsed.entries])
+    return AuditOutcome(verification, recomputations, trusted_key_given=public_key is not None)
+
+
+def write_audit_report(outcome: AuditOutcome, ledger: Path, *, out: Path) -> Path:
+    parsed = read_ledger_file(ledger)
+    verification = outcome.verification
+    problem = str(verification.problem) if verification.problem is not None else None
+    notes = list(verification.notes)
+    if not outcome.trusted_key_given:
+        notes.append(
+            "verified against the public key named in the file itself, not one the auditor "
+            "obtained independently: this proves the ledger is intact, not who signed it"
+        )
+    html = render_report(
+        [entry.to_dict() for entry in parsed.entries],
+        verification={
+            "ok": verification.ok,
+            "problem": problem,
+            "summary": {**verification.summary, "notes": notes},
+            "public_key": parsed.header.get("public_key"),
+        },
+        recomputations=outcome.recomputations,
+    )
+    return write_report(out, html)

@@ -1,0 +1,152 @@
+"""The epsilon ledger in a federated run: a node that reaches its cap declines from then on,
+the run goes on with the others, the node's ledger and the coordinator's copy agree, and the
+exported ledger verifies and its epsilons agree with an independent accountant."""
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from fedtune.cli import main
+from fedtune.client_node.demo_data import write_demo_data
+from fedtune.client_node.node_ledger import NodeLedger, ledger_url
+from fedtune.platform.config import load_run_config
+from fedtune.platform.ledger_store import ledger_entries
+from fedtune.platform.storage import RejectedUpdate, Round, open_database, transaction
+from fedtune.simulation import simulate
+
+RUN = """
+[run]
+name = "capped"
+rounds = 3
+
+[model]
+spec = "{model}"
+
+[data]
+max_length = 160
+
+[training]
+steps = 2
+batch_size = 16
+physical_batch_size = 8
+seed = 0
+
+[privacy]
+target_epsilon = 8.0
+
+[[nodes]]
+name = "hospital"
+train = "data/hospital/train.jsonl"
+eval = "data/hospital/held_out.jsonl"
+
+[[nodes]]
+name = "bank"
+train = "data/bank/train.jsonl"
+eval = "data/bank/held_out.jsonl"
+target_epsilon = 4.0
+epsilon_cap = 3.0
+
+[output]
+dir = "out"
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    workdir = tmp_path_factory.mktemp("capped")
+    write_demo_data(workdir / "data", domain="hospital", train=48, held_out=8)
+    write_demo_data(workdir / "data", domain="bank", train=48, held_out=8)
+    (workdir / "run.toml").write_text(RUN.format(model=tiny_model_dir))
+    config = load_run_config(workdir / "run.toml")
+    run_id = simulate(config, progress=lambda line: None)
+    return workdir, config, run_id, open_database(config.database_url)
+
+
+def test_a_node_at_its_cap_declines_from_then_on_and_the_run_goes_on(run):
+    _, _, run_id, engine = run
+    with transaction(engine) as session:
+        rounds = session.scalars(select(Round).where(Round.run_id == run_id)).all()
+        declines = session.scalars(
+            select(RejectedUpdate).where(RejectedUpdate.node_name == "bank")
+        ).all()
+        copies = ledger_entries(session, "bank")
+
+    assert [r.number for r in rounds] == [1, 2, 3]
+    assert all(r.updates_accepted >= 1 for r in rounds)  # the hospital trained every round
+    declined_rounds = sorted(d.round for d in declines if d.kind == "declined")
+    assert declined_rounds and declined_rounds == list(range(declined_rounds[0], 4))
+    assert all("past its cap 3" in d.reason for d in declines if d.kind == "declined")
+    assert len(copies) == declined_rounds[0] - 1 >= 1
+    assert all(e.epsilon_after <= 3.0 for e in copies)
+
+
+def test_node_ledgers_and_the_coordinators_copies_agree(run):
+    _, config, _, engine = run
+    for name in ("hospital", "bank"):
+        state_dir = config.node_config(name).node.state_dir
+        own = NodeLedger(state_dir, node=name).entries()
+        with transaction(engine) as session:
+            copies = ledger_entries(session, name)
+        assert own and [e.to_dict() for e in own] == [e.to_dict() for e in copies], name
+
+
+def test_exported_ledger_verifies_and_recomputes_independently(run, tmp_path, capsys):
+    _, config, _, _ = run
+    state_dir = config.node_config("hospital").node.state_dir
+    ledger = tmp_path / "hospital.jsonl"
+    report = tmp_path / "hospital.html"
+
+    exported = main(
+        [
+            "audit",
+            "export",
+            "--db",
+            ledger_url(state_dir),
+            "--node",
+            "hospital",
+            "--out",
+            str(ledger),
+        ]
+    )
+    header = json.loads(ledger.read_text().splitlines()[0])
+    verified = main(["audit", "verify", str(ledger), "--public-key", header["public_key"]])
+    reported = main(
+        ["audit", "report", str(ledger), "--out", str(report), "--public-key", header["public_key"]]
+    )
+
+    out = capsys.readouterr().out
+    assert (exported, verified, reported) == (0, 0, 0)
+    assert "VERIFIED" in out and "3 of 3 private entries agree" in out
+    assert "Ledger verified" in report.read_text()
+
+
+def test_a_ledger_edited_in_the_database_file_fails_verification(run, tmp_path, capsys):
+    workdir, _, _, _ = run
+    ledger = tmp_path / "bank.jsonl"
+    assert (
+        main(
+            [
+                "audit",
+                "export",
+                "--db",
+                str(workdir / "out" / "fedtune.db"),
+                "--node",
+                "bank",
+                "--out",
+                str(ledger),
+            ]
+        )
+        == 0
+    )
+    lines = ledger.read_text().splitlines()
+    key = json.loads(lines[0])["public_key"]
+    entry = json.loads(lines[1])
+    entry["epsilon_after"] = entry["epsilon_after"] / 2
+    lines[1] = json.dumps(entry)
+    ledger.write_text("\n".join(lines) + "\n")
+
+    code = main(["audit", "verify", str(ledger), "--public-key", key])
+
+    assert code == 1
+    assert "entry seq 1" in capsys.readouterr().out
