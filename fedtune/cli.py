@@ -20,6 +20,9 @@ from fedtune.platform.config import ConfigError, load_node_config, load_run_conf
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can act on: printed as one clear line, exit code 2, no traceback."""
     from fedtune.client_node.data import DataError
+    from fedtune.coordinator.abtest import UnknownAbTestError
+    from fedtune.coordinator.versions import UnknownVersionError
+    from fedtune.dashboard.database import DashboardError
     from fedtune.platform.accounting import BudgetExhaustedError
     from fedtune.platform.audit import AuditError
     from fedtune.platform.ledger import LedgerFormatError
@@ -31,11 +34,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         DataError,
         ModelSpecError,
-        AuditError,
+        AdapterMismatchError,
         BudgetExhaustedError,
         LedgerConflictError,
         LedgerFormatError,
-        AdapterMismatchError,
+        AuditError,
+        UnknownVersionError,
+        UnknownAbTestError,
+        DashboardError,
         FileExistsError,
     )
 
@@ -88,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("spec", nargs="?", default="smollm2-135m")
     fetch.add_argument("--cache-dir", type=Path, default=None)
     fetch.set_defaults(handler=_model_fetch)
+    listing = model.add_parser("list", help="model versions: base and every global adapter")
+    listing.add_argument("--db", required=True, help="coordinator database URL or SQLite file")
+    listing.set_defaults(handler=_model_list)
+    promote = model.add_parser("promote", help="put a model version in production")
+    promote.add_argument("version", help="base, latest, RUN_ID/ROUND or a SHA-256 prefix")
+    promote.add_argument("--db", required=True, help="coordinator database URL or SQLite file")
+    promote.add_argument("--by", required=True, help="who promotes it (recorded)")
+    promote.add_argument("--note", default=None)
+    promote.set_defaults(handler=_model_promote)
 
     demo = commands.add_parser(
         "demo",
@@ -106,6 +121,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--config", required=True, type=Path, help="run TOML file")
     sim.set_defaults(handler=_simulate)
+
+    abtest = commands.add_parser(
+        "abtest", help="federated A/B tests between model versions"
+    ).add_subparsers(title="abtest commands")
+    start = abtest.add_parser(
+        "start", help="score two versions on every node's held-out data; paired tests"
+    )
+    start.add_argument("--config", required=True, type=Path, help="the run TOML (nodes, db)")
+    start.add_argument("--a", required=True, help="version A (e.g. base)")
+    start.add_argument("--b", required=True, help="version B (e.g. latest)")
+    start.add_argument(
+        "--metric",
+        action="append",
+        choices=["loss", "rouge-l", "exact-match"],
+        help="repeat for several (default: loss and rouge-l)",
+    )
+    start.add_argument("--nodes", nargs="+", default=None, help="only these nodes' scores")
+    start.add_argument("--alpha", type=float, default=0.05)
+    start.add_argument("--max-examples", type=int, default=32, help="per node (default 32)")
+    start.add_argument("--max-new-tokens", type=int, default=48, help="for ROUGE-L generation")
+    start.set_defaults(handler=_abtest_start)
+    show = abtest.add_parser("show", help="print a stored A/B test")
+    show.add_argument("test_id")
+    show.add_argument("--db", required=True, help="coordinator database URL or SQLite file")
+    show.set_defaults(handler=_abtest_show)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="the coordinator's dashboard (Streamlit, read-only on the database)"
+    )
+    dashboard.add_argument("--db", required=True, help="database URL or SQLite file")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.set_defaults(handler=_dashboard)
 
     audit = commands.add_parser(
         "audit", help="export, verify and report on a node's epsilon ledger"
@@ -201,6 +249,83 @@ def _simulate(args: argparse.Namespace) -> int:
     run_id = simulate(config)
     print(format_summary(run_summary(open_database(config.database_url), run_id)))
     return 0
+
+
+def _model_list(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.versions import list_versions, production_version
+    from fedtune.platform.audit import database_url
+    from fedtune.platform.storage import open_database
+
+    engine = open_database(database_url(args.db), create=False)
+    in_production = production_version(engine)
+    print(f"{'version':<36} {'created (UTC)':<20} sha256")
+    for version in list_versions(engine):
+        created = version.created_at.strftime("%Y-%m-%d %H:%M:%S") if version.created_at else ""
+        mark = "  <- in production" if version.id == in_production else ""
+        print(f"{version.id:<36} {created:<20} {(version.sha256 or '')[:16]}{mark}")
+    return 0
+
+
+def _model_promote(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.versions import promote, resolve_version
+    from fedtune.platform.audit import database_url
+    from fedtune.platform.storage import open_database
+
+    engine = open_database(database_url(args.db), create=False)
+    version = resolve_version(engine, args.version)
+    promote(engine, version, by=args.by, note=args.note)
+    print(f"{version.id} is in production (promoted by {args.by})")
+    return 0
+
+
+def _abtest_start(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.abtest import DEFAULT_METRICS, AbTestPlan, abtest_report, format_abtest
+    from fedtune.coordinator.versions import resolve_version
+    from fedtune.platform.fingerprint import model_dir_fingerprint
+    from fedtune.platform.model_store import resolve_model_dir
+    from fedtune.platform.storage import open_database
+    from fedtune.simulation import simulate_abtest
+
+    config = load_run_config(args.config)
+    engine = open_database(config.database_url)
+    a, b = resolve_version(engine, args.a), resolve_version(engine, args.b)
+    fingerprint = a.base_model_fingerprint or b.base_model_fingerprint
+    if fingerprint is None:
+        fingerprint = model_dir_fingerprint(
+            resolve_model_dir(config.model.spec, cache_dir=config.model.cache_dir)
+        )
+    try:
+        plan = AbTestPlan(
+            version_a=a,
+            version_b=b,
+            base_model_fingerprint=fingerprint,
+            metrics=tuple(dict.fromkeys(args.metric or DEFAULT_METRICS)),
+            alpha=args.alpha,
+            max_examples=args.max_examples,
+            max_new_tokens=args.max_new_tokens,
+            nodes=tuple(args.nodes) if args.nodes else None,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"abtest start: {exc}") from None
+    test_id = simulate_abtest(config, plan)
+    print(format_abtest(abtest_report(engine, test_id)))
+    return 0
+
+
+def _abtest_show(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.abtest import abtest_report, format_abtest
+    from fedtune.platform.audit import database_url
+    from fedtune.platform.storage import open_database
+
+    engine = open_database(database_url(args.db), create=False)
+    print(format_abtest(abtest_report(engine, args.test_id)))
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from fedtune.dashboard.launch import run_dashboard
+
+    return run_dashboard(args.db, host=args.host, port=args.port)
 
 
 def _audit_export(args: argparse.Namespace) -> int:

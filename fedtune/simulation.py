@@ -20,14 +20,16 @@ from datetime import UTC, datetime
 
 import psutil
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
 from fedtune.client_node.node_ledger import node_key
+from fedtune.coordinator.abtest import AbTestPlan, run_abtest
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
-from fedtune.platform.storage import Run, open_database, transaction
+from fedtune.platform.storage import AbTest, Run, open_database, transaction
 
 
 class SimulatedNodes:
@@ -81,11 +83,16 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
 
 
-def simulate(
-    config: RunConfig, *, run_id: str | None = None, progress: Callable[[str], None] = print
-) -> str:
-    """Run ``config`` to the end; returns the run id under which the database holds it."""
-    run_id = run_id or new_run_id()
+class _KnownDeprecation(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated: fedtune knows (see
+    DEVELOPERS.md), and a user can do nothing about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _run_simulation(config: RunConfig, server_app: ServerApp) -> None:
+    """Run ``server_app`` against one simulated SuperNode per ``[[nodes]]`` entry."""
     cpus = os.cpu_count() or 1
     client_cpus = min(config.simulation.client_cpus or cpus, cpus)
     backend_config = {
@@ -95,25 +102,65 @@ def simulate(
         },
         "init_args": {"num_cpus": cpus, "include_dashboard": False},
     }
+    if not torch.cuda.is_available():
+        # Ray's future default; setting it silences its FutureWarning on every run.
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flower_logger = logging.getLogger("flwr")
     level = flower_logger.level
-    flower_logger.setLevel(logging.WARNING)  # fedtune prints its own progress per round
+    flower_logger.setLevel(logging.WARNING)  # fedtune prints its own progress
+    deprecation = _KnownDeprecation()
+    flower_logger.addFilter(deprecation)
     _adopt_orphans()
     try:
         run_simulation(
-            server_app=build_server_app(
-                config, run_id=run_id, enrolled=enroll_nodes(config), progress=progress
-            ),
+            server_app=server_app,
             client_app=build_client_app(SimulatedNodes(config)),
             num_supernodes=len(config.nodes),
             backend_config=backend_config,  # type: ignore[arg-type]
         )
     finally:
         flower_logger.setLevel(level)
+        flower_logger.removeFilter(deprecation)
         _stop_descendants()
+
+
+def simulate(
+    config: RunConfig, *, run_id: str | None = None, progress: Callable[[str], None] = print
+) -> str:
+    """Run ``config`` to the end; returns the run id under which the database holds it."""
+    run_id = run_id or new_run_id()
+    _run_simulation(
+        config,
+        build_server_app(config, run_id=run_id, enrolled=enroll_nodes(config), progress=progress),
+    )
     with transaction(open_database(config.database_url)) as session:
         run = session.get(Run, run_id)
         if run is None or run.status != "finished":
             detail = run.error if run is not None else "the run never started"
             raise SimulationError(f"run {run_id} did not finish: {detail}")
     return run_id
+
+
+def simulate_abtest(
+    config: RunConfig,
+    plan: AbTestPlan,
+    *,
+    progress: Callable[[str], None] = print,
+    on_reply: Callable[[Message], None] | None = None,
+) -> str:
+    """An A/B test on the simulated nodes of ``config``; returns the stored test's id."""
+    engine = open_database(config.database_url)
+    test_id = new_run_id().replace("Z-", "Z-ab-")
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_abtest(grid, engine, plan, test_id=test_id, progress=progress, on_reply=on_reply)
+
+    _run_simulation(config, app)
+    with transaction(engine) as session:
+        test = session.get(AbTest, test_id)
+        if test is None or test.status != "finished":
+            detail = test.error if test is not None else "the test never started"
+            raise SimulationError(f"A/B test {test_id} did not finish: {detail}")
+    return test_id

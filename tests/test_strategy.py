@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, Metadata
+from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from sqlalchemy import select
 
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
@@ -21,6 +21,8 @@ from fedtune.platform.messages import arrays_to_record, decline_content, train_r
 from fedtune.platform.signing import NodeKey
 from fedtune.platform.storage import (
     AdapterCheckpoint,
+    HealthAlert,
+    HealthSignal,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -248,3 +250,77 @@ def test_a_verified_ledger_entry_is_stored_even_when_its_update_is_rejected(sett
         rejected = session.scalars(select(RejectedUpdate)).one()
     assert (row.node, row.seq, row.epsilon_after) == ("nan", 1, 1.0)
     assert "non-finite" in rejected.reason
+
+
+def evaluate_reply(node_id: int, loss: float) -> Message:
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": 8, "held-out-loss": loss}),
+            "node": ConfigRecord({"name": f"node-{node_id}"}),
+        }
+    )
+    return Message(content=content, metadata=reply_metadata(node_id))
+
+
+def alerts(engine) -> dict:
+    with transaction(engine) as session:
+        return {(a.kind, a.node_name): a.message for a in session.scalars(select(HealthAlert))}
+
+
+def test_an_update_a_hundred_times_larger_raises_an_outlier_alert(setting):
+    strategy, engine, global_arrays = setting
+    rng = np.random.default_rng(1)
+    steps = [
+        {
+            k: rng.normal(scale=0.01, size=v.shape).astype(np.float32)
+            for k, v in global_arrays.items()
+        }
+        for _ in range(3)
+    ]
+    steps[2] = {k: v * 100 for k, v in steps[2].items()}
+    updates = [{k: global_arrays[k] + step[k] for k in global_arrays} for step in steps]
+
+    strategy.aggregate_train(1, [reply(i + 1, u, 10) for i, u in enumerate(updates)])
+    strategy.aggregate_evaluate(1, [])
+
+    with transaction(engine) as session:
+        ratios = {
+            s.node_name: s.value
+            for s in session.scalars(
+                select(HealthSignal).where(HealthSignal.signal == "update-norm-ratio")
+            )
+        }
+    assert ratios["node-3"] > 50 and ratios["node-1"] < 2
+    assert set(alerts(engine)) == {("outlier-update", "node-3")}
+
+
+def test_a_nan_update_raises_a_non_finite_alert(setting):
+    strategy, engine, global_arrays = setting
+    name = next(iter(global_arrays))
+    with_nan = {**global_arrays, name: np.full_like(global_arrays[name], np.nan)}
+
+    strategy.aggregate_train(
+        1, [reply(1, shifted(global_arrays, 0.1), 10), reply(4, with_nan, 10, "nan")]
+    )
+    strategy.aggregate_evaluate(1, [])
+
+    assert "non-finite" in alerts(engine)[("non-finite", "nan")]
+
+
+def test_a_global_loss_rising_two_rounds_in_a_row_raises_an_alert(setting):
+    strategy, engine, global_arrays = setting
+
+    for server_round, loss in enumerate([2.0, 2.1, 2.2], start=1):
+        strategy.aggregate_train(server_round, [reply(1, shifted(global_arrays, 0.1), 10)])
+        strategy.aggregate_evaluate(server_round, [evaluate_reply(1, loss)])
+
+    with transaction(engine) as session:
+        raised = session.scalars(select(HealthAlert).where(HealthAlert.kind == "loss-rising")).all()
+        curve = session.scalars(
+            select(HealthSignal)
+            .where(HealthSignal.signal == "held-out-loss", HealthSignal.node_name.is_(None))
+            .order_by(HealthSignal.round)
+        ).all()
+    assert [a.round for a in raised] == [3]
+    assert "2.000 -> 2.100 -> 2.200" in raised[0].message
+    assert [s.value for s in curve] == pytest.approx([2.0, 2.1, 2.2])

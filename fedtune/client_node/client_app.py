@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from fedtune.client_node.abtest_eval import score_versions, scores_content
 from fedtune.client_node.data import ChatDataset, load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
@@ -27,12 +28,14 @@ from fedtune.platform.config import LoraSettings, NodeConfig, load_node_config
 from fedtune.platform.fingerprint import file_fingerprint
 from fedtune.platform.lora import adapter_arrays, attach_lora, load_adapter_arrays
 from fedtune.platform.messages import (
+    ABTEST,
     ARRAYS,
     CONFIG,
     METRICS,
     NODE,
     NUM_EXAMPLES,
     SERVER_ROUND,
+    AbTestInstructions,
     TrainInstructions,
     decline_content,
     node_identity,
@@ -225,6 +228,26 @@ def handle_evaluate(config: NodeConfig, message: Message) -> Message:
     return Message(RecordDict({METRICS: metrics, NODE: runtime.identity()}), reply_to=message)
 
 
+def handle_abtest(config: NodeConfig, message: Message) -> Message:
+    """Score A/B test versions on this node's held-out data; only scores leave."""
+    runtime = node_runtime(config)
+    instructions = AbTestInstructions.from_record(message.content.config_records[ABTEST])
+    _check_base_model(runtime, instructions.base_model_fingerprint)
+    arrays = {
+        side: record_to_arrays(message.content.array_records[f"{ARRAYS}-{side}"])
+        if f"{ARRAYS}-{side}" in message.content.array_records
+        else None
+        for side in ("a", "b")
+    }
+    scores = score_versions(runtime, instructions, arrays)
+    content = scores_content(
+        scores,
+        per_example=config.evaluation.share_per_example_scores,
+        identity=runtime.identity(),
+    )
+    return Message(content, reply_to=message)
+
+
 def build_client_app(node_config_for: Callable[[Context], NodeConfig]) -> ClientApp:
     """A ClientApp whose node configuration comes from ``node_config_for(context)``.
 
@@ -239,6 +262,10 @@ def build_client_app(node_config_for: Callable[[Context], NodeConfig]) -> Client
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:
         return handle_evaluate(node_config_for(context), message)
+
+    @app.evaluate("abtest")
+    def abtest(message: Message, context: Context) -> Message:
+        return handle_abtest(node_config_for(context), message)
 
     return app
 

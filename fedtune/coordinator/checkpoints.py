@@ -4,12 +4,14 @@ them), one folder per round, with the SHA-256 of the weights file."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from peft import PeftModel
 
+from fedtune.platform.config import LoraSettings
 from fedtune.platform.lora import load_adapter_arrays
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -40,3 +42,29 @@ class AdapterCheckpointer:
         load_adapter_arrays(self.model, arrays)
         self.model.save_pretrained(str(target))
         return target, sha256_of(target / WEIGHTS_FILE)
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint's weights no longer match the SHA-256 recorded when it was written."""
+
+
+def read_checkpoint(path: Path, *, sha256: str) -> tuple[dict[str, np.ndarray], LoraSettings]:
+    """A stored global adapter's arrays and LoRA shape, after checking its SHA-256."""
+    from safetensors.numpy import load_file
+
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: checkpoint weights are missing")
+    actual = sha256_of(weights)
+    if actual != sha256:
+        raise CheckpointIntegrityError(
+            f"{weights} has SHA-256 {actual}, but {sha256} was recorded: it changed on disk"
+        )
+    config = json.loads((path / "adapter_config.json").read_text())
+    lora = LoraSettings(
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        target_modules=sorted(config["target_modules"]),
+    )
+    return dict(load_file(str(weights))), lora

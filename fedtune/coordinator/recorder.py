@@ -14,12 +14,29 @@ from flwr.app import ArrayRecord, MetricRecord
 from sqlalchemy.engine import Engine
 
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
+from fedtune.coordinator.health import (
+    Alert,
+    Signal,
+    budget_alerts,
+    loss_alerts,
+    rejection_alerts,
+    update_signals,
+)
 from fedtune.coordinator.strategy import ReplyOutcome
 from fedtune.platform.ledger_store import checkpoint_row, entry_row
-from fedtune.platform.messages import METRICS, NODE, NUM_EXAMPLES, PRIVACY, record_to_arrays
+from fedtune.platform.messages import (
+    ARRAYS,
+    METRICS,
+    NODE,
+    NUM_EXAMPLES,
+    PRIVACY,
+    record_to_arrays,
+)
 from fedtune.platform.storage import (
     AdapterCheckpoint,
     EpsilonReport,
+    HealthAlert,
+    HealthSignal,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -60,6 +77,7 @@ class RunRecorder:
         self.progress = progress
         self.node_names: dict[str, str] = {}  # Flower node id -> the name the node gave
         self._pending: _PendingRound | None = None
+        self._held_out: list[float | None] = []  # global held-out loss per round
         self._round_started = time.perf_counter()
 
     def _name(self, outcome: ReplyOutcome) -> str | None:
@@ -88,8 +106,10 @@ class RunRecorder:
         outcomes: list[ReplyOutcome],
         aggregate: ArrayRecord | None,
         metrics: MetricRecord | None,
+        sent: ArrayRecord,
     ) -> None:
         pending = _PendingRound(started=self._round_started, sampled=len(outcomes))
+        pending.rows += self._train_health(server_round, outcomes, aggregate, metrics, sent)
         pending.rows += self._rejections(server_round, "train", outcomes)
         for outcome in outcomes:
             if outcome.ledger is not None:  # stored even when the update was rejected
@@ -138,6 +158,70 @@ class RunRecorder:
             + "".join(f"\n  not aggregated: {line}" for line in declined)
         )
 
+    def _train_health(
+        self,
+        server_round: int,
+        outcomes: list[ReplyOutcome],
+        aggregate: ArrayRecord | None,
+        metrics: MetricRecord | None,
+        sent: ArrayRecord,
+    ) -> list[Any]:
+        accepted = {
+            self._name(o) or f"node-{o.flower_node_id}": o.content
+            for o in outcomes
+            if o.content is not None
+        }
+        signals, alerts = update_signals(
+            record_to_arrays(sent),
+            {name: record_to_arrays(c[ARRAYS]) for name, c in accepted.items()},  # type: ignore[arg-type]
+            record_to_arrays(aggregate) if aggregate is not None else None,
+        )
+        for name, content in accepted.items():
+            loss = content.metric_records[METRICS].get("train-loss")
+            signals.append(Signal("train-loss", name, _finite(loss)))
+        share = sum(o.kind == "accepted" for o in outcomes) / len(outcomes) if outcomes else None
+        signals.append(Signal("participation", None, share))
+        train_loss = _finite(metrics.get("train-loss")) if metrics is not None else None
+        signals.append(Signal("train-loss", None, train_loss))
+        alerts += rejection_alerts(
+            [(self._name(o), o.kind, o.reason or "") for o in outcomes if o.kind != "accepted"]
+        )
+        spent = {}
+        for o in outcomes:
+            privacy = o.ledger.entry if o.ledger is not None else None
+            if privacy is not None and privacy.mode == "dp":
+                spent[privacy.node] = (privacy.epsilon_after, privacy.epsilon_cap)
+        alerts += budget_alerts(spent)
+        return self._health_rows(server_round, signals, alerts)
+
+    def _health_rows(
+        self, server_round: int, signals: list[Signal], alerts: list[Alert]
+    ) -> list[Any]:
+        rows: list[Any] = [
+            HealthSignal(
+                run_id=self.run_id,
+                round=server_round,
+                node_name=s.node_name,
+                signal=s.signal,
+                value=s.value,
+                unavailable=s.unavailable,
+            )
+            for s in signals
+        ]
+        rows += [
+            HealthAlert(
+                run_id=self.run_id,
+                round=server_round,
+                node_name=a.node_name,
+                kind=a.kind,
+                message=a.message,
+            )
+            for a in alerts
+        ]
+        for alert in alerts:
+            self.progress(f"  alert ({alert.kind}): {alert.message}")
+        return rows
+
     def _epsilon_report(self, server_round: int, name: str, content: Any) -> EpsilonReport:
         privacy = content.config_records[PRIVACY]
         node = content.config_records.get(NODE, {})
@@ -155,6 +239,7 @@ class RunRecorder:
             max_grad_norm=_finite(privacy.get("max_grad_norm")),
             steps=int(privacy.get("steps", 0)),
             accountant=str(privacy["accountant"]) if "accountant" in privacy else None,
+            epsilon_cap=_finite(privacy.get("epsilon_cap")),
         )
 
     def on_evaluate(
@@ -179,6 +264,17 @@ class RunRecorder:
                 )
             )
         held_out = _finite(metrics.get("held-out-loss")) if metrics is not None else None
+        self._held_out.append(held_out)
+        signals = [Signal("held-out-loss", None, held_out)] + [
+            Signal(
+                "held-out-loss",
+                self._name(o) or f"node-{o.flower_node_id}",
+                _finite(o.content.metric_records[METRICS].get("held-out-loss")),
+            )
+            for o in outcomes
+            if o.content is not None
+        ]
+        rows += self._health_rows(server_round, signals, loss_alerts(self._held_out))
         seconds = time.perf_counter() - pending.started
         rows.append(
             Round(

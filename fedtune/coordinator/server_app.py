@@ -16,10 +16,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
+from fedtune.coordinator.abtest import AbTestPlan, abtest_report, format_abtest, run_abtest
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
 from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.strategy import ValidatingFedAvg
+from fedtune.coordinator.versions import list_versions, production_version, resolve_version
 from fedtune.platform.base_model import load_base_model
 from fedtune.platform.config import RunConfig
 from fedtune.platform.ledger_store import add_public_key
@@ -106,6 +108,34 @@ def run_federation(
         _finish_run(engine, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     _finish_run(engine, run_id, status="finished")
+    if config.run.ab_test_against_production:
+        _ab_test_final_against_production(grid, engine, config, run_id, base.fingerprint, progress)
+
+
+def _ab_test_final_against_production(
+    grid: Grid,
+    engine: Engine,
+    config: RunConfig,
+    run_id: str,
+    fingerprint: str,
+    progress: Callable[[str], None],
+) -> None:
+    in_production = production_version(engine)
+    if in_production is None:
+        progress("no model version is in production: the final adapter is not A/B-tested")
+        return
+    final = max(
+        (v for v in list_versions(engine) if v.run_id == run_id), key=lambda v: v.round or 0
+    )
+    plan = AbTestPlan(
+        version_a=resolve_version(engine, in_production),
+        version_b=final,
+        base_model_fingerprint=fingerprint,
+        metrics=tuple(config.run.ab_test_metrics),
+        run_id=run_id,
+    )
+    test_id = run_abtest(grid, engine, plan, progress=progress)
+    progress(format_abtest(abtest_report(engine, test_id)))
 
 
 def _configured_keys(config: RunConfig) -> dict[str, str]:

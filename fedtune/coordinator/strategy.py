@@ -51,6 +51,7 @@ class RoundObserver(Protocol):
         outcomes: list[ReplyOutcome],
         aggregate: ArrayRecord | None,
         metrics: MetricRecord | None,
+        sent: ArrayRecord,
     ) -> None: ...
 
     def on_evaluate(
@@ -196,7 +197,7 @@ class ValidatingFedAvg(FedAvg):
         arrays, metrics = None, None
         if accepted:
             arrays, metrics = super().aggregate_train(server_round, accepted)
-        self.observer.on_train(server_round, outcomes, arrays, metrics)
+        self.observer.on_train(server_round, outcomes, arrays, metrics, self.global_arrays)
         return arrays, metrics
 
     def aggregate_evaluate(

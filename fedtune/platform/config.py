@@ -141,6 +141,16 @@ class NodeSettings(_Section):
     )
 
 
+class EvaluationPolicy(_Section):
+    """What the node lets leave it in an A/B test (never text: only scores)."""
+
+    share_per_example_scores: bool = Field(
+        default=True,
+        description="Send one score per held-out example and version; false: only paired "
+        "statistics (the coordinator then runs a paired t-test or McNemar, no Wilcoxon).",
+    )
+
+
 class OutputSettings(_Section):
     dir: Path
 
@@ -154,12 +164,17 @@ class NodeConfig(_Section):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     privacy: PrivacySettings = PrivacySettings()
+    evaluation: EvaluationPolicy = EvaluationPolicy()
     output: OutputSettings | None = Field(
         default=None, description="Required by `fedtune node train`; a federated node has none."
     )
 
 
 NodeName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+AbMetric = Literal["loss", "rouge-l", "exact-match"]
+AB_LOSS: AbMetric = "loss"
 
 
 class RunSettings(_Section):
@@ -180,6 +195,12 @@ class RunSettings(_Section):
         default=True,
         description="Nodes also report the held-out loss of their own model after training.",
     )
+    ab_test_against_production: bool = Field(
+        default=False,
+        description="At the end of the run, A/B-test the final global adapter against the "
+        "version in production (`fedtune model promote`), if there is one.",
+    )
+    ab_test_metrics: list[AbMetric] = Field(default_factory=lambda: [AB_LOSS], min_length=1)
 
 
 class RunDataSettings(_Section):
@@ -202,6 +223,7 @@ class RunNode(_Section):
     target_epsilon: PositiveFloat | None = None
     epsilon_cap: PositiveFloat | None = None
     delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    share_per_example_scores: bool = True
     public_key: str | None = Field(
         default=None,
         description="The node's enrolled Ed25519 public key (base64, or a key file); a "
@@ -281,6 +303,7 @@ class RunConfig(_Section):
             lora=self.lora,
             training=self.training,
             privacy=self.privacy.model_copy(update=privacy_updates),
+            evaluation=EvaluationPolicy(share_per_example_scores=node.share_per_example_scores),
         )
 
 

@@ -28,6 +28,9 @@ NODE = "node"
 PRIVACY = "privacy"
 DECLINE = "decline"
 LEDGER = "ledger"
+ABTEST = "abtest"  # an A/B test's instructions, and the node's note on what it shared
+SCORES = "scores"  # an A/B test reply's per-example scores or paired statistics
+ABTEST_MESSAGE_TYPE = "evaluate.abtest"  # routed to the ClientApp's @app.evaluate("abtest")
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 
@@ -156,3 +159,62 @@ def ledger_from_content(content: RecordDict) -> tuple[LedgerEntry, Checkpoint]:
 def decline_content(*, identity: ConfigRecord, reason: str) -> RecordDict:
     """A node that will not train this round (e.g. its privacy budget would be passed)."""
     return RecordDict({NODE: identity, DECLINE: ConfigRecord({"reason": reason})})
+
+
+@dataclass(frozen=True)
+class AbTestInstructions:
+    """What each node scores in an A/B test: versions ``a`` and ``b`` (arrays under
+    ``arrays-a``/``arrays-b``; a version without arrays is the base model alone) on its first
+    ``max_examples`` held-out examples, for ``metrics``."""
+
+    test_id: str
+    base_model_fingerprint: str
+    version_a: str
+    version_b: str
+    lora_a: LoraSettings | None
+    lora_b: LoraSettings | None
+    metrics: tuple[str, ...]
+    max_examples: int
+    max_new_tokens: int
+
+    def to_record(self) -> ConfigRecord:
+        record: dict[str, Any] = {
+            "test-id": self.test_id,
+            "base-model-fingerprint": self.base_model_fingerprint,
+            "version-a": self.version_a,
+            "version-b": self.version_b,
+            "metrics": list(self.metrics),
+            "max-examples": self.max_examples,
+            "max-new-tokens": self.max_new_tokens,
+        }
+        for side, lora in (("a", self.lora_a), ("b", self.lora_b)):
+            if lora is not None:
+                record[f"lora-{side}"] = lora.model_dump_json()
+        return ConfigRecord(record)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> AbTestInstructions:
+        def lora(side: str) -> LoraSettings | None:
+            text = record.get(f"lora-{side}")
+            return LoraSettings.model_validate_json(str(text)) if text is not None else None
+
+        try:
+            return cls(
+                test_id=str(record["test-id"]),
+                base_model_fingerprint=str(record["base-model-fingerprint"]),
+                version_a=str(record["version-a"]),
+                version_b=str(record["version-b"]),
+                lora_a=lora("a"),
+                lora_b=lora("b"),
+                metrics=tuple(str(m) for m in record["metrics"]),  # type: ignore[union-attr]
+                max_examples=int(record["max-examples"]),  # type: ignore[arg-type]
+                max_new_tokens=int(record["max-new-tokens"]),  # type: ignore[arg-type]
+            )
+        except KeyError as exc:
+            raise ValueError(f"A/B test message lacks config key {exc}") from None
+
+
+# A node whose policy forbids per-example scores sends these paired statistics per metric
+# (as "METRIC/FIELD"); d = b - a; the counts are for right/wrong metrics (A wrong and B right,
+# A right and B wrong).
+SUMMARY_FIELDS = ("n", "sum_a", "sum_b", "sum_d", "sum_d2", "b_only", "a_only")

@@ -110,6 +110,7 @@ class EpsilonReport(Base):
     max_grad_norm: Mapped[float | None] = mapped_column(Float)
     steps: Mapped[int] = mapped_column(Integer)
     accountant: Mapped[str | None] = mapped_column(String(80))
+    epsilon_cap: Mapped[float | None] = mapped_column(Float)
 
 
 class AdapterCheckpoint(Base):
@@ -139,6 +140,96 @@ class RejectedUpdate(Base):
     flower_node_id: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelPromotion(Base):
+    """Who put which model version in production, and when; the latest row is in use.
+
+    A version is ``base`` (the base model alone) or ``RUN_ID/ROUND`` (that round's global
+    adapter, see :class:`AdapterCheckpoint`)."""
+
+    __tablename__ = "model_promotions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(120))
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    promoted_by: Mapped[str] = mapped_column(String(200))
+    note: Mapped[str | None] = mapped_column(Text)
+    promoted_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AbTest(Base):
+    """A federated A/B test of two model versions on the nodes' held-out data."""
+
+    __tablename__ = "ab_tests"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_a: Mapped[str] = mapped_column(String(120))
+    version_b: Mapped[str] = mapped_column(String(120))
+    metrics: Mapped[dict[str, Any]]  # {"names": [...], "max_examples": N, ...} as requested
+    alpha: Mapped[float] = mapped_column(Float)
+    nodes: Mapped[dict[str, Any]]  # {"requested": [...] or None, "answered": [...]}
+    status: Mapped[str] = mapped_column(String(16))  # running | finished | failed
+    run_id: Mapped[str | None] = mapped_column(String(64))  # set when a run started it
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class AbTestResult(Base):
+    """One metric of an A/B test, for one node or ``overall``: B minus A, oriented so that a
+    positive ``improvement`` means B is better."""
+
+    __tablename__ = "ab_test_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    test_id: Mapped[str] = mapped_column(ForeignKey("ab_tests.id"), index=True)
+    scope: Mapped[str] = mapped_column(String(200))  # a node name, or "overall"
+    metric: Mapped[str] = mapped_column(String(40))  # loss | rouge-l | exact-match
+    higher_is_better: Mapped[bool]
+    examples: Mapped[int] = mapped_column(Integer)
+    mean_a: Mapped[float | None] = mapped_column(Float)
+    mean_b: Mapped[float | None] = mapped_column(Float)
+    difference: Mapped[float | None] = mapped_column(Float)  # mean of (B - A)
+    ci_low: Mapped[float | None] = mapped_column(Float)  # of the difference
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    confidence: Mapped[float] = mapped_column(Float)  # e.g. 0.95
+    test: Mapped[str] = mapped_column(String(80))  # e.g. "paired t-test"
+    p_value: Mapped[float | None] = mapped_column(Float)
+    p_adjusted: Mapped[float | None] = mapped_column(Float)  # Holm, across the metrics
+    verdict: Mapped[str] = mapped_column(String(40))  # b better | a better | no significant ...
+    detail: Mapped[dict[str, Any]]  # e.g. per-example scores shared or only statistics
+
+
+class HealthSignal(Base):
+    """One model-health figure of one round, for one node or the global model (node None).
+    ``value`` is None with ``unavailable`` saying why when the signal cannot be computed
+    under the run's protections (e.g. single updates hidden by secure aggregation)."""
+
+    __tablename__ = "health_signals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    node_name: Mapped[str | None] = mapped_column(String(200))
+    signal: Mapped[str] = mapped_column(String(40))
+    value: Mapped[float | None] = mapped_column(Float)
+    unavailable: Mapped[str | None] = mapped_column(Text)
+
+
+class HealthAlert(Base):
+    """Something an admin should look at: ``kind`` is loss-rising, outlier-update,
+    near-cap, divergence, non-finite, declined or failed."""
+
+    __tablename__ = "health_alerts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    node_name: Mapped[str | None] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

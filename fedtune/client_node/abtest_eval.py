@@ -1,0 +1,192 @@
+"""A node's part of an A/B test: score two model versions on the same held-out examples.
+
+Only scores leave the node: per example (a list per version and metric, in the same order)
+or, when the node's policy says so, paired statistics from which the coordinator can still
+run a paired t-test or McNemar's test. Never the text, the prompts or the generations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from peft import PeftModel
+from torch.utils.data import DataLoader
+
+from fedtune.client_node.data import (
+    IGNORE_INDEX,
+    ChatDataset,
+    load_conversations,
+    make_collate,
+    tokenize_conversation,
+)
+from fedtune.client_node.losses import sequence_losses
+from fedtune.client_node.text_metrics import exact_match, rouge_l_f1
+from fedtune.platform.config import LoraSettings
+from fedtune.platform.lora import load_adapter_arrays
+from fedtune.platform.messages import (
+    ABTEST,
+    NODE,
+    SCORES,
+    SUMMARY_FIELDS,
+    AbTestInstructions,
+)
+
+GENERATION_METRICS: Mapping[str, Callable[[str, str], float]] = {
+    "rouge-l": rouge_l_f1,
+    "exact-match": exact_match,
+}
+KNOWN_METRICS = ("loss", *GENERATION_METRICS)
+BINARY_METRICS = ("exact-match",)
+
+
+def held_out_pairs(runtime: Any, max_examples: int) -> tuple[list[Any], ChatDataset]:
+    """The first ``max_examples`` held-out conversations that keep an assistant token within
+    the node's max length, and their tokenized form (the same examples for A and B)."""
+    config = runtime.config
+    kept, tokenized = [], []
+    for conversation in load_conversations(config.data.eval):
+        example = tokenize_conversation(
+            conversation, runtime.loaded.base.tokenizer, max_length=config.data.max_length
+        )
+        if any(label != IGNORE_INDEX for label in example.labels):
+            kept.append(conversation)
+            tokenized.append(example)
+        if len(kept) == max_examples:
+            break
+    return kept, ChatDataset(tokenized, source=config.data.eval)
+
+
+@torch.no_grad()
+def _losses(
+    model: torch.nn.Module, data: ChatDataset, *, pad_token_id: int, device: Any
+) -> list[float]:
+    loader = DataLoader(data, batch_size=8, collate_fn=make_collate(pad_token_id))
+    out: list[float] = []
+    for batch in loader:
+        out += [float(v) for v in sequence_losses(model, batch, device)]
+    return out
+
+
+@torch.no_grad()
+def _generations(
+    model: torch.nn.Module,
+    conversations: Sequence[Any],
+    *,
+    tokenizer: Any,
+    device: Any,
+    max_new_tokens: int,
+) -> list[tuple[str, str]]:
+    """(greedy answer, reference answer) for each conversation's last assistant turn."""
+    pairs = []
+    for conversation in conversations:
+        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+        prompt = tokenizer.apply_chat_template(
+            list(conversation[:last]),
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        input_ids = prompt["input_ids"].to(device)
+        generated = model.generate(  # type: ignore[operator]
+            input_ids=input_ids,
+            attention_mask=prompt["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(generated[0, input_ids.shape[1] :], skip_special_tokens=True)
+        pairs.append((answer, conversation[last]["content"]))
+    return pairs
+
+
+def _version_model(
+    runtime: Any,
+    arrays: Mapping[str, np.ndarray] | None,
+    lora: LoraSettings | None,
+    other: LoraSettings | None,
+) -> tuple[PeftModel, Any]:
+    """The model for one version and the context to score it in (the adapter switched off
+    for the base model)."""
+    model = runtime.model_with(lora or other or LoraSettings())
+    if arrays is None:
+        return model, model.disable_adapter()
+    load_adapter_arrays(model, arrays)
+    return model, nullcontext()
+
+
+def score_versions(
+    runtime: Any,
+    instructions: AbTestInstructions,
+    arrays: Mapping[str, Mapping[str, np.ndarray] | None],
+) -> dict[str, dict[str, list[float]]]:
+    """``{metric: {"a": [...], "b": [...]}}`` on the same held-out examples, in order."""
+    unknown = sorted(set(instructions.metrics) - set(KNOWN_METRICS))
+    if unknown:
+        raise ValueError(f"unknown A/B metrics {unknown}; known: {list(KNOWN_METRICS)}")
+    conversations, data = held_out_pairs(runtime, instructions.max_examples)
+    tokenizer = runtime.loaded.base.tokenizer
+    device = runtime.loaded.base.device
+    scores: dict[str, dict[str, list[float]]] = {m: {} for m in instructions.metrics}
+    sides = {"a": instructions.lora_a, "b": instructions.lora_b}
+    for side, lora in sides.items():
+        other = sides["b" if side == "a" else "a"]
+        model, context = _version_model(runtime, arrays[side], lora, other)
+        model.eval()
+        with context:
+            if "loss" in scores:
+                scores["loss"][side] = _losses(
+                    model, data, pad_token_id=runtime.pad_token_id, device=device
+                )
+            generated = [m for m in instructions.metrics if m in GENERATION_METRICS]
+            if generated:
+                pairs = _generations(
+                    model,
+                    conversations,
+                    tokenizer=tokenizer,
+                    device=device,
+                    max_new_tokens=instructions.max_new_tokens,
+                )
+                for metric in generated:
+                    scores[metric][side] = [GENERATION_METRICS[metric](g, r) for g, r in pairs]
+    return scores
+
+
+def scores_content(
+    scores: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    per_example: bool,
+    identity: ConfigRecord,
+) -> RecordDict:
+    """The reply: per-example scores, or only paired statistics when ``per_example`` is off."""
+    record: dict[str, Any] = {}
+    for metric, sides in scores.items():
+        a = np.asarray(sides["a"], dtype=np.float64)
+        b = np.asarray(sides["b"], dtype=np.float64)
+        if per_example:
+            record[f"{metric}/a"] = a.tolist()
+            record[f"{metric}/b"] = b.tolist()
+            continue
+        d = b - a
+        values = {
+            "n": len(a),
+            "sum_a": float(a.sum()),
+            "sum_b": float(b.sum()),
+            "sum_d": float(d.sum()),
+            "sum_d2": float((d * d).sum()),
+            "b_only": int(((a < 0.5) & (b >= 0.5)).sum()),
+            "a_only": int(((a >= 0.5) & (b < 0.5)).sum()),
+        }
+        record.update({f"{metric}/{name}": values[name] for name in SUMMARY_FIELDS})
+    examples = len(next(iter(scores.values()))["a"]) if scores else 0
+    return RecordDict(
+        {
+            SCORES: MetricRecord(record),
+            ABTEST: ConfigRecord({"per-example": per_example, "examples": examples}),
+            NODE: identity,
+        }
+    )

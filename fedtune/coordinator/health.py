@@ -1,0 +1,153 @@
+"""Model health, per round: the signals an admin watches and the alerts they raise.
+
+Signals come from what the coordinator holds: each node's update against the global adapter
+it was sent (norm, its ratio to the other nodes' median, cosine similarity to the aggregate
+step), losses, participation, and privacy spent against each node's cap. Alerts are simple,
+explained rules: the global held-out loss rising for ``LOSS_RISING_ROUNDS`` rounds in a row,
+an update whose norm is ``OUTLIER_RATIO`` times the others' median, an update with non-finite
+values, a node past ``NEAR_CAP_SHARE`` of its epsilon cap, a global loss ``DIVERGENCE_SHARE``
+above its best, and nodes that declined or failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+LOSS_RISING_ROUNDS = 2
+OUTLIER_RATIO = 5.0
+NEAR_CAP_SHARE = 0.9
+DIVERGENCE_SHARE = 0.25
+
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Signal:
+    signal: str
+    node_name: str | None  # None: the global model
+    value: float | None
+    unavailable: str | None = None
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str
+    node_name: str | None
+    message: str
+
+
+def _step(update: Arrays, reference: Arrays) -> np.ndarray:
+    return np.concatenate(
+        [
+            (np.asarray(update[k], np.float64) - np.asarray(reference[k], np.float64)).ravel()
+            for k in sorted(reference)
+        ]
+    )
+
+
+def update_signals(
+    global_arrays: Arrays, updates: Mapping[str, Arrays], aggregate: Arrays | None
+) -> tuple[list[Signal], list[Alert]]:
+    """Norm of each node's step (its update minus the global adapter it started from), the
+    ratio of that norm to the median of the other nodes' norms, and the cosine similarity of
+    the step to the aggregate step."""
+    steps = {name: _step(arrays, global_arrays) for name, arrays in updates.items()}
+    norms = {name: float(np.linalg.norm(step)) for name, step in steps.items()}
+    overall = _step(aggregate, global_arrays) if aggregate is not None else None
+    signals: list[Signal] = []
+    alerts: list[Alert] = []
+    for name, step in steps.items():
+        signals.append(Signal("update-norm", name, norms[name]))
+        others = [norm for other, norm in norms.items() if other != name]
+        if others and statistics.median(others) > 0:
+            ratio = norms[name] / statistics.median(others)
+            signals.append(Signal("update-norm-ratio", name, ratio))
+            if ratio >= OUTLIER_RATIO:
+                alerts.append(
+                    Alert(
+                        "outlier-update",
+                        name,
+                        f"{name}'s update norm {norms[name]:.3g} is {ratio:.1f}x the median of "
+                        f"the other nodes' ({statistics.median(others):.3g})",
+                    )
+                )
+        else:
+            signals.append(
+                Signal("update-norm-ratio", name, None, "needs at least one other update")
+            )
+        if overall is not None and norms[name] > 0 and float(np.linalg.norm(overall)) > 0:
+            cosine = float(step @ overall / (norms[name] * np.linalg.norm(overall)))
+            signals.append(Signal("cosine-to-aggregate", name, cosine))
+        else:
+            signals.append(Signal("cosine-to-aggregate", name, None, "no aggregate step"))
+    return signals, alerts
+
+
+def rejection_alerts(rejections: Sequence[tuple[str | None, str, str]]) -> list[Alert]:
+    """``(node, kind, reason)`` of the replies left out: each becomes an alert."""
+    alerts = []
+    for node, kind, reason in rejections:
+        if "non-finite" in reason:
+            alerts.append(Alert("non-finite", node, f"{node}'s update: {reason}"))
+        elif kind in ("declined", "failed"):
+            alerts.append(Alert(kind, node, f"{node} {kind}: {reason}"))
+        else:
+            alerts.append(Alert("rejected", node, f"{node}'s update was rejected: {reason}"))
+    return alerts
+
+
+def budget_alerts(spent: Mapping[str, tuple[float | None, float | None]]) -> list[Alert]:
+    """``{node: (epsilon, cap)}``: a node past ``NEAR_CAP_SHARE`` of its cap."""
+    alerts = []
+    for node, (epsilon, cap) in spent.items():
+        if epsilon is not None and cap and epsilon >= NEAR_CAP_SHARE * cap:
+            alerts.append(
+                Alert(
+                    "near-cap",
+                    node,
+                    f"{node} has spent epsilon {epsilon:.2f} of its cap {cap:g} "
+                    f"({epsilon / cap:.0%})",
+                )
+            )
+    return alerts
+
+
+def loss_alerts(held_out: Sequence[float | None]) -> list[Alert]:
+    """The global held-out loss of every round so far, oldest first."""
+    if not held_out or held_out[-1] is None:
+        return []
+    latest = held_out[-1]
+    if not math.isfinite(latest):
+        return [Alert("divergence", None, f"the global held-out loss is {latest}")]
+    alerts = []
+    recent = held_out[-(LOSS_RISING_ROUNDS + 1) :]
+    if (
+        len(recent) == LOSS_RISING_ROUNDS + 1
+        and all(v is not None for v in recent)
+        and all(b > a for a, b in itertools.pairwise(recent))  # type: ignore[operator]
+    ):
+        alerts.append(
+            Alert(
+                "loss-rising",
+                None,
+                f"the global held-out loss rose {LOSS_RISING_ROUNDS} rounds in a row: "
+                + " -> ".join(f"{v:.3f}" for v in recent if v is not None),
+            )
+        )
+    best = min(v for v in held_out if v is not None and math.isfinite(v))
+    if latest > best * (1 + DIVERGENCE_SHARE):
+        alerts.append(
+            Alert(
+                "divergence",
+                None,
+                f"the global held-out loss {latest:.3f} is {latest / best - 1:.0%} above its "
+                f"best {best:.3f}",
+            )
+        )
+    return alerts

@@ -1,0 +1,215 @@
+"""The coordinator's copies of the nodes' epsilon ledgers: does each verify, and the files
+an auditor takes away (the ledger JSONL and the HTML report), made by fedtune's own
+verifier, exporter and report (``fedtune.platform``), never reimplemented here.
+
+A copy verifies when its chain is intact, every entry's signature is valid under the node's
+public key stored in the database (the latest one when there are several), and the node's
+signed checkpoint covers its last entry. A copy may lack entries the node spent without this
+coordinator (``fedtune node train``); when gaps are the only problem it is ``incomplete``,
+not ``fails``: the entries it holds are authentic, and the node's own ledger closes the gaps.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy.engine import Engine
+
+from fedtune.dashboard.database import DashboardError
+from fedtune.platform.audit import audit_ledger, write_audit_report
+from fedtune.platform.ledger import (
+    GENESIS_HASH,
+    Checkpoint,
+    LedgerEntry,
+    LedgerFormatError,
+    verify_chain,
+)
+from fedtune.platform.ledger_file import format_verification, write_ledger_file
+from fedtune.platform.ledger_store import latest_checkpoint, ledger_entries, node_public_keys
+from fedtune.platform.signing import load_public_key, verify_signature
+from fedtune.platform.storage import transaction
+
+Verdict = Literal["verifies", "fails", "incomplete", "unverifiable", "empty"]
+
+
+@dataclass(frozen=True)
+class CopyCheck:
+    """The verdict on one node's ledger copy, with a sentence that explains it."""
+
+    node: str
+    entries: int
+    keys: int
+    verdict: Verdict
+    message: str
+    seq: int | None = None  # the first bad entry, when one is to blame
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "verifies"
+
+
+@dataclass(frozen=True)
+class AuditFiles:
+    """What an auditor downloads for one node: the ledger JSONL and the HTML report."""
+
+    node: str
+    entries: int
+    jsonl: bytes
+    html: bytes
+    ok: bool  # chain and signatures verify and every epsilon recomputes
+    summary: str  # the verifier's verdict, as ``fedtune audit verify`` prints it
+
+    @property
+    def jsonl_name(self) -> str:
+        return f"{_file_name(self.node)}-ledger.jsonl"
+
+    @property
+    def html_name(self) -> str:
+        return f"{_file_name(self.node)}-audit-report.html"
+
+
+@dataclass(frozen=True)
+class _Copy:
+    entries: list[LedgerEntry]
+    checkpoint: Checkpoint | None
+    keys: list[str]
+
+
+def _read_copy(engine: Engine, node: str) -> _Copy:
+    with transaction(engine) as session:
+        return _Copy(
+            entries=ledger_entries(session, node),
+            checkpoint=latest_checkpoint(session, node),
+            keys=node_public_keys(session, node),
+        )
+
+
+def check_copy(engine: Engine, node: str) -> CopyCheck:
+    """Verify ``node``'s ledger copy against the node's public key stored in the database."""
+    try:
+        copy = _read_copy(engine, node)
+    except LedgerFormatError as error:
+        return CopyCheck(node, 0, 0, "fails", f"a stored entry is malformed: {error}", error.seq)
+    count, keys = len(copy.entries), len(copy.keys)
+    if not copy.entries:
+        return CopyCheck(node, 0, keys, "empty", "no ledger entries have reached the coordinator")
+    if not copy.keys:
+        return CopyCheck(node, count, 0, "unverifiable", "no public key is stored for this node")
+    try:
+        key = load_public_key(copy.keys[-1])
+    except ValueError as error:
+        return CopyCheck(node, count, keys, "unverifiable", f"its stored public key: {error}")
+    result = verify_chain(copy.entries, public_key=key, checkpoint=copy.checkpoint)
+    which = "the node's key" if keys == 1 else f"the latest of the node's {keys} keys"
+    if result.ok:
+        return CopyCheck(
+            node,
+            count,
+            keys,
+            "verifies",
+            f"{count} {'entry' if count == 1 else 'entries'}: chain intact, every signature "
+            f"valid under {which}, head signed",
+        )
+    gaps = _gaps_only(copy.entries, key, copy.checkpoint)
+    if gaps:
+        return CopyCheck(
+            node,
+            count,
+            keys,
+            "incomplete",
+            f"{count} entries, each signed and chained where consecutive, but seq "
+            f"{_ranges(gaps)} never reached the coordinator (rounds the node trained alone) or "
+            "were deleted here: verify the node's own ledger to close the gaps",
+        )
+    assert result.problem is not None
+    return CopyCheck(
+        node,
+        count,
+        keys,
+        "fails",
+        f"{result.problem} (checked against {which})",
+        result.problem.seq,
+    )
+
+
+def _gaps_only(
+    entries: list[LedgerEntry], key: Ed25519PublicKey, checkpoint: Checkpoint | None
+) -> list[tuple[int, int]]:
+    """The missing seq ranges when missing entries are the copy's only problem, else []."""
+    gaps: list[tuple[int, int]] = []
+    previous: LedgerEntry | None = None
+    for entry in entries:
+        expected = 1 if previous is None else previous.seq + 1
+        if entry.seq < expected or (previous is not None and entry.node != previous.node):
+            return []
+        if entry.seq > expected:
+            gaps.append((expected, entry.seq - 1))
+        elif entry.prev_hash != (GENESIS_HASH if previous is None else previous.hash):
+            return []
+        signed = verify_signature(key, signature=entry.signature, message=bytes.fromhex(entry.hash))
+        if not entry.content_matches() or not signed:
+            return []
+        previous = entry
+    head = entries[-1]
+    if (
+        checkpoint is None
+        or (checkpoint.seq, checkpoint.head_hash) != (head.seq, head.hash)
+        or not verify_signature(
+            key, signature=checkpoint.signature, message=checkpoint.signed_message()
+        )
+    ):
+        return []
+    return gaps
+
+
+def _ranges(gaps: list[tuple[int, int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in gaps)
+
+
+def audit_files(engine: Engine, node: str) -> AuditFiles:
+    """Export ``node``'s ledger copy as the auditor's JSONL and render its HTML report
+    (verified against the node's key stored in the database, every epsilon recomputed).
+
+    Raises :class:`DashboardError` when the copy cannot be exported (no entries, no key, no
+    signed head of its last entry)."""
+    try:
+        copy = _read_copy(engine, node)
+    except LedgerFormatError as error:
+        raise DashboardError(
+            f"the ledger copy of {node} holds a malformed entry: {error}"
+        ) from None
+    if not copy.entries:
+        raise DashboardError(f"no ledger entries of {node} in this database")
+    if not copy.keys or copy.checkpoint is None:
+        raise DashboardError(f"this database holds no public key or no signed head for {node}")
+    with tempfile.TemporaryDirectory(prefix="fedtune-audit-") as folder:
+        ledger = Path(folder) / "ledger.jsonl"
+        try:
+            write_ledger_file(
+                ledger,
+                node=node,
+                public_key=copy.keys[-1],
+                entries=copy.entries,
+                checkpoint=copy.checkpoint,
+            )
+        except ValueError as error:
+            raise DashboardError(f"cannot export the ledger copy of {node}: {error}") from None
+        outcome = audit_ledger(ledger, public_key=copy.keys[-1])
+        report = write_audit_report(outcome, ledger, out=Path(folder) / "report.html")
+        return AuditFiles(
+            node=node,
+            entries=len(copy.entries),
+            jsonl=ledger.read_bytes(),
+            html=report.read_bytes(),
+            ok=outcome.ok,
+            summary=format_verification(outcome.verification).replace(str(ledger), node),
+        )
+
+
+def _file_name(node: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", node).strip("-.") or "node"

@@ -1,0 +1,399 @@
+"""The coordinator dashboard: each page against a real coordinator database (Streamlit's
+AppTest), its read-only guarantee, and the real server answering on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from streamlit.testing.v1 import AppTest
+
+from dashboard_data import (
+    BUDGET_REASON,
+    CAPS,
+    PLAIN_RUN_ID,
+    RUN_ID,
+    SECURE_AGGREGATION,
+    TIMEOUT,
+    CoordinatorData,
+    add_copy_with_a_gap,
+    add_plain_aggregation_run,
+    build_coordinator_database,
+    chart_data,
+    chart_specs,
+    frames,
+    insert_forged_entry,
+    open_page,
+    texts,
+)
+from fedtune.dashboard import common
+from fedtune.dashboard.database import DashboardError, check_database, open_read_only
+from fedtune.dashboard.launch import APP
+from fedtune.dashboard.ledger_checks import AuditFiles, check_copy
+from fedtune.platform.ledger_file import verify_ledger_file
+from fedtune.platform.storage import Base, open_database
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> CoordinatorData:
+    return build_coordinator_database(tmp_path)
+
+
+# --- Overview --------------------------------------------------------------------------------
+
+
+def test_overview_lists_the_run_with_its_state_rounds_nodes_and_loss(coordinator, monkeypatch):
+    app = open_page(coordinator.url, None, monkeypatch)
+
+    runs = frames(app)[0]
+    assert runs.loc[0, ["run", "state", "rounds done", "nodes"]].tolist() == [
+        RUN_ID,
+        "finished",
+        "3 / 3",
+        2,
+    ]
+    assert runs.loc[0, "node names"] == "bank, hospital"
+    assert runs.loc[0, "global held-out loss"] == pytest.approx(2.70)
+
+
+def test_overview_shows_the_alerts_with_their_reasons(coordinator, monkeypatch):
+    app = open_page(coordinator.url, None, monkeypatch)
+
+    alerts = frames(app)[1]
+    assert set(alerts["kind"]) == {"declined", "near-cap"}
+    assert BUDGET_REASON in " ".join(alerts["reason"])
+
+
+# --- Privacy budget --------------------------------------------------------------------------
+
+
+def test_privacy_page_shows_each_nodes_epsilon_against_its_cap_and_what_remains(
+    coordinator, monkeypatch
+):
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    shown = {metric.label: (metric.value, metric.proto.delta) for metric in app.metric}
+    bank = coordinator.epsilons["bank"][-1]
+    assert shown["bank · d2d2d2d2"] == (
+        f"ε {bank:.3f} of {CAPS['bank']:g}",
+        f"{CAPS['bank'] - bank:.3f} left",
+    )
+    table = frames(app)[0].set_index("node")
+    assert table.loc["hospital", "remaining"] == pytest.approx(
+        CAPS["hospital"] - coordinator.epsilons["hospital"][-1]
+    )
+    assert table.loc["hospital", "delta"] == 1e-5
+    assert table.loc["hospital", "accountant"].startswith("opacus-rdp")
+
+
+def test_privacy_chart_draws_each_cap_as_a_dashed_line(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    layers = chart_specs(app)[0]["layer"]
+    cap_layers = [layer for layer in layers if layer["encoding"]["y"]["field"] == "epsilon_cap"]
+    assert len(cap_layers) == 1 and cap_layers[0]["mark"]["strokeDash"]
+    data = chart_data(app)
+    assert dict(zip(data["node_name"], data["epsilon_cap"], strict=True)) == CAPS
+    assert sorted(data.loc[data["node_name"] == "bank", "epsilon"]) == pytest.approx(
+        coordinator.epsilons["bank"]
+    )
+
+
+def test_privacy_page_lists_the_round_declined_for_lack_of_budget(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    declined = frames(app)[1]
+    assert declined[["round", "node", "reason"]].values.tolist() == [[3, "bank", BUDGET_REASON]]
+
+
+def test_an_intact_ledger_copy_verifies(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    copies = frames(app)[2].set_index("node")
+    assert copies["verdict"].tolist() == ["✅ verifies", "✅ verifies"]
+    assert copies.loc["hospital", "entries"] == 3
+    assert not app.error
+
+
+def test_a_copy_missing_an_entry_the_node_spent_alone_is_incomplete_not_failed(coordinator):
+    add_copy_with_a_gap(coordinator, "clinic")
+
+    check = check_copy(open_read_only(coordinator.url), "clinic")
+
+    assert check.verdict == "incomplete"
+    assert "seq 2 never reached the coordinator" in check.message
+
+
+def test_a_ledger_copy_with_a_forged_entry_fails_verification(coordinator, monkeypatch):
+    forged = insert_forged_entry(coordinator, "bank")
+
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    copies = frames(app)[2].set_index("node")
+    assert copies.loc["bank", "verdict"] == "❌ fails"
+    assert copies.loc["hospital", "verdict"] == "✅ verifies"
+    assert f"entry seq {forged.seq}: signature does not match" in copies.loc["bank", "detail"]
+    assert "ledger copy of bank does not verify" in app.error[0].value
+
+
+# --- A/B tests -------------------------------------------------------------------------------
+
+
+def test_ab_page_shows_the_verdict_difference_and_confidence_interval(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/ab_tests.py", monkeypatch)
+
+    overall = frames(app)[0].set_index("metric")
+    assert overall.loc["loss", "verdict"] == "b better"
+    assert overall.loc["loss", "confidence interval"] == "95%: [-0.41, -0.17]"
+    assert overall.loc["loss", "p-value"] == pytest.approx(4e-5)
+    assert overall.loc["exact-match", "verdict"] == "no significant difference"
+    assert "**loss** (lower is better): **b better** — B − A = -0.29" in texts(app)
+
+
+def test_ab_page_breaks_the_results_down_per_node_and_plots_error_bars(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/ab_tests.py", monkeypatch)
+
+    per_node = frames(app)[1]
+    assert sorted(per_node["node"]) == ["bank", "hospital"]
+    layers = chart_specs(app)[0]["spec"]["layer"]
+    error_bars = [layer for layer in layers if layer["encoding"].get("x2")]
+    assert error_bars[0]["encoding"]["x"]["field"] == "ci_low"
+    assert error_bars[0]["encoding"]["x2"]["field"] == "ci_high"
+
+
+def test_ab_page_says_so_when_there_are_no_tests(tmp_path, monkeypatch):
+    data = build_coordinator_database(tmp_path, ab_tests=False)
+
+    app = open_page(data.url, "views/ab_tests.py", monkeypatch)
+
+    assert "No A/B tests yet." in app.info[0].value
+    assert not app.dataframe
+
+
+# --- Model health ----------------------------------------------------------------------------
+
+
+def test_health_page_names_why_a_signal_is_unavailable(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    notes = [info.value for info in app.info]
+    assert f"update-norm unavailable (rounds 1-3; bank, hospital): {SECURE_AGGREGATION}" in notes
+
+
+def test_health_page_plots_losses_per_node_and_global(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    losses = chart_data(app, 0)
+    assert set(losses["who"]) == {"global", "hospital", "bank"}
+    assert set(losses["kind"]) == {"train", "held-out"}
+    global_held_out = losses[(losses["who"] == "global") & (losses["kind"] == "held-out")]
+    assert global_held_out["value"].tolist() == pytest.approx([2.85, 2.75, 2.70])
+
+
+def test_health_page_shows_participation_per_round(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    outcomes = next(f for f in frames(app) if 3 in f.columns)
+    assert outcomes.loc["bank"].tolist() == ["accepted", "accepted", "declined"]
+    assert outcomes.loc["hospital"].tolist() == ["accepted"] * 3
+
+
+def test_health_page_flags_an_outlier_update_on_its_norm_chart(coordinator, monkeypatch):
+    add_plain_aggregation_run(coordinator)
+
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    assert app.selectbox(key="health-run").value == PLAIN_RUN_ID  # the newest run
+    norms = chart_data(app, 1)
+    flagged = norms[norms["flagged"]]
+    assert flagged[["who", "round", "value"]].values.tolist() == [["hospital", 2, 6.0]]
+    assert "Outlier update: hospital in round 2." in texts(app)
+
+
+# --- Audit -----------------------------------------------------------------------------------
+
+
+def test_audit_page_lists_a_nodes_entries_and_filters_them_by_run(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/audit.py", monkeypatch)
+    app.selectbox(key="audit-node").set_value("hospital").run()
+
+    app.multiselect(key="audit-runs").set_value([RUN_ID]).run()
+
+    entries = frames(app)[0]
+    assert entries["seq"].tolist() == [1, 2, 3]
+    assert "3 of 3 entries shown." in texts(app)
+
+
+def test_audit_verify_button_says_an_intact_copy_verifies(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/audit.py", monkeypatch)
+
+    app.button(key="audit-verify").click().run()
+
+    assert "bank's ledger copy verifies: 2 entries" in app.success[0].value
+
+
+def test_audit_files_hold_a_ledger_that_verifies_offline_and_a_report(
+    coordinator, monkeypatch, tmp_path
+):
+    app = open_page(coordinator.url, "views/audit.py", monkeypatch)
+
+    app.button(key="audit-prepare").click().run()
+
+    files = app.session_state["audit-files"]
+    assert isinstance(files, AuditFiles) and files.ok
+    assert [button.label for button in app.download_button] == [
+        "Ledger (JSONL)",
+        "Audit report (HTML)",
+    ]
+    exported = tmp_path / files.jsonl_name
+    exported.write_bytes(files.jsonl)
+    result = verify_ledger_file(exported, public_key=coordinator.keys["bank"].public_key)
+    assert result.ok and result.summary["entries"] == 2
+    assert files.html.startswith(b"<!DOCTYPE html>")
+
+
+# --- absent data -----------------------------------------------------------------------------
+
+PAGES = [None, "views/privacy.py", "views/ab_tests.py", "views/health.py", "views/audit.py"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_an_empty_database_gives_a_clear_note_on_every_page(tmp_path, monkeypatch, page):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    open_database(url, create=True).dispose()
+
+    app = open_page(url, page, monkeypatch)
+
+    assert app.info, texts(app)
+    assert not app.error
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_a_database_older_than_the_ledger_and_health_tables_is_shown(tmp_path, monkeypatch, page):
+    old = f"sqlite:///{tmp_path / 'old.db'}"
+    tables = ["runs", "rounds", "node_metrics", "epsilon_reports", "rejected_updates"]
+    Base.metadata.create_all(
+        open_database(old, create=False), tables=[Base.metadata.tables[t] for t in tables]
+    )
+
+    app = open_page(old, page, monkeypatch)
+
+    assert not app.error
+    if page in ("views/ab_tests.py", "views/audit.py"):
+        assert "This database has no" in app.info[0].value
+
+
+def test_the_database_comes_from_the_db_argument_after_the_double_dash(coordinator, monkeypatch):
+    monkeypatch.delenv(common.ENV_VAR, raising=False)
+    monkeypatch.setattr(sys, "argv", [str(APP), "--db", coordinator.url])
+
+    app = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+
+    assert not app.exception and not app.error
+    assert frames(app)[0].loc[0, "run"] == RUN_ID
+
+
+def test_without_a_database_the_app_says_how_to_give_one(monkeypatch):
+    monkeypatch.delenv(common.ENV_VAR, raising=False)
+    monkeypatch.setattr(sys, "argv", [str(APP)])
+
+    app = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+
+    assert "fedtune dashboard --db URL" in app.error[0].value
+
+
+def test_a_file_that_is_not_a_fedtune_database_is_refused_with_a_reason(tmp_path):
+    path = tmp_path / "other.db"
+    open_database(f"sqlite:///{path}", create=False).connect().close()
+
+    with pytest.raises(DashboardError, match="not a fedtune coordinator database"):
+        check_database(str(path))
+
+
+def test_a_missing_database_file_is_named(tmp_path):
+    with pytest.raises(DashboardError, match=r"no such database file: .*missing\.db"):
+        check_database(f"sqlite:///{tmp_path / 'missing.db'}")
+
+
+# --- read-only -------------------------------------------------------------------------------
+
+
+def test_a_write_through_the_dashboards_engine_fails(coordinator):
+    engine = common.engine(coordinator.url)
+
+    with pytest.raises(OperationalError, match="readonly"), engine.begin() as connection:
+        connection.execute(text("UPDATE runs SET status = 'failed'"))
+
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT status FROM runs")).scalar_one() == "finished"
+
+
+def test_a_database_whose_path_has_spaces_and_hashes_opens_read_only(tmp_path):
+    folder = tmp_path / "our data #1"
+    folder.mkdir()
+    data = build_coordinator_database(folder)
+
+    engine = open_read_only(str(data.path))
+
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id FROM runs")).scalar_one() == RUN_ID
+
+
+# --- the real server -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _output(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is None or process.stdout is None:
+        return "no answer from the server"
+    return process.stdout.read().decode(errors="replace")
+
+
+def test_the_dashboard_server_answers_on_loopback_and_stops_on_ctrl_c(coordinator):
+    port = free_port()
+    code = (
+        "import sys; from fedtune.dashboard.launch import run_dashboard; "
+        f"sys.exit(run_dashboard({coordinator.url!r}, host='127.0.0.1', port={port}))"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", code],
+        start_new_session=True,  # its own process group: the test can stop all of it
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        health = f"http://127.0.0.1:{port}/_stcore/health"
+        deadline, answer = time.monotonic() + TIMEOUT, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    answer = response.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert answer == "ok", _output(server)
+
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        assert server.wait(timeout=30) == 0
+        with pytest.raises(ProcessLookupError):  # nothing of it is left: Streamlit stopped too
+            os.killpg(server.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        assert server.stdout is not None
+        server.stdout.close()
