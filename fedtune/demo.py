@@ -100,6 +100,9 @@ def run_demo(
         f"{workdir / 'summary.json'}\n"
         f"each node's signed epsilon ledger: {workdir / 'nodes'}/<node>/ledger.db; audit it "
         f"with `fedtune audit export --db {workdir / 'fedtune.db'} --node hospital --out "
-        "hospital.jsonl`, then `fedtune audit report hospital.jsonl --out hospital.html`"
+        "hospital.jsonl`, then `fedtune audit report hospital.jsonl --out hospital.html`\n"
+        f"see it all: `fedtune dashboard --db {workdir / 'fedtune.db'}`; compare the final "
+        f"adapter with the base model: `fedtune abtest start --config {run_toml} --a base "
+        "--b latest`"
     )
     return summary

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/system-deps.sh
 .venv/bin/ruff check fedtune tests benchmarks
 .venv/bin/ruff format --check fedtune tests benchmarks
 .venv/bin/mypy
