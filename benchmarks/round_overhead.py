@@ -3,9 +3,10 @@
 Runs whole simulated federations (``fedtune.simulation.simulate``, Flower's Simulation Engine)
 with 2, 4 and 8 nodes and reads every round back from the run's database. A round's time is the
 coordinator's wall time from sending the train messages to having every evaluation reply; the
-nodes' local work is what they report themselves: DP-SGD training (``train-seconds``) and
-held-out evaluation (``evaluate-seconds``). The rest is overhead: messaging through Flower and
-Ray, (de)serialising adapters, validation, aggregation, checkpointing and database writes.
+nodes' local work is what they report themselves: the wall time of each message's handler
+(``node-seconds``: DP-SGD training, privacy accounting and the ledger, held-out evaluation),
+of which training alone is ``train-seconds``. The rest is overhead: messaging through Flower
+and Ray, (de)serialising adapters, validation, aggregation, checkpointing, database writes.
 
 On a machine where the simulated nodes share the CPUs they run one after another (one Ray actor
 holding all cores, fedtune's default), so local work adds up; ``concurrent_nodes`` in the
@@ -100,16 +101,19 @@ def measure(run_toml: Path) -> dict[str, Any]:
         per_round = []
         for row in sorted(rounds, key=lambda r: r.number):
             mine = [m.metrics for m in metrics if m.round == row.number]
+            on_nodes = sum(m.get("node-seconds") or 0.0 for m in mine)
             training = sum(m.get("train-seconds") or 0.0 for m in mine)
             evaluating = sum(m.get("evaluate-seconds") or 0.0 for m in mine)
             seconds = row.seconds or 0.0
-            overhead = seconds - training - evaluating
+            overhead = seconds - on_nodes
             per_round.append(
                 {
                     "round": row.number,
                     "seconds": seconds,
+                    "node_seconds": on_nodes,
                     "node_training_seconds": training,
                     "node_evaluation_seconds": evaluating,
+                    "node_other_seconds": on_nodes - training - evaluating,
                     "overhead_seconds": overhead,
                     "overhead_share": overhead / seconds if seconds else None,
                 }

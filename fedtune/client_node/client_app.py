@@ -8,6 +8,7 @@ a message for a different base model is refused before anything runs.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ def _evaluate(runtime: NodeRuntime, model: torch.nn.Module) -> HeldOutMetrics:
 
 def handle_train(config: NodeConfig, message: Message) -> Message:
     """Set the global adapter, train one private round, reply with the update."""
+    started = time.perf_counter()
     config_record = message.content.config_records[CONFIG]
     instructions = TrainInstructions.from_record(config_record)
     server_round = config_record.get(SERVER_ROUND)
@@ -198,6 +200,8 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
         metrics["held-out-loss-local"] = local_model.loss
         evaluate_seconds += local_model.seconds
     metrics["evaluate-seconds"] = evaluate_seconds
+    # All the node's own work on this message (loading, accounting, ledger, evaluation too).
+    metrics["node-seconds"] = time.perf_counter() - started
     content = train_reply_content(
         arrays=adapter_arrays(model),
         metrics=metrics,
@@ -210,6 +214,7 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
 
 def handle_evaluate(config: NodeConfig, message: Message) -> Message:
     """Held-out loss and perplexity of the global adapter on this node's data."""
+    started = time.perf_counter()
     runtime = node_runtime(config)
     instructions = TrainInstructions.from_record(message.content.config_records[CONFIG])
     _check_base_model(runtime, instructions.base_model_fingerprint)
@@ -223,6 +228,7 @@ def handle_evaluate(config: NodeConfig, message: Message) -> Message:
             "held-out-perplexity": result.perplexity,
             "held-out-tokens": result.tokens,
             "evaluate-seconds": result.seconds,
+            "node-seconds": time.perf_counter() - started,
         }
     )
     return Message(RecordDict({METRICS: metrics, NODE: runtime.identity()}), reply_to=message)
