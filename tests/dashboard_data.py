@@ -26,6 +26,7 @@ from fedtune.platform.ledger import LedgerEntry, seal_entry, sign_checkpoint
 from fedtune.platform.ledger_store import (
     add_public_key,
     append_entries,
+    checkpoint_row,
     entry_row,
     ledger_entries,
 )
@@ -422,6 +423,44 @@ def add_copy_with_a_gap(data: CoordinatorData, node: str = "clinic") -> NodeKey:
             append_entries(session, [entry], checkpoint, contiguous=False)
     engine.dispose()
     return key
+
+
+def add_long_copy(data: CoordinatorData, node: str, count: int) -> NodeKey:
+    """A ledger copy of ``node`` with ``count`` entries, one recorded every hour from
+    ``STARTED`` (so a day holds 24), signed and checkpointed at its head."""
+    key = NodeKey.generate()
+    entries: list[LedgerEntry] = []
+    for number in range(1, count + 1):
+        fields = {
+            **ledger_fields("hospital", 1, epsilons_after(1)[0]),
+            "node": node,
+            "round": number,
+            "recorded_at": (STARTED + timedelta(hours=number - 1)).strftime(
+                "%Y-%m-%dT%H:%M:%S.%fZ"
+            ),
+        }
+        entries.append(seal_entry(fields, previous=entries[-1] if entries else None, key=key))
+    engine = open_database(data.url, create=False)
+    with transaction(engine) as session:
+        add_public_key(session, node, key.public_key_text())
+        session.add_all(entry_row(entry) for entry in entries)
+        session.add(checkpoint_row(sign_checkpoint(node=node, head=entries[-1], key=key)))
+    engine.dispose()
+    return key
+
+
+def append_to_copy(data: CoordinatorData, node: str, key: NodeKey) -> LedgerEntry:
+    """One more entry (and its checkpoint) at the head of ``node``'s copy."""
+    engine = open_database(data.url, create=False)
+    with transaction(engine) as session:
+        head = ledger_entries(session, node)[-1]
+        fields = {**ledger_fields("hospital", 1, epsilons_after(1)[0]), "node": node}
+        entry = seal_entry({**fields, "round": head.round + 1}, previous=head, key=key)
+        append_entries(
+            session, [entry], sign_checkpoint(node=node, head=entry, key=key), contiguous=False
+        )
+    engine.dispose()
+    return entry
 
 
 # --- reading what a page shows -----------------------------------------------------------

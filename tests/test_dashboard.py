@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from streamlit.testing.v1 import AppTest
@@ -24,10 +26,13 @@ from dashboard_data import (
     PLAIN_RUN_ID,
     RUN_ID,
     SECURE_AGGREGATION,
+    STARTED,
     TIMEOUT,
     CoordinatorData,
     add_copy_with_a_gap,
+    add_long_copy,
     add_plain_aggregation_run,
+    append_to_copy,
     build_coordinator_database,
     chart_data,
     chart_specs,
@@ -260,6 +265,74 @@ def test_audit_files_hold_a_ledger_that_verifies_offline_and_a_report(
     result = verify_ledger_file(exported, public_key=coordinator.keys["bank"].public_key)
     assert result.ok and result.summary["entries"] == 2
     assert files.html.startswith(b"<!DOCTYPE html>")
+
+
+def test_audit_page_shows_a_long_copy_a_page_at_a_time(coordinator, monkeypatch):
+    add_long_copy(coordinator, "registry", 1_203)
+    app = open_page(coordinator.url, "views/audit.py", monkeypatch)
+
+    app.selectbox(key="audit-node").set_value("registry").run()
+
+    assert frames(app)[0]["seq"].tolist() == list(range(1, 501))
+    assert "Entries 1–500 of 1,203 shown (page 1 of 3, 500 a page)." in texts(app)
+    app.number_input(key="audit-page").set_value(3).run()
+    assert frames(app)[0]["seq"].tolist() == list(range(1001, 1204))
+    assert "Entries 1,001–1,203 of 1,203 shown (page 3 of 3, 500 a page)." in texts(app)
+
+
+def test_audit_date_filter_is_applied_by_the_database_and_starts_at_page_one(
+    coordinator, monkeypatch
+):
+    add_long_copy(coordinator, "registry", 1_203)  # one entry an hour from STARTED
+    app = open_page(coordinator.url, "views/audit.py", monkeypatch)
+    app.selectbox(key="audit-node").set_value("registry").run()
+    app.number_input(key="audit-page").set_value(3).run()
+    day = STARTED.date() + timedelta(days=2)
+
+    app.date_input(key="audit-dates").set_value((day, day)).run()
+
+    entries = frames(app)[0]
+    hours = [STARTED + timedelta(hours=seq - 1) for seq in range(1, 1_204)]
+    assert entries["seq"].tolist() == [n for n, t in enumerate(hours, 1) if t.date() == day]
+    assert {t.date() for t in entries["recorded_at"]} == {day}
+    assert "24 of 1,203 entries shown." in texts(app)
+    app.date_input(key="audit-dates").set_value((STARTED.date(), hours[-1].date())).run()
+    assert app.number_input(key="audit-page").value == 1
+
+
+def test_another_nodes_filters_do_not_carry_over(coordinator, monkeypatch):
+    add_long_copy(coordinator, "registry", 30)
+    app = open_page(coordinator.url, "views/audit.py", monkeypatch)
+    app.multiselect(key="audit-runs").set_value([RUN_ID]).run()
+
+    app.selectbox(key="audit-node").set_value("registry").run()
+
+    assert app.multiselect(key="audit-runs").value == []
+    assert "30 of 30 entries shown." in texts(app)
+
+
+def test_a_long_copy_is_verified_on_request_and_its_verdict_kept_until_it_grows(
+    coordinator, monkeypatch
+):
+    monkeypatch.setattr(common, "VERIFY_ON_SIGHT_ENTRIES", 100)
+    key = add_long_copy(coordinator, "registry", 150)
+
+    first = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+    copies = frames(first)[2].set_index("node")
+    assert copies.loc["registry", "verdict"] == "⏳ not verified yet"
+    assert copies.loc["bank", "verdict"] == "✅ verifies"  # short copies: verified at once
+    first.button(key="privacy-verify").click().run()
+    assert frames(first)[2].set_index("node").loc["registry", "verdict"] == "✅ verifies"
+
+    later = open_page(coordinator.url, "views/privacy.py", monkeypatch)  # another visitor
+    assert frames(later)[2].set_index("node").loc["registry", "verdict"] == "✅ verifies"
+    assert "Verify registry's ledger copy again (150 entries)" in later.button[0].label
+
+    append_to_copy(coordinator, "registry", key)
+    st.cache_data.clear()
+    grown = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+    copies = frames(grown)[2].set_index("node")
+    assert copies.loc["registry", ["entries", "verdict"]].tolist() == [151, "⏳ not verified yet"]
 
 
 # --- absent data -----------------------------------------------------------------------------

@@ -7,7 +7,11 @@ import argparse
 import importlib
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import pandas as pd
@@ -22,9 +26,14 @@ from fedtune.dashboard.database import (
     describe_database,
     open_read_only,
 )
+from fedtune.dashboard.ledger_checks import CopyCheck, check_copy
+from fedtune.dashboard.queries import CopyHead
 
 ENV_VAR = "FEDTUNE_DASHBOARD_DB"  # where the database URL is read when no --db is given
 CACHE_SECONDS = 5
+# A copy of up to this many entries is verified whenever a page shows its verdict (well
+# under a second); a larger one on request, its verdict kept until the copy changes.
+VERIFY_ON_SIGHT_ENTRIES = 5_000
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -123,3 +132,63 @@ def number(value: Any, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "—"
     return format(value, spec)
+
+
+# --- ledger copy verdicts -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verdict on a ledger copy, the state of the copy it was reached on, and when."""
+
+    check: CopyCheck
+    head: CopyHead
+    at: datetime
+    seconds: float  # how long the verification took
+
+    def fresh(self) -> bool:
+        return (datetime.now(UTC) - self.at).total_seconds() < CACHE_SECONDS
+
+
+class _Verdicts:
+    """The latest verdict on each (database, node) copy, shared by every session."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], Verdict] = {}
+
+    def get(self, url: str, head: CopyHead) -> Verdict | None:
+        """The verdict reached on exactly this state of the copy, if any."""
+        with self._lock:
+            verdict = self._held.get((url, head.node))
+        return verdict if verdict is not None and verdict.head == head else None
+
+    def put(self, url: str, verdict: Verdict) -> None:
+        with self._lock:
+            self._held[(url, verdict.head.node)] = verdict
+
+
+@st.cache_resource(show_spinner=False)
+def _verdicts() -> _Verdicts:
+    return _Verdicts()
+
+
+def known_verdict(head: CopyHead) -> Verdict | None:
+    """The verdict on ``head``'s copy, when one was reached on this very state of it; a
+    small copy is verified again when its verdict is more than a few seconds old."""
+    verdict = _verdicts().get(require_database(), head)
+    if verdict is None or (head.entries <= VERIFY_ON_SIGHT_ENTRIES and not verdict.fresh()):
+        return None
+    return verdict
+
+
+def verify_copy(head: CopyHead) -> Verdict:
+    """Verify ``head``'s copy now (chain, signatures, signed head) and keep the verdict for
+    every session, keyed by the state of the copy read before verifying: entries appended
+    meanwhile make the next page verify again."""
+    url = require_database()
+    started = time.perf_counter()
+    check = check_copy(engine(url), head.node)
+    verdict = Verdict(check, head, datetime.now(UTC), time.perf_counter() - started)
+    _verdicts().put(url, verdict)
+    return verdict

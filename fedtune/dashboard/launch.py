@@ -39,6 +39,8 @@ def streamlit_command(db_url: str, *, host: str = "127.0.0.1", port: int = 8501)
         "false",
         "--server.fileWatcherType",
         "none",
+        "--client.toolbarMode",
+        "minimal",
         "--",
         "--db",
         database_url(db_url),

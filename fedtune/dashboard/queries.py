@@ -7,17 +7,19 @@ that a page can say what is absent instead of failing. Times are UTC.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import ColumnElement, Table, null, select
+from sqlalchemy import JSON, ColumnElement, Table, cast, func, null, select, type_coerce
 from sqlalchemy.engine import Connection, Engine
 
 from fedtune.dashboard.database import Schema, read_schema
-from fedtune.platform.ledger_store import LedgerBase, LedgerKeyRow, ledger_nodes
-from fedtune.platform.storage import Base, transaction
+from fedtune.platform.ledger_store import LedgerBase
+from fedtune.platform.storage import Base
 
 RUN_COLUMNS = (
     "id",
@@ -123,8 +125,8 @@ def _read(
     if distinct:
         statement = statement.distinct()
     statement = statement.order_by(*(table.c[name] for name in order_by if name in present))
-    rows = connection.execute(statement).mappings().all()
-    return _with_times(pd.DataFrame([dict(row) for row in rows], columns=list(names)))
+    rows = connection.execute(statement).all()
+    return _with_times(pd.DataFrame([tuple(row) for row in rows], columns=list(names)))
 
 
 def _with_times(frame: pd.DataFrame) -> pd.DataFrame:
@@ -136,11 +138,11 @@ def _with_times(frame: pd.DataFrame) -> pd.DataFrame:
 
 def runs(engine: Engine) -> pd.DataFrame:
     """One row per run, newest first: its state, rounds done, the nodes that took part and
-    the latest global held-out loss."""
+    the latest global held-out loss (counted by the database: a run may have many rounds)."""
     schema = read_schema(engine)
     with engine.connect() as connection:
         frame = _read(connection, schema, "runs", RUN_COLUMNS)
-        done = _read(connection, schema, "rounds", ("run_id", "number", "held_out_loss"))
+        done, losses = _rounds_done(connection, schema)
         taking_part = pd.concat(
             [
                 _read(connection, schema, table, ("run_id", "node_name"), distinct=True)
@@ -148,20 +150,37 @@ def runs(engine: Engine) -> pd.DataFrame:
             ]
         ).dropna()
     frame = frame.rename(columns={"id": "run_id"})
-    frame["rounds_done"] = [int((done["run_id"] == run).sum()) for run in frame["run_id"]]
+    frame["rounds_done"] = [done.get(run, 0) for run in frame["run_id"]]
     frame["nodes"] = [
         sorted(set(taking_part.loc[taking_part["run_id"] == run, "node_name"]))
         for run in frame["run_id"]
     ]
-    frame["held_out_loss"] = [_latest_loss(done, run) for run in frame["run_id"]]
+    frame["held_out_loss"] = [losses.get(run) for run in frame["run_id"]]
     return frame.sort_values("started_at", ascending=False, ignore_index=True)
 
 
-def _latest_loss(rounds_done: pd.DataFrame, run_id: str) -> float | None:
-    known = rounds_done[(rounds_done["run_id"] == run_id) & rounds_done["held_out_loss"].notna()]
-    if known.empty:
-        return None
-    return float(known.sort_values("number")["held_out_loss"].iloc[-1])
+def _rounds_done(connection: Connection, schema: Schema) -> tuple[dict[str, int], dict[str, float]]:
+    """Per run: how many rounds finished, and the global held-out loss of the latest round
+    that has one."""
+    table = _table("rounds")
+    counted = select(table.c.run_id, func.count()).group_by(table.c.run_id)
+    done = {str(run): int(count) for run, count in connection.execute(counted)}
+    if not schema.has("rounds", "held_out_loss"):
+        return done, {}
+    known = table.c.held_out_loss.is_not(None)
+    latest = (
+        select(table.c.run_id, func.max(table.c.number).label("number"))
+        .where(known)
+        .group_by(table.c.run_id)
+        .subquery()
+    )
+    statement = (
+        select(table.c.run_id, table.c.held_out_loss)
+        .join(latest, (table.c.run_id == latest.c.run_id) & (table.c.number == latest.c.number))
+        .where(known)
+    )
+    losses = {str(run): float(loss) for run, loss in connection.execute(statement)}
+    return done, losses
 
 
 def rounds(engine: Engine, run_id: str) -> pd.DataFrame:
@@ -218,26 +237,45 @@ def epsilon_reports(engine: Engine, run_id: str | None = None) -> pd.DataFrame:
             order_by=["id"],
         )
         started = _read(connection, schema, "runs", ("id", "name", "started_at"))
-        caps = _ledger_caps(connection, schema)
+        frame["epsilon_cap"] = frame["epsilon_cap"].astype(float)
+        uncapped = sorted(set(frame.loc[frame["epsilon_cap"].isna(), "node_name"].dropna()))
+        caps = _ledger_caps(connection, schema, uncapped)
     started = started.rename(columns={"id": "run_id", "name": "run_name"})
     frame = frame.merge(started, on="run_id", how="left")
     frame = frame.merge(caps, on=["node_name", "run_id", "round", "data_fingerprint"], how="left")
-    frame["epsilon_cap"] = frame["epsilon_cap"].astype(float).fillna(frame["ledger_cap"])
+    frame["epsilon_cap"] = frame["epsilon_cap"].fillna(frame["ledger_cap"])
     frame = frame.drop(columns="ledger_cap")
     return frame.sort_values(["started_at", "round"], kind="stable", ignore_index=True)
 
 
-def _ledger_caps(connection: Connection, schema: Schema) -> pd.DataFrame:
-    """The cap each signed ledger entry records, for reports stored without one (databases
-    older than the reports' ``epsilon_cap`` column)."""
-    names = ("node", "run_id", "round", "data_fingerprint", "entry")
-    rows = _read(connection, schema, "ledger_entries", names)
-    caps = [_json(text).get("epsilon_cap") for text in rows["entry"]]
-    frame = rows.drop(columns="entry").rename(columns={"node": "node_name"})
-    frame["ledger_cap"] = pd.Series(
-        [float(cap) if isinstance(cap, int | float) else None for cap in caps], dtype=float
-    )
-    return frame.drop_duplicates(["node_name", "run_id", "round", "data_fingerprint"])
+def _ledger_caps(connection: Connection, schema: Schema, nodes: Sequence[str]) -> pd.DataFrame:
+    """The cap the signed ledger entries of ``nodes`` record, for reports stored without one
+    (databases older than the reports' ``epsilon_cap`` column); read by the database from
+    each entry's JSON, never the whole entries."""
+    keys = ["node_name", "run_id", "round", "data_fingerprint"]
+    if not nodes or not schema.has("ledger_entries"):
+        return pd.DataFrame(columns=[*keys, "ledger_cap"])
+    table = _table("ledger_entries")
+    statement = select(
+        table.c.node.label("node_name"),
+        table.c.run_id,
+        table.c.round,
+        table.c.data_fingerprint,
+        entry_field(connection.dialect.name, table, "epsilon_cap").as_float().label("ledger_cap"),
+    ).where(table.c.node.in_(nodes))
+    rows = connection.execute(statement).all()
+    frame = pd.DataFrame([tuple(row) for row in rows], columns=[*keys, "ledger_cap"])
+    frame["ledger_cap"] = frame["ledger_cap"].astype(float)
+    return frame.drop_duplicates(keys)
+
+
+def entry_field(dialect: str, table: Table, name: str) -> Any:
+    """Field ``name`` of the sealed entry's JSON (column ``entry``), read by the database:
+    ``json_extract`` in SQLite, ``->>`` in PostgreSQL. Finish with ``.as_string()`` or
+    ``.as_float()``."""
+    if dialect == "sqlite":  # SQLite's CAST(... AS JSON) would make the text a number
+        return type_coerce(table.c.entry, JSON)[name]
+    return cast(table.c.entry, JSON)[name]
 
 
 def rejected_updates(engine: Engine, run_id: str | None = None) -> pd.DataFrame:
@@ -322,14 +360,189 @@ def ledger_copy_nodes(engine: Engine) -> list[str] | None:
     schema = read_schema(engine)
     if not schema.has("ledger_entries") or not schema.has("ledger_keys"):
         return None
-    with transaction(engine) as session:
-        with_keys = session.scalars(select(LedgerKeyRow.node).distinct())
-        return sorted(set(ledger_nodes(session)) | set(with_keys))
+    entries, keys = _table("ledger_entries"), _table("ledger_keys")
+    with engine.connect() as connection:
+        nodes = connection.scalars(
+            select(entries.c.node).distinct().union(select(keys.c.node).distinct())
+        )
+        return sorted(set(nodes))
+
+
+@dataclass(frozen=True)
+class CopyHead:
+    """What identifies the state of a node's ledger copy: the tables are append-only, so the
+    same count, head, latest checkpoint and keys mean the same copy (a verdict on it holds)."""
+
+    node: str
+    entries: int
+    head_seq: int | None
+    head_hash: str | None
+    checkpoint: str | None  # the latest signed checkpoint's JSON
+    keys: tuple[str, ...]
+
+
+def ledger_heads(engine: Engine) -> list[CopyHead] | None:
+    """The state of every node's ledger copy (nodes with only a key: no entries), without
+    reading the entries; None when the database has no ledger tables."""
+    nodes = ledger_copy_nodes(engine)
+    if nodes is None:
+        return None
+    schema = read_schema(engine)
+    entries, keys = _table("ledger_entries"), _table("ledger_keys")
+    checkpoints = _table("ledger_checkpoints") if schema.has("ledger_checkpoints") else None
+    heads = []
+    with engine.connect() as connection:
+        grouped = select(entries.c.node, func.count()).group_by(entries.c.node)
+        counts: dict[str, int] = {str(n): int(c) for n, c in connection.execute(grouped).all()}
+        for node in nodes:
+            head = connection.execute(
+                select(entries.c.seq, entries.c.hash)
+                .where(entries.c.node == node)
+                .order_by(entries.c.seq.desc())
+                .limit(1)
+            ).first()
+            checkpoint = None
+            if checkpoints is not None:
+                checkpoint = connection.scalars(
+                    select(checkpoints.c.checkpoint)
+                    .where(checkpoints.c.node == node)
+                    .order_by(checkpoints.c.seq.desc(), checkpoints.c.id.desc())
+                    .limit(1)
+                ).first()
+            public_keys = connection.scalars(
+                select(keys.c.public_key).where(keys.c.node == node).order_by(keys.c.id)
+            ).all()
+            heads.append(
+                CopyHead(
+                    node=node,
+                    entries=int(counts.get(node, 0)),
+                    head_seq=None if head is None else int(head.seq),
+                    head_hash=None if head is None else str(head.hash),
+                    checkpoint=checkpoint,
+                    keys=tuple(public_keys),
+                )
+            )
+    return heads
+
+
+@dataclass(frozen=True)
+class LedgerFilter:
+    """Which of ``node``'s ledger entries to show: empty fields do not filter."""
+
+    node: str
+    runs: tuple[str, ...] = ()
+    data_sets: tuple[str, ...] = ()
+    days: tuple[dt.date, dt.date] | None = None  # recorded between, both included (UTC)
+
+    @property
+    def filters(self) -> bool:
+        return bool(self.runs or self.data_sets or self.days)
+
+
+@dataclass(frozen=True)
+class LedgerFacets:
+    """What a node's ledger copy holds, to offer as filters: its size, its runs and data
+    sets, and the days its entries were recorded on."""
+
+    entries: int
+    runs: tuple[str, ...]
+    data_sets: tuple[str, ...]
+    first_day: dt.date | None
+    last_day: dt.date | None
+
+
+def ledger_facets(engine: Engine, node: str) -> LedgerFacets:
+    """The size, runs, data sets and recording days of ``node``'s ledger copy, counted by
+    the database."""
+    schema = read_schema(engine)
+    if not schema.has("ledger_entries"):
+        return LedgerFacets(0, (), (), None, None)
+    table = _table("ledger_entries")
+    mine = table.c.node == node
+    with engine.connect() as connection:
+        recorded = entry_field(connection.dialect.name, table, "recorded_at").as_string()
+        count, first, last = connection.execute(
+            select(func.count(), func.min(recorded), func.max(recorded)).where(mine)
+        ).one()
+        runs = connection.scalars(
+            select(table.c.run_id).where(mine).distinct().order_by(table.c.run_id)
+        ).all()
+        data_sets = connection.scalars(
+            select(table.c.data_fingerprint)
+            .where(mine)
+            .distinct()
+            .order_by(table.c.data_fingerprint)
+        ).all()
+    return LedgerFacets(
+        entries=int(count),
+        runs=tuple(runs),
+        data_sets=tuple(data_sets),
+        first_day=_day(first),
+        last_day=_day(last),
+    )
+
+
+def _day(recorded_at: str | None) -> dt.date | None:
+    """The UTC day of an entry's ``recorded_at`` (``2026-11-23T19:00:00.123456Z``)."""
+    if not recorded_at:
+        return None
+    try:
+        return dt.date.fromisoformat(recorded_at[:10])
+    except ValueError:
+        return None
+
+
+def _ledger_conditions(
+    connection: Connection, table: Table, wanted: LedgerFilter
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [table.c.node == wanted.node]
+    if wanted.runs:
+        conditions.append(table.c.run_id.in_(wanted.runs))
+    if wanted.data_sets:
+        conditions.append(table.c.data_fingerprint.in_(wanted.data_sets))
+    if wanted.days is not None:
+        # recorded_at is UTC ISO 8601 ending in Z: its text sorts as its time does.
+        recorded = entry_field(connection.dialect.name, table, "recorded_at").as_string()
+        first, last = wanted.days
+        conditions.append(recorded >= first.isoformat())
+        conditions.append(recorded < (last + dt.timedelta(days=1)).isoformat())
+    return conditions
+
+
+def ledger_count(engine: Engine, wanted: LedgerFilter) -> int:
+    """How many of the node's ledger entries ``wanted`` keeps."""
+    schema = read_schema(engine)
+    if not schema.has("ledger_entries"):
+        return 0
+    table = _table("ledger_entries")
+    with engine.connect() as connection:
+        statement = select(func.count()).where(*_ledger_conditions(connection, table, wanted))
+        return int(connection.execute(statement).scalar_one())
+
+
+def ledger_page(engine: Engine, wanted: LedgerFilter, *, offset: int, limit: int) -> pd.DataFrame:
+    """Entries ``offset`` to ``offset + limit`` (in seq order) of those ``wanted`` keeps, one
+    row per entry, with the entry's fields (mode, steps, epsilon, cap, delta, accountant,
+    recorded_at) spread into columns. Only that page is read from the database."""
+    schema = read_schema(engine)
+    if not schema.has("ledger_entries"):
+        return pd.DataFrame(columns=["seq", "recorded_at"])
+    table = _table("ledger_entries")
+    with engine.connect() as connection:
+        statement = (
+            select(table.c.entry)
+            .where(*_ledger_conditions(connection, table, wanted))
+            .order_by(table.c.seq)
+            .offset(max(0, offset))
+            .limit(max(0, limit))
+        )
+        texts = connection.scalars(statement).all()
+    return _entry_frame(texts)
 
 
 def ledger_rows(engine: Engine, node: str) -> pd.DataFrame:
-    """The ledger copy of ``node``, one row per entry in seq order, with the entry's fields
-    (mode, steps, epsilon, cap, delta, accountant, recorded_at) spread into columns."""
+    """The whole ledger copy of ``node``, one row per entry in seq order, with the entry's
+    fields spread into columns (see :func:`ledger_page`, which reads one page of it)."""
     schema = read_schema(engine)
     with engine.connect() as connection:
         frame = _read(
@@ -340,7 +553,11 @@ def ledger_rows(engine: Engine, node: str) -> pd.DataFrame:
             where=[("node", node)],
             order_by=["seq"],
         )
-    fields = pd.json_normalize([_json(text) for text in frame["entry"]])
+    return _entry_frame(list(frame["entry"]))
+
+
+def _entry_frame(texts: Sequence[str]) -> pd.DataFrame:
+    fields = pd.json_normalize([_json(text) for text in texts])
     if fields.empty:
         return pd.DataFrame(columns=["seq", "recorded_at"])
     fields["recorded_at"] = pd.to_datetime(fields["recorded_at"], utc=True, errors="coerce")

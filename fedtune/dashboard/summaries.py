@@ -27,12 +27,25 @@ def budget_series(reports: pd.DataFrame) -> pd.DataFrame:
     """``reports`` with ``series`` (node and data set) and ``step``: the node's rounds on that
     data set, counted over all runs in order (epsilon accumulates across runs)."""
     frame = reports.copy()
-    frame["series"] = [
-        series_label(node, fp)
-        for node, fp in zip(frame["node_name"], frame["data_fingerprint"], strict=True)
-    ]
+    keys = list(
+        zip(frame["node_name"].astype(str), frame["data_fingerprint"].fillna(""), strict=True)
+    )
+    labels = {key: series_label(key[0], key[1] or None) for key in set(keys)}
+    frame["series"] = [labels[key] for key in keys]
     frame["step"] = frame.groupby("series").cumcount() + 1
     return frame
+
+
+def thinned(series: pd.DataFrame, *, most: int) -> pd.DataFrame:
+    """At most about ``most`` rows of each ``series``, evenly spaced, its first and last
+    always among them (a chart of 100,000 rounds looks the same with 2,000)."""
+    if most < 2:
+        raise ValueError(f"most must be at least 2, got {most}")
+    position = series.groupby("series").cumcount()
+    size = series.groupby("series")["series"].transform("size")
+    every = (size + most - 1) // most
+    keep = (position % every == 0) | (position == size - 1)
+    return series[keep]
 
 
 def budget_summary(reports: pd.DataFrame) -> pd.DataFrame:

@@ -62,9 +62,7 @@ def epsilon_of(
         return 0.0
     if accountant != "rdp":
         return float(make_accountant(accountant, history).get_epsilon(delta=delta))
-    rdp = sum(
-        _rdp_of_one_step(float(sigma), float(q)) * int(steps) for sigma, q, steps in history
-    )
+    rdp = sum(_rdp_of_one_step(float(sigma), float(q)) * int(steps) for sigma, q, steps in history)
     epsilon, _ = privacy_analysis.get_privacy_spent(
         orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
     )

@@ -143,7 +143,7 @@ def node_public_keys(session: Session, node: str) -> list[str]:
 
 
 def ledger_nodes(session: Session) -> list[str]:
-    return sorted(set(session.scalars(select(LedgerEntryRow.node))))
+    return sorted(session.scalars(select(LedgerEntryRow.node).distinct()))
 
 
 def add_public_key(session: Session, node: str, public_key: str) -> None:

@@ -1,6 +1,8 @@
 """Privacy budget: per node and data set, epsilon spent over rounds against its cap, the
 remaining budget, delta and accountant; the rounds nodes declined for lack of budget; and
-whether each node's ledger copy verifies against the node's key stored in the database."""
+whether each node's ledger copy verifies against the node's key stored in the database
+(a long copy on request, so that the page opens at once; its verdict stands for every
+visitor until the copy changes)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,15 @@ import streamlit as st
 
 from fedtune.dashboard import charts, common, queries
 from fedtune.dashboard.database import read_schema
-from fedtune.dashboard.ledger_checks import check_copy
-from fedtune.dashboard.summaries import budget_declines, budget_series, budget_summary
+from fedtune.dashboard.summaries import (
+    budget_declines,
+    budget_series,
+    budget_summary,
+    thinned,
+)
+
+CHART_POINTS = 2_000  # per data set: a browser draws a line of many more slowly
+ENTRIES_PER_SECOND = 8_000  # verifying a copy with two CPUs, reading included (roughly)
 
 VERDICT_ICONS = {
     "verifies": "✅ verifies",
@@ -21,8 +30,7 @@ VERDICT_ICONS = {
 }
 
 
-def budget_section() -> None:
-    everything = common.fetch(queries.epsilon_reports)
+def budget_section(everything: pd.DataFrame) -> None:
     if everything.empty:
         common.note_absent(
             "No epsilon reports yet.",
@@ -90,22 +98,30 @@ def budget_section() -> None:
         )
 
 
-def chart_section() -> None:
+def chart_section(everything: pd.DataFrame) -> None:
     st.subheader("Epsilon over rounds")
     runs = common.fetch(queries.runs)
     run = common.pick_run(runs, key="privacy-run", allow_all=True)
-    reports = common.fetch(queries.epsilon_reports, run)
-    if reports.empty:
-        common.note_absent("No epsilon reports for this run.")
-        return
-    series = budget_series(common.fetch(queries.epsilon_reports))
+    series = budget_series(everything)
     if run is not None:
         series = series[series["run_id"] == run]
         x, title = "round", "round"
     else:
         x, title = "step", "rounds trained on the data set (all runs, in order)"
-    st.altair_chart(charts.epsilon_chart(series, x=x, x_title=title), width="stretch")
-    st.caption("Solid: epsilon spent after each round. Dashed, same colour: the data set's cap.")
+    if series.empty:
+        common.note_absent("No epsilon reports for this run.")
+        return
+    drawn = thinned(series, most=CHART_POINTS)
+    st.altair_chart(charts.epsilon_chart(drawn, x=x, x_title=title), width="stretch")
+    st.caption(
+        "Solid: epsilon spent after each round. Dashed, same colour: the data set's cap."
+        + (
+            f" Every round of {len(series):,} would not fit: {len(drawn):,} drawn, evenly "
+            "spaced, each data set's first and latest among them."
+            if len(drawn) < len(series)
+            else ""
+        )
+    )
 
 
 def declines_section() -> None:
@@ -130,40 +146,85 @@ def declines_section() -> None:
 
 def ledger_section() -> None:
     st.subheader("Ledger copies")
-    nodes = common.fetch(queries.ledger_copy_nodes)
-    if nodes is None:
+    heads = common.fetch(queries.ledger_heads)
+    if heads is None:
         common.note_absent(
             "This database has no ledger tables: it predates the epsilon ledger, so there is "
             "nothing to verify."
         )
         return
-    if not nodes:
+    if not heads:
         common.note_absent("No ledger copies yet: nodes send a signed entry with every round.")
         return
-    checks = [common.fetch(check_copy, node) for node in nodes]
+    verdicts = {head.node: common.known_verdict(head) for head in heads}
+    for head in heads:
+        if verdicts[head.node] is None and head.entries <= common.VERIFY_ON_SIGHT_ENTRIES:
+            verdicts[head.node] = common.verify_copy(head)
+    large = [head for head in heads if head.entries > common.VERIFY_ON_SIGHT_ENTRIES]
+    waiting = [head for head in large if verdicts[head.node] is None]
+    targets = waiting or large
+    if targets:
+        entries = sum(head.entries for head in targets)
+        label = f"Verify {_copies(targets)}{'' if waiting else ' again'} ({entries:,} entries)"
+        if st.button(
+            label, key="privacy-verify", icon=":material/verified:", help=_duration(entries)
+        ):
+            with st.spinner(f"Verifying {entries:,} ledger entries…"):
+                for head in targets:
+                    verdicts[head.node] = common.verify_copy(head)
     st.dataframe(
         pd.DataFrame(
             {
-                "node": [c.node for c in checks],
-                "entries": [c.entries for c in checks],
-                "verdict": [VERDICT_ICONS[c.verdict] for c in checks],
-                "detail": [c.message for c in checks],
+                "node": [head.node for head in heads],
+                "entries": [head.entries for head in heads],
+                "verdict": [_verdict_label(verdicts[head.node]) for head in heads],
+                "detail": [_verdict_detail(head, verdicts[head.node]) for head in heads],
             }
         ),
         hide_index=True,
     )
-    for check in checks:
-        if check.verdict == "fails":
+    for verdict in verdicts.values():
+        if verdict is not None and verdict.check.verdict == "fails":
+            check = verdict.check
             st.error(f"The ledger copy of {check.node} does not verify: {check.message}")
     st.caption(
         "Checked against each node's public key stored in this database: chain, signatures "
-        "and the signed head. An auditor verifies the exported file offline (Audit page)."
+        f"and the signed head. Copies of more than {common.VERIFY_ON_SIGHT_ENTRIES:,} entries "
+        "are verified on request; their verdict stands until a new entry arrives. An auditor "
+        "verifies the exported file offline (Audit page)."
+    )
+
+
+def _copies(heads: list[queries.CopyHead]) -> str:
+    return f"{heads[0].node}'s ledger copy" if len(heads) == 1 else f"{len(heads)} ledger copies"
+
+
+def _duration(entries: int) -> str:
+    return f"takes about {max(1, round(entries / ENTRIES_PER_SECOND)):,} s"
+
+
+def _verdict_label(verdict: common.Verdict | None) -> str:
+    return "⏳ not verified yet" if verdict is None else VERDICT_ICONS[verdict.check.verdict]
+
+
+def _verdict_detail(head: queries.CopyHead, verdict: common.Verdict | None) -> str:
+    if verdict is None:
+        return (
+            f"{head.entries:,} entries, too many to verify on every visit: press the button "
+            f"above ({_duration(head.entries)})"
+        )
+    if head.entries <= common.VERIFY_ON_SIGHT_ENTRIES:
+        return verdict.check.message
+    return (
+        f"{verdict.check.message} (verified {verdict.at:%Y-%m-%d %H:%M:%S} UTC, in "
+        f"{verdict.seconds:.0f} s)"
     )
 
 
 st.title("Privacy budget")
-budget_section()
-if not common.fetch(queries.runs).empty:
-    chart_section()
+reports = common.fetch(queries.epsilon_reports)
+budget_section(reports)
+if not reports.empty:
+    chart_section(reports)
 declines_section()
 ledger_section()
