@@ -437,10 +437,15 @@ def _output(process: subprocess.Popen[bytes]) -> str:
     return process.stdout.read().decode(errors="replace")
 
 
-def test_the_dashboard_server_answers_on_loopback_and_stops_on_ctrl_c(coordinator):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "term"])
+def test_the_dashboard_server_answers_on_loopback_and_stops_on_ctrl_c_or_term(
+    coordinator, stop_signal
+):
     port = free_port()
     code = (
-        "import sys; from fedtune.dashboard.launch import run_dashboard; "
+        # As in a terminal: a test run in the background inherits SIGINT ignored.
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from fedtune.dashboard.launch import run_dashboard; "
         f"sys.exit(run_dashboard({coordinator.url!r}, host='127.0.0.1', port={port}))"
     )
     server = subprocess.Popen(
@@ -460,7 +465,7 @@ def test_the_dashboard_server_answers_on_loopback_and_stops_on_ctrl_c(coordinato
                 time.sleep(0.5)
         assert answer == "ok", _output(server)
 
-        server.send_signal(signal.SIGINT)  # Ctrl-C
+        server.send_signal(stop_signal)
         assert server.wait(timeout=30) == 0
         with pytest.raises(ProcessLookupError):  # nothing of it is left: Streamlit stopped too
             os.killpg(server.pid, 0)

@@ -56,14 +56,21 @@ def run_dashboard(db_url: str, *, host: str = "127.0.0.1", port: int = 8501) -> 
     command = streamlit_command(db_url, host=host, port=port)
     print(f"fedtune dashboard: http://{host}:{port} (Ctrl-C stops it)", flush=True)
     process = subprocess.Popen(command)
+    # SIGTERM (kill, docker stop, systemd) stops it as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return process.wait()
     except KeyboardInterrupt:
         stop(process)
         return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if process.poll() is None:
             stop(process)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
