@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.platform.ledger_store import LedgerConflictError
     from fedtune.platform.lora import AdapterMismatchError
     from fedtune.platform.model_store import ModelSpecError
+    from fedtune.platform.storage import DatabaseNotFoundError
 
     return (
         ConfigError,
@@ -42,6 +43,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UnknownVersionError,
         UnknownAbTestError,
         DashboardError,
+        DatabaseNotFoundError,
         FileExistsError,
     )
 
@@ -253,10 +255,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _model_list(args: argparse.Namespace) -> int:
     from fedtune.coordinator.versions import list_versions, production_version
-    from fedtune.platform.audit import database_url
-    from fedtune.platform.storage import open_database
+    from fedtune.platform.storage import database_url, open_database
 
-    engine = open_database(database_url(args.db), create=False)
+    engine = open_database(database_url(args.db, must_exist=True), create=False)
     in_production = production_version(engine)
     print(f"{'version':<36} {'created (UTC)':<20} sha256")
     for version in list_versions(engine):
@@ -268,10 +269,9 @@ def _model_list(args: argparse.Namespace) -> int:
 
 def _model_promote(args: argparse.Namespace) -> int:
     from fedtune.coordinator.versions import promote, resolve_version
-    from fedtune.platform.audit import database_url
-    from fedtune.platform.storage import open_database
+    from fedtune.platform.storage import database_url, open_database
 
-    engine = open_database(database_url(args.db), create=False)
+    engine = open_database(database_url(args.db, must_exist=True), create=False)
     version = resolve_version(engine, args.version)
     promote(engine, version, by=args.by, note=args.note)
     print(f"{version.id} is in production (promoted by {args.by})")
@@ -314,10 +314,9 @@ def _abtest_start(args: argparse.Namespace) -> int:
 
 def _abtest_show(args: argparse.Namespace) -> int:
     from fedtune.coordinator.abtest import abtest_report, format_abtest
-    from fedtune.platform.audit import database_url
-    from fedtune.platform.storage import open_database
+    from fedtune.platform.storage import database_url, open_database
 
-    engine = open_database(database_url(args.db), create=False)
+    engine = open_database(database_url(args.db, must_exist=True), create=False)
     print(format_abtest(abtest_report(engine, args.test_id)))
     return 0
 

@@ -22,12 +22,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from fedtune.dashboard.database import (
     DashboardError,
     check_database,
-    database_url,
     describe_database,
     open_read_only,
 )
 from fedtune.dashboard.ledger_checks import CopyCheck, check_copy
 from fedtune.dashboard.queries import CopyHead
+from fedtune.platform.storage import database_url
 
 ENV_VAR = "FEDTUNE_DASHBOARD_DB"  # where the database URL is read when no --db is given
 CACHE_SECONDS = 5

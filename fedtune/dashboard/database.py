@@ -16,6 +16,8 @@ from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from fedtune.platform.storage import database_url
+
 # Tables every fedtune coordinator database has had since its first version.
 REQUIRED_TABLES = ("runs", "rounds")
 
@@ -34,13 +36,6 @@ class Schema:
         if table not in self.columns:
             return False
         return column is None or column in self.columns[table]
-
-
-def database_url(value: str) -> str:
-    """``value`` as an SQLAlchemy URL: a URL as given, a plain path as a SQLite file."""
-    if "://" in value:
-        return value
-    return f"sqlite:///{Path(value).expanduser().resolve()}"
 
 
 def sqlite_path(url: str) -> Path | None:

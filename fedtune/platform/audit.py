@@ -28,26 +28,16 @@ from fedtune.platform.ledger_store import (
     node_public_keys,
 )
 from fedtune.platform.signing import load_public_key
-from fedtune.platform.storage import open_database, transaction
+from fedtune.platform.storage import database_url, open_database, transaction
 
 
 class AuditError(ValueError):
     """The export or report cannot be made as asked."""
 
 
-def database_url(value: str) -> str:
-    """``value`` as an SQLAlchemy URL: a URL as given, a plain path as a SQLite file."""
-    if "://" in value:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise AuditError(f"{value}: no such database file")
-    return f"sqlite:///{path.resolve()}"
-
-
 def export_ledger(db: str, *, node: str, out: Path) -> int:
     """Write ``node``'s ledger from database ``db`` to ``out``; returns the entry count."""
-    engine = open_database(database_url(db), create=False)
+    engine = open_database(database_url(db, must_exist=True), create=False)
     with transaction(engine) as session:
         entries = ledger_entries(session, node)
         checkpoint = latest_checkpoint(session, node)

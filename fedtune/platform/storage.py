@@ -233,6 +233,25 @@ class HealthAlert(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class DatabaseNotFoundError(ValueError):
+    """A SQLite database file that should exist does not."""
+
+
+def database_url(value: str, *, must_exist: bool = False) -> str:
+    """``value`` as an SQLAlchemy URL: a URL as given, a plain path as a SQLite file.
+
+    ``must_exist``: refuse a SQLite file that is not there (SQLite would create it empty).
+    """
+    url = value if "://" in value else f"sqlite:///{Path(value).expanduser().resolve()}"
+    if must_exist:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            path = Path(str(parsed.database)).expanduser()
+            if not path.is_file():
+                raise DatabaseNotFoundError(f"{value}: no such database file")
+    return url
+
+
 def open_database(url: str, *, create: bool = True) -> Engine:
     """An engine for ``url``; creates a SQLite file's folder and the schema when asked."""
     parsed = make_url(url)
