@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,3 +86,58 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> 
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value if not isinstance(value, Path) else str(value))
+
+
+def tiny_run_toml(
+    model: Path | str,
+    *,
+    nodes: list[dict[str, Any]],
+    run: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
+) -> str:
+    """A federated run on ``model`` that trains fast: two DP steps of 16 examples per round.
+
+    Each node is ``{"name": ..., "domain": "hospital" | "bank", **per-node keys}`` and reads
+    ``data/<domain>/train.jsonl`` and ``held_out.jsonl`` next to the run file; the output goes
+    to ``out/``. ``run``, ``training`` and ``privacy`` add or override keys of those sections.
+    """
+    sections: dict[str, dict[str, Any]] = {
+        "run": {"rounds": 2, **(run or {})},
+        "model": {"spec": str(model)},
+        "data": {"max_length": 160},
+        "training": {
+            "steps": 2,
+            "batch_size": 16,
+            "physical_batch_size": 8,
+            "seed": 0,
+            **(training or {}),
+        },
+        "privacy": {"target_epsilon": 8.0, **(privacy or {})},
+    }
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+        lines.append("")
+    for node in nodes:
+        extra = {k: v for k, v in node.items() if k not in ("name", "domain")}
+        domain = node.get("domain", node["name"])
+        lines += [
+            "[[nodes]]",
+            f"name = {_toml_value(node['name'])}",
+            f'train = "data/{domain}/train.jsonl"',
+            f'eval = "data/{domain}/held_out.jsonl"',
+        ]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in extra.items()]
+        lines.append("")
+    lines += ["[output]", 'dir = "out"', ""]
+    return "\n".join(lines)

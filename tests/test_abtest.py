@@ -6,6 +6,7 @@ import json
 import pytest
 from sqlalchemy import select
 
+from conftest import tiny_run_toml
 from fedtune.cli import main
 from fedtune.client_node.data import load_conversations
 from fedtune.client_node.demo_data import write_demo_data
@@ -20,49 +21,21 @@ from fedtune.platform.config import load_run_config
 from fedtune.platform.storage import AbTest, AbTestResult, open_database, transaction
 from fedtune.simulation import simulate, simulate_abtest
 
-RUN = """
-[run]
-rounds = 1
-ab_test_against_production = true
-
-[model]
-spec = "{model}"
-
-[data]
-max_length = 160
-
-[training]
-steps = 2
-batch_size = 16
-physical_batch_size = 8
-learning_rate = 0.05
-seed = 0
-
-[privacy]
-mode = "non-private"
-
-[[nodes]]
-name = "hospital"
-train = "data/hospital/train.jsonl"
-eval = "data/hospital/held_out.jsonl"
-
-[[nodes]]
-name = "bank"
-train = "data/bank/train.jsonl"
-eval = "data/bank/held_out.jsonl"
-share_per_example_scores = false
-
-[output]
-dir = "out"
-"""
-
 
 @pytest.fixture(scope="module")
 def tested(tmp_path_factory, tiny_model_dir):
     workdir = tmp_path_factory.mktemp("abtest")
     write_demo_data(workdir / "data", domain="hospital", train=32, held_out=8)
     write_demo_data(workdir / "data", domain="bank", train=32, held_out=8)
-    (workdir / "run.toml").write_text(RUN.format(model=tiny_model_dir))
+    (workdir / "run.toml").write_text(
+        tiny_run_toml(
+            tiny_model_dir,
+            run={"rounds": 1, "ab_test_against_production": True},
+            training={"learning_rate": 0.05},
+            privacy={"mode": "non-private"},
+            nodes=[{"name": "hospital"}, {"name": "bank", "share_per_example_scores": False}],
+        )
+    )
     config = load_run_config(workdir / "run.toml")
     engine = open_database(config.database_url)
     promote(engine, resolve_version(engine, "base"), by="test")

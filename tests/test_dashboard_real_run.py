@@ -16,6 +16,7 @@ import streamlit as st
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from conftest import tiny_run_toml
 from dashboard_data import chart_data, frames, open_page, texts
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.coordinator.abtest import AbTestPlan
@@ -37,41 +38,7 @@ from fedtune.platform.storage import (
 from fedtune.simulation import simulate, simulate_abtest
 
 BANK_CAP = 3.5  # the bank spends about 3.1 in round 1 and would pass 3.5 in round 2
-RUN = """
-[run]
-name = "dashboard-real-run"
-rounds = 2
 
-[model]
-spec = "{model}"
-
-[data]
-max_length = 160
-
-[training]
-steps = 2
-batch_size = 16
-physical_batch_size = 8
-seed = 0
-
-[privacy]
-target_epsilon = 8.0
-
-[[nodes]]
-name = "hospital"
-train = "data/hospital/train.jsonl"
-eval = "data/hospital/held_out.jsonl"
-
-[[nodes]]
-name = "bank"
-train = "data/bank/train.jsonl"
-eval = "data/bank/held_out.jsonl"
-target_epsilon = 4.0
-epsilon_cap = {bank_cap}
-
-[output]
-dir = "out"
-"""
 PAGES = [None, "views/privacy.py", "views/ab_tests.py", "views/health.py", "views/audit.py"]
 
 
@@ -88,7 +55,16 @@ def federated_run(workdir: Path, model_dir: Path) -> RealRun:
     against the base model; returns where the coordinator's database is."""
     write_demo_data(workdir / "data", domain="hospital", train=48, held_out=8)
     write_demo_data(workdir / "data", domain="bank", train=48, held_out=8)
-    (workdir / "run.toml").write_text(RUN.format(model=model_dir, bank_cap=BANK_CAP))
+    (workdir / "run.toml").write_text(
+        tiny_run_toml(
+            model_dir,
+            run={"name": "dashboard-real-run"},
+            nodes=[
+                {"name": "hospital"},
+                {"name": "bank", "target_epsilon": 4.0, "epsilon_cap": BANK_CAP},
+            ],
+        )
+    )
     config = load_run_config(workdir / "run.toml")
     run_id = simulate(config, progress=lambda line: None)
     engine = open_database(config.database_url)

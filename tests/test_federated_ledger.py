@@ -7,6 +7,7 @@ import json
 import pytest
 from sqlalchemy import select
 
+from conftest import tiny_run_toml
 from fedtune.cli import main
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.client_node.node_ledger import NodeLedger, ledger_url
@@ -15,49 +16,22 @@ from fedtune.platform.ledger_store import ledger_entries
 from fedtune.platform.storage import RejectedUpdate, Round, open_database, transaction
 from fedtune.simulation import simulate
 
-RUN = """
-[run]
-name = "capped"
-rounds = 3
-
-[model]
-spec = "{model}"
-
-[data]
-max_length = 160
-
-[training]
-steps = 2
-batch_size = 16
-physical_batch_size = 8
-seed = 0
-
-[privacy]
-target_epsilon = 8.0
-
-[[nodes]]
-name = "hospital"
-train = "data/hospital/train.jsonl"
-eval = "data/hospital/held_out.jsonl"
-
-[[nodes]]
-name = "bank"
-train = "data/bank/train.jsonl"
-eval = "data/bank/held_out.jsonl"
-target_epsilon = 4.0
-epsilon_cap = 3.0
-
-[output]
-dir = "out"
-"""
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     workdir = tmp_path_factory.mktemp("capped")
     write_demo_data(workdir / "data", domain="hospital", train=48, held_out=8)
     write_demo_data(workdir / "data", domain="bank", train=48, held_out=8)
-    (workdir / "run.toml").write_text(RUN.format(model=tiny_model_dir))
+    (workdir / "run.toml").write_text(
+        tiny_run_toml(
+            tiny_model_dir,
+            run={"name": "capped", "rounds": 3},
+            nodes=[
+                {"name": "hospital"},
+                {"name": "bank", "target_epsilon": 4.0, "epsilon_cap": 3.0},
+            ],
+        )
+    )
     config = load_run_config(workdir / "run.toml")
     run_id = simulate(config, progress=lambda line: None)
     return workdir, config, run_id, open_database(config.database_url)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, tiny_run_toml
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.platform.config import load_run_config
 from fedtune.platform.storage import (
@@ -25,48 +25,6 @@ from fedtune.platform.storage import (
 )
 from fedtune.simulation import simulate
 
-RUN = """
-[run]
-name = "test"
-rounds = 2
-
-[model]
-spec = "{model}"
-
-[data]
-max_length = 160
-
-[training]
-steps = 2
-batch_size = 16
-physical_batch_size = 8
-learning_rate = 0.02
-seed = 0
-
-[privacy]
-target_epsilon = 8.0
-
-[[nodes]]
-name = "hospital"
-train = "data/hospital/train.jsonl"
-eval = "data/hospital/held_out.jsonl"
-
-[[nodes]]
-name = "bank"
-train = "data/bank/train.jsonl"
-eval = "data/bank/held_out.jsonl"
-target_epsilon = 4.0
-
-[[nodes]]
-name = "outsider"
-model = "{other_model}"
-train = "data/bank/train.jsonl"
-eval = "data/bank/held_out.jsonl"
-
-[output]
-dir = "out"
-"""
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
@@ -76,7 +34,18 @@ def run(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(other)
     write_demo_data(workdir / "data", domain="hospital", train=64, held_out=8)
     write_demo_data(workdir / "data", domain="bank", train=48, held_out=8)
-    (workdir / "run.toml").write_text(RUN.format(model=tiny_model_dir, other_model=other))
+    (workdir / "run.toml").write_text(
+        tiny_run_toml(
+            tiny_model_dir,
+            run={"name": "test"},
+            training={"learning_rate": 0.02},
+            nodes=[
+                {"name": "hospital"},
+                {"name": "bank", "target_epsilon": 4.0},
+                {"name": "outsider", "domain": "bank", "model": str(other)},
+            ],
+        )
+    )
     config = load_run_config(workdir / "run.toml")
     lines: list[str] = []
     run_id = simulate(config, progress=lines.append)
