@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.platform.ledger_store import LedgerConflictError
     from fedtune.platform.lora import AdapterMismatchError
     from fedtune.platform.model_store import ModelSpecError
+    from fedtune.platform.signing import KeyFileError
     from fedtune.platform.storage import DatabaseNotFoundError
 
     return (
@@ -44,6 +45,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UnknownAbTestError,
         DashboardError,
         DatabaseNotFoundError,
+        KeyFileError,
         FileExistsError,
     )
 

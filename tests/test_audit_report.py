@@ -147,7 +147,7 @@ def test_write_report_refuses_to_overwrite(tmp_path):
     target = tmp_path / "report.html"
     target.write_text("earlier report", encoding="utf-8")
 
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="not overwritten"):
         write_report(target, "<html></html>")
 
     assert target.read_text(encoding="utf-8") == "earlier report"

@@ -332,7 +332,7 @@ def test_existing_file_is_not_overwritten(ledger: Path, key: NodeKey) -> None:
     entries = read_ledger_file(ledger).entries
     checkpoint = sign_checkpoint(node=NODE, head=entries[-1], key=key)
 
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="not overwritten"):
         write_ledger_file(
             ledger, node=NODE, public_key=key.public_key, entries=entries, checkpoint=checkpoint
         )

@@ -116,9 +116,7 @@ def write_report(path: str | os.PathLike[str], html: str, *, overwrite: bool = F
         with target.open("w" if overwrite else "x", encoding="utf-8") as handle:
             handle.write(html)
     except FileExistsError:
-        raise FileExistsError(
-            f"{target} already exists; pass overwrite=True to replace it"
-        ) from None
+        raise FileExistsError(f"{target} already exists; it is not overwritten") from None
     return target
 
 

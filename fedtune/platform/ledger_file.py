@@ -96,7 +96,7 @@ def write_ledger_file(
             "(or another head hash): sign a checkpoint of the last entry"
         )
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} already exists; it is not overwritten")
     header = {
         "type": "header",
         "format": LEDGER_FORMAT,

@@ -24,6 +24,10 @@ _PUBLIC_KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 
 
+class KeyFileError(ValueError):
+    """A key file or key text that cannot be used (unreadable, wrong format, wrong kind)."""
+
+
 class NodeKey:
     """A node's Ed25519 private key: signs ledger entries and checkpoints."""
 
@@ -48,9 +52,9 @@ class NodeKey:
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{path} is not an unencrypted PEM private key ({error})") from None
+            raise KeyFileError(f"{path} is not an unencrypted PEM private key ({error})") from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+            raise KeyFileError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
         return cls(key)
 
     @classmethod
@@ -121,7 +125,7 @@ def load_public_key(value: str | Path) -> Ed25519PublicKey:
         try:
             data = path.read_bytes()
         except OSError as error:
-            raise ValueError(f"cannot read public key file {path}: {error.strerror}") from None
+            raise KeyFileError(f"cannot read public key file {path}: {error.strerror}") from None
         return _parse_public_key(data, source=str(path))
     return _parse_public_key(value.encode("utf-8", errors="replace"), source="the given text")
 
@@ -151,15 +155,15 @@ def _parse_public_key(data: bytes, *, source: str) -> Ed25519PublicKey:
     text = data.strip()
     if text.startswith(b"-----BEGIN"):
         if b"PRIVATE KEY" in text.split(b"\n", 1)[0]:
-            raise ValueError(
+            raise KeyFileError(
                 f"{source} is a private key; give the public key (the .pub file or its base64)"
             )
         try:
             key = serialization.load_pem_public_key(text)
         except ValueError as error:
-            raise ValueError(f"{source} is not a valid PEM public key ({error})") from None
+            raise KeyFileError(f"{source} is not a valid PEM public key ({error})") from None
         if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"{source} holds a {type(key).__name__}, not an Ed25519 public key")
+            raise KeyFileError(f"{source} holds a {type(key).__name__}, not an Ed25519 public key")
         return key
     try:
         raw = base64.b64decode(text, validate=True)
@@ -167,7 +171,7 @@ def _parse_public_key(data: bytes, *, source: str) -> Ed25519PublicKey:
         raw = b""
     if len(raw) != _PUBLIC_KEY_BYTES:
         shown = source if source != "the given text" else repr(data.decode(errors="replace")[:60])
-        raise ValueError(
+        raise KeyFileError(
             f"{shown} is neither a public-key file (PEM or base64) nor the base64 text of a "
             f"{_PUBLIC_KEY_BYTES}-byte Ed25519 public key"
         )
