@@ -32,7 +32,7 @@ def tested(tmp_path_factory, tiny_model_dir):
             tiny_model_dir,
             run={"rounds": 1, "ab_test_against_production": True},
             training={"learning_rate": 0.05},
-            privacy={"mode": "non-private"},
+            privacy={"mode": "non-private", "allow_non_private_updates": True},
             nodes=[{"name": "hospital"}, {"name": "bank", "share_per_example_scores": False}],
         )
     )

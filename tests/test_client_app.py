@@ -12,6 +12,7 @@ from peft import get_peft_model_state_dict
 from fedtune.client_node import client_app
 from fedtune.client_node.client_app import BaseModelMismatchError, handle_evaluate, handle_train
 from fedtune.client_node.demo_data import write_demo_data
+from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.config import (
     DataConfig,
     LoraSettings,
@@ -98,7 +99,7 @@ def test_a_node_refuses_a_round_for_another_base_model(node, tiny_model_dir):
 
     assert other in str(error.value)
     assert model_dir_fingerprint(tiny_model_dir) in str(error.value)
-    assert not (node.node.state_dir / "privacy").exists()  # nothing was spent
+    assert NodeLedger(node.node.state_dir, node="hospital").entries() == []  # nothing spent
 
 
 def test_train_replies_with_the_update_metrics_and_privacy_report(node, tiny_model_dir):
@@ -129,6 +130,17 @@ def test_a_node_declines_a_round_past_its_privacy_plan(node, tiny_model_dir):
     assert "decline" in second.content.config_records
     assert "planned rounds" in second.content.config_records["decline"]["reason"]
     assert "arrays" not in second.content.array_records
+
+
+def test_a_non_private_node_declines_unless_allowed_to_send_such_updates(node, tiny_model_dir):
+    fingerprint = model_dir_fingerprint(tiny_model_dir)
+    non_private = node.model_copy(update={"privacy": PrivacySettings(mode="non-private")})
+
+    reply = handle_train(non_private, server_message(tiny_model_dir, fingerprint=fingerprint))
+
+    assert "allow_non_private_updates" in str(reply.content.config_records["decline"]["reason"])
+    assert not reply.content.array_records  # no update left the node
+    assert NodeLedger(node.node.state_dir, node="hospital").entries() == []
 
 
 def test_evaluate_sends_only_metrics(node, tiny_model_dir):

@@ -165,6 +165,15 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
         }
     )
     privacy = config.privacy.model_copy(update={"planned_rounds": instructions.planned_rounds})
+    if privacy.mode == "non-private" and not privacy.allow_non_private_updates:
+        reason = (
+            f"node {config.node.name} trains without differential privacy (privacy.mode = "
+            '"non-private") and does not send such updates; set '
+            "privacy.allow_non_private_updates = true to allow it (comparisons only)"
+        )
+        return Message(
+            decline_content(identity=runtime.identity(), reason=reason), reply_to=message
+        )
     metrics: dict[str, int | float] = {}
     evaluate_seconds = 0.0
     if instructions.evaluate_local_model and server_round == 1:

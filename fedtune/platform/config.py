@@ -125,6 +125,11 @@ class PrivacySettings(_Section):
         default=None,
         description="Use this noise multiplier instead of calibrating one to the target.",
     )
+    allow_non_private_updates: bool = Field(
+        default=False,
+        description='With mode = "non-private", a federated node declines to train unless '
+        "this is true: an update trained without DP carries no privacy guarantee.",
+    )
 
     @property
     def cap(self) -> float:
