@@ -283,19 +283,14 @@ def _model_promote(args: argparse.Namespace) -> int:
 def _abtest_start(args: argparse.Namespace) -> int:
     from fedtune.coordinator.abtest import DEFAULT_METRICS, AbTestPlan, abtest_report, format_abtest
     from fedtune.coordinator.versions import resolve_version
-    from fedtune.platform.fingerprint import model_dir_fingerprint
-    from fedtune.platform.model_store import resolve_model_dir
-    from fedtune.platform.storage import open_database
+    from fedtune.platform.storage import database_url, open_database
     from fedtune.simulation import simulate_abtest
 
     config = load_run_config(args.config)
-    engine = open_database(config.database_url)
+    engine = open_database(database_url(config.database_url, must_exist=True))
     a, b = resolve_version(engine, args.a), resolve_version(engine, args.b)
-    fingerprint = a.base_model_fingerprint or b.base_model_fingerprint
-    if fingerprint is None:
-        fingerprint = model_dir_fingerprint(
-            resolve_model_dir(config.model.spec, cache_dir=config.model.cache_dir)
-        )
+    # At most one side is `base`: the base model is the one the other side adapts.
+    fingerprint = a.base_model_fingerprint or b.base_model_fingerprint or ""
     try:
         plan = AbTestPlan(
             version_a=a,
@@ -350,7 +345,7 @@ def _audit_report(args: argparse.Namespace) -> int:
     from fedtune.platform.audit import audit_ledger, write_audit_report
 
     outcome = audit_ledger(args.ledger, public_key=args.public_key)
-    path = write_audit_report(outcome, args.ledger, out=args.out)
+    path = write_audit_report(outcome, out=args.out)
     verdict = "verified" if outcome.verification.ok else f"FAILED: {outcome.verification.problem}"
     checked = [r for r in outcome.recomputations if not r.skipped]
     print(f"{path}: ledger {verdict}")

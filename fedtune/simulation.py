@@ -26,7 +26,7 @@ from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
 from fedtune.client_node.node_ledger import node_key
-from fedtune.coordinator.abtest import AbTestPlan, run_abtest
+from fedtune.coordinator.abtest import AbTestPlan, new_test_id, run_abtest
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
 from fedtune.platform.storage import AbTest, Run, open_database, transaction
@@ -150,7 +150,7 @@ def simulate_abtest(
 ) -> str:
     """An A/B test on the simulated nodes of ``config``; returns the stored test's id."""
     engine = open_database(config.database_url)
-    test_id = new_run_id().replace("Z-", "Z-ab-")
+    test_id = new_test_id()
     app = ServerApp()
 
     @app.main()

@@ -41,7 +41,6 @@ GENERATION_METRICS: Mapping[str, Callable[[str, str], float]] = {
     "exact-match": exact_match,
 }
 KNOWN_METRICS = ("loss", *GENERATION_METRICS)
-BINARY_METRICS = ("exact-match",)
 
 
 def held_out_pairs(runtime: Any, max_examples: int) -> tuple[list[Any], ChatDataset]:

@@ -16,17 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from fedtune.platform.accounting import HistoryEntry
 from fedtune.platform.ledger import Checkpoint, LedgerEntry, seal_entry, sign_checkpoint
 from fedtune.platform.ledger_store import (
-    LedgerEntryRow,
     add_public_key,
     append_entries,
     create_ledger_tables,
     ledger_entries,
+    ledger_head,
 )
 from fedtune.platform.signing import NodeKey
 from fedtune.platform.storage import open_database, transaction
@@ -58,17 +57,7 @@ class NodeLedger:
 
     def entries(self, data_fingerprint: str | None = None) -> list[LedgerEntry]:
         with transaction(self.engine) as session:
-            if data_fingerprint is None:
-                return ledger_entries(session, self.node)
-            rows = session.scalars(
-                select(LedgerEntryRow)
-                .where(
-                    LedgerEntryRow.node == self.node,
-                    LedgerEntryRow.data_fingerprint == data_fingerprint,
-                )
-                .order_by(LedgerEntryRow.seq)
-            )
-            return [row.sealed() for row in rows]
+            return ledger_entries(session, self.node, data_fingerprint=data_fingerprint)
 
     def dp_history(self, data_fingerprint: str) -> list[HistoryEntry]:
         """The accountant history of the data set's private rounds, in order."""
@@ -82,8 +71,8 @@ class NodeLedger:
         """Seal ``fields`` (every entry field but ``node``, ``seq`` and ``prev_hash``) as the
         next entry, sign the new head, store both; returns them."""
         with self._locked(), transaction(self.engine) as session:
-            entries = ledger_entries(session, self.node)
-            head = entries[-1] if entries else None
+            head_row = ledger_head(session, self.node)
+            head = head_row.sealed() if head_row is not None else None
             entry = seal_entry({**fields, "node": self.node}, previous=head, key=self.key)
             checkpoint = sign_checkpoint(node=self.node, head=entry, key=self.key)
             append_entries(session, [entry], checkpoint, contiguous=True)

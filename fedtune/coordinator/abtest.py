@@ -167,6 +167,10 @@ def compare_scope(
     return apply_holm(comparisons, alpha=alpha)
 
 
+def new_test_id() -> str:
+    return datetime.now(UTC).strftime("ab-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
 def run_abtest(
     grid: Grid,
     engine: Engine,
@@ -179,7 +183,7 @@ def run_abtest(
 ) -> str:
     """Run ``plan`` over the nodes reachable through ``grid``; returns the stored test's id.
     ``on_reply`` sees every reply as received (tests use it to inspect what nodes send)."""
-    test_id = test_id or datetime.now(UTC).strftime("ab-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    test_id = test_id or new_test_id()
     with transaction(engine) as session:
         session.add(
             AbTest(
@@ -293,6 +297,11 @@ def _finish(engine: Engine, test_id: str, *, status: str, error: str | None = No
             test.status, test.error, test.finished_at = status, error, datetime.now(UTC)
 
 
+_RESULT_FIELDS = tuple(
+    column.name for column in AbTestResult.__table__.columns if column.name not in ("id", "test_id")
+)
+
+
 def abtest_report(engine: Engine, test_id: str) -> dict[str, Any]:
     """The stored test and its results, as plain data."""
     with transaction(engine) as session:
@@ -314,29 +323,7 @@ def abtest_report(engine: Engine, test_id: str) -> dict[str, Any]:
             "error": test.error,
             "metrics": test.metrics,
             "nodes": test.nodes,
-            "results": [
-                {
-                    column: getattr(row, column)
-                    for column in (
-                        "scope",
-                        "metric",
-                        "higher_is_better",
-                        "examples",
-                        "mean_a",
-                        "mean_b",
-                        "difference",
-                        "ci_low",
-                        "ci_high",
-                        "confidence",
-                        "test",
-                        "p_value",
-                        "p_adjusted",
-                        "verdict",
-                        "detail",
-                    )
-                }
-                for row in rows
-            ],
+            "results": [{name: getattr(row, name) for name in _RESULT_FIELDS} for row in rows],
         }
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import RecordDict
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from fedtune.platform.ledger import (
@@ -25,7 +24,7 @@ from fedtune.platform.ledger import (
     LedgerEntry,
     LedgerFormatError,
 )
-from fedtune.platform.ledger_store import LedgerEntryRow
+from fedtune.platform.ledger_store import ledger_head
 from fedtune.platform.messages import PRIVACY, ledger_from_content
 from fedtune.platform.signing import verify_signature
 from fedtune.platform.storage import transaction
@@ -94,12 +93,7 @@ class LedgerCheck:
 
     def _continuity_problem(self, entry: LedgerEntry) -> str | None:
         with transaction(self.engine) as session:
-            head = session.scalars(
-                select(LedgerEntryRow)
-                .where(LedgerEntryRow.node == entry.node)
-                .order_by(LedgerEntryRow.seq.desc())
-                .limit(1)
-            ).first()
+            head = ledger_head(session, entry.node)
         if head is None:
             return None
         if entry.seq <= head.seq:

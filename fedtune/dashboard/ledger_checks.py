@@ -216,7 +216,7 @@ def audit_files(engine: Engine, node: str) -> AuditFiles:
         except ValueError as error:
             raise DashboardError(f"cannot export the ledger copy of {node}: {error}") from None
         outcome = audit_ledger(ledger, public_key=copy.keys[-1])
-        report = write_audit_report(outcome, ledger, out=Path(folder) / "report.html")
+        report = write_audit_report(outcome, out=Path(folder) / "report.html")
         return AuditFiles(
             node=node,
             entries=len(copy.entries),

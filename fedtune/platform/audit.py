@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedtune.platform.audit_report import render_report, write_report
 from fedtune.platform.independent_accounting import Recomputation, recompute_ledger
 from fedtune.platform.ledger_file import (
+    LedgerFile,
     LedgerVerification,
     read_ledger_file,
-    verify_ledger_file,
+    verify_ledger,
     write_ledger_file,
 )
 from fedtune.platform.ledger_store import (
@@ -56,6 +57,7 @@ def export_ledger(db: str, *, node: str, out: Path) -> int:
 
 @dataclass(frozen=True)
 class AuditOutcome:
+    ledger: LedgerFile
     verification: LedgerVerification
     recomputations: list[Recomputation]
     trusted_key_given: bool
@@ -76,7 +78,7 @@ def audit_ledger(ledger: Path, *, public_key: str | Path | None) -> AuditOutcome
     trusted: Ed25519PublicKey = load_public_key(
         public_key if public_key is not None else str(parsed.header["public_key"])
     )
-    verification = verify_ledger_file(ledger, public_key=trusted)
+    verification = verify_ledger(parsed, public_key=trusted)
     # dp-accounting logs each fractional RDP order it drops; the report states the method.
     absl = logging.getLogger("absl")
     level = absl.level
@@ -85,11 +87,13 @@ def audit_ledger(ledger: Path, *, public_key: str | Path | None) -> AuditOutcome
         recomputations = recompute_ledger([entry.to_dict() for entry in parsed.entries])
     finally:
         absl.setLevel(level)
-    return AuditOutcome(verification, recomputations, trusted_key_given=public_key is not None)
+    return AuditOutcome(
+        parsed, verification, recomputations, trusted_key_given=public_key is not None
+    )
 
 
-def write_audit_report(outcome: AuditOutcome, ledger: Path, *, out: Path) -> Path:
-    parsed = read_ledger_file(ledger)
+def write_audit_report(outcome: AuditOutcome, *, out: Path) -> Path:
+    parsed = outcome.ledger
     verification = outcome.verification
     problem = str(verification.problem) if verification.problem is not None else None
     notes = list(verification.notes)

@@ -228,13 +228,27 @@ def verify_ledger_file(
     and ``workers`` are passed to :func:`~fedtune.platform.ledger.verify_chain`.
     """
     path = Path(path)
-    if not isinstance(public_key, Ed25519PublicKey):
-        public_key = load_public_key(public_key)
     try:
         ledger = read_ledger_file(path)
     except LedgerFormatError as error:
         problem = LedgerProblem(seq=error.seq, position=None, reason=error.detail, line=error.line)
         return LedgerVerification(path=path, ok=False, problem=problem, summary={})
+    return verify_ledger(
+        ledger, public_key=public_key, parallel_threshold=parallel_threshold, workers=workers
+    )
+
+
+def verify_ledger(
+    ledger: LedgerFile,
+    *,
+    public_key: Ed25519PublicKey | str | Path,
+    parallel_threshold: int = PARALLEL_THRESHOLD,
+    workers: int | None = None,
+) -> LedgerVerification:
+    """:func:`verify_ledger_file` on a ledger file already read."""
+    path = ledger.path
+    if not isinstance(public_key, Ed25519PublicKey):
+        public_key = load_public_key(public_key)
     notes = []
     trusted = public_key_text(public_key)
     if ledger.header["public_key"] != trusted:

@@ -52,7 +52,7 @@ class LedgerEntryRow(LedgerBase):
     )
 
     def sealed(self) -> LedgerEntry:
-        return LedgerEntry.from_dict(json.loads(self.entry))
+        return entry_from_json(self.entry)
 
 
 class LedgerCheckpointRow(LedgerBase):
@@ -118,11 +118,24 @@ def create_ledger_tables(engine: Engine) -> None:
     LedgerBase.metadata.create_all(engine)
 
 
-def ledger_entries(session: Session, node: str) -> list[LedgerEntry]:
-    rows = session.scalars(
-        select(LedgerEntryRow).where(LedgerEntryRow.node == node).order_by(LedgerEntryRow.seq)
-    )
-    return [row.sealed() for row in rows]
+def ledger_entries(
+    session: Session, node: str, *, data_fingerprint: str | None = None
+) -> list[LedgerEntry]:
+    """``node``'s stored entries in order (only those of one data set, if given)."""
+    query = select(LedgerEntryRow).where(LedgerEntryRow.node == node)
+    if data_fingerprint is not None:
+        query = query.where(LedgerEntryRow.data_fingerprint == data_fingerprint)
+    return [row.sealed() for row in session.scalars(query.order_by(LedgerEntryRow.seq))]
+
+
+def ledger_head(session: Session, node: str) -> LedgerEntryRow | None:
+    """The stored entry of ``node`` with the highest seq."""
+    return session.scalars(
+        select(LedgerEntryRow)
+        .where(LedgerEntryRow.node == node)
+        .order_by(LedgerEntryRow.seq.desc())
+        .limit(1)
+    ).first()
 
 
 def latest_checkpoint(session: Session, node: str) -> Checkpoint | None:
@@ -160,7 +173,7 @@ def entry_row(entry: LedgerEntry) -> LedgerEntryRow:
         round=entry.round,
         epsilon_after=entry.epsilon_after,
         hash=entry.hash,
-        entry=json.dumps(entry.to_dict(), sort_keys=True),
+        entry=_json(entry),
     )
 
 
@@ -168,7 +181,7 @@ def checkpoint_row(checkpoint: Checkpoint) -> LedgerCheckpointRow:
     return LedgerCheckpointRow(
         node=checkpoint.node,
         seq=checkpoint.seq,
-        checkpoint=json.dumps(checkpoint.to_dict(), sort_keys=True),
+        checkpoint=_json(checkpoint),
     )
 
 
@@ -185,12 +198,7 @@ def append_entries(
     coordinator keeps copies of what reached it, which may skip entries a node spent alone.
     """
     for entry in entries:
-        head = session.scalars(
-            select(LedgerEntryRow)
-            .where(LedgerEntryRow.node == entry.node)
-            .order_by(LedgerEntryRow.seq.desc())
-            .limit(1)
-        ).first()
+        head = ledger_head(session, entry.node)
         if head is not None and entry.seq <= head.seq:
             raise LedgerConflictError(
                 f"ledger of {entry.node} already holds entry {entry.seq} (head is {head.seq})"
@@ -213,5 +221,5 @@ def entry_from_json(text: str) -> LedgerEntry:
     return LedgerEntry.from_dict(json.loads(text))
 
 
-def to_json(value: LedgerEntry | Checkpoint) -> str:
+def _json(value: LedgerEntry | Checkpoint) -> str:
     return json.dumps(value.to_dict(), sort_keys=True)
