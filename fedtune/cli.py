@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedtune.cli_deployment import add_commands as add_deployment_commands
 from fedtune.client_node.demo_data import DOMAINS, write_demo_data
 from fedtune.platform.config import ConfigError, load_node_config, load_run_config
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can act on: printed as one clear line, exit code 2, no traceback."""
+    from fedtune.cli_deployment import main_error_types
     from fedtune.client_node.data import DataError
     from fedtune.coordinator.abtest import UnknownAbTestError
     from fedtune.coordinator.versions import UnknownVersionError
@@ -30,9 +32,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.platform.lora import AdapterMismatchError
     from fedtune.platform.model_store import ModelSpecError
     from fedtune.platform.signing import KeyFileError
-    from fedtune.platform.storage import DatabaseNotFoundError
+    from fedtune.platform.storage import DatabaseNotFoundError, DatabaseVersionError
 
     return (
+        *main_error_types(),
         ConfigError,
         DataError,
         ModelSpecError,
@@ -45,6 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UnknownAbTestError,
         DashboardError,
         DatabaseNotFoundError,
+        DatabaseVersionError,
         KeyFileError,
         FileExistsError,
     )
@@ -83,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     key.add_argument("--config", required=True, type=Path, help="node TOML file")
     key.set_defaults(handler=_node_key)
+    add_deployment_commands(commands, node)
 
     data = commands.add_parser("data", help="data sets").add_subparsers(title="data commands")
     demo_data = data.add_parser("demo", help="write the synthetic hospital and bank data sets")
@@ -118,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     demo.add_argument("--steps", type=int, default=4, help="DP-SGD steps per round (default 4)")
     demo.add_argument("--model", default="smollm2-135m", help="model spec")
+    demo.add_argument(
+        "--deployment",
+        action="store_true",
+        help="real processes on 127.0.0.1: a coordinator and two nodes over TLS with node "
+        "authentication and secure aggregation",
+    )
     demo.set_defaults(handler=_demo)
 
     sim = commands.add_parser(
@@ -189,7 +200,24 @@ def _parser() -> argparse.ArgumentParser:
         "--public-key", default=None, help="the node's public key (default: the file's own)"
     )
     report.set_defaults(handler=_audit_report)
+
+    db = commands.add_parser("db", help="the coordinator's database").add_subparsers(
+        title="db commands"
+    )
+    upgrade = db.add_parser(
+        "upgrade", help="migrate the coordinator's database to the newest schema, keeping rows"
+    )
+    upgrade.add_argument(
+        "--database", "--db", dest="db", required=True, help="database URL or SQLite file"
+    )
+    upgrade.set_defaults(handler=_db_upgrade)
     return parser
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from fedtune.platform.db_admin import db_upgrade
+
+    return db_upgrade(args.db)
 
 
 def _node_train(args: argparse.Namespace) -> int:
@@ -234,6 +262,11 @@ def _demo(args: argparse.Namespace) -> int:
     from fedtune.demo import run_demo
 
     workdir: Path = args.workdir or Path("runs") / time.strftime("demo-%Y%m%dT%H%M%S")
+    if args.deployment:
+        from fedtune.local_deployment import run_deployment_demo
+
+        run_deployment_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
+        return 0
     run_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
     return 0
 

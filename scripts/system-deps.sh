@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: Chromium for the dashboard's browser
-# test (Playwright drives Debian's chromium; `playwright install` is never used). Installs
-# with apt-get when run as root on Debian/Ubuntu; elsewhere it says what is missing, and the
-# browser test skips with that reason.
+# test (Playwright drives Debian's chromium; `playwright install` is never used) and
+# PostgreSQL for the storage tests on both databases. Installs with apt-get when run as root
+# on Debian/Ubuntu; elsewhere it says what is missing.
 set -euo pipefail
-if command -v chromium >/dev/null 2>&1; then
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+    || missing+=(postgresql)
+if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing chromium (for the dashboard's browser test)"
+    echo "installing ${missing[*]} (browser test, PostgreSQL tests)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-    echo "chromium is not installed: the dashboard's browser test will be skipped" >&2
+    echo "not installed: ${missing[*]} (the browser test skips; scripts/test.sh needs PostgreSQL)" >&2
 fi

@@ -7,5 +7,11 @@ bash scripts/system-deps.sh
 .venv/bin/ruff check fedtune tests benchmarks
 .venv/bin/ruff format --check fedtune tests benchmarks
 .venv/bin/mypy
+# The storage tests run on SQLite and on a throwaway PostgreSQL (unless one is given).
+if [ -z "${FEDTUNE_TEST_POSTGRES_URL:-}" ]; then
+    FEDTUNE_TEST_POSTGRES_URL=$(bash scripts/postgres-for-tests.sh start)
+    export FEDTUNE_TEST_POSTGRES_URL
+    trap 'bash scripts/postgres-for-tests.sh stop' EXIT
+fi
 # Exit code 5 (no tests collected) must fail, and does: set -e stops on any non-zero code.
 .venv/bin/python -m pytest "$@"

@@ -1,12 +1,19 @@
-"""Tiny, randomly initialised models and tokenizers built in the test: fast and offline."""
+"""Tiny, randomly initialised models and tokenizers built in the test: fast and offline;
+databases to run storage tests on (SQLite, and PostgreSQL when its binaries are there)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -141,3 +148,57 @@ def tiny_run_toml(
         lines.append("")
     lines += ["[output]", 'dir = "out"', ""]
     return "\n".join(lines)
+
+
+# --- databases -------------------------------------------------------------------------------
+
+POSTGRES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "postgres-for-tests.sh"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server for this session: $FEDTUNE_TEST_POSTGRES_URL, else a throwaway
+    cluster (scripts/postgres-for-tests.sh) stopped at the end. Skips only when PostgreSQL is
+    not installed."""
+    given = os.environ.get("FEDTUNE_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    directory = tempfile.mkdtemp(prefix="fedtune-postgres-", dir="/tmp")  # postgres reaches it
+    started = subprocess.run(
+        ["bash", str(POSTGRES_SCRIPT), "start", directory], capture_output=True, text=True
+    )
+    if started.returncode == 3:
+        os.rmdir(directory)
+        pytest.skip(
+            f"PostgreSQL tests skipped: {started.stderr.strip()} (or set FEDTUNE_TEST_POSTGRES_URL)"
+        )
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"{POSTGRES_SCRIPT.name} start failed: {started.stderr.strip()}")
+        yield started.stdout.strip()
+    finally:
+        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop", directory], check=False)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A new, empty database of its own on the PostgreSQL server; dropped afterwards."""
+    name = f"fedtune_test_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(postgres_server, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:  # FORCE: the test's engines may still be connected
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database's URL: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fedtune.db'}"
+    return request.getfixturevalue("postgres_url")

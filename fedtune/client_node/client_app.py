@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -25,16 +24,19 @@ from fedtune.client_node.local_round import train_local_round
 from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.accounting import BudgetExhaustedError
 from fedtune.platform.base_model import BaseModel, load_base_model
-from fedtune.platform.config import LoraSettings, NodeConfig, load_node_config
+from fedtune.platform.config import LoraSettings, NodeConfig
 from fedtune.platform.fingerprint import file_fingerprint
 from fedtune.platform.lora import adapter_arrays, attach_lora, load_adapter_arrays
 from fedtune.platform.messages import (
     ABTEST,
+    ABTEST_MESSAGE_TYPE,
     ARRAYS,
     CONFIG,
+    DESCRIBE_MESSAGE_TYPE,
     METRICS,
     NODE,
     NUM_EXAMPLES,
+    SECURE_AGGREGATION,
     SERVER_ROUND,
     AbTestInstructions,
     TrainInstructions,
@@ -143,16 +145,17 @@ def _evaluate(runtime: NodeRuntime, model: torch.nn.Module) -> HeldOutMetrics:
     )
 
 
-def handle_train(config: NodeConfig, message: Message) -> Message:
-    """Set the global adapter, train one private round, reply with the update."""
+def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
+    """Set the global adapter, train one private round; the reply's content (the update, or
+    a decline with its reason)."""
     started = time.perf_counter()
-    config_record = message.content.config_records[CONFIG]
+    config_record = content.config_records[CONFIG]
     instructions = TrainInstructions.from_record(config_record)
     server_round = config_record.get(SERVER_ROUND)
     runtime = node_runtime(config)
     _check_base_model(runtime, instructions.base_model_fingerprint)
     model = runtime.model_with(instructions.lora)
-    load_adapter_arrays(model, record_to_arrays(message.content[ARRAYS]))  # type: ignore[arg-type]
+    load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
     training = config.training.model_copy(
         update={
             "steps": instructions.steps,
@@ -165,15 +168,24 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
         }
     )
     privacy = config.privacy.model_copy(update={"planned_rounds": instructions.planned_rounds})
+    connection = config.coordinator
+    if (
+        connection is not None
+        and connection.require_secure_aggregation
+        and not config_record.get(SECURE_AGGREGATION, False)
+    ):
+        reason = (
+            f"node {config.node.name} sends updates only through secure aggregation "
+            "(coordinator.require_secure_aggregation = true); this round asked for it in the clear"
+        )
+        return decline_content(identity=runtime.identity(), reason=reason)
     if privacy.mode == "non-private" and not privacy.allow_non_private_updates:
         reason = (
             f"node {config.node.name} trains without differential privacy (privacy.mode = "
             '"non-private") and does not send such updates; set '
             "privacy.allow_non_private_updates = true to allow it (comparisons only)"
         )
-        return Message(
-            decline_content(identity=runtime.identity(), reason=reason), reply_to=message
-        )
+        return decline_content(identity=runtime.identity(), reason=reason)
     metrics: dict[str, int | float] = {}
     evaluate_seconds = 0.0
     if instructions.evaluate_local_model and server_round == 1:
@@ -197,9 +209,7 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
             progress=False,
         )
     except BudgetExhaustedError as exc:
-        return Message(
-            decline_content(identity=runtime.identity(), reason=str(exc)), reply_to=message
-        )
+        return decline_content(identity=runtime.identity(), reason=str(exc))
     losses = [loss for loss in local.result.train_losses if loss is not None]
     metrics[NUM_EXAMPLES] = len(runtime.train_data)
     metrics["train-loss"] = sum(losses) / len(losses) if losses else math.nan
@@ -211,24 +221,23 @@ def handle_train(config: NodeConfig, message: Message) -> Message:
     metrics["evaluate-seconds"] = evaluate_seconds
     # All the node's own work on this message (loading, accounting, ledger, evaluation too).
     metrics["node-seconds"] = time.perf_counter() - started
-    content = train_reply_content(
+    return train_reply_content(
         arrays=adapter_arrays(model),
         metrics=metrics,
         identity=runtime.identity(),
         privacy=local.privacy,
         ledger=(local.entry, local.checkpoint),
     )
-    return Message(content, reply_to=message)
 
 
-def handle_evaluate(config: NodeConfig, message: Message) -> Message:
+def evaluate_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     """Held-out loss and perplexity of the global adapter on this node's data."""
     started = time.perf_counter()
     runtime = node_runtime(config)
-    instructions = TrainInstructions.from_record(message.content.config_records[CONFIG])
+    instructions = TrainInstructions.from_record(content.config_records[CONFIG])
     _check_base_model(runtime, instructions.base_model_fingerprint)
     model = runtime.model_with(instructions.lora)
-    load_adapter_arrays(model, record_to_arrays(message.content[ARRAYS]))  # type: ignore[arg-type]
+    load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
     result = _evaluate(runtime, model)
     metrics = MetricRecord(
         {
@@ -240,27 +249,56 @@ def handle_evaluate(config: NodeConfig, message: Message) -> Message:
             "node-seconds": time.perf_counter() - started,
         }
     )
-    return Message(RecordDict({METRICS: metrics, NODE: runtime.identity()}), reply_to=message)
+    return RecordDict({METRICS: metrics, NODE: runtime.identity()})
 
 
-def handle_abtest(config: NodeConfig, message: Message) -> Message:
+def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     """Score A/B test versions on this node's held-out data; only scores leave."""
     runtime = node_runtime(config)
-    instructions = AbTestInstructions.from_record(message.content.config_records[ABTEST])
+    instructions = AbTestInstructions.from_record(content.config_records[ABTEST])
     _check_base_model(runtime, instructions.base_model_fingerprint)
     arrays = {
-        side: record_to_arrays(message.content.array_records[f"{ARRAYS}-{side}"])
-        if f"{ARRAYS}-{side}" in message.content.array_records
+        side: record_to_arrays(content.array_records[f"{ARRAYS}-{side}"])
+        if f"{ARRAYS}-{side}" in content.array_records
         else None
         for side in ("a", "b")
     }
     scores = score_versions(runtime, instructions, arrays)
-    content = scores_content(
+    return scores_content(
         scores,
         per_example=config.evaluation.share_per_example_scores,
         identity=runtime.identity(),
     )
-    return Message(content, reply_to=message)
+
+
+def describe_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
+    """Who this node is and how many training examples it holds (the coordinator sizes secure
+    aggregation's weights with it); loads the model, so the node is warm afterwards."""
+    runtime = node_runtime(config)
+    identity = runtime.identity()
+    identity[NUM_EXAMPLES] = len(runtime.train_data)
+    return RecordDict({NODE: identity})
+
+
+# What each kind of message asks of a node: Flower's message type -> the handler of its content.
+REPLIES: dict[str, Callable[[NodeConfig, RecordDict], RecordDict]] = {
+    "train": train_reply,
+    "evaluate": evaluate_reply,
+    ABTEST_MESSAGE_TYPE: abtest_reply,
+    DESCRIBE_MESSAGE_TYPE: describe_reply,
+}
+
+
+def handle_train(config: NodeConfig, message: Message) -> Message:
+    return Message(train_reply(config, message.content), reply_to=message)
+
+
+def handle_evaluate(config: NodeConfig, message: Message) -> Message:
+    return Message(evaluate_reply(config, message.content), reply_to=message)
+
+
+def handle_abtest(config: NodeConfig, message: Message) -> Message:
+    return Message(abtest_reply(config, message.content), reply_to=message)
 
 
 def build_client_app(node_config_for: Callable[[Context], NodeConfig]) -> ClientApp:
@@ -282,15 +320,8 @@ def build_client_app(node_config_for: Callable[[Context], NodeConfig]) -> Client
     def abtest(message: Message, context: Context) -> Message:
         return handle_abtest(node_config_for(context), message)
 
+    @app.query("describe")
+    def describe(message: Message, context: Context) -> Message:
+        return Message(describe_reply(node_config_for(context), message.content), reply_to=message)
+
     return app
-
-
-def config_from_node_config(context: Context) -> NodeConfig:
-    """A deployed node names its TOML file in the SuperNode's ``--node-config "config=..."``."""
-    path = context.node_config.get("config")
-    if not isinstance(path, str):
-        raise ValueError("start the node with --node-config \"config='PATH/node.toml'\"")
-    return load_node_config(Path(path))
-
-
-app = build_client_app(config_from_node_config)

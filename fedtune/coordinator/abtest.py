@@ -65,6 +65,7 @@ class AbTestPlan:
     max_new_tokens: int = 48
     nodes: tuple[str, ...] | None = None  # None: every connected node
     run_id: str | None = None  # the run that asked for it, if any
+    checkpoint_key: bytes | None = None  # for checkpoints encrypted at rest
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - set(METRICS))
@@ -100,7 +101,7 @@ def _message_content(plan: AbTestPlan, test_id: str) -> RecordDict:
             loras[side] = None
             continue
         assert version.path is not None and version.sha256 is not None
-        arrays, lora = read_checkpoint(version.path, sha256=version.sha256)
+        arrays, lora = read_checkpoint(version.path, sha256=version.sha256, key=plan.checkpoint_key)
         content[f"{ARRAYS}-{side}"] = arrays_to_record(arrays)
         loras[side] = lora
     content[ABTEST] = AbTestInstructions(

@@ -1,5 +1,9 @@
 """Global adapter checkpoints in standard PEFT format (``PeftModel.from_pretrained`` loads
-them), one folder per round, with the SHA-256 of the weights file."""
+them), one folder per round, with the SHA-256 of the weights.
+
+With a key (``output.encryption_key_file``) the weights are stored encrypted at rest with
+AES-256-GCM, bound to their round (``adapter_model.safetensors.aesgcm``); the SHA-256 is of the
+plaintext, and ``fedtune model export`` writes a plain copy that PEFT loads."""
 
 from __future__ import annotations
 
@@ -12,9 +16,16 @@ import numpy as np
 from peft import PeftModel
 
 from fedtune.platform.config import LoraSettings
+from fedtune.platform.encryption import decrypt_file, encrypt_bytes
 from fedtune.platform.lora import load_adapter_arrays
 
 WEIGHTS_FILE = "adapter_model.safetensors"
+ENCRYPTED_WEIGHTS_FILE = WEIGHTS_FILE + ".aesgcm"
+
+
+def _associated_data(folder: Path) -> bytes:
+    """What an encrypted weights file is bound to: its round folder's name."""
+    return f"{folder.name}/{WEIGHTS_FILE}".encode()
 
 
 def sha256_of(path: Path) -> str:
@@ -29,9 +40,10 @@ class AdapterCheckpointer:
     """Writes global adapters through the coordinator's own copy of the base model + adapter,
     so that every checkpoint carries PEFT's own ``adapter_config.json``."""
 
-    def __init__(self, model: PeftModel, directory: Path):
+    def __init__(self, model: PeftModel, directory: Path, *, key: bytes | None = None):
         self.model = model
         self.directory = directory
+        self.key = key
 
     def save(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> tuple[Path, str]:
         """Write round ``server_round``'s adapter; returns its folder and weights' SHA-256.
@@ -40,26 +52,59 @@ class AdapterCheckpointer:
         if target.exists():
             raise FileExistsError(f"{target} exists; checkpoints are never overwritten")
         load_adapter_arrays(self.model, arrays)
-        self.model.save_pretrained(str(target))
-        return target, sha256_of(target / WEIGHTS_FILE)
+        if self.key is None:
+            self.model.save_pretrained(str(target))
+            return target, sha256_of(target / WEIGHTS_FILE)
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save
+
+        target.mkdir(parents=True)
+        self.model.peft_config["default"].save_pretrained(str(target))
+        state = {k: v.contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        weights = save(state, metadata={"format": "pt"})
+        encrypt_bytes(
+            weights,
+            target / ENCRYPTED_WEIGHTS_FILE,
+            self.key,
+            associated_data=_associated_data(target),
+        )
+        return target, hashlib.sha256(weights).hexdigest()
 
 
 class CheckpointIntegrityError(RuntimeError):
     """A checkpoint's weights no longer match the SHA-256 recorded when it was written."""
 
 
-def read_checkpoint(path: Path, *, sha256: str) -> tuple[dict[str, np.ndarray], LoraSettings]:
-    """A stored global adapter's arrays and LoRA shape, after checking its SHA-256."""
-    from safetensors.numpy import load_file
-
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: checkpoint weights are missing")
-    actual = sha256_of(weights)
+def checkpoint_weights(path: Path, *, sha256: str, key: bytes | None = None) -> bytes:
+    """A stored global adapter's safetensors bytes (decrypted), after checking its SHA-256."""
+    encrypted = path / ENCRYPTED_WEIGHTS_FILE
+    if encrypted.is_file():
+        if key is None:
+            raise CheckpointIntegrityError(
+                f"{encrypted} is encrypted; set output.encryption_key_file to read it"
+            )
+        weights = encrypted
+        data = decrypt_file(encrypted, key, associated_data=_associated_data(path))
+    else:
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: checkpoint weights are missing")
+        data = weights.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
         raise CheckpointIntegrityError(
             f"{weights} has SHA-256 {actual}, but {sha256} was recorded: it changed on disk"
         )
+    return data
+
+
+def read_checkpoint(
+    path: Path, *, sha256: str, key: bytes | None = None
+) -> tuple[dict[str, np.ndarray], LoraSettings]:
+    """A stored global adapter's arrays and LoRA shape, after checking its SHA-256."""
+    from safetensors.numpy import load
+
+    arrays = load(checkpoint_weights(path, sha256=sha256, key=key))
     config = json.loads((path / "adapter_config.json").read_text())
     lora = LoraSettings(
         r=config["r"],
@@ -67,4 +112,4 @@ def read_checkpoint(path: Path, *, sha256: str) -> tuple[dict[str, np.ndarray], 
         dropout=config.get("lora_dropout", 0.0),
         target_modules=sorted(config["target_modules"]),
     )
-    return dict(load_file(str(weights))), lora
+    return dict(arrays), lora

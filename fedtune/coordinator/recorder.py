@@ -173,7 +173,11 @@ class RunRecorder:
         }
         signals, alerts = update_signals(
             record_to_arrays(sent),
-            {name: record_to_arrays(c[ARRAYS]) for name, c in accepted.items()},  # type: ignore[arg-type]
+            {  # under secure aggregation no single update is known
+                name: record_to_arrays(c.array_records[ARRAYS])
+                for name, c in accepted.items()
+                if ARRAYS in c.array_records
+            },
             record_to_arrays(aggregate) if aggregate is not None else None,
         )
         for name, content in accepted.items():

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
@@ -31,28 +34,37 @@ from fedtune.platform.signing import load_public_key, public_key_text
 from fedtune.platform.storage import Run, open_database, transaction
 
 
-def run_federation(
-    grid: Grid,
+@dataclass
+class RunSetup:
+    """What a federated run holds from start to end, in simulation and in deployment."""
+
+    engine: Engine
+    run_id: str
+    keys: dict[str, Ed25519PublicKey]
+    fingerprint: str
+    initial: dict[str, np.ndarray]  # the initial global adapter
+    recorder: RunRecorder
+    instructions: TrainInstructions
+
+    def ledger_check(self) -> LedgerCheck:
+        return LedgerCheck(engine=self.engine, run_id=self.run_id, enrolled=self.keys)
+
+
+def prepare_run(
     config: RunConfig,
     *,
     run_id: str,
-    flower_run_id: str | None = None,
-    enrolled: Mapping[str, str] | None = None,
+    flower_run_id: str | None,
+    enrolled: Mapping[str, str],
+    resuming: bool = False,
     progress: Callable[[str], None] = print,
-) -> None:
-    """Run ``config``'s rounds over the nodes reachable through ``grid``; results go to the
-    database at ``config.database_url`` and checkpoints under ``OUTPUT_DIR/adapters``.
-
-    ``enrolled`` maps node names to their Ed25519 public keys (base64 or key files); default:
-    each ``[[nodes]]`` entry's ``public_key``. A node without one cannot contribute.
-    """
+) -> RunSetup:
+    """Load the base model (fingerprint, checkpoint writer), build the initial adapter,
+    register the run (or reopen it when ``resuming``) and the enrolled keys."""
     engine = open_database(config.database_url)
-    keys = {
-        name: load_public_key(value)
-        for name, value in (enrolled or _configured_keys(config)).items()
-    }
+    keys = {name: load_public_key(value) for name, value in enrolled.items()}
     adapters = config.output.dir / "adapters"
-    if adapters.exists() and any(adapters.iterdir()):
+    if not resuming and adapters.exists() and any(adapters.iterdir()):
         raise FileExistsError(f"{adapters} already holds checkpoints; use a new output.dir")
     # The coordinator only averages and saves: CPU and full precision are enough.
     base = load_base_model(
@@ -61,9 +73,12 @@ def run_federation(
     torch.manual_seed(config.run.adapter_seed)
     model = attach_lora(base.model, config.lora)
     initial = adapter_arrays(model)
-    _register_run(
-        engine, config, run_id=run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint
-    )
+    if resuming:
+        _reopen_run(engine, run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint)
+    else:
+        _register_run(
+            engine, config, run_id=run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint
+        )
     with transaction(engine) as session:
         for name, key in keys.items():
             add_public_key(session, name, public_key_text(key))
@@ -72,18 +87,8 @@ def run_federation(
         engine,
         run_id=run_id,
         rounds=config.run.rounds,
-        checkpointer=AdapterCheckpointer(model, adapters),
+        checkpointer=AdapterCheckpointer(model, adapters, key=config.output.checkpoint_key()),
         progress=progress,
-    )
-    min_nodes = config.run.min_nodes or len(config.nodes)
-    strategy = ValidatingFedAvg(
-        observer=recorder,
-        ledger_check=LedgerCheck(engine=engine, run_id=run_id, enrolled=keys),
-        fraction_train=config.run.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=min(min_nodes, max(1, int(config.run.fraction_train * min_nodes))),
-        min_evaluate_nodes=min_nodes,
-        min_available_nodes=min_nodes,
     )
     instructions = TrainInstructions(
         run_id=run_id,
@@ -96,23 +101,69 @@ def run_federation(
         lora=config.lora,
         evaluate_local_model=config.run.evaluate_local_model,
     )
+    return RunSetup(
+        engine=engine,
+        run_id=run_id,
+        keys=keys,
+        fingerprint=base.fingerprint,
+        initial=initial,
+        recorder=recorder,
+        instructions=instructions,
+    )
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    run_id: str,
+    flower_run_id: str | None = None,
+    enrolled: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] = print,
+) -> None:
+    """Run ``config``'s rounds over the nodes reachable through ``grid`` with Flower's
+    strategy loop (the simulation's path); results go to the database at
+    ``config.database_url`` and checkpoints under ``OUTPUT_DIR/adapters``.
+
+    ``enrolled`` maps node names to their Ed25519 public keys (base64 or key files); default:
+    each ``[[nodes]]`` entry's ``public_key``. A node without one cannot contribute.
+    """
+    setup = prepare_run(
+        config,
+        run_id=run_id,
+        flower_run_id=flower_run_id,
+        enrolled=enrolled if enrolled is not None else _configured_keys(config),
+        progress=progress,
+    )
+    min_nodes = config.run.min_nodes or len(config.nodes)
+    strategy = ValidatingFedAvg(
+        observer=setup.recorder,
+        ledger_check=setup.ledger_check(),
+        fraction_train=config.run.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min(min_nodes, max(1, int(config.run.fraction_train * min_nodes))),
+        min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes,
+    )
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=arrays_to_record(initial),
+            initial_arrays=arrays_to_record(setup.initial),
             num_rounds=config.run.rounds,
-            train_config=instructions.to_record(),
-            evaluate_config=instructions.to_record(),
+            train_config=setup.instructions.to_record(),
+            evaluate_config=setup.instructions.to_record(),
         )
     except BaseException as exc:
-        _finish_run(engine, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        finish_run(setup.engine, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    _finish_run(engine, run_id, status="finished")
+    finish_run(setup.engine, run_id, status="finished")
     if config.run.ab_test_against_production:
-        _ab_test_final_against_production(grid, engine, config, run_id, base.fingerprint, progress)
+        ab_test_final_against_production(
+            grid, setup.engine, config, run_id, setup.fingerprint, progress
+        )
 
 
-def _ab_test_final_against_production(
+def ab_test_final_against_production(
     grid: Grid,
     engine: Engine,
     config: RunConfig,
@@ -133,6 +184,7 @@ def _ab_test_final_against_production(
         base_model_fingerprint=fingerprint,
         metrics=tuple(config.run.ab_test_metrics),
         run_id=run_id,
+        checkpoint_key=config.output.checkpoint_key(),
     )
     test_id = run_abtest(grid, engine, plan, progress=progress)
     progress(format_abtest(abtest_report(engine, test_id)))
@@ -160,7 +212,26 @@ def _register_run(
         )
 
 
-def _finish_run(engine: Engine, run_id: str, *, status: str, error: str | None = None) -> None:
+def _reopen_run(
+    engine: Engine, run_id: str, *, flower_run_id: str | None, fingerprint: str
+) -> None:
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise ValueError(f"no run {run_id} to resume in the database")
+        if run.base_model_fingerprint != fingerprint:
+            raise ValueError(
+                f"run {run_id} trained base model {run.base_model_fingerprint}; the coordinator "
+                f"now holds {fingerprint}"
+            )
+        run.status = "running"
+        run.error = None
+        run.finished_at = None
+        if flower_run_id is not None:
+            run.flower_run_id = flower_run_id
+
+
+def finish_run(engine: Engine, run_id: str, *, status: str, error: str | None = None) -> None:
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         if run is not None:

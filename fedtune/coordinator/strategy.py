@@ -38,10 +38,11 @@ class ReplyOutcome:
     reason: str | None = None
     message: Message | None = None  # set for accepted replies
     ledger: SignedRound | None = None  # the reply's verified ledger entry, if any
+    reply: RecordDict | None = None  # an accepted secure reply: its content minus the arrays
 
     @property
     def content(self) -> RecordDict | None:
-        return self.message.content if self.message is not None else None
+        return self.message.content if self.message is not None else self.reply
 
 
 class RoundObserver(Protocol):

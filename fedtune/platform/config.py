@@ -160,8 +160,31 @@ class OutputSettings(_Section):
     dir: Path
 
 
+class CoordinatorConnection(_Section):
+    """How a deployed node reaches the coordinator's SuperLink (`fedtune node start`)."""
+
+    address: str = Field(
+        pattern=r"^[^\s:]+:[0-9]+$", description="HOST:PORT of the coordinator's SuperLink."
+    )
+    root_certificates: Path = Field(description="The consortium's CA certificate (ca.pem).")
+    auth_key: Path = Field(
+        description="The node's ECDSA P-384 private key from `fedtune node keygen` "
+        "(auth_key); the coordinator enrolls its public half."
+    )
+    require_secure_aggregation: bool = Field(
+        default=True,
+        description="Decline train rounds that would send the update in the clear instead of "
+        "through secure aggregation.",
+    )
+    refused_retry_s: PositiveFloat = Field(
+        default=150.0,
+        description="How long to keep retrying when the coordinator refuses the node's key: a "
+        "node restarted before its old connection expires (about 60 s) is refused too.",
+    )
+
+
 class NodeConfig(_Section):
-    """Everything `fedtune node train` needs."""
+    """Everything `fedtune node train` and `fedtune node start` need."""
 
     node: NodeSettings
     model: ModelConfig = ModelConfig()
@@ -172,6 +195,9 @@ class NodeConfig(_Section):
     evaluation: EvaluationPolicy = EvaluationPolicy()
     output: OutputSettings | None = Field(
         default=None, description="Required by `fedtune node train`; a federated node has none."
+    )
+    coordinator: CoordinatorConnection | None = Field(
+        default=None, description="Required by `fedtune node start`."
     )
 
 
@@ -214,11 +240,12 @@ class RunDataSettings(_Section):
 
 
 class RunNode(_Section):
-    """One node of a simulated run: its data set and, optionally, its own privacy target."""
+    """One node of the run. A simulated node also names its data set and, optionally, its own
+    privacy target; a deployed node holds those in its own node.toml."""
 
     name: NodeName
-    train: Path
-    eval: Path
+    train: Path | None = Field(default=None, description="Required in simulation.")
+    eval: Path | None = Field(default=None, description="Required in simulation.")
     state_dir: Path | None = Field(default=None, description="Default: OUTPUT_DIR/nodes/NAME.")
     model: str | None = Field(
         default=None,
@@ -240,6 +267,47 @@ class RunOutput(_Section):
     dir: Path
     database: str | None = Field(
         default=None, description="SQLAlchemy URL; default: sqlite:///OUTPUT_DIR/fedtune.db."
+    )
+    encryption_key_file: Path | None = Field(
+        default=None,
+        description="Encrypt global adapter checkpoints at rest (AES-256-GCM) with this key "
+        "(`fedtune coordinator encryption-key --out FILE`).",
+    )
+
+    def checkpoint_key(self) -> bytes | None:
+        from fedtune.platform.encryption import load_key
+
+        return load_key(self.encryption_key_file) if self.encryption_key_file else None
+
+
+class AggregationSettings(_Section):
+    """How a deployed run aggregates (`fedtune run start`); simulation always averages in the
+    clear. Secure aggregation is Flower's SecAgg+: the coordinator learns only the weighted
+    mean of the sampled nodes' adapters."""
+
+    secure: bool = Field(default=True, description="SecAgg+; needs at least 2 nodes per round.")
+    reconstruction_threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.6,
+        description="Share of a node's neighbours that must stay to the end of a round so that "
+        "a node that drops out can be unmasked; higher: more privacy, less tolerance.",
+    )
+    max_weight: PositiveFloat | None = Field(
+        default=None,
+        description="SecAgg+'s largest node weight (training examples); default: the largest "
+        "training set the nodes report. Far larger values cost precision.",
+    )
+    clipping_range: PositiveFloat = Field(
+        default=8.0, description="Adapter values are clipped to +-this before masking."
+    )
+    node_wait_s: PositiveFloat = Field(
+        default=300.0,
+        description="How long a round waits for run.min_nodes nodes; then the "
+        "run stops with an error instead of hanging.",
+    )
+    reply_timeout_s: PositiveFloat = Field(
+        default=3600.0,
+        description="How long one exchange with the nodes may take (a train step includes "
+        "local training); a node that has not answered by then is dropped from the round.",
     )
 
 
@@ -263,6 +331,7 @@ class RunConfig(_Section):
     nodes: list[RunNode] = Field(min_length=1)
     output: RunOutput
     simulation: SimulationSettings = SimulationSettings()
+    aggregation: AggregationSettings = AggregationSettings()
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> Self:
@@ -286,6 +355,8 @@ class RunConfig(_Section):
         node = next((n for n in self.nodes if n.name == name), None)
         if node is None:
             raise KeyError(f"no node named {name!r} in this run")
+        if node.train is None or node.eval is None:
+            raise ConfigError(f"nodes.{name}: a simulated node needs its train and eval files")
         privacy_updates: dict[str, object] = {"planned_rounds": self.run.rounds}
         if node.target_epsilon is not None:
             privacy_updates["target_epsilon"] = node.target_epsilon
@@ -310,6 +381,55 @@ class RunConfig(_Section):
             privacy=self.privacy.model_copy(update=privacy_updates),
             evaluation=EvaluationPolicy(share_per_example_scores=node.share_per_example_scores),
         )
+
+
+class CoordinatorSettings(_Section):
+    """Where the coordinator keeps its state and where its SuperLink listens."""
+
+    state_dir: Path = Field(
+        default=Path("coordinator-state"),
+        description="Flower's state (superlink.db), its CLI configuration, submitted run apps "
+        "and logs; default database too.",
+    )
+    host: str = Field(
+        default="127.0.0.1", description="Listen address; 0.0.0.0 to accept remote nodes."
+    )
+    port: Annotated[int, Field(gt=0, lt=65536)] = 9092
+    database: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: sqlite:///STATE_DIR/fedtune.db."
+    )
+    encryption_key_file: Path | None = Field(
+        default=None,
+        description="Encrypt global adapter checkpoints at rest with this AES-256 key "
+        "(`fedtune coordinator encryption-key --out FILE`).",
+    )
+
+
+class TlsSettings(_Section):
+    """The coordinator's TLS files (`fedtune certs init --out DIR`)."""
+
+    ca_certificate: Path
+    certificate: Path
+    private_key: Path
+
+
+class CoordinatorConfig(_Section):
+    """Everything `fedtune coordinator start|enroll` and `fedtune run ...` need."""
+
+    coordinator: CoordinatorSettings = CoordinatorSettings()
+    tls: TlsSettings
+
+    @property
+    def database_url(self) -> str:
+        return self.coordinator.database or (
+            f"sqlite:///{self.coordinator.state_dir / 'fedtune.db'}"
+        )
+
+    @property
+    def address(self) -> str:
+        """Where local tools (the Flower CLI, the ServerApp) reach the SuperLink."""
+        host = self.coordinator.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.coordinator.port}"
 
 
 def _resolve(base: Path, value: Path | None) -> Path | None:
@@ -376,6 +496,20 @@ def load_node_config(path: str | Path) -> NodeConfig:
                 }
             ),
             "output": output,
+            "coordinator": _resolve_connection(base, config.coordinator),
+        }
+    )
+
+
+def _resolve_connection(
+    base: Path, connection: CoordinatorConnection | None
+) -> CoordinatorConnection | None:
+    if connection is None:
+        return None
+    return connection.model_copy(
+        update={
+            "root_certificates": _resolve(base, connection.root_certificates),
+            "auth_key": _resolve(base, connection.auth_key),
         }
     )
 
@@ -400,6 +534,34 @@ def load_run_config(path: str | Path) -> RunConfig:
         update={
             "model": _resolve_model(base, config.model),
             "nodes": nodes,
-            "output": config.output.model_copy(update={"dir": _resolve(base, config.output.dir)}),
+            "output": config.output.model_copy(
+                update={
+                    "dir": _resolve(base, config.output.dir),
+                    "encryption_key_file": _resolve(base, config.output.encryption_key_file),
+                }
+            ),
+        }
+    )
+
+
+def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
+    """Read and validate a coordinator TOML file; relative paths are taken from its folder."""
+    path = Path(path)
+    config = _read(path, CoordinatorConfig)
+    base = path.resolve().parent
+    settings = config.coordinator
+    return config.model_copy(
+        update={
+            "coordinator": settings.model_copy(
+                update={
+                    "state_dir": _resolve(base, settings.state_dir),
+                    "encryption_key_file": _resolve(base, settings.encryption_key_file),
+                }
+            ),
+            "tls": TlsSettings(
+                ca_certificate=_resolve(base, config.tls.ca_certificate),  # type: ignore[arg-type]
+                certificate=_resolve(base, config.tls.certificate),  # type: ignore[arg-type]
+                private_key=_resolve(base, config.tls.private_key),  # type: ignore[arg-type]
+            ),
         }
     )

@@ -5,6 +5,10 @@ entry as its exact JSON, plus a few columns to query by), ``ledger_checkpoints``
 heads) and ``ledger_keys`` (the public key a node signs with). Database triggers refuse UPDATE
 and DELETE on all three; the hash chain and the signatures detect what gets past them (a
 file edited outside the database, a dropped trigger).
+
+The coordinator's database gets these tables and triggers from its Alembic migrations
+(``fedtune.platform.migrations``); a node's own ``ledger.db`` from :func:`create_ledger_tables`.
+A change to the tables or triggers here needs a new migration too.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     DDL,
-    DateTime,
     Float,
     Integer,
     String,
@@ -28,6 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedtune.platform.ledger import Checkpoint, LedgerEntry
+from fedtune.platform.sqltypes import UTCDateTime
 
 
 class LedgerBase(DeclarativeBase):
@@ -47,9 +51,7 @@ class LedgerEntryRow(LedgerBase):
     epsilon_after: Mapped[float | None] = mapped_column(Float)
     hash: Mapped[str] = mapped_column(String(64))
     entry: Mapped[str] = mapped_column(Text)  # the sealed entry's JSON, exactly as signed
-    stored_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=lambda: datetime.now(UTC)
-    )
+    stored_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
 
     def sealed(self) -> LedgerEntry:
         return entry_from_json(self.entry)
@@ -74,9 +76,7 @@ class LedgerKeyRow(LedgerBase):
     id: Mapped[int] = mapped_column(primary_key=True)
     node: Mapped[str] = mapped_column(String(200), index=True)
     public_key: Mapped[str] = mapped_column(String(64))  # base64 of the raw Ed25519 key
-    added_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=lambda: datetime.now(UTC)
-    )
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
 
 
 _APPEND_ONLY_TABLES = ("ledger_entries", "ledger_checkpoints", "ledger_keys")
@@ -91,13 +91,13 @@ for _table in _APPEND_ONLY_TABLES:
                 f"ON {_table} BEGIN SELECT RAISE(ABORT, '{_table} is append-only'); END"
             ).execute_if(dialect="sqlite"),
         )
-event.listen(
+event.listen(  # before the tables: each table's trigger needs the function at once
     LedgerBase.metadata,
-    "after_create",
+    "before_create",
     DDL(
         "CREATE OR REPLACE FUNCTION fedtune_append_only() RETURNS trigger AS $$ BEGIN "
-        "RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END; $$ LANGUAGE plpgsql"
-    ).execute_if(dialect="postgresql"),
+        "RAISE EXCEPTION '%% is append-only', TG_TABLE_NAME; END; $$ LANGUAGE plpgsql"
+    ).execute_if(dialect="postgresql"),  # %%: DDL substitutes %(table)s and the like
 )
 for _table in _APPEND_ONLY_TABLES:
     event.listen(

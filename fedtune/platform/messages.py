@@ -31,8 +31,10 @@ LEDGER = "ledger"
 ABTEST = "abtest"  # an A/B test's instructions, and the node's note on what it shared
 SCORES = "scores"  # an A/B test reply's per-example scores or paired statistics
 ABTEST_MESSAGE_TYPE = "evaluate.abtest"  # routed to the ClientApp's @app.evaluate("abtest")
+DESCRIBE_MESSAGE_TYPE = "query.describe"  # a node's identity and training-set size
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight
 SERVER_ROUND = "server-round"  # set by Flower's strategies
+SECURE_AGGREGATION = "secure-aggregation"  # set in a train config that came through SecAgg+
 
 
 @dataclass(frozen=True)

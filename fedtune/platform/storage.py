@@ -1,9 +1,11 @@
 """The coordinator's database: runs, rounds, per-node metrics, epsilon reports, adapter
 checkpoints and rejected updates (SQLAlchemy 2.x; SQLite by default, any SQLAlchemy URL).
 
-Flower's run and node ids are unsigned 64-bit integers, beyond a signed BIGINT: they are
-stored as text. Times are stored in UTC. One round's writes go through one session and commit
-together (:func:`transaction`).
+The schema comes from Alembic migrations (:mod:`fedtune.platform.migrations`): a change to
+the models here needs a new revision. Flower's run and node ids are unsigned 64-bit integers,
+beyond a signed BIGINT: they are stored as text. Times are stored in UTC and read back as
+aware UTC datetimes, SQLite included (:class:`UTCDateTime`). One round's writes go through
+one session and commit together (:func:`transaction`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
-    DateTime,
     Float,
     ForeignKey,
     Integer,
@@ -29,7 +30,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from fedtune.platform.ledger_store import create_ledger_tables
+from fedtune.platform import migrations
+from fedtune.platform.migrations import DatabaseVersionError as DatabaseVersionError
+from fedtune.platform.sqltypes import UTCDateTime
 
 
 def utcnow() -> datetime:
@@ -39,7 +42,7 @@ def utcnow() -> datetime:
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         dict[str, Any]: JSON,
-        datetime: DateTime(timezone=True),
+        datetime: UTCDateTime,
     }
 
 
@@ -253,7 +256,12 @@ def database_url(value: str, *, must_exist: bool = False) -> str:
 
 
 def open_database(url: str, *, create: bool = True) -> Engine:
-    """An engine for ``url``; creates a SQLite file's folder and the schema when asked."""
+    """An engine for ``url`` (a SQLite file's folder is made if needed).
+
+    ``create``: bring the schema to the newest migration first: a new database gets every
+    table, one made before migrations is adopted keeping its rows (see
+    :mod:`fedtune.platform.migrations`). Without it the schema is left as it is.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +269,32 @@ def open_database(url: str, *, create: bool = True) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_foreign_keys)
     if create:
-        Base.metadata.create_all(engine)
-        create_ledger_tables(engine)  # the coordinator keeps copies of the nodes' ledgers
+        with engine.begin() as connection:
+            migrations.upgrade(connection, url)
     return engine
+
+
+def upgrade_database(url: str) -> str:
+    """Migrate the database at ``url`` to the newest revision; returns that revision.
+
+    Raises :class:`DatabaseVersionError` when a newer fedtune has migrated it further.
+    """
+    engine = open_database(url, create=False)
+    try:
+        with engine.begin() as connection:
+            return migrations.upgrade(connection, url)
+    finally:
+        engine.dispose()
+
+
+def current_revision(url: str) -> str | None:
+    """The migration revision of the database at ``url`` (None: not migrated yet)."""
+    engine = open_database(database_url(url, must_exist=True), create=False)
+    try:
+        with engine.connect() as connection:
+            return migrations.database_revision(connection)
+    finally:
+        engine.dispose()
 
 
 def _sqlite_foreign_keys(connection: Any, _record: Any) -> None:

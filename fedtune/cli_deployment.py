@@ -1,0 +1,244 @@
+"""The `fedtune` commands of a multi-site deployment: certificates, the coordinator, runs
+against it, and a node's keys and SuperNode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fedtune.platform.config import load_coordinator_config, load_run_config
+
+
+def add_commands(commands: Any, node: Any) -> None:
+    """Register the deployment commands (``commands``: the top level; ``node``: `fedtune node`)."""
+    certs = commands.add_parser("certs", help="TLS certificates").add_subparsers(
+        title="certs commands"
+    )
+    init = certs.add_parser(
+        "init", help="create a CA and the coordinator's TLS certificate signed by it"
+    )
+    init.add_argument("--out", required=True, type=Path, help="folder for ca.pem, server.pem, ...")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="a name or IP address nodes use to reach the coordinator; repeat for several "
+        "(default: localhost and 127.0.0.1)",
+    )
+    init.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    init.set_defaults(handler=_certs_init)
+
+    coordinator = commands.add_parser(
+        "coordinator", help="the consortium's coordinator (Flower SuperLink)"
+    ).add_subparsers(title="coordinator commands")
+    start = coordinator.add_parser(
+        "start", help="run the SuperLink with TLS and node authentication (foreground)"
+    )
+    start.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
+    start.set_defaults(handler=_coordinator_start)
+    enroll = coordinator.add_parser("enroll", help="let a node join: register its public keys")
+    enroll.add_argument("enrollment", type=Path, help="the node's enrollment.json")
+    enroll.add_argument("--name", required=True, help="the node's name (its node.toml's)")
+    enroll.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
+    enroll.set_defaults(handler=_coordinator_enroll)
+    key = coordinator.add_parser(
+        "encryption-key", help="create the key that encrypts global adapter checkpoints at rest"
+    )
+    key.add_argument("--out", required=True, type=Path, help="a new key file (mode 0600)")
+    key.set_defaults(handler=_coordinator_encryption_key)
+
+    run = commands.add_parser("run", help="runs on the deployed nodes").add_subparsers(
+        title="run commands"
+    )
+    run_start = run.add_parser("start", help="submit a training run to the coordinator")
+    run_start.add_argument("--config", required=True, type=Path, help="run TOML file")
+    run_start.add_argument("--coordinator", required=True, type=Path, help="coordinator TOML")
+    run_start.set_defaults(handler=_run_start)
+    status = run.add_parser("status", help="runs and their progress (newest first)")
+    status.add_argument("run_id", nargs="?", default=None)
+    status.add_argument("--coordinator", required=True, type=Path, help="coordinator TOML")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_run_status)
+    logs = run.add_parser("logs", help="the coordinator's log of a run")
+    logs.add_argument("run_id")
+    logs.add_argument("--coordinator", required=True, type=Path, help="coordinator TOML")
+    logs.add_argument("--follow", action="store_true", help="stream until the run ends")
+    logs.set_defaults(handler=_run_logs)
+    resume = run.add_parser("resume", help="continue an interrupted run after its last round")
+    resume.add_argument("run_id")
+    resume.add_argument("--coordinator", required=True, type=Path, help="coordinator TOML")
+    resume.set_defaults(handler=_run_resume)
+
+    keygen = node.add_parser(
+        "keygen", help="create the node's keys (SuperNode authentication, ledger signing)"
+    )
+    keygen.add_argument("--out", required=True, type=Path, help="the node's key folder")
+    keygen.set_defaults(handler=_node_keygen)
+    node_start = node.add_parser(
+        "start", help="join the coordinator: trainer + Flower SuperNode over TLS (foreground)"
+    )
+    node_start.add_argument("--config", required=True, type=Path, help="node TOML file")
+    node_start.set_defaults(handler=_node_start)
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    from fedtune.platform.tls import init_certificates
+
+    paths = init_certificates(
+        args.out, hosts=args.host or ("localhost", "127.0.0.1"), days=args.days
+    )
+    print(f"CA certificate (give it to every node): {paths.ca_cert}")
+    print(f"CA key (keep it offline; only for new server certificates): {paths.ca_key}")
+    print(f"coordinator certificate and key: {paths.server_cert}, {paths.server_key}")
+    return 0
+
+
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.superlink import flower_environment, prepare, superlink_command
+    from fedtune.platform.storage import open_database
+
+    config = load_coordinator_config(args.config)
+    prepare(config)
+    open_database(config.database_url).dispose()  # created/migrated before any run
+    print(
+        f"coordinator listening on {config.coordinator.host}:{config.coordinator.port} "
+        f"(TLS, node authentication); database {config.database_url}",
+        flush=True,
+    )
+    process = subprocess.Popen(superlink_command(config), env=flower_environment(config))
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return process.wait()
+
+
+def _coordinator_enroll(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.enrollment import enroll_node
+
+    config = load_coordinator_config(args.config)
+    node_id = enroll_node(config, args.enrollment, name=args.name)
+    print(f"enrolled node {args.name} (SuperNode {node_id}); it may now connect")
+    return 0
+
+
+def _coordinator_encryption_key(args: argparse.Namespace) -> int:
+    from fedtune.platform.encryption import generate_key_file
+
+    path = generate_key_file(args.out)
+    print(f"{path}: AES-256 key for checkpoints at rest (mode 0600). Back it up: without it")
+    print("the encrypted checkpoints cannot be read. Name it in coordinator.encryption_key_file.")
+    return 0
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.superlink import deployment_job, submit_run
+    from fedtune.simulation import new_run_id
+
+    coordinator = load_coordinator_config(args.coordinator)
+    job = deployment_job(coordinator, load_run_config(args.config), run_id=new_run_id())
+    flower_run = submit_run(coordinator, job)
+    print(f"started run {job.run_id} (Flower run {flower_run})")
+    print(f"follow it: fedtune run logs {job.run_id} --coordinator {args.coordinator} --follow")
+    return 0
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.run_registry import stored_run_config
+    from fedtune.coordinator.superlink import deployment_job, submit_run
+
+    coordinator = load_coordinator_config(args.coordinator)
+    run = stored_run_config(coordinator, args.run_id)
+    job = deployment_job(coordinator, run, run_id=args.run_id, resume=True)
+    flower_run = submit_run(coordinator, job)
+    print(f"resuming run {args.run_id} (Flower run {flower_run})")
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.run_registry import run_statuses
+
+    coordinator = load_coordinator_config(args.coordinator)
+    statuses = run_statuses(coordinator, run_id=args.run_id)
+    if args.json:
+        print(json.dumps(statuses, indent=2, default=str))
+        return 0
+    if not statuses:
+        print("no runs yet")
+    for status in statuses:
+        print(
+            f"{status['run_id']}  {status['status']:<9} round {status['rounds_done']}/"
+            f"{status['rounds_planned']}  started {status['started_at']}"
+            + (f"  error: {status['error']}" if status["error"] else "")
+        )
+    return 0
+
+
+def _run_logs(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.run_registry import flower_run_id
+    from fedtune.coordinator.superlink import CONNECTION, flwr
+
+    coordinator = load_coordinator_config(args.coordinator)
+    flower_id = flower_run_id(coordinator, args.run_id)
+    mode = "--stream" if args.follow else "--show"
+    print(flwr(coordinator, "log", flower_id, CONNECTION, mode, timeout=24 * 3600), end="")
+    return 0
+
+
+def _node_keygen(args: argparse.Namespace) -> int:
+    from fedtune.client_node.node_ledger import KEY_FILE
+    from fedtune.coordinator.enrollment import ENROLLMENT_FILE, Enrollment, write_enrollment
+    from fedtune.platform.node_auth import generate_node_auth_key
+    from fedtune.platform.signing import NodeKey
+
+    ledger_key = args.out / KEY_FILE
+    for path in (ledger_key, args.out / ENROLLMENT_FILE):
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; it is not overwritten")
+    auth = generate_node_auth_key(args.out)
+    signing = NodeKey.load_or_create(ledger_key)
+    write_enrollment(
+        args.out / ENROLLMENT_FILE,
+        Enrollment(
+            auth_public_key=auth.public_key.read_text().strip(),
+            ledger_public_key=signing.public_key_text(),
+        ),
+    )
+    print(f"SuperNode authentication key (ECDSA P-384): {auth.private_key}")
+    print(f"ledger signing key (Ed25519): {ledger_key}")
+    print(f"give the coordinator admin {args.out / ENROLLMENT_FILE} (public keys only)")
+    print(
+        "in node.toml: node.state_dir = the folder of node_key.pem, coordinator.auth_key = "
+        f"{auth.private_key}"
+    )
+    return 0
+
+
+def _node_start(args: argparse.Namespace) -> int:
+    from fedtune.client_node.supernode import start_node
+
+    return start_node(args.config)
+
+
+def main_error_types() -> tuple[type[BaseException], ...]:
+    """Errors of these commands that a user can act on (printed as one line)."""
+    from fedtune.client_node.supernode import NodeRefusedError
+    from fedtune.client_node.trainer_service import TrainerUnavailableError
+    from fedtune.coordinator.secure_aggregation import NotEnoughNodesError
+    from fedtune.coordinator.superlink import CoordinatorError
+    from fedtune.platform.encryption import DecryptionError
+
+    return (
+        CoordinatorError,
+        NodeRefusedError,
+        TrainerUnavailableError,
+        NotEnoughNodesError,
+        DecryptionError,
+    )

@@ -1,0 +1,89 @@
+"""The ClientApp of a deployed node (`fedtune node start`).
+
+Flower starts this in a fresh process for every message, so it stays light: it does not load
+the model, it forwards each message's content to the node's long-lived trainer
+(:mod:`fedtune.client_node.trainer_service`). Train messages of a secure-aggregation round go
+through Flower's ``secaggplus_mod``: only the masked update leaves the node, with the rest of
+the reply (metrics, privacy report, signed ledger entry) beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from fedtune.client_node.trainer_service import call_trainer
+from fedtune.platform.config import NodeConfig, load_node_config
+from fedtune.platform.messages import (
+    ABTEST_MESSAGE_TYPE,
+    ARRAYS,
+    CONFIG,
+    DESCRIBE_MESSAGE_TYPE,
+    SECURE_AGGREGATION,
+    record_to_arrays,
+)
+from fedtune.platform.secure_messages import (
+    secure_reply_from_train_reply,
+    train_content_from_secure,
+)
+
+NODE_CONFIG_KEY = "config"  # --node-config "config='PATH/node.toml'"
+
+_CONFIGS: dict[str, NodeConfig] = {}
+
+
+def node_config(context: Context) -> NodeConfig:
+    """The node's configuration, named by the SuperNode's ``--node-config``."""
+    path = context.node_config.get(NODE_CONFIG_KEY)
+    if not isinstance(path, str):
+        raise ValueError(f"start the node with --node-config \"{NODE_CONFIG_KEY}='PATH'\"")
+    if path not in _CONFIGS:
+        _CONFIGS[path] = load_node_config(Path(path))
+    return _CONFIGS[path]
+
+
+def _forward(kind: str, message: Message, context: Context) -> Message:
+    state_dir = node_config(context).node.state_dir
+    return Message(call_trainer(state_dir, kind, message.content), reply_to=message)
+
+
+def _secure_train(message: Message, context: Context) -> Message:
+    """Called by ``secaggplus_mod`` once the keys are shared: train, then hand back the update
+    for masking."""
+    content, keys = train_content_from_secure(message.content)
+    content.config_records[CONFIG][SECURE_AGGREGATION] = True
+    shapes = {key: value.shape for key, value in record_to_arrays(content[ARRAYS]).items()}  # type: ignore[arg-type]
+    reply = call_trainer(node_config(context).node.state_dir, "train", content)
+    return Message(
+        secure_reply_from_train_reply(reply, adapter_keys=keys, shapes=shapes),
+        reply_to=message,
+    )
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, _secure_train)
+    return _forward("train", message, context)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    return _forward("evaluate", message, context)
+
+
+@app.evaluate("abtest")
+def abtest(message: Message, context: Context) -> Message:
+    return _forward(ABTEST_MESSAGE_TYPE, message, context)
+
+
+@app.query("describe")
+def describe(message: Message, context: Context) -> Message:
+    return _forward(DESCRIBE_MESSAGE_TYPE, message, context)

@@ -1,0 +1,167 @@
+"""`fedtune node start`: a deployed node. It loads the base model once into the node's trainer
+service, then runs Flower's SuperNode (TLS to the coordinator, authenticated with the node's
+ECDSA key) and restarts it whenever it exits: after a network failure, a coordinator restart,
+or a refusal. A refused key is retried for ``coordinator.refused_retry_s`` (a node restarted
+before its previous connection expired is refused too), then the node stops with a message
+saying what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from fedtune.client_node.client_app import REPLIES, node_runtime
+from fedtune.client_node.trainer_service import TrainerService
+from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
+
+REFUSED_EXIT_CODE = 305  # Flower: the SuperLink refused the connection
+# What the SuperNode prints when the SuperLink refuses its key.
+_REFUSALS = {
+    "code: 2001": "the SuperNode sent no key the coordinator accepts",
+    "code: 2004": "the coordinator does not know this node's key",
+}
+
+
+class NodeRefusedError(RuntimeError):
+    """The coordinator kept refusing this node's key."""
+
+
+def supernode_command(config: NodeConfig, node_toml: Path, *, port: int) -> list[str]:
+    connection = config.coordinator
+    if connection is None:
+        raise ConfigError(f"{node_toml}: [coordinator] is required by `fedtune node start`")
+    for label, path in (
+        ("coordinator.root_certificates", connection.root_certificates),
+        ("coordinator.auth_key", connection.auth_key),
+    ):
+        if not path.is_file():
+            raise ConfigError(f"{node_toml}: {label}: {path} does not exist")
+    beside = Path(sys.executable).parent / "flower-supernode"
+    return [
+        str(beside) if beside.exists() else "flower-supernode",
+        "--root-certificates",
+        str(connection.root_certificates),
+        "--superlink",
+        connection.address,
+        "--auth-supernode-private-key",
+        str(connection.auth_key),
+        "--node-config",
+        f"config='{node_toml.resolve()}'",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def _tool_path_environment() -> dict[str, str]:
+    folder = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([folder, os.environ.get("PATH", "")])}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class NodeSupervisor:
+    """Runs the SuperNode and restarts it; ``stop()`` ends it (SIGTERM: the coordinator marks
+    the node offline at once)."""
+
+    def __init__(self, node_toml: Path, *, say: Callable[[str], None] = print):
+        self.node_toml = node_toml
+        self.config = load_node_config(node_toml)
+        self.say = say
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[str] | None = None
+
+    def run(self) -> int:
+        config = self.config
+        connection = config.coordinator
+        command = supernode_command(config, self.node_toml, port=_free_port())
+        assert connection is not None
+        self.say(f"node {config.node.name}: loading the base model ({config.model.spec})")
+        node_runtime(config)
+        service = TrainerService(config, REPLIES)
+        service.start()
+        try:
+            return self._supervise(command, refused_retry_s=connection.refused_retry_s)
+        finally:
+            service.stop()
+
+    def _supervise(self, command: list[str], *, refused_retry_s: float) -> int:
+        refused_since: float | None = None
+        delay = 1.0
+        while not self._stopping.is_set():
+            self.say(f"node {self.config.node.name}: connecting to {command[4]}")
+            code, refusal = self._run_once(command)
+            if self._stopping.is_set():
+                break
+            if refusal is not None:
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > refused_retry_s:
+                    raise NodeRefusedError(
+                        f"the coordinator refused node {self.config.node.name}: {refusal}. "
+                        "Give the admin this node's enrollment.json (fedtune node keygen) to run "
+                        "`fedtune coordinator enroll enrollment.json --name "
+                        f"{self.config.node.name}`"
+                    )
+                self.say(
+                    f"refused ({refusal}); retrying: a restarted node waits until its "
+                    "previous connection expires"
+                )
+                delay = 10.0
+            else:
+                refused_since = None
+                self.say(f"SuperNode exited with code {code}; restarting in {delay:.0f} s")
+            self._stopping.wait(delay)
+            delay = min(delay * 2, 30.0)
+        return 0
+
+    def _run_once(self, command: list[str]) -> tuple[int, str | None]:
+        """Run the SuperNode until it exits; its exit code and the refusal, if it was one."""
+        refusal = None
+        self._process = process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_tool_path_environment(),  # the SuperNode starts Flower commands by name
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            refusal = refusal or next(
+                (why for code, why in _REFUSALS.items() if code in line), None
+            )
+        code = process.wait()
+        return code, refusal if code == REFUSED_EXIT_CODE else None
+
+    def stop(self, *_: object) -> None:
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+
+def start_node(node_toml: Path) -> int:
+    """The foreground `fedtune node start`: runs until SIGTERM or Ctrl-C."""
+    supervisor = NodeSupervisor(node_toml)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        supervisor.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return supervisor.run()

@@ -1,0 +1,266 @@
+"""A run on deployed nodes: the rounds loop the coordinator's ServerApp drives.
+
+Unlike Flower's strategy loop (used in simulation), this loop never waits without a limit: a
+round waits ``aggregation.node_wait_s`` for ``run.min_nodes`` nodes and each exchange
+``aggregation.reply_timeout_s`` for replies, and a node that disappears (its heartbeat expires)
+gets an error reply from the SuperLink. It trains through SecAgg+ by default, and it resumes:
+a run restarted with ``resume`` continues after its last round whose checkpoint was committed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import ndarrays_to_parameters
+from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+from sqlalchemy import select
+
+from fedtune.coordinator.checkpoints import read_checkpoint
+from fedtune.coordinator.job import DeploymentJob
+from fedtune.coordinator.secure_aggregation import NotEnoughNodesError, SecureFedAvg
+from fedtune.coordinator.server_app import (
+    RunSetup,
+    ab_test_final_against_production,
+    finish_run,
+    prepare_run,
+)
+from fedtune.coordinator.strategy import ReplyOutcome, ValidatingFedAvg
+from fedtune.platform.config import RunConfig
+from fedtune.platform.ledger_store import node_public_keys
+from fedtune.platform.messages import (
+    DESCRIBE_MESSAGE_TYPE,
+    NODE,
+    NUM_EXAMPLES,
+    arrays_to_record,
+    record_to_arrays,
+)
+from fedtune.platform.storage import AdapterCheckpoint, open_database, transaction
+
+
+def enrolled_ledger_keys(config: RunConfig) -> dict[str, str]:
+    """The newest enrolled ledger key of each of the run's nodes (`fedtune coordinator
+    enroll`); a node without one cannot contribute."""
+    with transaction(open_database(config.database_url)) as session:
+        keys = {node.name: node_public_keys(session, node.name) for node in config.nodes}
+    return {name: found[-1] for name, found in keys.items() if found}
+
+
+def run_deployed(
+    grid: Grid,
+    context: Context,
+    job: DeploymentJob,
+    *,
+    flower_run_id: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> None:
+    config = job.run
+    setup = prepare_run(
+        config,
+        run_id=job.run_id,
+        flower_run_id=flower_run_id,
+        enrolled=enrolled_ledger_keys(config),
+        resuming=job.resume,
+        progress=progress,
+    )
+    missing = sorted({n.name for n in config.nodes} - set(setup.keys))
+    if missing:
+        progress(f"not enrolled (their updates will be refused): {missing}")
+    try:
+        first, arrays = _starting_point(setup, config) if job.resume else (1, setup.initial)
+        if first > 1:
+            progress(f"resuming run {job.run_id} at round {first} of {config.run.rounds}")
+        _rounds(grid, context, setup, config, first=first, arrays=arrays, progress=progress)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        finish_run(setup.engine, job.run_id, status="failed", error=error)
+        raise
+    finish_run(setup.engine, job.run_id, status="finished")
+    if config.run.ab_test_against_production:
+        ab_test_final_against_production(
+            grid, setup.engine, config, job.run_id, setup.fingerprint, progress
+        )
+
+
+def _starting_point(setup: RunSetup, config: RunConfig) -> tuple[int, dict[str, np.ndarray]]:
+    """The round after the last committed checkpoint, and that checkpoint's adapter. Folders
+    of later rounds (written before an interruption, never committed) are kept aside."""
+    with transaction(setup.engine) as session:
+        last = session.scalars(
+            select(AdapterCheckpoint)
+            .where(AdapterCheckpoint.run_id == setup.run_id)
+            .order_by(AdapterCheckpoint.round.desc())
+            .limit(1)
+        ).first()
+        done, path, sha = (last.round, Path(last.path), last.sha256) if last else (0, None, None)
+    adapters = config.output.dir / "adapters"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for folder in sorted(adapters.glob("round-*")):
+        suffix = folder.name.removeprefix("round-")
+        if suffix.isdigit() and int(suffix) > done:
+            folder.rename(folder.with_name(f"{folder.name}.interrupted-{stamp}"))
+    if path is None or sha is None:
+        return 1, setup.initial
+    arrays, _ = read_checkpoint(path, sha256=sha, key=config.output.checkpoint_key())
+    return done + 1, arrays
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise NotEnoughNodesError(
+                f"{len(nodes)} nodes connected, {minimum} needed (run.min_nodes), after "
+                f"waiting {timeout_s:g} s (aggregation.node_wait_s)"
+            )
+        time.sleep(1.0)
+    return nodes
+
+
+def _describe_nodes(
+    grid: Grid, nodes: list[int], timeout_s: float, progress: Callable[[str], None]
+) -> dict[str, int]:
+    """Each answering node's name -> training-set size (warms the nodes' trainers too)."""
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=DESCRIBE_MESSAGE_TYPE)
+        for node in nodes
+    ]
+    sizes: dict[str, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            progress(f"node {reply.metadata.src_node_id} did not describe itself: {reply.error}")
+            continue
+        identity = reply.content.config_records[NODE]
+        sizes[str(identity.get("name"))] = int(identity.get(NUM_EXAMPLES, 0))  # type: ignore[arg-type]
+    progress("nodes: " + ", ".join(f"{name} ({n} examples)" for name, n in sorted(sizes.items())))
+    return sizes
+
+
+def _rounds(
+    grid: Grid,
+    context: Context,
+    setup: RunSetup,
+    config: RunConfig,
+    *,
+    first: int,
+    arrays: dict[str, np.ndarray],
+    progress: Callable[[str], None],
+) -> None:
+    aggregation = config.aggregation
+    minimum = config.run.min_nodes or len(config.nodes)
+    nodes = _wait_for_nodes(grid, minimum, aggregation.node_wait_s)
+    sizes = _describe_nodes(grid, nodes, aggregation.reply_timeout_s, progress)
+    # Evaluation (and plain training) go through fedtune's validating FedAvg; its own node
+    # sampling would wait without a limit, so its minimums are 1 and this loop waits instead.
+    plain = ValidatingFedAvg(
+        observer=setup.recorder,
+        ledger_check=setup.ledger_check(),
+        fraction_train=config.run.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
+    )
+    secure = None
+    if aggregation.secure:
+        max_weight = aggregation.max_weight or float(max(sizes.values(), default=1))
+        progress(f"secure aggregation (SecAgg+), max weight {max_weight:g}")
+        secure = _SecureRounds(grid, context, setup, config, arrays, max_weight=max_weight)
+    try:
+        for server_round in range(first, config.run.rounds + 1):
+            _wait_for_nodes(grid, minimum, aggregation.node_wait_s)
+            if secure is not None:
+                arrays = secure.train(server_round)
+            else:
+                messages = plain.configure_train(
+                    server_round, arrays_to_record(arrays), setup.instructions.to_record(), grid
+                )
+                replies = grid.send_and_receive(messages, timeout=aggregation.reply_timeout_s)
+                mean, _ = plain.aggregate_train(server_round, replies)
+                arrays = record_to_arrays(mean) if mean is not None else arrays
+            messages = plain.configure_evaluate(
+                server_round, arrays_to_record(arrays), setup.instructions.to_record(), grid
+            )
+            replies = grid.send_and_receive(messages, timeout=aggregation.reply_timeout_s)
+            plain.aggregate_evaluate(server_round, replies)
+    finally:
+        if secure is not None:
+            secure.close()
+
+
+class _SecureRounds:
+    """Train rounds through Flower's SecAgg+ workflow, which needs a LegacyContext."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        context: Context,
+        setup: RunSetup,
+        config: RunConfig,
+        arrays: dict[str, np.ndarray],
+        *,
+        max_weight: float,
+    ):
+        aggregation = config.aggregation
+        self.grid = grid
+        self.setup = setup
+        self.strategy = SecureFedAvg(
+            instructions=setup.instructions,
+            global_arrays=arrays_to_record(arrays),
+            observer=setup.recorder,
+            ledger_check=setup.ledger_check(),
+            min_nodes=config.run.min_nodes or len(config.nodes),
+            fraction_train=config.run.fraction_train,
+            node_wait_s=aggregation.node_wait_s,
+        )
+        self.legacy = LegacyContext(
+            context=context,
+            config=ServerConfig(num_rounds=config.run.rounds),
+            strategy=self.strategy,
+        )
+        self.workflow = SecAggPlusWorkflow(
+            num_shares=1.0,  # every sampled node holds a share of every other's keys
+            reconstruction_threshold=aggregation.reconstruction_threshold,
+            max_weight=max_weight,
+            clipping_range=aggregation.clipping_range,
+            timeout=aggregation.reply_timeout_s,
+        )
+        self.thread, self.stop, registered = start_update_client_manager_thread(
+            grid, self.legacy.client_manager
+        )
+        registered.wait()
+
+    def train(self, server_round: int) -> dict[str, np.ndarray]:
+        strategy = self.strategy
+        ordered = record_to_arrays(strategy.global_arrays)
+        parameters = ndarrays_to_parameters([ordered[key] for key in strategy.adapter_keys])
+        self.legacy.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(
+            parameters, keep_input=True
+        )
+        self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}
+        )
+        self.workflow(self.grid, self.legacy)
+        if strategy.recorded_round != server_round:  # the protocol halted before the mean
+            outcomes = [
+                ReplyOutcome(
+                    "failed", node, None, "secure aggregation halted: too few nodes stayed"
+                )
+                for node in strategy.sampled
+            ]
+            self.setup.recorder.on_train(server_round, outcomes, None, None, strategy.global_arrays)
+        return record_to_arrays(strategy.global_arrays)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)

@@ -1,0 +1,29 @@
+"""`fedtune db upgrade`: bring the coordinator's database to the newest schema revision."""
+
+from __future__ import annotations
+
+from sqlalchemy import make_url
+
+from fedtune.platform.storage import (
+    DatabaseNotFoundError,
+    current_revision,
+    database_url,
+    upgrade_database,
+)
+
+
+def db_upgrade(db: str) -> int:
+    """Migrate database ``db`` (a URL or a SQLite file, created if missing), print what was
+    done; returns the exit code. A database made before migrations is adopted, rows kept."""
+    url = database_url(db)
+    try:
+        before = current_revision(url)
+    except DatabaseNotFoundError:
+        before = None
+    after = upgrade_database(url)
+    shown = make_url(url).render_as_string(hide_password=True)
+    if before == after:
+        print(f"{shown}: already at {after} (newest)")
+    else:
+        print(f"{shown}: upgraded from {before or 'no revision'} to {after} (newest)")
+    return 0

@@ -1,0 +1,122 @@
+"""Train messages in the shape Flower's SecAgg+ needs, and back.
+
+Flower runs SecAgg+ only through its workflow API, which speaks the older FitIns/FitRes
+records (``fitins.parameters``, ``fitres.metrics``, ...): arrays travel as an ordered list and
+the reply's metrics may hold only scalars. The coordinator unmasks only the weighted mean of
+the arrays; each node's ``fitres.metrics`` reaches it unmasked. So a secure train message
+carries fedtune's :class:`~fedtune.platform.messages.TrainInstructions` and the adapter's key
+order as scalars, and a node's reply packs everything of fedtune's train reply except the
+arrays (metrics, identity, privacy report, signed ledger entry, or a decline) into one
+serialised record. A node that declines sends zeros with weight 0, which leaves the weighted
+mean unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedtune.platform.messages import (
+    ARRAYS,
+    CONFIG,
+    DECLINE,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    TrainInstructions,
+    arrays_to_record,
+    record_to_arrays,
+)
+
+INSTRUCTIONS_KEY = "fedtune-instructions"  # TrainInstructions' record, as JSON
+ADAPTER_KEYS_KEY = "fedtune-adapter-keys"  # the order of the arrays, as JSON
+REPLY_KEY = "fedtune-reply"  # the train reply without its arrays, serialised
+MAX_REPLY_BYTES = 1 << 20  # a reply's non-array part is a few kilobytes
+
+
+class SecureMessageError(ValueError):
+    """A secure-aggregation train message or reply that does not have fedtune's shape."""
+
+
+def secure_train_config(
+    instructions: TrainInstructions, *, server_round: int, adapter_keys: Sequence[str]
+) -> dict[str, bool | bytes | float | int | str]:
+    """The FitIns config of a secure train message."""
+    return {
+        INSTRUCTIONS_KEY: json.dumps(dict(instructions.to_record())),
+        ADAPTER_KEYS_KEY: json.dumps(list(adapter_keys)),
+        SERVER_ROUND: server_round,
+    }
+
+
+def train_content_from_secure(content: RecordDict) -> tuple[RecordDict, list[str]]:
+    """fedtune's train content (arrays by name + instructions) from a secure train message,
+    and the adapter's key order to reply in."""
+    fitins: FitIns = recorddict_to_fitins(content, keep_input=True)
+    try:
+        keys = json.loads(str(fitins.config[ADAPTER_KEYS_KEY]))
+        record = ConfigRecord(json.loads(str(fitins.config[INSTRUCTIONS_KEY])))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise SecureMessageError(f"secure train message lacks fedtune's config ({exc})") from None
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(keys) != len(arrays):
+        raise SecureMessageError(f"{len(arrays)} arrays for {len(keys)} adapter keys")
+    record[SERVER_ROUND] = int(fitins.config[SERVER_ROUND])
+    train = RecordDict(
+        {ARRAYS: arrays_to_record(dict(zip(keys, arrays, strict=True))), CONFIG: record}
+    )
+    return train, keys
+
+
+def secure_reply_from_train_reply(
+    reply: RecordDict, *, adapter_keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
+) -> RecordDict:
+    """The FitRes content a node hands to ``secaggplus_mod``: its arrays in key order (zeros
+    with weight 0 for a decline) and the rest of ``reply`` serialised in the metrics."""
+    rest = RecordDict({key: value for key, value in reply.items() if key != ARRAYS})
+    if DECLINE in reply.config_records:
+        arrays = [np.zeros(shapes[key], dtype=np.float32) for key in adapter_keys]
+        weight = 0
+    else:
+        by_name = record_to_arrays(reply.array_records[ARRAYS])
+        arrays = [by_name[key] for key in adapter_keys]
+        weight = int(reply.metric_records[METRICS][NUM_EXAMPLES])  # type: ignore[arg-type]
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(arrays),
+        num_examples=weight,
+        metrics={REPLY_KEY: recorddict_to_proto(rest).SerializeToString()},
+    )
+    return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def train_reply_from_secure_metrics(metrics: Mapping[str, object]) -> RecordDict:
+    """The coordinator's view of one node's secure train reply: everything but the arrays."""
+    packed = metrics.get(REPLY_KEY)
+    if not isinstance(packed, bytes):
+        raise SecureMessageError(f"the reply carries no '{REPLY_KEY}' record")
+    if len(packed) > MAX_REPLY_BYTES:
+        raise SecureMessageError(f"the reply's record is {len(packed)} bytes, over the limit")
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(packed)
+        content = recorddict_from_proto(proto)
+    except Exception as exc:  # protobuf raises DecodeError and others on garbage
+        raise SecureMessageError(f"the reply's record cannot be read ({exc})") from None
+    if content.array_records:
+        raise SecureMessageError("the reply's record carries arrays outside secure aggregation")
+    return content
