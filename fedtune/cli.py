@@ -112,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--by", required=True, help="who promotes it (recorded)")
     promote.add_argument("--note", default=None)
     promote.set_defaults(handler=_model_promote)
+    export_model = model.add_parser(
+        "export", help="write a global adapter as a plain PEFT folder (decrypted if need be)"
+    )
+    export_model.add_argument("version", help="latest, RUN_ID/ROUND or a SHA-256 prefix")
+    export_model.add_argument("--db", required=True, help="coordinator database URL or SQLite file")
+    export_model.add_argument("--out", required=True, type=Path, help="a new folder")
+    export_model.add_argument(
+        "--key", type=Path, default=None, help="the checkpoint key file, if they are encrypted"
+    )
+    export_model.set_defaults(handler=_model_export)
 
     demo = commands.add_parser(
         "demo",
@@ -230,7 +240,7 @@ def _node_train(args: argparse.Namespace) -> int:
 
 
 def _node_key(args: argparse.Namespace) -> int:
-    from fedtune.client_node.node_ledger import KEY_FILE, node_key
+    from fedtune.platform.node_ledger import KEY_FILE, node_key
 
     config = load_node_config(args.config)
     print(node_key(config.node.state_dir).public_key_text())
@@ -299,6 +309,22 @@ def _model_list(args: argparse.Namespace) -> int:
         created = version.created_at.strftime("%Y-%m-%d %H:%M:%S") if version.created_at else ""
         mark = "  <- in production" if version.id == in_production else ""
         print(f"{version.id:<36} {created:<20} {(version.sha256 or '')[:16]}{mark}")
+    return 0
+
+
+def _model_export(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.checkpoints import export_checkpoint
+    from fedtune.coordinator.versions import resolve_version
+    from fedtune.platform.encryption import load_key
+    from fedtune.platform.storage import database_url, open_database
+
+    engine = open_database(database_url(args.db, must_exist=True), create=False)
+    version = resolve_version(engine, args.version)
+    if version.path is None or version.sha256 is None:
+        raise ConfigError(f"{version.id} is the base model: there is no adapter to export")
+    key = load_key(args.key) if args.key is not None else None
+    out = export_checkpoint(version.path, args.out, sha256=version.sha256, key=key)
+    print(f"{version.id} -> {out} (load with PeftModel.from_pretrained(base, {str(out)!r}))")
     return 0
 
 

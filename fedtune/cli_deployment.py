@@ -193,9 +193,9 @@ def _run_logs(args: argparse.Namespace) -> int:
 
 
 def _node_keygen(args: argparse.Namespace) -> int:
-    from fedtune.client_node.node_ledger import KEY_FILE
     from fedtune.coordinator.enrollment import ENROLLMENT_FILE, Enrollment, write_enrollment
     from fedtune.platform.node_auth import generate_node_auth_key
+    from fedtune.platform.node_ledger import KEY_FILE
     from fedtune.platform.signing import NodeKey
 
     ledger_key = args.out / KEY_FILE

@@ -12,8 +12,8 @@ from peft import get_peft_model_state_dict
 from fedtune.client_node import client_app
 from fedtune.client_node.client_app import BaseModelMismatchError, handle_evaluate, handle_train
 from fedtune.client_node.demo_data import write_demo_data
-from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.config import (
+    CoordinatorConnection,
     DataConfig,
     LoraSettings,
     ModelConfig,
@@ -25,6 +25,7 @@ from fedtune.platform.config import (
 from fedtune.platform.fingerprint import model_dir_fingerprint
 from fedtune.platform.lora import adapter_arrays, attach_lora
 from fedtune.platform.messages import TrainInstructions, arrays_to_record
+from fedtune.platform.node_ledger import NodeLedger
 
 LORA = LoraSettings()
 
@@ -184,3 +185,17 @@ def test_train_instructions_survive_the_config_record():
     assert (
         TrainInstructions.from_record(ConfigRecord(dict(instructions.to_record()))) == instructions
     )
+
+
+def test_a_deployed_node_sends_updates_only_through_secure_aggregation(node, tiny_model_dir):
+    fingerprint = model_dir_fingerprint(tiny_model_dir)
+    connection = CoordinatorConnection(
+        address="127.0.0.1:9092", root_certificates=Path("ca.pem"), auth_key=Path("auth_key")
+    )
+    deployed = node.model_copy(update={"coordinator": connection})
+
+    reply = handle_train(deployed, server_message(tiny_model_dir, fingerprint=fingerprint))
+
+    assert "require_secure_aggregation" in str(reply.content.config_records["decline"]["reason"])
+    assert not reply.content.array_records
+    assert NodeLedger(node.node.state_dir, node="hospital").entries() == []

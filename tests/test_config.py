@@ -2,7 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.platform.config import ConfigError, load_node_config, load_run_config
+from fedtune.platform.config import (
+    ConfigError,
+    load_coordinator_config,
+    load_node_config,
+    load_run_config,
+)
 
 VALID = """
 [node]
@@ -87,3 +92,50 @@ def test_the_documented_example_run_config_is_valid():
 
     assert [node.name for node in config.nodes] == ["hospital", "bank"]
     assert config.node_config("bank").privacy.planned_rounds == config.run.rounds
+
+
+def test_the_documented_example_coordinator_config_is_valid():
+    example = Path(__file__).parent.parent / "examples" / "coordinator.toml"
+
+    config = load_coordinator_config(example)
+
+    assert config.coordinator.port == 9092
+    assert config.tls.certificate == example.parent / "certs" / "server.pem"
+    assert (
+        config.database_url.startswith("sqlite:///") and "coordinator-state" in config.database_url
+    )
+    assert config.address == "127.0.0.1:9092"  # what local tools dial when it listens on 0.0.0.0
+
+
+def test_a_coordinator_config_without_tls_names_the_missing_section(tmp_path):
+    path = tmp_path / "coordinator.toml"
+    path.write_text("[coordinator]\nport = 9092\n")
+
+    with pytest.raises(ConfigError, match=r"coordinator\.toml: tls: Field required"):
+        load_coordinator_config(path)
+
+
+def test_a_deployed_node_config_resolves_its_key_paths(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[node]\nname = "hospital"\n[data]\ntrain = "t.jsonl"\neval = "e.jsonl"\n'
+        '[coordinator]\naddress = "coordinator:9092"\nroot_certificates = "ca.pem"\n'
+        'auth_key = "state/auth_key"\n'
+    )
+
+    config = load_node_config(path)
+
+    assert config.coordinator is not None
+    assert config.coordinator.auth_key == tmp_path / "state" / "auth_key"
+    assert config.coordinator.require_secure_aggregation
+
+
+def test_a_node_address_without_a_port_is_refused(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[node]\nname = "hospital"\n[data]\ntrain = "t.jsonl"\neval = "e.jsonl"\n'
+        '[coordinator]\naddress = "coordinator"\nroot_certificates = "ca.pem"\nauth_key = "k"\n'
+    )
+
+    with pytest.raises(ConfigError, match=r"coordinator\.address"):
+        load_node_config(path)

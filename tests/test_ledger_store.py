@@ -5,7 +5,6 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
-from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.ledger import seal_entry, sign_checkpoint
 from fedtune.platform.ledger_store import (
     LedgerConflictError,
@@ -14,6 +13,7 @@ from fedtune.platform.ledger_store import (
     ledger_entries,
     node_public_keys,
 )
+from fedtune.platform.node_ledger import NodeLedger
 from fedtune.platform.signing import NodeKey
 from fedtune.platform.storage import open_database, transaction
 

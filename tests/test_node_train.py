@@ -11,8 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedtune.client_node.demo_data import write_demo_data
-from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.accounting import epsilon_of
+from fedtune.platform.node_ledger import NodeLedger
 
 CONFIG = """
 [node]

@@ -21,7 +21,6 @@ from fedtune.client_node.abtest_eval import score_versions, scores_content
 from fedtune.client_node.data import ChatDataset, load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
-from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.platform.accounting import BudgetExhaustedError
 from fedtune.platform.base_model import BaseModel, load_base_model
 from fedtune.platform.config import LoraSettings, NodeConfig
@@ -45,6 +44,7 @@ from fedtune.platform.messages import (
     record_to_arrays,
     train_reply_content,
 )
+from fedtune.platform.node_ledger import NodeLedger
 
 
 class BaseModelMismatchError(RuntimeError):

@@ -20,11 +20,9 @@ from fedtune.client_node.trainer_service import call_trainer
 from fedtune.platform.config import NodeConfig, load_node_config
 from fedtune.platform.messages import (
     ABTEST_MESSAGE_TYPE,
-    ARRAYS,
     CONFIG,
     DESCRIBE_MESSAGE_TYPE,
     SECURE_AGGREGATION,
-    record_to_arrays,
 )
 from fedtune.platform.secure_messages import (
     secure_reply_from_train_reply,
@@ -54,14 +52,10 @@ def _forward(kind: str, message: Message, context: Context) -> Message:
 def _secure_train(message: Message, context: Context) -> Message:
     """Called by ``secaggplus_mod`` once the keys are shared: train, then hand back the update
     for masking."""
-    content, keys = train_content_from_secure(message.content)
-    content.config_records[CONFIG][SECURE_AGGREGATION] = True
-    shapes = {key: value.shape for key, value in record_to_arrays(content[ARRAYS]).items()}  # type: ignore[arg-type]
-    reply = call_trainer(node_config(context).node.state_dir, "train", content)
-    return Message(
-        secure_reply_from_train_reply(reply, adapter_keys=keys, shapes=shapes),
-        reply_to=message,
-    )
+    request = train_content_from_secure(message.content)
+    request.content.config_records[CONFIG][SECURE_AGGREGATION] = True
+    reply = call_trainer(node_config(context).node.state_dir, "train", request.content)
+    return Message(secure_reply_from_train_reply(reply, request), reply_to=message)
 
 
 app = ClientApp()

@@ -17,7 +17,6 @@ from peft import PeftModel
 
 from fedtune.client_node.budget_guard import check_round
 from fedtune.client_node.data import ChatDataset
-from fedtune.client_node.node_ledger import NodeLedger
 from fedtune.client_node.trainer import (
     GRAD_SAMPLE_MODE,
     NOISE_RNG,
@@ -36,6 +35,7 @@ from fedtune.platform.accounting import (
 )
 from fedtune.platform.config import PrivacySettings, TrainingSettings
 from fedtune.platform.ledger import Checkpoint, LedgerEntry
+from fedtune.platform.node_ledger import NodeLedger
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 

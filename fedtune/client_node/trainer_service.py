@@ -17,6 +17,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
@@ -88,8 +89,8 @@ class TrainerService:
         while not self._stopped.is_set():
             try:
                 connection = self._listener.accept()
-            except OSError:  # closed by stop(), or a client that failed the key check
-                continue
+            except (OSError, EOFError, AuthenticationError):
+                continue  # closed by stop(), or a caller that failed the key check
             threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
 
     def _answer(self, connection: Connection) -> None:
@@ -126,7 +127,7 @@ def call_trainer(state_dir: Path, kind: str, content: RecordDict) -> RecordDict:
         ) from None
     try:
         connection = Client(address, authkey=authkey)
-    except OSError as exc:
+    except (OSError, AuthenticationError) as exc:
         raise TrainerUnavailableError(
             f"the node's trainer at {address[0]}:{address[1]} does not answer ({exc}); "
             "is `fedtune node start` still running?"

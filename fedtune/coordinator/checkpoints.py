@@ -113,3 +113,15 @@ def read_checkpoint(
         target_modules=sorted(config["target_modules"]),
     )
     return dict(arrays), lora
+
+
+def export_checkpoint(path: Path, out: Path, *, sha256: str, key: bytes | None = None) -> Path:
+    """A plain copy of a stored global adapter in ``out`` (new) that
+    ``PeftModel.from_pretrained`` loads: decrypted, after checking its SHA-256."""
+    weights = checkpoint_weights(path, sha256=sha256, key=key)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; it is not overwritten")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_bytes((path / "adapter_config.json").read_bytes())
+    (out / WEIGHTS_FILE).write_bytes(weights)
+    return out

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.job import DeploymentJob
+from fedtune.coordinator.node_level_dp import LEDGER_NODE, NodeLevelPrivacy
 from fedtune.coordinator.secure_aggregation import NotEnoughNodesError, SecureFedAvg
 from fedtune.coordinator.server_app import (
     RunSetup,
@@ -45,6 +46,7 @@ from fedtune.platform.messages import (
     arrays_to_record,
     record_to_arrays,
 )
+from fedtune.platform.node_ledger import NodeLedger
 from fedtune.platform.storage import AdapterCheckpoint, open_database, transaction
 
 
@@ -198,6 +200,14 @@ def _rounds(
             secure.close()
 
 
+def _node_level_privacy(config: RunConfig, run_id: str) -> NodeLevelPrivacy | None:
+    settings = config.aggregation.node_dp
+    if settings is None:
+        return None
+    ledger = NodeLedger(config.output.dir / "node-level-ledger", node=LEDGER_NODE)
+    return NodeLevelPrivacy(settings, run_id=run_id, population=len(config.nodes), ledger=ledger)
+
+
 class _SecureRounds:
     """Train rounds through Flower's SecAgg+ workflow, which needs a LegacyContext."""
 
@@ -222,6 +232,7 @@ class _SecureRounds:
             min_nodes=config.run.min_nodes or len(config.nodes),
             fraction_train=config.run.fraction_train,
             node_wait_s=aggregation.node_wait_s,
+            node_dp=_node_level_privacy(config, setup.run_id),
         )
         self.legacy = LegacyContext(
             context=context,

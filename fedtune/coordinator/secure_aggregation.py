@@ -29,6 +29,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from fedtune.coordinator.ledger_check import LedgerCheck
+from fedtune.coordinator.node_level_dp import NodeLevelPrivacy
 from fedtune.coordinator.strategy import ReplyOutcome, RoundObserver, update_problem
 from fedtune.platform.messages import (
     ARRAYS,
@@ -64,6 +65,7 @@ class SecureFedAvg(FedAvg):
         min_nodes: int,
         fraction_train: float = 1.0,
         node_wait_s: float = 300.0,
+        node_dp: NodeLevelPrivacy | None = None,
     ) -> None:
         if min_nodes < 2:
             raise ValueError("secure aggregation needs at least 2 nodes per round (min_nodes)")
@@ -78,6 +80,7 @@ class SecureFedAvg(FedAvg):
         self.observer = observer
         self.ledger_check = ledger_check
         self.node_wait_s = node_wait_s
+        self.node_dp = node_dp
         self.adapter_keys = list(global_arrays.keys())
         self.sampled: list[str] = []
         self.recorded_round: int | None = None  # the last round aggregate_fit recorded
@@ -93,8 +96,13 @@ class SecureFedAvg(FedAvg):
         size, minimum = self.num_fit_clients(client_manager.num_available())
         clients = client_manager.sample(num_clients=size, min_num_clients=minimum)
         self.sampled = [str(client.node_id) for client in clients]
+        if self.node_dp is not None:
+            self.node_dp.check_round()
         config = secure_train_config(
-            self.instructions, server_round=server_round, adapter_keys=self.adapter_keys
+            self.instructions,
+            server_round=server_round,
+            adapter_keys=self.adapter_keys,
+            clipping_norm=self.node_dp.settings.clipping_norm if self.node_dp else None,
         )
         return [(client, FitIns(parameters, dict(config))) for client in clients]
 
@@ -121,6 +129,13 @@ class SecureFedAvg(FedAvg):
                 for o in outcomes
             ]
         metrics = _weighted_train_loss(outcomes)
+        if aggregate is not None and self.node_dp is not None:
+            contributors = sum(o.kind == "accepted" for o in outcomes)
+            aggregate = arrays_to_record(
+                self.node_dp.noise(record_to_arrays(aggregate), contributors=contributors)
+            )
+            epsilon = self.node_dp.record(server_round, contributors=contributors)
+            metrics = MetricRecord({**(metrics or {}), "node-level-epsilon": epsilon})
         self.observer.on_train(server_round, outcomes, aggregate, metrics, self.global_arrays)
         self.recorded_round = server_round
         if aggregate is None:
@@ -142,6 +157,8 @@ class SecureFedAvg(FedAvg):
             reason = str(content.config_records[DECLINE].get("reason", "no reason given"))
             return ReplyOutcome("declined", node_id, name, reason)
         weight = content.metric_records[METRICS].get(NUM_EXAMPLES) if METRICS in content else None
+        if self.node_dp is not None:
+            weight = 1  # under node-level DP every node weighs the same
         if weight != res.num_examples:
             return ReplyOutcome(
                 "rejected", node_id, name, f"weight {res.num_examples} differs from {weight}"

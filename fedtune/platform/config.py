@@ -280,6 +280,20 @@ class RunOutput(_Section):
         return load_key(self.encryption_key_file) if self.encryption_key_file else None
 
 
+class NodeLevelDP(_Section):
+    """Node-level differential privacy on top of each node's example-level DP-SGD (DP-FedAvg
+    with fixed clipping, McMahan et al. 2018): each node clips its update to
+    ``clipping_norm`` before secure aggregation, nodes weigh equally, and the coordinator adds
+    Gaussian noise to the mean. The privacy unit is a whole node's data."""
+
+    clipping_norm: PositiveFloat
+    noise_multiplier: PositiveFloat
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_epsilon: PositiveFloat | None = Field(
+        default=None, description="Stop the run before a round that would pass it."
+    )
+
+
 class AggregationSettings(_Section):
     """How a deployed run aggregates (`fedtune run start`); simulation always averages in the
     clear. Secure aggregation is Flower's SecAgg+: the coordinator learns only the weighted
@@ -304,11 +318,20 @@ class AggregationSettings(_Section):
         description="How long a round waits for run.min_nodes nodes; then the "
         "run stops with an error instead of hanging.",
     )
+    node_dp: NodeLevelDP | None = Field(
+        default=None, description="Node-level DP (needs secure = true); off by default."
+    )
     reply_timeout_s: PositiveFloat = Field(
         default=3600.0,
         description="How long one exchange with the nodes may take (a train step includes "
         "local training); a node that has not answered by then is dropped from the round.",
     )
+
+    @model_validator(mode="after")
+    def _node_dp_needs_secure(self) -> Self:
+        if self.node_dp is not None and not self.secure:
+            raise ValueError("node_dp clips on the nodes and noises the secure mean: set secure")
+        return self
 
 
 class SimulationSettings(_Section):

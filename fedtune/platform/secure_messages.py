@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
@@ -29,6 +30,7 @@ from flwr.common import (
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fedtune.platform.messages import (
     ARRAYS,
@@ -45,6 +47,7 @@ from fedtune.platform.messages import (
 INSTRUCTIONS_KEY = "fedtune-instructions"  # TrainInstructions' record, as JSON
 ADAPTER_KEYS_KEY = "fedtune-adapter-keys"  # the order of the arrays, as JSON
 REPLY_KEY = "fedtune-reply"  # the train reply without its arrays, serialised
+CLIPPING_NORM_KEY = "fedtune-node-dp-clipping-norm"  # node-level DP: clip the update to this
 MAX_REPLY_BYTES = 1 << 20  # a reply's non-array part is a few kilobytes
 
 
@@ -53,19 +56,38 @@ class SecureMessageError(ValueError):
 
 
 def secure_train_config(
-    instructions: TrainInstructions, *, server_round: int, adapter_keys: Sequence[str]
+    instructions: TrainInstructions,
+    *,
+    server_round: int,
+    adapter_keys: Sequence[str],
+    clipping_norm: float | None = None,
 ) -> dict[str, bool | bytes | float | int | str]:
-    """The FitIns config of a secure train message."""
-    return {
+    """The FitIns config of a secure train message (``clipping_norm``: node-level DP)."""
+    config: dict[str, bool | bytes | float | int | str] = {
         INSTRUCTIONS_KEY: json.dumps(dict(instructions.to_record())),
         ADAPTER_KEYS_KEY: json.dumps(list(adapter_keys)),
         SERVER_ROUND: server_round,
     }
+    if clipping_norm is not None:
+        config[CLIPPING_NORM_KEY] = clipping_norm
+    return config
 
 
-def train_content_from_secure(content: RecordDict) -> tuple[RecordDict, list[str]]:
-    """fedtune's train content (arrays by name + instructions) from a secure train message,
-    and the adapter's key order to reply in."""
+@dataclass(frozen=True)
+class SecureTrain:
+    """A secure train message as the node reads it."""
+
+    content: RecordDict  # fedtune's train content: arrays by name + instructions
+    adapter_keys: list[str]  # the order to reply in
+    clipping_norm: float | None  # node-level DP: clip the update to this L2 norm
+
+    @property
+    def sent(self) -> dict[str, np.ndarray]:
+        return record_to_arrays(self.content.array_records[ARRAYS])
+
+
+def train_content_from_secure(content: RecordDict) -> SecureTrain:
+    """What a secure train message asks of the node."""
     fitins: FitIns = recorddict_to_fitins(content, keep_input=True)
     try:
         keys = json.loads(str(fitins.config[ADAPTER_KEYS_KEY]))
@@ -79,22 +101,27 @@ def train_content_from_secure(content: RecordDict) -> tuple[RecordDict, list[str
     train = RecordDict(
         {ARRAYS: arrays_to_record(dict(zip(keys, arrays, strict=True))), CONFIG: record}
     )
-    return train, keys
+    clipping = fitins.config.get(CLIPPING_NORM_KEY)
+    return SecureTrain(train, keys, float(clipping) if isinstance(clipping, (int, float)) else None)
 
 
-def secure_reply_from_train_reply(
-    reply: RecordDict, *, adapter_keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
-) -> RecordDict:
-    """The FitRes content a node hands to ``secaggplus_mod``: its arrays in key order (zeros
-    with weight 0 for a decline) and the rest of ``reply`` serialised in the metrics."""
+def secure_reply_from_train_reply(reply: RecordDict, request: SecureTrain) -> RecordDict:
+    """The FitRes content a node hands to ``secaggplus_mod``: its arrays in key order and the
+    rest of ``reply`` serialised in the metrics. A decline sends zeros with weight 0. Under
+    node-level DP the update (reply - sent) is clipped first and every node weighs 1."""
     rest = RecordDict({key: value for key, value in reply.items() if key != ARRAYS})
+    sent = request.sent
+    keys = request.adapter_keys
     if DECLINE in reply.config_records:
-        arrays = [np.zeros(shapes[key], dtype=np.float32) for key in adapter_keys]
+        arrays = [np.zeros_like(sent[key]) for key in keys]
         weight = 0
     else:
         by_name = record_to_arrays(reply.array_records[ARRAYS])
-        arrays = [by_name[key] for key in adapter_keys]
+        arrays = [by_name[key] for key in keys]
         weight = int(reply.metric_records[METRICS][NUM_EXAMPLES])  # type: ignore[arg-type]
+        if request.clipping_norm is not None:
+            compute_clip_model_update(arrays, [sent[key] for key in keys], request.clipping_norm)
+            weight = 1
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters(arrays),

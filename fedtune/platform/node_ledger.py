@@ -5,7 +5,7 @@ Ed25519 key ``STATE_DIR/node_key.pem``. It is the node's only record of privacy 
 accountant's history of a data set is replayed from its entries, so epsilon accumulates over
 the node's whole life on that data set, across runs, base models and restarts, and never
 resets. Appends take an exclusive file lock, so two processes of one node cannot fork the
-chain.
+chain. The coordinator keeps one too, for node-level DP (``OUTPUT_DIR/node-level-ledger``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,251 @@
+"""A real deployment on 127.0.0.1: `fedtune coordinator start` (Flower SuperLink with TLS and
+node authentication) and three `fedtune node start` processes, each stopped by the tests.
+
+The nodes train a tiny model with a fixed noise multiplier and seed, so the same round trains
+the same update twice: that lets a secure run and a plain run be compared.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load
+from sqlalchemy import select
+
+from fedtune.client_node.demo_data import write_demo_data
+from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE, WEIGHTS_FILE, checkpoint_weights
+from fedtune.local_deployment import LocalDeployment, fedtune_command
+from fedtune.platform.encryption import load_key
+from fedtune.platform.ledger_store import ledger_entries
+from fedtune.platform.node_ledger import LEDGER_FILE
+from fedtune.platform.storage import (
+    AdapterCheckpoint,
+    RejectedUpdate,
+    Round,
+    Run,
+    open_database,
+    transaction,
+)
+
+NODES = {"hospital-a": "hospital", "bank-b": "bank", "hospital-c": "hospital"}
+
+NODE_TOML = """\
+[model]
+spec = "{model}"
+
+[data]
+train = "{data}/{domain}/train.jsonl"
+eval = "{data}/{domain}/held_out.jsonl"
+max_length = 160
+
+[training]
+physical_batch_size = 8
+torch_threads = 1
+seed = 0
+
+[privacy]
+target_epsilon = 1000.0
+noise_multiplier = 1.0
+"""
+
+RUN_TOML = """\
+[run]
+rounds = {rounds}
+min_nodes = {min_nodes}
+
+[model]
+spec = "{model}"
+
+[training]
+steps = 2
+batch_size = 16
+
+[aggregation]
+secure = {secure}
+node_wait_s = 240
+reply_timeout_s = 300
+
+{nodes}
+[output]
+dir = "{out}"
+"""
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[LocalDeployment]:
+    workdir = tmp_path_factory.mktemp("deployment")
+    for domain in ("hospital", "bank"):
+        write_demo_data(workdir / "data", domain=domain, train=48, held_out=6)
+    with LocalDeployment(workdir) as local:
+        local.init_coordinator()
+        local.start_coordinator()
+        for name, domain in NODES.items():
+            body = NODE_TOML.format(model=tiny_model_dir, data=workdir / "data", domain=domain)
+            toml = local.add_node(name, node_toml_body=body)
+            # This test compares a secure run with a plain one on the same nodes.
+            toml.write_text(toml.read_text() + "require_secure_aggregation = false\n")
+            local.enroll(name)
+            local.start_node(name)
+        yield local
+
+
+def write_run(
+    local: LocalDeployment,
+    tiny_model_dir: Path,
+    *,
+    name: str,
+    rounds: int,
+    secure: bool,
+    min_nodes: int = 3,
+) -> Path:
+    nodes = "\n".join(f'[[nodes]]\nname = "{n}"\n' for n in NODES)
+    path = local.workdir / f"{name}.toml"
+    path.write_text(
+        RUN_TOML.format(
+            rounds=rounds,
+            min_nodes=min_nodes,
+            model=tiny_model_dir,
+            secure="true" if secure else "false",
+            nodes=nodes,
+            out=f"runs/{name}",
+        )
+    )
+    return path
+
+
+def rounds_of(local: LocalDeployment, run_id: str) -> list[tuple[int, int, int]]:
+    """(number, nodes sampled, updates accepted) of each recorded round."""
+    with transaction(open_database(local.coordinator.database_url)) as session:
+        rows = session.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.number))
+        return [(r.number, r.nodes_sampled, r.updates_accepted) for r in rows]
+
+
+def checkpoint_arrays(local: LocalDeployment, run_id: str, number: int) -> dict[str, np.ndarray]:
+    config = local.coordinator
+    with transaction(open_database(config.database_url)) as session:
+        row = session.scalars(
+            select(AdapterCheckpoint).where(
+                AdapterCheckpoint.run_id == run_id, AdapterCheckpoint.round == number
+            )
+        ).one()
+        path, sha = Path(row.path), row.sha256
+    assert config.coordinator.encryption_key_file is not None
+    key = load_key(config.coordinator.encryption_key_file)
+    return dict(load(checkpoint_weights(path, sha256=sha, key=key)))
+
+
+def test_secure_run_over_tls_with_enrolled_nodes_completes(deployment, tiny_model_dir):
+    run_toml = write_run(deployment, tiny_model_dir, name="secure", rounds=2, secure=True)
+
+    run_id = deployment.submit(run_toml)
+    status = deployment.wait_for_run(run_id, timeout_s=600)
+
+    assert status == "finished"
+    rounds = rounds_of(deployment, run_id)
+    assert rounds == [(1, 3, 3), (2, 3, 3)]
+    folder = deployment.workdir / "runs/secure/adapters/round-2"
+    assert (folder / ENCRYPTED_WEIGHTS_FILE).is_file()
+    assert not (folder / WEIGHTS_FILE).exists()  # never in the clear at rest
+    with transaction(open_database(deployment.coordinator.database_url)) as session:
+        for name in NODES:
+            copies = [e for e in ledger_entries(session, name) if e.run_id == run_id]
+            assert [e.round for e in copies] == [1, 2]
+    for name in NODES:
+        node_ledger = open_database(
+            f"sqlite:///{deployment.workdir / 'nodes' / name / 'state' / LEDGER_FILE}"
+        )
+        with transaction(node_ledger) as session:
+            assert [e.round for e in ledger_entries(session, name) if e.run_id == run_id] == [1, 2]
+
+
+def test_secure_mean_equals_the_plain_weighted_mean(deployment, tiny_model_dir):
+    secure_run = deployment.submit(
+        write_run(deployment, tiny_model_dir, name="mean-secure", rounds=1, secure=True)
+    )
+    assert deployment.wait_for_run(secure_run, timeout_s=600) == "finished"
+    plain_run = deployment.submit(
+        write_run(deployment, tiny_model_dir, name="mean-plain", rounds=1, secure=False)
+    )
+    assert deployment.wait_for_run(plain_run, timeout_s=600) == "finished"
+
+    secure = checkpoint_arrays(deployment, secure_run, 1)
+    plain = checkpoint_arrays(deployment, plain_run, 1)
+
+    assert secure.keys() == plain.keys()
+    error = max(float(np.abs(secure[k] - plain[k]).max()) for k in secure)
+    assert error < 1e-4
+    changed = max(float(np.abs(plain[k]).max()) for k in plain if "lora_B" in k)
+    assert changed > 1e-3  # the round did train: B started at zero
+
+
+def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):
+    body = NODE_TOML.format(model=tiny_model_dir, data=deployment.workdir / "data", domain="bank")
+    toml = deployment.add_node("stranger", node_toml_body=body)
+    toml.write_text(toml.read_text() + "refused_retry_s = 1.0\n")
+
+    result = subprocess.run(
+        fedtune_command("node", "start", "--config", str(toml)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+    assert result.returncode == 2
+    assert "the coordinator refused node stranger" in result.stderr
+    assert "fedtune coordinator enroll" in result.stderr
+
+
+def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny_model_dir):
+    run_id = deployment.submit(
+        write_run(deployment, tiny_model_dir, name="killed", rounds=2, secure=True, min_nodes=2)
+    )
+    log = deployment.log("node-hospital-c")
+    received = log.read_text().count("Receiving: train message")
+    deadline = time.monotonic() + 300
+    while log.read_text().count("Receiving: train message") == received:  # SecAgg+ setup began
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    deployment.kill("node-hospital-c")
+    status = deployment.wait_for_run(run_id, timeout_s=900)
+
+    assert status == "finished"
+    rounds = rounds_of(deployment, run_id)
+    assert [accepted for _, _, accepted in rounds] == [2, 2]
+    node_ledger = open_database(
+        f"sqlite:///{deployment.workdir / 'nodes/hospital-c/state' / LEDGER_FILE}"
+    )
+    with transaction(node_ledger) as session:
+        assert [e for e in ledger_entries(session, "hospital-c") if e.run_id == run_id] == []
+    with transaction(open_database(deployment.coordinator.database_url)) as session:
+        failed = session.scalars(
+            select(RejectedUpdate).where(RejectedUpdate.run_id == run_id, RejectedUpdate.round == 1)
+        ).all()
+        assert [f.kind for f in failed] == ["failed"]
+    deployment.start_node("hospital-c")  # back for the next test
+
+
+def test_coordinator_killed_mid_run_resumes_from_its_last_round(deployment, tiny_model_dir):
+    run_id = deployment.submit(
+        write_run(deployment, tiny_model_dir, name="resumed", rounds=3, secure=True, min_nodes=2)
+    )
+    deployment.wait_for_run(run_id, timeout_s=600, until_rounds=1)
+
+    deployment.kill("coordinator")
+    deployment.start_coordinator()
+    deployment.submit(Path(), run_id=run_id, resume=True)
+    status = deployment.wait_for_run(run_id, timeout_s=900)
+
+    assert status == "finished"
+    assert [number for number, _, _ in rounds_of(deployment, run_id)] == [1, 2, 3]
+    with transaction(open_database(deployment.coordinator.database_url)) as session:
+        runs = session.scalars(select(Run).where(Run.id == run_id)).all()
+        assert len(runs) == 1
+    assert checkpoint_arrays(deployment, run_id, 3)
