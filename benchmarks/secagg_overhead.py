@@ -239,7 +239,9 @@ class Federation:
     def wait_for_nodes(self, deadline: float) -> None:
         assert self.config is not None
         while True:
-            listed = json.loads(flwr(self.config, "supernode", "list", CONNECTION, "--format", "json"))
+            listed = json.loads(
+                flwr(self.config, "supernode", "list", CONNECTION, "--format", "json")
+            )
             online = [n for n in listed.get("nodes", []) if n.get("status") == "online"]
             if len(online) >= self.nodes:
                 return
@@ -269,7 +271,15 @@ class Federation:
         return sorted(found)
 
     def run_app(
-        self, name: str, *, mode: str, values: int, rounds: int, seed: int, timeout_s: float
+        self,
+        name: str,
+        *,
+        mode: str,
+        values: int,
+        rounds: int,
+        seed: int,
+        timeout_s: float,
+        server_poll_s: float = 0.0,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Submit one run of the benchmark app; its server report and the nodes' log lines."""
         assert self.config is not None
@@ -277,7 +287,8 @@ class Federation:
         node_logs = self.workdir / "node-logs" / name
         run_config = (
             f"mode={json.dumps(mode)} values={values} num-nodes={self.nodes} rounds={rounds} "
-            f"seed={seed} timeout={timeout_s:.1f} results={json.dumps(str(results))} "
+            f"seed={seed} timeout={timeout_s:.1f} server-poll={server_poll_s:.3f} "
+            f"results={json.dumps(str(results))} "
             f"node-log-dir={json.dumps(str(node_logs))}"
         )
         output = flwr(self.config, "run", str(APP), CONNECTION, "--run-config", run_config,
@@ -298,7 +309,8 @@ class Federation:
                     if report.get("status") not in ("finished", "failed"):
                         raise RuntimeError(
                             f"Flower run {flower_run_id} {status} without a report; "
-                            f"`flwr log {flower_run_id}` (FLWR_HOME={self.config.coordinator.state_dir / 'flwr'})"
+                            f"see `flwr log {flower_run_id}` with FLWR_HOME="
+                            f"{self.config.coordinator.state_dir / 'flwr'}"
                         )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {name} did not finish within {timeout_s:g} s")
@@ -332,7 +344,7 @@ def _flower_run_status(config: CoordinatorConfig, flower_run_id: str) -> str:
             flwr(config, "ls", CONNECTION, "--run-id", flower_run_id, "--format", "json")
         )
         return str(listed["runs"][0]["status"])
-    except Exception:  # noqa: BLE001 - the status is a hint; the report file decides
+    except Exception:
         return "unknown"
 
 
@@ -361,9 +373,7 @@ def summarise(report: dict[str, Any], node_lines: list[dict[str, Any]]) -> dict[
             lines = by_node_stage.get((record["round"], stage["stage"]), [])
             starts = [line["handler_started"] - line["process_started"] for line in lines]
             handlers = [line["handler_seconds"] for line in lines]
-            busiest = max(
-                (s + h for s, h in zip(starts, handlers, strict=True)), default=0.0
-            )
+            busiest = max((s + h for s, h in zip(starts, handlers, strict=True)), default=0.0)
             fits = [line["fit_seconds"] for line in lines if line["fit_seconds"] is not None]
             stages.append(
                 {
@@ -408,7 +418,9 @@ def summarise(report: dict[str, Any], node_lines: list[dict[str, Any]]) -> dict[
         "median_round_seconds": _median([r["seconds"] for r in measured]),
         "round_seconds": [r["seconds"] for r in measured],
         "first_round_seconds": first["seconds"] if first else None,
-        "sent_bytes_per_node": _median([statistics.mean(per_node(r, "sent_bytes")) for r in measured]),
+        "sent_bytes_per_node": _median(
+            [statistics.mean(per_node(r, "sent_bytes")) for r in measured]
+        ),
         "max_sent_bytes_per_node": max(max(per_node(r, "sent_bytes")) for r in measured),
         "received_bytes_per_node": _median(
             [statistics.mean(per_node(r, "received_bytes")) for r in measured]
@@ -445,6 +457,12 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=40.0,
                         help="start no cell that would end after this much wall time")  # fmt: skip
     parser.add_argument("--run-timeout", type=float, default=1200.0, help="seconds per run")
+    parser.add_argument(
+        "--server-poll", type=float, default=0.0,
+        help="seconds between the ServerApp's requests for replies; 0 (default): Flower's "
+        "Grid.send_and_receive, which waits 3 s between them. Cells measured with another "
+        "value are keyed apart",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="keep certificates, logs and raw reports here")
     parser.add_argument("--out", type=Path, default=RESULTS / "secagg_overhead.json")
     args = parser.parse_args()
@@ -467,10 +485,13 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
         "machine_at_start": machine_info(),
-        "versions": {"flwr": flower.__version__, "numpy": np.__version__, "psutil": psutil.__version__},
+        "versions": {
+            "flwr": flower.__version__, "numpy": np.__version__, "psutil": psutil.__version__,
+        },
         "settings": {
             "nodes": args.nodes, "values": args.values, "modes": args.modes,
             "rounds": args.rounds, "seed": args.seed, "budget_minutes": args.budget_minutes,
+            "server_poll_s": args.server_poll,
         },
         "note": "all processes on one machine, sharing its CPUs with other engineers' test runs "
         "(see load_average); SuperLink with TLS and SuperNode authentication; Flower's "
@@ -479,12 +500,18 @@ def main() -> None:
     }  # fmt: skip
     started = time.monotonic()
     budget = args.budget_minutes * 60
-    last_cell_seconds = 0.0
-    scratch = tempfile.TemporaryDirectory(prefix="secagg-overhead-") if args.workdir is None else None
+    last_cell_seconds = 0.0  # an estimate of the next cell's time: the last one's, scaled
+    scratch = (
+        tempfile.TemporaryDirectory(prefix="secagg-overhead-") if args.workdir is None else None
+    )
     root = Path(scratch.name) if scratch else args.workdir.resolve()
     try:
+        last_nodes = None
         for nodes in sorted(args.nodes):
             plan = sorted(args.values)
+            if last_nodes is not None:
+                last_cell_seconds *= nodes / last_nodes  # ClientApp start-ups grow with nodes
+            last_nodes = nodes
             if time.monotonic() - started + last_cell_seconds > budget:
                 for values in plan:
                     invocation["skipped"].append(_skip(nodes, values, started, budget))
@@ -497,10 +524,13 @@ def main() -> None:
                         invocation["skipped"].append(_skip(nodes, values, started, budget))
                         continue
                     cell_started = time.monotonic()
-                    key = f"{nodes}-nodes/{values}-values"
+                    key = f"{nodes}-nodes/{values}-values" + (
+                        f"/server-poll-{args.server_poll:g}s" if args.server_poll > 0 else ""
+                    )
                     cell: dict[str, Any] = {
                         "nodes": nodes,
                         "values": values,
+                        "server_poll_s": args.server_poll,
                         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "load_average_before": list(os.getloadavg()),
                     }
@@ -510,6 +540,7 @@ def main() -> None:
                         server, lines = federation.run_app(
                             name, mode=mode, values=values, rounds=args.rounds,
                             seed=args.seed, timeout_s=args.run_timeout,
+                            server_poll_s=args.server_poll,
                         )  # fmt: skip
                         cell[mode] = summarise(server, lines)
                         progress(
@@ -556,10 +587,20 @@ def _skip(nodes: int, values: int, started: float, budget: float) -> dict[str, A
 def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> None:
     invocations = [i for i in report.get("invocations", []) if i["when"] != invocation["when"]]
     report["invocations"] = [*invocations, invocation]
+    measured = {(c["nodes"], c["values"]) for c in report["cells"].values()}
+    report["skipped"] = [
+        s for s in invocation["skipped"] if (s["nodes"], s["values"]) not in measured
+    ]
+    timed = [c for c in report["cells"].values() if "target_met" in c]
+    report["target_met_cells"] = (
+        f"{sum(c['target_met'] for c in timed)} of {len(timed)} cells have SecAgg+ round time "
+        f"<= {TARGET_RATIO}x plain"
+    )
     report["table"] = [
         {
             "nodes": cell["nodes"],
             "values": cell["values"],
+            "server_poll_s": cell.get("server_poll_s", 0.0),
             "plain_median_round_s": cell.get("plain", {}).get("median_round_seconds"),
             "secagg_median_round_s": cell.get("secagg+", {}).get("median_round_seconds"),
             "time_ratio": cell.get("time_ratio"),
@@ -569,7 +610,10 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             "bytes_ratio": cell.get("bytes_ratio"),
             "secagg_max_abs_error": cell.get("secagg+", {}).get("max_abs_error"),
         }
-        for cell in sorted(report["cells"].values(), key=lambda c: (c["nodes"], c["values"]))
+        for cell in sorted(
+            report["cells"].values(),
+            key=lambda c: (c.get("server_poll_s", 0.0), c["nodes"], c["values"]),
+        )
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

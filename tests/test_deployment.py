@@ -17,12 +17,13 @@ import pytest
 from safetensors.numpy import load
 from sqlalchemy import select
 
+from fedtune.cli import main
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE, WEIGHTS_FILE, checkpoint_weights
 from fedtune.local_deployment import LocalDeployment, fedtune_command
 from fedtune.platform.encryption import load_key
 from fedtune.platform.ledger_store import ledger_entries
-from fedtune.platform.node_ledger import LEDGER_FILE
+from fedtune.platform.node_ledger import LEDGER_FILE, NodeLedger
 from fedtune.platform.storage import (
     AdapterCheckpoint,
     RejectedUpdate,
@@ -185,6 +186,42 @@ def test_secure_mean_equals_the_plain_weighted_mean(deployment, tiny_model_dir):
     assert changed > 1e-3  # the round did train: B started at zero
 
 
+def test_a_node_level_dp_run_keeps_the_coordinator_s_signed_epsilon(
+    deployment, tiny_model_dir, tmp_path
+):
+    run_toml = write_run(deployment, tiny_model_dir, name="node-dp", rounds=1, secure=True)
+    run_toml.write_text(
+        run_toml.read_text()
+        + "\n[aggregation.node_dp]\nclipping_norm = 0.5\nnoise_multiplier = 1.0\n"
+    )
+
+    run_id = deployment.submit(run_toml)
+
+    assert deployment.wait_for_run(run_id, timeout_s=600) == "finished"
+    ledger = deployment.workdir / "runs/node-dp/node-level-ledger"
+    (entry,) = NodeLedger(ledger, node="coordinator").entries()
+    assert (entry.run_id, entry.round, entry.max_grad_norm) == (run_id, 1, 0.5)
+    assert entry.epsilon_after is not None and entry.epsilon_after > 0
+    exported = tmp_path / "coordinator.jsonl"
+    assert (
+        main(
+            [
+                "audit",
+                "export",
+                "--db",
+                str(ledger / LEDGER_FILE),
+                "--node",
+                "coordinator",
+                "--out",
+                str(exported),
+            ]
+        )
+        == 0
+    )
+    key = NodeLedger(ledger, node="coordinator").key.public_key_text()
+    assert main(["audit", "verify", str(exported), "--public-key", key]) == 0
+
+
 def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):
     body = NODE_TOML.format(model=tiny_model_dir, data=deployment.workdir / "data", domain="bank")
     toml = deployment.add_node("stranger", node_toml_body=body)
@@ -200,6 +237,8 @@ def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):
     assert result.returncode == 2
     assert "the coordinator refused node stranger" in result.stderr
     assert "fedtune coordinator enroll" in result.stderr
+    coordinator_log = deployment.log("coordinator").read_text()
+    assert "No SuperNode found with the given public key" in coordinator_log
 
 
 def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny_model_dir):

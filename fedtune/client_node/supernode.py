@@ -129,30 +129,57 @@ class NodeSupervisor:
         return 0
 
     def _run_once(self, command: list[str]) -> tuple[int, str | None]:
-        """Run the SuperNode until it exits; its exit code and the refusal, if it was one."""
-        refusal = None
+        """Run the SuperNode until it exits; its exit code and the refusal, if it was one.
+
+        Its output is relayed by a thread: helpers it starts (SuperExec) may hold the pipe
+        open after it exits, so its exit, not the pipe's end, ends the attempt. It runs in a
+        process group of its own, which is ended with it."""
+        refusals: list[str] = []
         self._process = process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=_tool_path_environment(),  # the SuperNode starts Flower commands by name
+            start_new_session=True,
         )
+        relay = threading.Thread(target=self._relay, args=(process, refusals), daemon=True)
+        relay.start()
+        code = process.wait()
+        _end_group(process.pid)
+        relay.join(timeout=5)
+        refusal = refusals[0] if refusals else None
+        return code, refusal if code == REFUSED_EXIT_CODE else None
+
+    @staticmethod
+    def _relay(process: subprocess.Popen[str], refusals: list[str]) -> None:
         assert process.stdout is not None
         for line in process.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            refusal = refusal or next(
-                (why for code, why in _REFUSALS.items() if code in line), None
-            )
-        code = process.wait()
-        return code, refusal if code == REFUSED_EXIT_CODE else None
+            refusals += [why for code, why in _REFUSALS.items() if code in line]
 
     def stop(self, *_: object) -> None:
         self._stopping.set()
         process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
+
+
+def _end_group(pgid: int) -> None:
+    """SIGTERM what is left of the SuperNode's process group, SIGKILL after 10 s."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def start_node(node_toml: Path) -> int:

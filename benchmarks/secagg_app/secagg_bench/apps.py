@@ -86,7 +86,9 @@ class SyntheticClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple:
         started = time.perf_counter()
         if sum(p.size for p in parameters) != self.values:
-            raise ValueError(f"got {sum(p.size for p in parameters)} values, expected {self.values}")
+            raise ValueError(
+                f"got {sum(p.size for p in parameters)} values, expected {self.values}"
+            )
         update = synthetic_update(
             self.values,
             seed=self.seed,
@@ -106,7 +108,7 @@ def _node_index(context: Context) -> int:
     return index
 
 
-def client_fn(context: Context):  # noqa: ANN201 (flwr.client.Client)
+def client_fn(context: Context):
     return SyntheticClient(
         node_index=_node_index(context),
         values=int(context.run_config["values"]),
@@ -154,11 +156,16 @@ client_app = ClientApp(client_fn=client_fn, mods=[bench_mod])
 
 
 class MeasuringGrid:
-    """A Grid that times every exchange and sizes every message, per node and stage."""
+    """A Grid that times every exchange and sizes every message, per node and stage.
 
-    def __init__(self, grid: Grid, *, timeout: float):
+    ``poll_s = 0`` keeps Flower's ``Grid.send_and_receive`` (it asks the SuperLink for replies
+    every 3 s); a positive ``poll_s`` asks that often instead.
+    """
+
+    def __init__(self, grid: Grid, *, timeout: float, poll_s: float = 0.0):
         self._grid = grid
         self.timeout = timeout
+        self.poll_s = poll_s
         self.stage = "fit"
         self.exchanges: list[dict[str, Any]] = []
         self.sizing_seconds = 0.0
@@ -177,11 +184,7 @@ class MeasuringGrid:
         sizing = time.perf_counter() - clock
         started = time.time()
         clock = time.perf_counter()
-        replies = list(
-            self._grid.send_and_receive(
-                messages, timeout=self.timeout if timeout is None else timeout
-            )
-        )
+        replies = self._exchange(messages, self.timeout if timeout is None else timeout)
         seconds = time.perf_counter() - clock
         clock = time.perf_counter()
         sent: dict[str, int] = defaultdict(int)  # bytes each node sends
@@ -207,6 +210,20 @@ class MeasuringGrid:
         )
         return replies
 
+    def _exchange(self, messages: list[Message], timeout: float) -> list[Message]:
+        if self.poll_s <= 0:
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        waiting = set(self._grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and time.monotonic() < deadline:
+            pulled = list(self._grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if waiting:
+                time.sleep(self.poll_s)
+        return replies
+
 
 class RecordingFedAvg(FedAvg):
     """Legacy FedAvg that remembers who contributed to the last aggregate, and how long
@@ -217,6 +234,7 @@ class RecordingFedAvg(FedAvg):
         self.participants: list[dict[str, Any]] = []
         self.aggregated_round: int | None = None
         self.aggregate_seconds = 0.0
+        self.flower_dtypes: list[str] = []
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple:
         self.participants = [
@@ -229,10 +247,16 @@ class RecordingFedAvg(FedAvg):
             for proxy, res in results
         ]
         clock = time.perf_counter()
-        outcome = super().aggregate_fit(server_round, results, failures)
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        if parameters is not None:
+            # SecAgg+ hands back a float64 mean; keep the global vector float32, as fedtune's
+            # SecureFedAvg does, so that both modes send the nodes the same bytes.
+            arrays = parameters_to_ndarrays(parameters)
+            self.flower_dtypes = sorted({str(a.dtype) for a in arrays})
+            parameters = ndarrays_to_parameters([a.astype(np.float32) for a in arrays])
         self.aggregate_seconds = time.perf_counter() - clock
-        self.aggregated_round = server_round if outcome[0] is not None else None
-        return outcome
+        self.aggregated_round = server_round if parameters is not None else None
+        return parameters, metrics
 
 
 class TimedSecAggPlus(SecAggPlusWorkflow):
@@ -258,9 +282,7 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         return self._timed("share_keys", super().share_keys_stage, grid, context, state)
 
-    def collect_masked_vectors_stage(
-        self, grid: Grid, context: LegacyContext, state: Any
-    ) -> bool:
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         return self._timed(
             "collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state
         )
@@ -304,6 +326,7 @@ class TimedFit:
             "seconds_including_sizing": raw_seconds,
             "sizing_seconds": sizing,
             "aggregate_fit_seconds": self.strategy.aggregate_seconds if complete else None,
+            "aggregate_dtype_from_flower": self.strategy.flower_dtypes if complete else None,
             "complete": complete,
             "participants": self.strategy.participants if complete else [],
         }
@@ -327,7 +350,9 @@ class TimedFit:
                     "started": exchange["started"],
                     "exchange_seconds": exchange["seconds"],
                     "stage_seconds": total,
-                    "server_compute_seconds": None if total is None else total - exchange["seconds"],
+                    "server_compute_seconds": None
+                    if total is None
+                    else total - exchange["seconds"],
                     "replies": exchange["replies"],
                 }
             )
@@ -395,6 +420,7 @@ def main(grid: Grid, context: Context) -> None:
         "rounds": int(config["rounds"]),
         "seed": int(config["seed"]),
         "timeout": float(config["timeout"]),
+        "server_poll_s": float(config["server-poll"]),
     }
     results = Path(str(config["results"]))
     report: dict[str, Any] = {
@@ -419,7 +445,7 @@ def main(grid: Grid, context: Context) -> None:
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=settings["rounds"]), strategy=strategy
     )
-    measuring = MeasuringGrid(grid, timeout=settings["timeout"])
+    measuring = MeasuringGrid(grid, timeout=settings["timeout"], poll_s=settings["server_poll_s"])
     if mode == SECAGG:
         max_weight = float(num_examples(settings["nodes"] - 1))
         settings["secaggplus"] = {
@@ -441,9 +467,7 @@ def main(grid: Grid, context: Context) -> None:
         report["rounds"].append(record)
         _write_json(results, report)
 
-    fit = TimedFit(
-        inner, grid=measuring, strategy=strategy, settings=settings, on_round=on_round
-    )
+    fit = TimedFit(inner, grid=measuring, strategy=strategy, settings=settings, on_round=on_round)
     try:
         DefaultWorkflow(fit_workflow=fit)(measuring, legacy)  # type: ignore[arg-type]
     except BaseException as exc:
