@@ -153,9 +153,17 @@ def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
 class Federation:
     """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1 under ``workdir``."""
 
-    def __init__(self, workdir: Path, nodes: int, *, progress: Callable[[str], None]):
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int,
+        *,
+        progress: Callable[[str], None],
+        superlink_state: str = "memory",
+    ):
         self.workdir = workdir
         self.nodes = nodes
+        self.superlink_state = superlink_state
         self.progress = progress
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -187,9 +195,13 @@ class Federation:
             ),
         )
         prepare(config)
+        command = superlink_command(config)
+        if self.superlink_state == "memory":  # drop `--database PATH`: Flower keeps it in memory
+            at = command.index("--database")
+            del command[at : at + 2]
         with (self.logs / "superlink.log").open("ab") as log:
             self.superlink = subprocess.Popen(
-                superlink_command(config),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**flower_environment(config), "PYTHONUNBUFFERED": "1"},
@@ -253,6 +265,12 @@ class Federation:
     def check_alive(self) -> None:
         if self.superlink is not None and self.superlink.poll() is not None:
             raise RuntimeError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
+        if self.superlink is not None and not _has_live_child(self.superlink.pid, "superexec"):
+            # Seen with --database under load: "database is locked" answers the executor's
+            # acquire-task with HTTP 500, it exits, and no later run's ServerApp ever starts.
+            raise RuntimeError(
+                f"the SuperLink's flower-superexec exited; see {self.logs / 'superlink.log'}"
+            )
         for index, node in enumerate(self.supernodes):
             if node.poll() is not None:
                 raise RuntimeError(f"SuperNode {index} exited; see {self.logs}")
@@ -295,14 +313,17 @@ class Federation:
                       "--format", "json", timeout=300)  # fmt: skip
         flower_run_id = str(json.loads(output)["run-id"])
         deadline = time.monotonic() + timeout_s
-        last_check = 0.0
+        last_progress, seen = time.monotonic(), None
         while True:
             report = _read_json(results)
             if report is not None and report.get("status") in ("finished", "failed"):
                 break
             self.check_alive()
-            if time.monotonic() - last_check > 15:  # a ServerApp that died before writing
-                last_check = time.monotonic()
+            now = len(report["rounds"]) if report else -1
+            if now != seen:
+                last_progress, seen = time.monotonic(), now
+            elif time.monotonic() - last_progress > 180:  # a ServerApp that died unreported?
+                last_progress = time.monotonic()
                 status = _flower_run_status(self.config, flower_run_id)
                 if status.startswith("finished") and not status.endswith("completed"):
                     report = _read_json(results) or {}
@@ -329,6 +350,14 @@ class Federation:
         if self.superlink is not None:
             stop_processes([self.superlink])
             self.superlink = None
+
+
+def _has_live_child(pid: int, name_part: str) -> bool:
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(psutil.Error):
+            if name_part in child.name() and child.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -451,7 +480,16 @@ def main() -> None:
         "--values", type=parse_values, nargs="+", default=[parse_values(v) for v in DEFAULT_VALUES],
         help="float32 values per update, e.g. 0.5M 2M 8M",
     )  # fmt: skip
+    parser.add_argument(
+        "--cells", nargs="+", metavar="NODESxVALUES",
+        help="measure only these cells, e.g. 2x8M 8x0.5M (instead of --nodes x --values)",
+    )  # fmt: skip
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--superlink-state", choices=("memory", "sqlite"), default="memory",
+        help="memory (default): the SuperLink without --database; sqlite: fedtune's coordinator "
+        "command unchanged (--database superlink.db)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="per run; round 1 is reported apart")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-minutes", type=float, default=40.0,
@@ -468,8 +506,25 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (round 1 installs the app; median of the rest)")
-    if min(args.nodes) < 2:
+    grid = [(n, v) for n in sorted(args.nodes) for v in sorted(args.values)]
+    if args.cells:
+        try:
+            grid = sorted(
+                {
+                    (int(c.lower().split("x")[0]), parse_values(c.lower().split("x")[1]))
+                    for c in args.cells
+                }
+            )
+        except (IndexError, ValueError, argparse.ArgumentTypeError):
+            parser.error(f"--cells takes NODESxVALUES, e.g. 2x8M, got {args.cells}")
+    if min(n for n, _ in grid) < 2:
         parser.error("SecAgg+ needs at least 2 nodes")
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # so that the federation is stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
     def progress(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
@@ -491,7 +546,8 @@ def main() -> None:
         "settings": {
             "nodes": args.nodes, "values": args.values, "modes": args.modes,
             "rounds": args.rounds, "seed": args.seed, "budget_minutes": args.budget_minutes,
-            "server_poll_s": args.server_poll,
+            "server_poll_s": args.server_poll, "cells": [f"{n}x{v}" for n, v in grid],
+            "superlink_state": args.superlink_state,
         },
         "note": "all processes on one machine, sharing its CPUs with other engineers' test runs "
         "(see load_average); SuperLink with TLS and SuperNode authentication; Flower's "
@@ -507,8 +563,8 @@ def main() -> None:
     root = Path(scratch.name) if scratch else args.workdir.resolve()
     try:
         last_nodes = None
-        for nodes in sorted(args.nodes):
-            plan = sorted(args.values)
+        for nodes in sorted({n for n, _ in grid}):
+            plan = [v for n, v in grid if n == nodes]
             if last_nodes is not None:
                 last_cell_seconds *= nodes / last_nodes  # ClientApp start-ups grow with nodes
             last_nodes = nodes
@@ -516,10 +572,21 @@ def main() -> None:
                 for values in plan:
                     invocation["skipped"].append(_skip(nodes, values, started, budget))
                 continue
-            with Federation(root / f"nodes-{nodes}", nodes, progress=progress) as federation:
+            with Federation(
+                root / f"nodes-{nodes}",
+                nodes,
+                progress=progress,
+                superlink_state=args.superlink_state,
+            ) as federation:
                 invocation.setdefault("listening", {})[f"{nodes}-nodes"] = federation.listening()
+                broken = None
                 for values in plan:
                     elapsed = time.monotonic() - started
+                    if broken is not None:
+                        invocation["skipped"].append(
+                            {"nodes": nodes, "values": values, "reason": broken}
+                        )
+                        continue
                     if elapsed + last_cell_seconds > budget:
                         invocation["skipped"].append(_skip(nodes, values, started, budget))
                         continue
@@ -531,17 +598,26 @@ def main() -> None:
                         "nodes": nodes,
                         "values": values,
                         "server_poll_s": args.server_poll,
+                        "superlink_state": args.superlink_state,
                         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "load_average_before": list(os.getloadavg()),
                     }
                     for mode in args.modes:
                         name = f"{nodes}n-{values}v-{mode.replace('+', 'plus')}"
                         progress(f"{key} {mode}: {args.rounds} rounds")
-                        server, lines = federation.run_app(
-                            name, mode=mode, values=values, rounds=args.rounds,
-                            seed=args.seed, timeout_s=args.run_timeout,
-                            server_poll_s=args.server_poll,
-                        )  # fmt: skip
+                        try:
+                            server, lines = federation.run_app(
+                                name, mode=mode, values=values, rounds=args.rounds,
+                                seed=args.seed, timeout_s=args.run_timeout,
+                                server_poll_s=args.server_poll,
+                            )  # fmt: skip
+                        except (RuntimeError, TimeoutError) as exc:
+                            progress(f"{key} {mode} failed: {exc}")
+                            invocation.setdefault("failed", []).append(
+                                {"nodes": nodes, "values": values, "mode": mode, "error": str(exc)}
+                            )
+                            broken = f"the {nodes}-node deployment failed earlier: {exc}"
+                            break
                         cell[mode] = summarise(server, lines)
                         progress(
                             f"{key} {mode}: median round "
@@ -549,6 +625,8 @@ def main() -> None:
                             f"{cell[mode]['sent_bytes_per_node'] / 1e6:.1f} MB/node, max error "
                             f"{cell[mode]['max_abs_error']:.2e}"
                         )
+                    if broken is not None:
+                        continue
                     cell["load_average_after"] = list(os.getloadavg())
                     if "plain" in cell and "secagg+" in cell:
                         ratio = (

@@ -139,8 +139,8 @@ def _coordinator_encryption_key(args: argparse.Namespace) -> int:
 
 
 def _run_start(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.job import new_run_id
     from fedtune.coordinator.superlink import deployment_job, submit_run
-    from fedtune.simulation import new_run_id
 
     coordinator = load_coordinator_config(args.coordinator)
     job = deployment_job(coordinator, load_run_config(args.config), run_id=new_run_id())

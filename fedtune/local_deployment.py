@@ -137,7 +137,7 @@ class LocalDeployment:
         self._start(f"node-{name}", "node", "start", "--config", str(node_toml))
 
     def submit(self, run_toml: Path, *, run_id: str | None = None, resume: bool = False) -> str:
-        from fedtune.simulation import new_run_id
+        from fedtune.coordinator.job import new_run_id
 
         run_id = run_id or new_run_id()
         if resume:

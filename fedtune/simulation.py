@@ -14,9 +14,7 @@ import ctypes
 import logging
 import os
 import sys
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import psutil
 import torch
@@ -26,6 +24,7 @@ from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
 from fedtune.coordinator.abtest import AbTestPlan, new_test_id, run_abtest
+from fedtune.coordinator.job import new_run_id
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
 from fedtune.platform.node_ledger import node_key
@@ -77,10 +76,6 @@ def enroll_nodes(config: RunConfig) -> dict[str, str]:
 
 class SimulationError(RuntimeError):
     """The simulated run did not finish."""
-
-
-def new_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
 
 
 class _KnownDeprecation(logging.Filter):

@@ -23,8 +23,8 @@ from fedtune.client_node.client_app import REPLIES, node_runtime
 from fedtune.client_node.trainer_service import TrainerService
 from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
 
-REFUSED_EXIT_CODE = 305  # Flower: the SuperLink refused the connection
-# What the SuperNode prints when the SuperLink refuses its key.
+# What the SuperNode prints when the SuperLink refuses its key (with "Exit Code: 305"; the
+# process itself exits with 1 in Flower 1.41).
 _REFUSALS = {
     "code: 2001": "the SuperNode sent no key the coordinator accepts",
     "code: 2004": "the coordinator does not know this node's key",
@@ -148,8 +148,7 @@ class NodeSupervisor:
         code = process.wait()
         _end_group(process.pid)
         relay.join(timeout=5)
-        refusal = refusals[0] if refusals else None
-        return code, refusal if code == REFUSED_EXIT_CODE else None
+        return code, refusals[0] if refusals else None
 
     @staticmethod
     def _relay(process: subprocess.Popen[str], refusals: list[str]) -> None:

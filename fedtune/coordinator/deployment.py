@@ -24,7 +24,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.job import DeploymentJob
@@ -47,7 +47,7 @@ from fedtune.platform.messages import (
     record_to_arrays,
 )
 from fedtune.platform.node_ledger import NodeLedger
-from fedtune.platform.storage import AdapterCheckpoint, open_database, transaction
+from fedtune.platform.storage import AdapterCheckpoint, Round, open_database, transaction
 
 
 def enrolled_ledger_keys(config: RunConfig) -> dict[str, str]:
@@ -95,16 +95,19 @@ def run_deployed(
 
 
 def _starting_point(setup: RunSetup, config: RunConfig) -> tuple[int, dict[str, np.ndarray]]:
-    """The round after the last committed checkpoint, and that checkpoint's adapter. Folders
-    of later rounds (written before an interruption, never committed) are kept aside."""
+    """The round after the last recorded one, and the newest committed global adapter.
+    Checkpoint folders of later rounds (written before an interruption, never committed) are
+    kept aside, renamed."""
     with transaction(setup.engine) as session:
+        done = session.scalar(select(func.max(Round.number)).where(Round.run_id == setup.run_id))
+        done = int(done or 0)
         last = session.scalars(
             select(AdapterCheckpoint)
-            .where(AdapterCheckpoint.run_id == setup.run_id)
+            .where(AdapterCheckpoint.run_id == setup.run_id, AdapterCheckpoint.round <= done)
             .order_by(AdapterCheckpoint.round.desc())
             .limit(1)
         ).first()
-        done, path, sha = (last.round, Path(last.path), last.sha256) if last else (0, None, None)
+        path, sha = (Path(last.path), last.sha256) if last is not None else (None, None)
     adapters = config.output.dir / "adapters"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     for folder in sorted(adapters.glob("round-*")):
@@ -112,7 +115,7 @@ def _starting_point(setup: RunSetup, config: RunConfig) -> tuple[int, dict[str, 
         if suffix.isdigit() and int(suffix) > done:
             folder.rename(folder.with_name(f"{folder.name}.interrupted-{stamp}"))
     if path is None or sha is None:
-        return 1, setup.initial
+        return done + 1, setup.initial
     arrays, _ = read_checkpoint(path, sha256=sha, key=config.output.checkpoint_key())
     return done + 1, arrays
 

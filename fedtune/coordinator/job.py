@@ -3,6 +3,9 @@ the submitted Flower app's run config under :data:`JOB_KEY`, as JSON."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
+
 from pydantic import BaseModel, ConfigDict
 
 from fedtune.platform.config import RunConfig
@@ -16,3 +19,8 @@ class DeploymentJob(BaseModel):
     run_id: str
     run: RunConfig
     resume: bool = False
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time: ``20261202T071736Z-874a9504``."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]

@@ -1,0 +1,591 @@
+"""docker/: the Dockerfile lints clean (hadolint), compose.yaml is a valid Compose file whose
+services, volumes, secrets and health checks fit together, no image takes in a key or a
+secret, and the container scripts do what the images run, outside Docker: the coordinator
+entrypoint migrates a password-protected PostgreSQL and starts the SuperLink, two nodes get
+keys, enroll and start, and the dashboard answers its health check; each health check says
+healthy, and SIGTERM to an entrypoint's process (what `docker stop` sends) ends all it started.
+
+There is no Docker engine here: images are never built in these tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import sqlalchemy as sa
+import yaml
+from sqlalchemy.orm import Session
+
+from fedtune.platform.ledger_store import node_public_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+COMPOSE_FILES = [DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml"]
+SCRIPTS = sorted(DOCKER.glob("*.sh"))
+POSTGRES_SCRIPT = ROOT / "scripts" / "postgres-for-tests.sh"
+VENV_BIN = Path(sys.executable).parent
+FEDTUNE = str(VENV_BIN / "fedtune")
+SCHEMA = "vendor.compose-spec"  # the Compose specification's schema, shipped by check-jsonschema
+IMAGES = ("coordinator", "node", "node-cuda", "dashboard")  # the Dockerfile's final targets
+
+# What must never be copied into an image or set in it: keys, certificates, secrets.
+SECRET_PATH = re.compile(
+    r"(\.(pem|key|crt|p12|pfx|db|env)$)|((^|/)(auth_key|node_key|ca\.key|secrets?|certs?|"
+    r"\.env|.*password.*|.*token.*)(/|$|\.))",
+    re.IGNORECASE,
+)
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE|(^|_)KEY$", re.IGNORECASE)
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.fail(f"{name} is not installed: it is a dev dependency (pip install -e '.[dev]')")
+    return found
+
+
+# --- the Dockerfile ------------------------------------------------------------------------
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) of each instruction, continuation lines joined, comments dropped."""
+    found: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending += " " + line.removesuffix("\\").strip() if pending else line.removesuffix("\\")
+        if not line.endswith("\\"):
+            keyword, _, arguments = pending.strip().partition(" ")
+            found.append((keyword.upper(), arguments.strip()))
+            pending = ""
+    return found
+
+
+def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Each named stage's instructions, its FROM first."""
+    result: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, arguments in instructions(path):
+        if keyword == "FROM":
+            current = [(keyword, arguments)]
+            name = re.search(r"\bAS\s+(\S+)$", arguments, re.IGNORECASE)
+            result[name.group(1) if name else f"stage-{len(result)}"] = current
+        else:
+            current.append((keyword, arguments))
+    return result
+
+
+def test_hadolint_reports_no_warning_or_error() -> None:
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", "--failure-threshold", "warning", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_base_images_are_pinned_by_tag() -> None:
+    names = set(stages(DOCKERFILE))
+
+    for name, body in stages(DOCKERFILE).items():
+        image = body[0][1].split()[0]
+        if image in names:
+            continue  # a stage of this file
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest" and "/" not in tag, f"{name}: FROM {image}"
+
+
+def test_every_image_runs_unprivileged_with_a_health_check_and_an_entrypoint() -> None:
+    built = stages(DOCKERFILE)
+
+    for image in IMAGES:
+        keywords = {keyword: arguments for keyword, arguments in built[image]}
+        user = keywords.get("USER", "")
+        assert re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", user), f"{image}: USER {user!r}"
+        assert "healthcheck.sh" in keywords.get("HEALTHCHECK", ""), image
+        assert "entrypoint-" in keywords.get("ENTRYPOINT", ""), image
+
+
+def test_no_image_copies_a_key_certificate_or_secret() -> None:
+    for keyword, arguments in instructions(DOCKERFILE):
+        assert keyword != "ADD", f"ADD {arguments}: use COPY (ADD fetches URLs, unpacks archives)"
+        if keyword == "COPY" and "--from=" not in arguments:
+            sources = [word for word in arguments.split()[:-1] if not word.startswith("--")]
+            risky = [source for source in sources if SECRET_PATH.search(source)]
+            assert not risky, f"COPY {arguments}"
+        if keyword in ("ENV", "ARG"):
+            names = re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", " " + arguments)
+            risky = [name for name in names if SECRET_NAME.search(name)]
+            assert not risky, f"{keyword} {arguments}: secrets come at run time, not in the image"
+
+
+def test_build_context_lets_in_only_the_package_and_the_scripts() -> None:
+    rules = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    assert rules[0] == "*", ".dockerignore must exclude everything first, then allow"
+    allowed = [rule[1:] for rule in rules if rule.startswith("!")]
+    assert not [rule for rule in allowed if SECRET_PATH.search(rule)], allowed
+    for pattern in ("**/*.pem", "**/*.key", "**/.env"):
+        assert pattern in rules
+    for keyword, arguments in instructions(DOCKERFILE):
+        if keyword == "COPY" and "--from=" not in arguments:
+            for source in [w for w in arguments.split()[:-1] if not w.startswith("--")]:
+                assert any(
+                    source.rstrip("/") == rule.rstrip("/")
+                    or re.fullmatch(re.escape(rule).replace(r"\*", "[^/]*"), source)
+                    for rule in allowed
+                ), f"COPY {source}: not in the build context (.dockerignore)"
+                assert (ROOT / source).exists(), f"COPY {source}: no such file"
+
+
+# --- the container scripts -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses_with_bash(script: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_scripts_pass_shellcheck() -> None:
+    result = subprocess.run(
+        [tool("shellcheck"), "--external-sources", *map(str, SCRIPTS)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_entrypoint_scripts_use_strict_mode_and_exec_their_command() -> None:
+    for script in DOCKER.glob("entrypoint-*.sh"):
+        text = script.read_text(encoding="utf-8")
+        assert "set -euo pipefail" in text, script.name
+        assert re.search(r"^exec fedtune ", text, re.MULTILINE), f"{script.name}: exec the command"
+        assert 'exec "$@"' in text, f"{script.name}: run given arguments instead"
+
+
+# --- compose.yaml --------------------------------------------------------------------------
+
+
+def compose(path: Path = COMPOSE_FILES[0]) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return loaded
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_follows_the_compose_specification(path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", SCHEMA, str(path)],
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def compose_cli() -> list[str] | None:
+    """A Compose v2 command line, if one is installed (`docker compose`, `docker-compose`)."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        version = subprocess.run([*command, "version", "--short"], capture_output=True, text=True)
+        if version.returncode == 0 and re.match(r"v?2\.", version.stdout.strip()):
+            return command
+    return None
+
+
+def test_compose_cli_accepts_the_files() -> None:
+    command = compose_cli()
+    if command is None:
+        pytest.skip("no Docker Compose v2 here; the schema test above still checks the files")
+    arguments = [part for path in COMPOSE_FILES for part in ("-f", str(path))]
+
+    result = subprocess.run(
+        [*command, *arguments, "config", "--quiet"], capture_output=True, text=True
+    )
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_services_volumes_secrets_and_checks_fit_together() -> None:
+    spec = compose()
+    services: dict[str, dict[str, Any]] = spec["services"]
+    stage_names = set(stages(DOCKERFILE))
+    volumes, used_secrets = set(spec["volumes"]), set(spec["secrets"])
+
+    for name, service in services.items():
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in volumes, f"{name}: volume {source} is not declared"
+        for secret in service.get("secrets", []):
+            assert secret in used_secrets, f"{name}: secret {secret} is not declared"
+        for other, condition in service.get("depends_on", {}).items():
+            assert other in services, f"{name} depends on unknown {other}"
+            if condition["condition"] == "service_healthy":
+                assert "healthcheck" in services[other], f"{other} has no health check"
+            if condition["condition"] == "service_completed_successfully":
+                assert services[other].get("restart") == "no", f"{other} must run once"
+        if service.get("restart") == "unless-stopped":
+            assert "healthcheck" in service, f"{name} runs for good without a health check"
+        if "build" in service:
+            assert service["build"]["target"] in stage_names, name
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: image {image}"
+
+
+def test_compose_file_holds_no_secret_value() -> None:
+    spec = compose()
+
+    for name, service in spec["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key.removesuffix("_FILE")) and not key.endswith("_FILE"):
+                pytest.fail(f"{name}: {key} holds a secret; give a *_FILE from a secret instead")
+            if "postgresql" in str(value):
+                userinfo = str(value).split("://", 1)[1].split("@", 1)[0]
+                assert ":" not in userinfo, f"{name}: {key} has a password in its URL"
+    for secret in spec["secrets"].values():
+        path = (DOCKER / secret["file"]).resolve()
+        assert path.parent == DOCKER / "secrets", f"secret files live in docker/secrets: {path}"
+    assert "/secrets/" in (DOCKER / ".gitignore").read_text(encoding="utf-8").split()
+
+
+# --- the scripts at work, outside Docker ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def script_environment(**variables: str | Path) -> dict[str, str]:
+    """This environment with the venv's `fedtune` and `python` first on PATH."""
+    path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"} | {
+        key: str(value) for key, value in variables.items()
+    }
+
+
+def run_script(script: str, *args: str, **variables: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(DOCKER / script), *args],
+        env=script_environment(**variables),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def healthcheck(kind: str, **variables: str | Path) -> subprocess.CompletedProcess:
+    return run_script("healthcheck.sh", kind, **variables)
+
+
+@pytest.fixture
+def password_postgres() -> Iterator[tuple[str, str]]:
+    """A throwaway PostgreSQL (scripts/postgres-for-tests.sh) with a database whose role must
+    give its password (scram-sha-256); yields (URL without the password, the password)."""
+    directory = tempfile.mkdtemp(prefix="fedtune-docker-pg-", dir="/tmp")
+    started = subprocess.run(
+        ["bash", str(POSTGRES_SCRIPT), "start", directory], capture_output=True, text=True
+    )
+    if started.returncode == 3:
+        os.rmdir(directory)
+        pytest.skip(f"no PostgreSQL: {started.stderr.strip()}")
+    try:
+        assert started.returncode == 0, started.stderr
+        import psycopg
+        from psycopg import sql
+
+        admin = sa.make_url(started.stdout.strip())
+        password = secrets.token_urlsafe(12) + r":\pw"  # ':' and '\' need escaping in pgpass
+        with psycopg.connect(
+            host=admin.host, port=admin.port, user=admin.username, dbname=admin.database
+        ) as connection:
+            connection.autocommit = True
+            connection.execute(
+                sql.SQL("CREATE ROLE fedtune LOGIN PASSWORD {}").format(sql.Literal(password))
+            )
+            connection.execute("CREATE DATABASE fedtune OWNER fedtune")
+            hba = Path(directory) / "data" / "pg_hba.conf"
+            hba.write_text("host all fedtune 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+            connection.execute("SELECT pg_reload_conf()")
+        url = f"postgresql+psycopg://fedtune@127.0.0.1:{admin.port}/fedtune"
+        with pytest.raises(sa.exc.OperationalError, match="password"):
+            sa.create_engine(url, poolclass=sa.NullPool).connect().close()
+        yield url, password
+    finally:
+        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop", directory], check=False)
+
+
+class Processes:
+    """What the test starts: each in a session of its own, all ended at the end."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.started: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, script: str, **variables: str | Path) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                ["bash", str(DOCKER / script)],
+                env=script_environment(**variables),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started[name] = process
+        return process
+
+    def members(self) -> list[psutil.Process]:
+        """Every process started and their children."""
+        found = []
+        for process in self.started.values():
+            with contextlib.suppress(psutil.Error):
+                parent = psutil.Process(process.pid)
+                found += [parent, *parent.children(recursive=True)]
+        return found
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process in self.started.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for process in self.started.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def wait_healthy(
+    processes: Processes, name: str, kind: str, timeout_s: float, **variables: str | Path
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        check = healthcheck(kind, **variables)
+        if check.returncode == 0:
+            return
+        if processes.started[name].poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{name}: {check.stdout.strip()}\n{processes.log(name)[-3000:]}")
+        time.sleep(0.5)
+
+
+def node_toml(name: str, state: Path, data: Path, model: Path, certs: Path, port: int) -> str:
+    return (
+        f'[node]\nname = "{name}"\nstate_dir = "{state}"\n\n'
+        f'[model]\nspec = "{model}"\ndevice = "cpu"\n\n'
+        f'[data]\ntrain = "{data}/train.jsonl"\neval = "{data}/held_out.jsonl"\n\n'
+        "[training]\ntorch_threads = 1\n\n"
+        f'[coordinator]\naddress = "localhost:{port}"\n'
+        f'root_certificates = "{certs}/ca.pem"\nauth_key = "{state}/auth_key"\n'
+    )
+
+
+def stops_on_sigterm(process: subprocess.Popen[bytes], timeout_s: float = 20) -> bool:
+    """SIGTERM to the entrypoint's process alone, as `docker stop` (through tini) sends it:
+    it and everything it started end."""
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    return not alive
+
+
+def test_entrypoints_run_coordinator_nodes_and_dashboard_outside_docker(
+    tmp_path: Path, tiny_model_dir: Path, password_postgres: tuple[str, str]
+) -> None:
+    database_url, password = password_postgres
+    (tmp_path / "logs").mkdir()
+    password_file = tmp_path / "postgres_password.txt"
+    password_file.write_text(password + "\n")
+    certs, state = tmp_path / "certs", tmp_path / "coordinator"
+    enrollments = tmp_path / "enrollments"
+    enrollments.mkdir()
+    port, dashboard_port = free_port(), free_port()
+    made = subprocess.run([FEDTUNE, "certs", "init", "--out", str(certs)], capture_output=True)
+    assert made.returncode == 0, made.stderr
+    database = {
+        "FEDTUNE_DATABASE_URL": database_url,
+        "FEDTUNE_DATABASE_PASSWORD_FILE": password_file,
+    }
+    processes = Processes(tmp_path / "logs")
+    try:
+        coordinator = processes.start(
+            "coordinator",
+            "entrypoint-coordinator.sh",
+            FEDTUNE_STATE_DIR=state,
+            FEDTUNE_HOST="127.0.0.1",
+            FEDTUNE_PORT=str(port),
+            FEDTUNE_CERTS_DIR=certs,
+            PGPASSFILE=tmp_path / "coordinator.pgpass",
+            **database,
+        )
+        for name in ("hospital", "bank"):
+            init = run_script(
+                "compose-init.sh",
+                "node",
+                name,
+                name,
+                FEDTUNE_STATE_DIR=tmp_path / name / "state",
+                FEDTUNE_DATA_DIR=tmp_path / name / "data",
+                FEDTUNE_ENROLLMENTS_DIR=enrollments,
+            )
+            assert init.returncode == 0, init.stderr
+        wait_healthy(processes, "coordinator", "coordinator", 90, FEDTUNE_PORT=str(port))
+        enroll_variables = {
+            "FEDTUNE_STATE_DIR": state,
+            "FEDTUNE_ENROLLMENTS_DIR": enrollments,
+            "PGPASSFILE": tmp_path / "enroll.pgpass",
+            "FEDTUNE_DATABASE_PASSWORD_FILE": password_file,
+        }
+        for _ in range(2):  # the second time finds both enrolled and keeps them
+            enrolled = run_script(
+                "compose-init.sh", "enroll", "hospital", "bank", **enroll_variables
+            )
+            assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+        assert enrolled.stderr.count("enrolled already") == 2
+        nodes = {}
+        for name in ("hospital", "bank"):
+            toml = tmp_path / name / "node.toml"
+            toml.write_text(
+                node_toml(
+                    name,
+                    tmp_path / name / "state",
+                    tmp_path / name / "data",
+                    tiny_model_dir,
+                    certs,
+                    port,
+                )
+            )
+            nodes[name] = processes.start(
+                name,
+                "entrypoint-node.sh",
+                FEDTUNE_NODE_CONFIG=toml,
+                FEDTUNE_STATE_DIR=tmp_path / name / "state",
+            )
+        dashboard = processes.start(
+            "dashboard",
+            "entrypoint-dashboard.sh",
+            FEDTUNE_DASHBOARD_HOST="127.0.0.1",
+            FEDTUNE_DASHBOARD_PORT=str(dashboard_port),
+            PGPASSFILE=tmp_path / "dashboard.pgpass",
+            **database,
+        )
+        for name in ("hospital", "bank"):
+            wait_healthy(processes, name, "node", 90, FEDTUNE_STATE_DIR=tmp_path / name / "state")
+        wait_healthy(
+            processes, "dashboard", "dashboard", 60, FEDTUNE_DASHBOARD_PORT=str(dashboard_port)
+        )
+
+        assert "upgraded from no revision to" in processes.log("coordinator")
+        status = subprocess.run(
+            [FEDTUNE, "run", "status", "--json", "--coordinator", str(state / "coordinator.toml")],
+            env=script_environment(PGPASSFILE=tmp_path / "coordinator.pgpass"),
+            capture_output=True,
+            text=True,
+        )
+        assert status.returncode == 0 and json.loads(status.stdout) == [], status.stderr
+        engine = sa.create_engine(sa.make_url(database_url).set(password=password))
+        with Session(engine) as session:  # the enrolled ledger keys reached the database
+            for name in ("hospital", "bank"):
+                enrolled_key = json.loads((enrollments / f"{name}.json").read_text())
+                assert node_public_keys(session, name) == [enrolled_key["ledger_public_key"]]
+        engine.dispose()
+        assert password not in (state / "coordinator.toml").read_text()
+        for member in processes.members():
+            with contextlib.suppress(psutil.Error):
+                assert password not in " ".join(member.cmdline())
+        assert oct((tmp_path / "coordinator.pgpass").stat().st_mode & 0o777) == "0o600"
+
+        for name, process in [*nodes.items(), ("dashboard", dashboard)]:
+            assert stops_on_sigterm(process), f"{name} did not stop on SIGTERM"
+        assert not (tmp_path / "hospital" / "state" / "trainer.json").exists()
+        assert stops_on_sigterm(coordinator), "the coordinator did not stop on SIGTERM"
+        assert healthcheck("coordinator", FEDTUNE_PORT=str(port)).returncode == 1
+    finally:
+        processes.stop_all()
+
+
+def test_node_entrypoint_refuses_a_state_dir_that_is_not_the_configs(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text(node_toml("n1", tmp_path / "state", tmp_path, tmp_path, tmp_path, 9092))
+
+    result = run_script(
+        "entrypoint-node.sh", FEDTUNE_NODE_CONFIG=toml, FEDTUNE_STATE_DIR=tmp_path / "elsewhere"
+    )
+
+    assert result.returncode == 1
+    assert "node.state_dir is" in result.stderr and "FEDTUNE_STATE_DIR" in result.stderr
+
+
+def test_coordinator_entrypoint_names_missing_certificates(tmp_path: Path) -> None:
+    result = run_script(
+        "entrypoint-coordinator.sh",
+        FEDTUNE_STATE_DIR=tmp_path / "state",
+        FEDTUNE_CERTS_DIR=tmp_path / "certs",
+    )
+
+    assert result.returncode == 1
+    assert f"{tmp_path / 'certs'}/ca.pem is missing" in result.stderr
+
+
+def test_password_file_never_overwrites_a_pgpass_it_did_not_write(tmp_path: Path) -> None:
+    secret, pgpass = tmp_path / "password", tmp_path / "pgpass"
+    secret.write_text("s3cret\n")
+    pgpass.write_text("db:5432:*:someone:theirs\n")
+
+    result = run_script(
+        "entrypoint-dashboard.sh",
+        "true",
+        FEDTUNE_DATABASE_PASSWORD_FILE=secret,
+        PGPASSFILE=pgpass,
+    )
+
+    assert result.returncode == 1 and "was not written by this entrypoint" in result.stderr
+    assert pgpass.read_text() == "db:5432:*:someone:theirs\n"
+
+
+def test_healthchecks_say_unhealthy_when_nothing_runs(tmp_path: Path) -> None:
+    port = str(free_port())
+
+    checks = [
+        healthcheck("coordinator", FEDTUNE_PORT=port),
+        healthcheck("dashboard", FEDTUNE_DASHBOARD_PORT=port),
+        healthcheck("node", FEDTUNE_STATE_DIR=tmp_path),
+    ]
+
+    assert [check.returncode for check in checks] == [1, 1, 1]
+    assert all(check.stdout.startswith("unhealthy: ") for check in checks)
