@@ -265,7 +265,9 @@ class Federation:
     def check_alive(self) -> None:
         if self.superlink is not None and self.superlink.poll() is not None:
             raise RuntimeError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
-        if self.superlink is not None and not _has_live_child(self.superlink.pid, "superexec"):
+        if self.superlink is not None and not _has_live_child(
+            self.superlink.pid, "flower-superexec"
+        ):
             # Seen with --database under load: "database is locked" answers the executor's
             # acquire-task with HTTP 500, it exits, and no later run's ServerApp ever starts.
             raise RuntimeError(
@@ -355,7 +357,8 @@ class Federation:
 def _has_live_child(pid: int, name_part: str) -> bool:
     for child in process_tree(pid)[1:]:
         with contextlib.suppress(psutil.Error):
-            if name_part in child.name() and child.status() != psutil.STATUS_ZOMBIE:
+            command = " ".join(child.cmdline()) or child.name()  # names are cut at 15 chars
+            if name_part in command and child.status() != psutil.STATUS_ZOMBIE:
                 return True
     return False
 

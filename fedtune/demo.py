@@ -59,15 +59,9 @@ eval = "data/{name}/held_out.jsonl"
 """
 
 
-def run_demo(
-    workdir: Path,
-    *,
-    rounds: int = 3,
-    steps: int = 4,
-    model: str = "smollm2-135m",
-    progress: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run the two-node demo in ``workdir`` (new or empty); returns the summary."""
+def prepare_demo_folder(workdir: Path, *, rounds: int, steps: int, model: str) -> str:
+    """Check the demo's arguments, make ``workdir`` (new or empty) with the demo data in
+    ``workdir/data``; returns the model spec with a path made absolute."""
     if workdir.exists() and any(workdir.iterdir()):
         raise ConfigError(f"{workdir}: the demo needs a new or empty folder (--workdir)")
     if rounds < 1 or steps < 1:
@@ -77,6 +71,19 @@ def run_demo(
         write_demo_data(workdir / "data", domain=domain, train=800, held_out=100)
     if "/" in model or model.startswith((".", "~")):
         model = str(Path(model).expanduser().resolve())
+    return model
+
+
+def run_demo(
+    workdir: Path,
+    *,
+    rounds: int = 3,
+    steps: int = 4,
+    model: str = "smollm2-135m",
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the two-node demo in ``workdir`` (new or empty); returns the summary."""
+    model = prepare_demo_folder(workdir, rounds=rounds, steps=steps, model=model)
     run_toml = workdir / "run.toml"
     run_toml.write_text(
         _RUN_TOML.format(

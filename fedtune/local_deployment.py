@@ -22,12 +22,11 @@ from typing import Any
 
 import psutil
 
-from fedtune.client_node.demo_data import write_demo_data
 from fedtune.coordinator.enrollment import ENROLLMENT_FILE, enroll_node
 from fedtune.coordinator.run_summary import format_summary, run_summary
 from fedtune.coordinator.superlink import deployment_job, submit_run
+from fedtune.demo import DEMO_NODES, prepare_demo_folder
 from fedtune.platform.config import (
-    ConfigError,
     CoordinatorConfig,
     load_coordinator_config,
     load_run_config,
@@ -35,8 +34,6 @@ from fedtune.platform.config import (
 from fedtune.platform.encryption import generate_key_file
 from fedtune.platform.storage import Run, open_database, transaction
 from fedtune.platform.tls import init_certificates
-
-DEMO_NODES = ("hospital", "bank")
 
 
 def free_port() -> int:
@@ -301,16 +298,8 @@ def run_deployment_demo(
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The two-node demo as a real deployment on 127.0.0.1; returns the summary."""
-    if workdir.exists() and any(workdir.iterdir()):
-        raise ConfigError(f"{workdir}: the demo needs a new or empty folder (--workdir)")
-    if rounds < 1 or steps < 1:
-        raise ConfigError("the demo needs at least one round of at least one step")
-    if "/" in model or model.startswith((".", "~")):
-        model = str(Path(model).expanduser().resolve())
-    workdir.mkdir(parents=True, exist_ok=True)
-    data = workdir / "data"
-    for name in DEMO_NODES:
-        write_demo_data(data, domain=name, train=800, held_out=100)
+    model = prepare_demo_folder(workdir, rounds=rounds, steps=steps, model=model)
+    data = workdir.resolve() / "data"
     with LocalDeployment(workdir) as deployment:
         config = deployment.init_coordinator()
         progress(

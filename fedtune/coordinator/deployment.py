@@ -23,6 +23,7 @@ from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from sqlalchemy import func, select
 
@@ -203,6 +204,27 @@ def _rounds(
             secure.close()
 
 
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+, also surviving a node that leaves before it has shared its keys.
+
+    Flower's unmask stage wants to rebuild the keys of every node that was sampled and is gone;
+    a node that left before sharing its keys left no shares to rebuild from, so the round
+    halted. Such a node masked nothing and nobody masked with it: it is dropped from the round
+    (and from every neighbourhood) once key sharing is over.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:
+        proceed = bool(super().share_keys_stage(grid, context, state))  # type: ignore[arg-type]
+        stayed = set(state.active_node_ids)
+        state.sampled_node_ids = stayed
+        state.nid_to_neighbours = {
+            node: neighbours & stayed
+            for node, neighbours in state.nid_to_neighbours.items()
+            if node in stayed
+        }
+        return proceed
+
+
 def _node_level_privacy(config: RunConfig, run_id: str) -> NodeLevelPrivacy | None:
     settings = config.aggregation.node_dp
     if settings is None:
@@ -242,7 +264,7 @@ class _SecureRounds:
             config=ServerConfig(num_rounds=config.run.rounds),
             strategy=self.strategy,
         )
-        self.workflow = SecAggPlusWorkflow(
+        self.workflow = _SecAggPlus(
             num_shares=1.0,  # every sampled node holds a share of every other's keys
             reconstruction_threshold=aggregation.reconstruction_threshold,
             max_weight=max_weight,
