@@ -4,7 +4,10 @@ sent per node.
 Each node count gets a fresh deployment on 127.0.0.1, built the way fedtune's coordinator is
 (``fedtune.coordinator.superlink``): a private CA and server certificate
 (``fedtune.platform.tls.init_certificates``), a SuperLink with TLS and SuperNode
-authentication (``superlink_command``), one ECDSA key per node
+authentication (``superlink_command``; by default without its ``--database``, see
+``--superlink-state``: on this loaded machine the SQLite state answered a node's object push
+and the SuperLink's executor with "database is locked", stalling a round for minutes and
+ending the executor, after which no run started), one ECDSA key per node
 (``fedtune.platform.node_auth.generate_node_auth_key``) registered with
 ``flwr supernode register``, and one ``flower-supernode`` process per node (TLS,
 ``--auth-supernode-private-key``, ``--node-config index=I``). The nodes run the small Flower
@@ -668,9 +671,32 @@ def _skip(nodes: int, values: int, started: float, budget: float) -> dict[str, A
 def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> None:
     invocations = [i for i in report.get("invocations", []) if i["when"] != invocation["when"]]
     report["invocations"] = [*invocations, invocation]
-    measured = {(c["nodes"], c["values"]) for c in report["cells"].values()}
+    measured = {
+        (c["nodes"], c["values"])
+        for c in report["cells"].values()
+        if not c.get("server_poll_s")  # the grid is measured with Flower's own polling
+    }
+    reasons: dict[tuple[int, int], str] = {}
+    for earlier in report["invocations"]:
+        for skipped in earlier.get("skipped", []):
+            reasons[(skipped["nodes"], skipped["values"])] = skipped["reason"]
+        for failed in earlier.get("failed", []):
+            reasons[(failed["nodes"], failed["values"])] = (
+                f"failed ({failed['mode']}): {failed['error']}"
+            )
     report["skipped"] = [
-        s for s in invocation["skipped"] if (s["nodes"], s["values"]) not in measured
+        {
+            "nodes": nodes,
+            "values": values,
+            "reason": reasons.get(
+                (nodes, values),
+                "not run: the invocations so far chose other cells (--cells) to fit the "
+                "wall-time budget; see invocations",
+            ),
+        }
+        for nodes in DEFAULT_NODES
+        for values in (parse_values(v) for v in DEFAULT_VALUES)
+        if (nodes, values) not in measured
     ]
     timed = [c for c in report["cells"].values() if "target_met" in c]
     report["target_met_cells"] = (
@@ -682,6 +708,7 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             "nodes": cell["nodes"],
             "values": cell["values"],
             "server_poll_s": cell.get("server_poll_s", 0.0),
+            "superlink_state": cell.get("superlink_state"),
             "plain_median_round_s": cell.get("plain", {}).get("median_round_seconds"),
             "secagg_median_round_s": cell.get("secagg+", {}).get("median_round_seconds"),
             "time_ratio": cell.get("time_ratio"),

@@ -7,6 +7,7 @@ import argparse
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -77,7 +78,14 @@ def add_commands(commands: Any, node: Any) -> None:
     keygen = node.add_parser(
         "keygen", help="create the node's keys (SuperNode authentication, ledger signing)"
     )
-    keygen.add_argument("--out", required=True, type=Path, help="the node's key folder")
+    keygen.add_argument(
+        "--out", required=True, type=Path, help="the node's state folder (node.state_dir)"
+    )
+    keygen.add_argument(
+        "--new-auth-key",
+        action="store_true",
+        help="rotate: replace the SuperNode key, keep the ledger key; enroll again",
+    )
     keygen.set_defaults(handler=_node_keygen)
     node_start = node.add_parser(
         "start", help="join the coordinator: trainer + Flower SuperNode over TLS (foreground)"
@@ -194,15 +202,30 @@ def _run_logs(args: argparse.Namespace) -> int:
 
 def _node_keygen(args: argparse.Namespace) -> int:
     from fedtune.coordinator.enrollment import ENROLLMENT_FILE, Enrollment, write_enrollment
-    from fedtune.platform.node_auth import generate_node_auth_key
+    from fedtune.platform.node_auth import (
+        AUTH_KEY_FILE,
+        AUTH_PUBLIC_KEY_FILE,
+        generate_node_auth_key,
+    )
     from fedtune.platform.node_ledger import KEY_FILE
     from fedtune.platform.signing import NodeKey
 
     ledger_key = args.out / KEY_FILE
-    for path in (ledger_key, args.out / ENROLLMENT_FILE):
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; it is not overwritten")
+    if args.new_auth_key:
+        if not ledger_key.exists():
+            raise FileExistsError(f"{ledger_key} is missing: run keygen without --new-auth-key")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for name in (AUTH_KEY_FILE, AUTH_PUBLIC_KEY_FILE):
+            old = args.out / name
+            if old.exists():
+                old.rename(old.with_name(f"{name}.replaced-{stamp}"))
+    elif ledger_key.exists() or (args.out / ENROLLMENT_FILE).exists():
+        raise FileExistsError(
+            f"{args.out} already holds a node's keys; they are not overwritten "
+            "(--new-auth-key replaces the connection key and keeps the ledger key)"
+        )
     auth = generate_node_auth_key(args.out)
+    # The ledger key is never replaced: the node's whole ledger is signed with it.
     signing = NodeKey.load_or_create(ledger_key)
     write_enrollment(
         args.out / ENROLLMENT_FILE,
@@ -214,10 +237,7 @@ def _node_keygen(args: argparse.Namespace) -> int:
     print(f"SuperNode authentication key (ECDSA P-384): {auth.private_key}")
     print(f"ledger signing key (Ed25519): {ledger_key}")
     print(f"give the coordinator admin {args.out / ENROLLMENT_FILE} (public keys only)")
-    print(
-        "in node.toml: node.state_dir = the folder of node_key.pem, coordinator.auth_key = "
-        f"{auth.private_key}"
-    )
+    print(f"in node.toml: node.state_dir = this folder, coordinator.auth_key = {auth.private_key}")
     return 0
 
 

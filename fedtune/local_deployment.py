@@ -124,8 +124,9 @@ class LocalDeployment:
         )
         return node_toml
 
-    def enroll(self, name: str) -> None:
-        enroll_node(
+    def enroll(self, name: str) -> str:
+        """Enroll node ``name``'s keys; its SuperNode id."""
+        return enroll_node(
             self.coordinator, self.workdir / "nodes" / name / "state" / ENROLLMENT_FILE, name=name
         )
 

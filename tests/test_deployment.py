@@ -7,6 +7,8 @@ the same update twice: that lets a secure run and a plain run be compared.
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from sqlalchemy import select
 from fedtune.cli import main
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE, WEIGHTS_FILE, checkpoint_weights
+from fedtune.coordinator.superlink import CONNECTION, flwr
 from fedtune.local_deployment import LocalDeployment, fedtune_command
 from fedtune.platform.encryption import load_key
 from fedtune.platform.ledger_store import ledger_entries
@@ -288,3 +291,30 @@ def test_coordinator_killed_mid_run_resumes_from_its_last_round(deployment, tiny
         runs = session.scalars(select(Run).where(Run.id == run_id)).all()
         assert len(runs) == 1
     assert checkpoint_arrays(deployment, run_id, 3)
+
+
+def test_a_rotated_connection_key_replaces_the_old_one_and_keeps_the_ledger_key(deployment):
+    state = deployment.workdir / "nodes/hospital-a/state"
+    ledger_key = (state / "node_key.pem").read_bytes()
+    old_id = deployment.enroll("hospital-a")  # enrolled already: same key, same node id
+    deployment.kill("node-hospital-a", sig=signal.SIGTERM)
+
+    subprocess.run(
+        fedtune_command("node", "keygen", "--out", str(state), "--new-auth-key"),
+        check=True,
+        capture_output=True,
+    )
+    new_id = deployment.enroll("hospital-a")
+    deployment.start_node("hospital-a")
+
+    assert new_id != old_id
+    assert (state / "node_key.pem").read_bytes() == ledger_key
+    log = deployment.log("coordinator")
+    deadline = time.monotonic() + 240
+    while f"Activated node_id={new_id}" not in log.read_text():
+        assert time.monotonic() < deadline, "the node did not connect with its new key"
+        time.sleep(1)
+    listing = flwr(deployment.coordinator, "supernode", "ls", CONNECTION, "--format", "json")
+    status = {n["node-id"]: n["status"] for n in json.loads(listing)["nodes"]}
+    assert status[new_id] == "online"
+    assert status.get(old_id, "gone") not in ("online", "registered")

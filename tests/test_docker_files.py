@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +311,7 @@ def healthcheck(kind: str, **variables: str | Path) -> subprocess.CompletedProce
     return run_script("healthcheck.sh", kind, **variables)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def password_postgres() -> Iterator[tuple[str, str]]:
     """A throwaway PostgreSQL (scripts/postgres-for-tests.sh) with a database whose role must
     give its password (scram-sha-256); yields (URL without the password, the password)."""
@@ -348,7 +349,7 @@ def password_postgres() -> Iterator[tuple[str, str]]:
 
 
 class Processes:
-    """What the test starts: each in a session of its own, all ended at the end."""
+    """What the tests start: each in a session of its own, all ended at the end."""
 
     def __init__(self, logs: Path):
         self.logs = logs
@@ -424,119 +425,203 @@ def stops_on_sigterm(process: subprocess.Popen[bytes], timeout_s: float = 20) ->
     return not alive
 
 
-def test_entrypoints_run_coordinator_nodes_and_dashboard_outside_docker(
-    tmp_path: Path, tiny_model_dir: Path, password_postgres: tuple[str, str]
-) -> None:
+NODES = ("hospital", "bank")
+
+
+@dataclass
+class Deployment:
+    """The coordinator, two nodes and the dashboard, each started by its image's entrypoint."""
+
+    root: Path
+    database_url: str
+    password: str
+    port: int
+    dashboard_port: int
+    processes: Processes
+    enroll_runs: list[subprocess.CompletedProcess]
+
+    @property
+    def coordinator_toml(self) -> Path:
+        return self.root / "coordinator" / "coordinator.toml"
+
+    def state(self, node: str) -> Path:
+        return self.root / node / "state"
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    password_postgres: tuple[str, str],
+) -> Iterator[Deployment]:
     database_url, password = password_postgres
-    (tmp_path / "logs").mkdir()
-    password_file = tmp_path / "postgres_password.txt"
+    root = tmp_path_factory.mktemp("docker-entrypoints")
+    (root / "logs").mkdir()
+    password_file = root / "postgres_password.txt"
     password_file.write_text(password + "\n")
-    certs, state = tmp_path / "certs", tmp_path / "coordinator"
-    enrollments = tmp_path / "enrollments"
+    certs, enrollments = root / "certs", root / "enrollments"
     enrollments.mkdir()
-    port, dashboard_port = free_port(), free_port()
     made = subprocess.run([FEDTUNE, "certs", "init", "--out", str(certs)], capture_output=True)
     assert made.returncode == 0, made.stderr
     database = {
         "FEDTUNE_DATABASE_URL": database_url,
         "FEDTUNE_DATABASE_PASSWORD_FILE": password_file,
     }
-    processes = Processes(tmp_path / "logs")
+    local = Deployment(
+        root, database_url, password, free_port(), free_port(), Processes(root / "logs"), []
+    )
+    processes = local.processes
     try:
-        coordinator = processes.start(
+        processes.start(
             "coordinator",
             "entrypoint-coordinator.sh",
-            FEDTUNE_STATE_DIR=state,
+            FEDTUNE_STATE_DIR=root / "coordinator",
             FEDTUNE_HOST="127.0.0.1",
-            FEDTUNE_PORT=str(port),
+            FEDTUNE_PORT=str(local.port),
             FEDTUNE_CERTS_DIR=certs,
-            PGPASSFILE=tmp_path / "coordinator.pgpass",
+            PGPASSFILE=root / "coordinator.pgpass",
             **database,
         )
-        for name in ("hospital", "bank"):
-            init = run_script(
-                "compose-init.sh",
-                "node",
-                name,
-                name,
-                FEDTUNE_STATE_DIR=tmp_path / name / "state",
-                FEDTUNE_DATA_DIR=tmp_path / name / "data",
-                FEDTUNE_ENROLLMENTS_DIR=enrollments,
+        inits = [
+            subprocess.Popen(
+                ["bash", str(DOCKER / "compose-init.sh"), "node", name, name],
+                env=script_environment(
+                    FEDTUNE_STATE_DIR=local.state(name),
+                    FEDTUNE_DATA_DIR=root / name / "data",
+                    FEDTUNE_ENROLLMENTS_DIR=enrollments,
+                ),
+                stderr=subprocess.PIPE,
             )
-            assert init.returncode == 0, init.stderr
-        wait_healthy(processes, "coordinator", "coordinator", 90, FEDTUNE_PORT=str(port))
-        enroll_variables = {
-            "FEDTUNE_STATE_DIR": state,
-            "FEDTUNE_ENROLLMENTS_DIR": enrollments,
-            "PGPASSFILE": tmp_path / "enroll.pgpass",
-            "FEDTUNE_DATABASE_PASSWORD_FILE": password_file,
-        }
+            for name in NODES
+        ]
+        for init in inits:
+            _, errors = init.communicate(timeout=120)
+            assert init.returncode == 0, errors
+        wait_healthy(processes, "coordinator", "coordinator", 90, FEDTUNE_PORT=str(local.port))
         for _ in range(2):  # the second time finds both enrolled and keeps them
-            enrolled = run_script(
-                "compose-init.sh", "enroll", "hospital", "bank", **enroll_variables
-            )
-            assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
-        assert enrolled.stderr.count("enrolled already") == 2
-        nodes = {}
-        for name in ("hospital", "bank"):
-            toml = tmp_path / name / "node.toml"
-            toml.write_text(
-                node_toml(
-                    name,
-                    tmp_path / name / "state",
-                    tmp_path / name / "data",
-                    tiny_model_dir,
-                    certs,
-                    port,
+            local.enroll_runs.append(
+                run_script(
+                    "compose-init.sh",
+                    "enroll",
+                    *NODES,
+                    FEDTUNE_STATE_DIR=root / "coordinator",
+                    FEDTUNE_ENROLLMENTS_DIR=enrollments,
+                    FEDTUNE_DATABASE_PASSWORD_FILE=password_file,
+                    PGPASSFILE=root / "enroll.pgpass",
                 )
             )
-            nodes[name] = processes.start(
+            assert local.enroll_runs[-1].returncode == 0, local.enroll_runs[-1].stderr
+        for name in NODES:
+            toml = root / name / "node.toml"
+            toml.write_text(
+                node_toml(
+                    name, local.state(name), root / name / "data", tiny_model_dir, certs, local.port
+                )
+            )
+            processes.start(
                 name,
                 "entrypoint-node.sh",
                 FEDTUNE_NODE_CONFIG=toml,
-                FEDTUNE_STATE_DIR=tmp_path / name / "state",
+                FEDTUNE_STATE_DIR=local.state(name),
             )
-        dashboard = processes.start(
+        processes.start(
             "dashboard",
             "entrypoint-dashboard.sh",
             FEDTUNE_DASHBOARD_HOST="127.0.0.1",
-            FEDTUNE_DASHBOARD_PORT=str(dashboard_port),
-            PGPASSFILE=tmp_path / "dashboard.pgpass",
+            FEDTUNE_DASHBOARD_PORT=str(local.dashboard_port),
+            PGPASSFILE=root / "dashboard.pgpass",
             **database,
         )
-        for name in ("hospital", "bank"):
-            wait_healthy(processes, name, "node", 90, FEDTUNE_STATE_DIR=tmp_path / name / "state")
+        for name in NODES:
+            wait_healthy(processes, name, "node", 90, FEDTUNE_STATE_DIR=local.state(name))
         wait_healthy(
-            processes, "dashboard", "dashboard", 60, FEDTUNE_DASHBOARD_PORT=str(dashboard_port)
+            processes,
+            "dashboard",
+            "dashboard",
+            60,
+            FEDTUNE_DASHBOARD_PORT=str(local.dashboard_port),
         )
-
-        assert "upgraded from no revision to" in processes.log("coordinator")
-        status = subprocess.run(
-            [FEDTUNE, "run", "status", "--json", "--coordinator", str(state / "coordinator.toml")],
-            env=script_environment(PGPASSFILE=tmp_path / "coordinator.pgpass"),
-            capture_output=True,
-            text=True,
-        )
-        assert status.returncode == 0 and json.loads(status.stdout) == [], status.stderr
-        engine = sa.create_engine(sa.make_url(database_url).set(password=password))
-        with Session(engine) as session:  # the enrolled ledger keys reached the database
-            for name in ("hospital", "bank"):
-                enrolled_key = json.loads((enrollments / f"{name}.json").read_text())
-                assert node_public_keys(session, name) == [enrolled_key["ledger_public_key"]]
-        engine.dispose()
-        assert password not in (state / "coordinator.toml").read_text()
-        for member in processes.members():
-            with contextlib.suppress(psutil.Error):
-                assert password not in " ".join(member.cmdline())
-        assert oct((tmp_path / "coordinator.pgpass").stat().st_mode & 0o777) == "0o600"
-
-        for name, process in [*nodes.items(), ("dashboard", dashboard)]:
-            assert stops_on_sigterm(process), f"{name} did not stop on SIGTERM"
-        assert not (tmp_path / "hospital" / "state" / "trainer.json").exists()
-        assert stops_on_sigterm(coordinator), "the coordinator did not stop on SIGTERM"
-        assert healthcheck("coordinator", FEDTUNE_PORT=str(port)).returncode == 1
+        yield local
     finally:
         processes.stop_all()
+
+
+def test_coordinator_entrypoint_migrates_the_database_then_starts(deployment: Deployment) -> None:
+    log = deployment.processes.log("coordinator")
+
+    migrated = log.index("upgraded from no revision to")
+
+    assert migrated < log.index("coordinator listening on")
+
+
+def test_every_service_reports_healthy(deployment: Deployment) -> None:
+    checks = [
+        healthcheck("coordinator", FEDTUNE_PORT=str(deployment.port)),
+        healthcheck("dashboard", FEDTUNE_DASHBOARD_PORT=str(deployment.dashboard_port)),
+        *[healthcheck("node", FEDTUNE_STATE_DIR=deployment.state(name)) for name in NODES],
+    ]
+
+    assert [check.stdout.strip() for check in checks] == ["healthy"] * 4
+
+
+def test_enrollment_stores_the_ledger_keys_once(deployment: Deployment) -> None:
+    engine = sa.create_engine(
+        sa.make_url(deployment.database_url).set(password=deployment.password)
+    )
+
+    with Session(engine) as session:
+        stored = {name: node_public_keys(session, name) for name in NODES}
+    engine.dispose()
+
+    enrolled = {
+        name: json.loads((deployment.state(name) / "enrollment.json").read_text()) for name in NODES
+    }
+    assert stored == {name: [enrolled[name]["ledger_public_key"]] for name in NODES}
+    assert deployment.enroll_runs[1].stderr.count("enrolled already with these keys") == 2
+
+
+def test_password_is_on_no_command_line_and_in_no_config(deployment: Deployment) -> None:
+    command_lines = []
+    for member in deployment.processes.members():
+        with contextlib.suppress(psutil.Error):
+            command_lines.append(" ".join(member.cmdline()))
+
+    assert command_lines and not [line for line in command_lines if deployment.password in line]
+    assert deployment.password not in deployment.coordinator_toml.read_text()
+    pgpass = deployment.root / "coordinator.pgpass"
+    assert pgpass.stat().st_mode & 0o777 == 0o600
+
+
+def test_admin_commands_find_the_password_the_entrypoint_wrote(deployment: Deployment) -> None:
+    status = subprocess.run(
+        [FEDTUNE, "run", "status", "--json", "--coordinator", str(deployment.coordinator_toml)],
+        env=script_environment(PGPASSFILE=deployment.root / "coordinator.pgpass"),
+        capture_output=True,
+        text=True,
+    )
+
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == []
+
+
+# The SIGTERM tests stop the services: they come last.
+
+
+def test_nodes_stop_on_sigterm_and_withdraw_their_service_file(deployment: Deployment) -> None:
+    stopped = {name: stops_on_sigterm(deployment.processes.started[name]) for name in NODES}
+
+    assert stopped == {name: True for name in NODES}
+    assert not [n for n in NODES if (deployment.state(n) / "trainer.json").exists()]
+
+
+def test_dashboard_stops_on_sigterm(deployment: Deployment) -> None:
+    assert stops_on_sigterm(deployment.processes.started["dashboard"])
+
+
+def test_coordinator_stops_on_sigterm(deployment: Deployment) -> None:
+    assert stops_on_sigterm(deployment.processes.started["coordinator"])
+
+    assert healthcheck("coordinator", FEDTUNE_PORT=str(deployment.port)).returncode == 1
 
 
 def test_node_entrypoint_refuses_a_state_dir_that_is_not_the_configs(tmp_path: Path) -> None:

@@ -60,16 +60,32 @@ def read_enrollment(path: Path) -> Enrollment:
 
 
 def enroll_node(config: CoordinatorConfig, path: Path, *, name: str) -> str:
-    """Register the node's keys under ``name``; returns the SuperLink's node id."""
+    """Register the node's keys under ``name``; returns the SuperLink's node id. Enrolling a
+    name again with a new connection key (a rotation) unregisters its previous one; its
+    ledger keys are all kept, so its earlier entries still verify."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise CoordinatorError(f"node name {name!r}: use letters, digits, '_', '.', '-'")
     enrollment = read_enrollment(path)
-    keys = config.coordinator.state_dir / "enrolled"
-    keys.mkdir(parents=True, exist_ok=True)
-    auth_file = keys / f"{name}.pub"
-    auth_file.write_text(enrollment.auth_public_key + "\n", encoding="utf-8")
-    output = flwr(config, "supernode", "register", str(auth_file), CONNECTION, "--name", name)
-    found = re.search(r"SuperNode (\d+)", output)
+    folder = config.coordinator.state_dir / "enrolled"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / f"{name}.json"
+    previous = json.loads(record.read_text(encoding="utf-8")) if record.exists() else None
+    if previous is not None and previous["auth_public_key"] == enrollment.auth_public_key:
+        node_id = str(previous["node_id"])  # already registered with this key
+    else:
+        auth_file = folder / f"{name}.pub"
+        auth_file.write_text(enrollment.auth_public_key + "\n", encoding="utf-8")
+        output = flwr(config, "supernode", "register", str(auth_file), CONNECTION, "--name", name)
+        found = re.search(r"SuperNode (\d+)", output)
+        if found is None:
+            raise CoordinatorError(f"flwr supernode register answered: {output.strip()[-300:]}")
+        node_id = found.group(1)
+        if previous is not None:
+            flwr(config, "supernode", "unregister", str(previous["node_id"]), CONNECTION)
+        record.write_text(
+            json.dumps({"node_id": node_id, "auth_public_key": enrollment.auth_public_key}),
+            encoding="utf-8",
+        )
     with transaction(open_database(config.database_url)) as session:
         add_public_key(session, name, enrollment.ledger_public_key)
-    return found.group(1) if found else "?"
+    return node_id

@@ -12,7 +12,9 @@ long it took, and how long generating the update took.
 The ServerApp runs Flower's legacy ``DefaultWorkflow`` with a legacy ``FedAvg`` (no
 evaluation): the fit workflow is ``SecAggPlusWorkflow(num_shares=1.0,
 reconstruction_threshold=0.6, max_weight=<largest num_examples>)`` when the run config says
-``mode = "secagg+"``, else Flower's default fit workflow. Per round it records, server side:
+``mode = "secagg+"``, else Flower's default fit workflow. The new global vector is cast back to
+float32 (SecAgg+ returns a float64 mean, which would double what the nodes receive; fedtune's
+``SecureFedAvg`` casts likewise). Per round it records, server side:
 the fit round's wall time (from sampling the nodes to the new global vector), each SecAgg+
 stage's time and how much of it was the message exchange, the application-layer bytes of every
 message to and from each node (each RecordDict serialised with
