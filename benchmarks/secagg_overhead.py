@@ -77,9 +77,9 @@ from fedtune.coordinator.superlink import (
     flwr,
     prepare,
     superlink_command,
-    tool_path_environment,
 )
 from fedtune.platform.config import CoordinatorConfig, CoordinatorSettings, TlsSettings
+from fedtune.platform.flower_tools import tool_path_environment
 from fedtune.platform.node_auth import generate_node_auth_key
 from fedtune.platform.tls import init_certificates
 

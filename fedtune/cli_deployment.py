@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 from types import FrameType
@@ -107,7 +106,7 @@ def _certs_init(args: argparse.Namespace) -> int:
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
-    from fedtune.coordinator.superlink import flower_environment, prepare, superlink_command
+    from fedtune.coordinator.superlink import SuperLinkSupervisor, prepare
     from fedtune.platform.storage import open_database
 
     config = load_coordinator_config(args.config)
@@ -118,14 +117,15 @@ def _coordinator_start(args: argparse.Namespace) -> int:
         f"(TLS, node authentication); database {config.database_url}",
         flush=True,
     )
-    process = subprocess.Popen(superlink_command(config), env=flower_environment(config))
+    supervisor = SuperLinkSupervisor(config)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
-        process.terminate()
+        supervisor.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return process.wait()
+    supervisor.run()
+    return 0
 
 
 def _coordinator_enroll(args: argparse.Namespace) -> int:
@@ -254,8 +254,10 @@ def main_error_types() -> tuple[type[BaseException], ...]:
     from fedtune.coordinator.secure_aggregation import NotEnoughNodesError
     from fedtune.coordinator.superlink import CoordinatorError
     from fedtune.platform.encryption import DecryptionError
+    from fedtune.platform.flower_tools import FlowerNotInstalledError
 
     return (
+        FlowerNotInstalledError,
         CoordinatorError,
         NodeRefusedError,
         TrainerUnavailableError,

@@ -22,6 +22,7 @@ from types import FrameType
 from fedtune.client_node.client_app import REPLIES, node_runtime
 from fedtune.client_node.trainer_service import TrainerService
 from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
+from fedtune.platform.flower_tools import flower_command, tool_path_environment
 
 # What the SuperNode prints when the SuperLink refuses its key (with "Exit Code: 305"; the
 # process itself exits with 1 in Flower 1.41).
@@ -45,9 +46,8 @@ def supernode_command(config: NodeConfig, node_toml: Path, *, port: int) -> list
     ):
         if not path.is_file():
             raise ConfigError(f"{node_toml}: {label}: {path} does not exist")
-    beside = Path(sys.executable).parent / "flower-supernode"
     return [
-        str(beside) if beside.exists() else "flower-supernode",
+        flower_command("flower-supernode"),
         "--root-certificates",
         str(connection.root_certificates),
         "--superlink",
@@ -61,11 +61,6 @@ def supernode_command(config: NodeConfig, node_toml: Path, *, port: int) -> list
         "--port",
         str(port),
     ]
-
-
-def _tool_path_environment() -> dict[str, str]:
-    folder = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": os.pathsep.join([folder, os.environ.get("PATH", "")])}
 
 
 def _free_port() -> int:
@@ -140,7 +135,7 @@ class NodeSupervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_tool_path_environment(),  # the SuperNode starts Flower commands by name
+            env=tool_path_environment(),  # the SuperNode starts Flower commands by name
             start_new_session=True,
         )
         relay = threading.Thread(target=self._relay, args=(process, refusals), daemon=True)

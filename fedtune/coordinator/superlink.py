@@ -10,16 +10,19 @@ components are fedtune's installed ServerApp and ClientApp.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
 import subprocess
-import sys
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
+
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
 from fedtune.platform.config import CoordinatorConfig, RunConfig
+from fedtune.platform.flower_tools import flower_command, tool_path_environment
 from fedtune.platform.tls import CertificatePaths, check_certificates
 
 CONNECTION = "fedtune"
@@ -32,21 +35,6 @@ class CoordinatorError(RuntimeError):
     """The coordinator cannot start, or the Flower CLI refused a request."""
 
 
-def tool_path_environment() -> dict[str, str]:
-    """This environment with the Flower commands' folder first on PATH."""
-    folder = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": os.pathsep.join([folder, os.environ.get("PATH", "")])}
-
-
-def _tool(name: str) -> str:
-    """A Flower command installed next to this Python (the venv's bin folder)."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        raise CoordinatorError(f"{name} is not installed (pip install 'flwr[simulation]')")
-    return found
-
-
 def flwr_home(config: CoordinatorConfig) -> Path:
     return config.coordinator.state_dir / "flwr"
 
@@ -54,7 +42,7 @@ def flwr_home(config: CoordinatorConfig) -> Path:
 def superlink_command(config: CoordinatorConfig) -> list[str]:
     tls = config.tls
     return [
-        _tool("flower-superlink"),
+        flower_command("flower-superlink"),
         "--ssl-ca-certfile",
         str(tls.ca_certificate),
         "--ssl-certfile",
@@ -115,10 +103,85 @@ def flower_environment(config: CoordinatorConfig) -> dict[str, str]:
     return {**tool_path_environment(), "FLWR_HOME": str(flwr_home(config))}
 
 
+class SuperLinkSupervisor:
+    """Runs the SuperLink in the foreground and restarts it when it exits or loses the
+    SuperExec that starts ServerApps (seen under heavy load with its SQLite state: "database
+    is locked", then no run ever starts). Runs in progress then need `fedtune run resume`."""
+
+    CHECK_S = 5.0
+    MISSING_CHECKS = 3  # SuperExec absent this many checks in a row: restart
+
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            self._process = process = subprocess.Popen(
+                superlink_command(self.config),
+                env=flower_environment(self.config),
+                start_new_session=True,
+            )
+            reason = self._watch(process)
+            _end_tree(process.pid)
+            if self._stopping.is_set():
+                return
+            print(f"coordinator: {reason}; restarting the SuperLink", flush=True)
+            self._stopping.wait(self.CHECK_S)
+
+    def _watch(self, process: subprocess.Popen[bytes]) -> str:
+        missing = 0
+        started = time.monotonic()
+        while not self._stopping.wait(self.CHECK_S):
+            if process.poll() is not None:
+                return f"the SuperLink exited with code {process.returncode}"
+            if time.monotonic() - started < 30:
+                continue  # SuperExec starts a few seconds after the SuperLink
+            missing = 0 if _has_superexec(process.pid) else missing + 1
+            if missing >= self.MISSING_CHECKS:
+                return "the SuperLink lost its SuperExec (no run could start)"
+        return "stopped"
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def _has_superexec(pid: int) -> bool:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    return any("flower-superexec" in " ".join(_cmdline(child)) for child in children)
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _end_tree(pid: int) -> None:
+    """SIGTERM the SuperLink and everything it started; SIGKILL what is left after 15 s."""
+    try:
+        parent = psutil.Process(pid)
+        targets = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for target in targets:
+        with contextlib.suppress(psutil.Error):
+            target.terminate()
+    _, alive = psutil.wait_procs(targets, timeout=15)
+    for target in alive:
+        with contextlib.suppress(psutil.Error):
+            target.kill()
+
+
 def flwr(config: CoordinatorConfig, *args: str, timeout: float = 120) -> str:
     """Run the Flower CLI against this coordinator; its output, or a CoordinatorError."""
     result = subprocess.run(
-        [_tool("flwr"), *args],
+        [flower_command("flwr"), *args],
         env={**flower_environment(config), "NO_COLOR": "1", "COLUMNS": "200"},
         capture_output=True,
         text=True,
