@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from types import FrameType
@@ -191,12 +192,17 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _run_logs(args: argparse.Namespace) -> int:
     from fedtune.coordinator.run_registry import flower_run_id
-    from fedtune.coordinator.superlink import CONNECTION, flwr
+    from fedtune.coordinator.superlink import CONNECTION, flower_environment, flwr
+    from fedtune.platform.flower_tools import flower_command
 
     coordinator = load_coordinator_config(args.coordinator)
     flower_id = flower_run_id(coordinator, args.run_id)
-    mode = "--stream" if args.follow else "--show"
-    print(flwr(coordinator, "log", flower_id, CONNECTION, mode, timeout=24 * 3600), end="")
+    if args.follow:  # Flower streams to this terminal until the run ends
+        return subprocess.call(
+            [flower_command("flwr"), "log", flower_id, CONNECTION, "--stream"],
+            env=flower_environment(coordinator),
+        )
+    print(flwr(coordinator, "log", flower_id, CONNECTION, "--show"), end="")
     return 0
 
 
@@ -207,8 +213,7 @@ def _node_keygen(args: argparse.Namespace) -> int:
         AUTH_PUBLIC_KEY_FILE,
         generate_node_auth_key,
     )
-    from fedtune.platform.node_ledger import KEY_FILE
-    from fedtune.platform.signing import NodeKey
+    from fedtune.platform.signing import KEY_FILE, NodeKey
 
     ledger_key = args.out / KEY_FILE
     if args.new_auth_key:

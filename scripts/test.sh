@@ -7,6 +7,11 @@ bash scripts/system-deps.sh
 .venv/bin/ruff check fedtune tests benchmarks
 .venv/bin/ruff format --check fedtune tests benchmarks
 .venv/bin/mypy
+# Container files (tests/test_docker_files.py checks them too, and runs the entrypoints)
+.venv/bin/hadolint --failure-threshold warning docker/Dockerfile
+.venv/bin/shellcheck --external-sources docker/*.sh
+.venv/bin/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml \
+    docker/compose.gpu.yaml
 # The storage tests run on SQLite and on a throwaway PostgreSQL (unless one is given).
 if [ -z "${FEDTUNE_TEST_POSTGRES_URL:-}" ]; then
     FEDTUNE_TEST_POSTGRES_URL=$(bash scripts/postgres-for-tests.sh start)

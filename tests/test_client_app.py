@@ -63,15 +63,23 @@ def initial_arrays(model_dir: Path) -> dict[str, np.ndarray]:
     return adapter_arrays(attach_lora(AutoModelForCausalLM.from_pretrained(model_dir), LORA))
 
 
-def server_message(model_dir: Path, *, fingerprint: str, server_round: int = 1, kind="train"):
+def server_message(
+    model_dir: Path,
+    *,
+    fingerprint: str,
+    server_round: int = 1,
+    kind="train",
+    run_id="run-1",
+    planned_rounds=1,
+):
     instructions = TrainInstructions(
-        run_id="run-1",
+        run_id=run_id,
         base_model_fingerprint=fingerprint,
         steps=2,
         batch_size=16,
         learning_rate=0.01,
         optimizer="adamw",
-        planned_rounds=1,
+        planned_rounds=planned_rounds,
         lora=LORA,
         evaluate_local_model=True,
     )
@@ -129,7 +137,7 @@ def test_a_node_declines_a_round_past_its_privacy_plan(node, tiny_model_dir):
     second = handle_train(node, server_message(tiny_model_dir, fingerprint=fingerprint))
 
     assert "decline" in second.content.config_records
-    assert "planned rounds" in second.content.config_records["decline"]["reason"]
+    assert "already spent epsilon" in second.content.config_records["decline"]["reason"]
     assert "arrays" not in second.content.array_records
 
 
@@ -199,3 +207,19 @@ def test_a_deployed_node_sends_updates_only_through_secure_aggregation(node, tin
     assert "require_secure_aggregation" in str(reply.content.config_records["decline"]["reason"])
     assert not reply.content.array_records
     assert NodeLedger(node.node.state_dir, node="hospital").entries() == []
+
+
+def test_a_later_run_spreads_what_is_left_of_the_target_over_its_rounds(node, tiny_model_dir):
+    fingerprint = model_dir_fingerprint(tiny_model_dir)
+    first = handle_train(
+        node, server_message(tiny_model_dir, fingerprint=fingerprint, planned_rounds=2)
+    )
+    spent = first.content.config_records["privacy"]["epsilon"]
+
+    later = handle_train(
+        node, server_message(tiny_model_dir, fingerprint=fingerprint, run_id="run-2")
+    )
+
+    assert 1.0 < spent < 7.0  # the first run planned two rounds and did one
+    assert "decline" not in later.content.config_records
+    assert later.content.config_records["privacy"]["epsilon"] == pytest.approx(8.0, rel=2e-3)

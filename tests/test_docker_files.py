@@ -33,6 +33,7 @@ import sqlalchemy as sa
 import yaml
 from sqlalchemy.orm import Session
 
+from fedtune.platform.config import load_node_config, load_run_config
 from fedtune.platform.ledger_store import node_public_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ VENV_BIN = Path(sys.executable).parent
 FEDTUNE = str(VENV_BIN / "fedtune")
 SCHEMA = "vendor.compose-spec"  # the Compose specification's schema, shipped by check-jsonschema
 IMAGES = ("coordinator", "node", "node-cuda", "dashboard")  # the Dockerfile's final targets
+NODES = ("hospital", "bank")  # the nodes of docker/compose.yaml
 
 # What must never be copied into an image or set in it: keys, certificates, secrets.
 SECRET_PATH = re.compile(
@@ -262,6 +264,9 @@ def test_compose_services_volumes_secrets_and_checks_fit_together() -> None:
             assert service["build"]["target"] in stage_names, name
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: image {image}"
+        if service.get("pull_policy") == "never":
+            built = {other["image"] for other in services.values() if "build" in other}
+            assert image in built, f"{name}: nothing builds {image}"
 
 
 def test_compose_file_holds_no_secret_value() -> None:
@@ -278,6 +283,19 @@ def test_compose_file_holds_no_secret_value() -> None:
         path = (DOCKER / secret["file"]).resolve()
         assert path.parent == DOCKER / "secrets", f"secret files live in docker/secrets: {path}"
     assert "/secrets/" in (DOCKER / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_compose_configs_are_valid_and_match_the_images_paths() -> None:
+    nodes = {name: load_node_config(DOCKER / "config" / f"{name}.toml") for name in NODES}
+    run = load_run_config(DOCKER / "config" / "run.toml")
+
+    for name, config in nodes.items():
+        assert config.node.name == name
+        assert config.node.state_dir == Path("/var/lib/fedtune/node")  # the image's STATE_DIR
+        assert config.coordinator is not None
+        assert config.coordinator.address == "coordinator:9092"  # a name in the certificate
+    assert [node.name for node in run.nodes] == list(NODES)
+    assert run.output.dir.is_relative_to("/var/lib/fedtune/coordinator")  # a writable volume
 
 
 # --- the scripts at work, outside Docker ---------------------------------------------------
@@ -425,9 +443,6 @@ def stops_on_sigterm(process: subprocess.Popen[bytes], timeout_s: float = 20) ->
     return not alive
 
 
-NODES = ("hospital", "bank")
-
-
 @dataclass
 class Deployment:
     """The coordinator, two nodes and the dashboard, each started by its image's entrypoint."""
@@ -463,7 +478,7 @@ def deployment(
     enrollments.mkdir()
     made = subprocess.run([FEDTUNE, "certs", "init", "--out", str(certs)], capture_output=True)
     assert made.returncode == 0, made.stderr
-    database = {
+    database: dict[str, str | Path] = {
         "FEDTUNE_DATABASE_URL": database_url,
         "FEDTUNE_DATABASE_PASSWORD_FILE": password_file,
     }
@@ -498,6 +513,15 @@ def deployment(
             _, errors = init.communicate(timeout=120)
             assert init.returncode == 0, errors
         wait_healthy(processes, "coordinator", "coordinator", 90, FEDTUNE_PORT=str(local.port))
+        # The coordinator has migrated the database: the dashboard can open it.
+        processes.start(
+            "dashboard",
+            "entrypoint-dashboard.sh",
+            FEDTUNE_DASHBOARD_HOST="127.0.0.1",
+            FEDTUNE_DASHBOARD_PORT=str(local.dashboard_port),
+            PGPASSFILE=root / "dashboard.pgpass",
+            **database,
+        )
         for _ in range(2):  # the second time finds both enrolled and keeps them
             local.enroll_runs.append(
                 run_script(
@@ -524,14 +548,6 @@ def deployment(
                 FEDTUNE_NODE_CONFIG=toml,
                 FEDTUNE_STATE_DIR=local.state(name),
             )
-        processes.start(
-            "dashboard",
-            "entrypoint-dashboard.sh",
-            FEDTUNE_DASHBOARD_HOST="127.0.0.1",
-            FEDTUNE_DASHBOARD_PORT=str(local.dashboard_port),
-            PGPASSFILE=root / "dashboard.pgpass",
-            **database,
-        )
         for name in NODES:
             wait_healthy(processes, name, "node", 90, FEDTUNE_STATE_DIR=local.state(name))
         wait_healthy(
@@ -562,6 +578,24 @@ def test_every_service_reports_healthy(deployment: Deployment) -> None:
     ]
 
     assert [check.stdout.strip() for check in checks] == ["healthy"] * 4
+
+
+def test_nodes_connect_to_the_coordinator(deployment: Deployment) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        listed = subprocess.run(
+            [str(VENV_BIN / "flwr"), "supernode", "list", "fedtune", "--format", "json"],
+            env=script_environment(FLWR_HOME=deployment.root / "coordinator" / "flwr"),
+            capture_output=True,
+            text=True,
+        )
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        states = [node["status"] for node in json.loads(listed.stdout)["nodes"]]
+        if states == ["online", "online"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+    assert states == ["online", "online"]
 
 
 def test_enrollment_stores_the_ledger_keys_once(deployment: Deployment) -> None:

@@ -206,6 +206,13 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
             device=runtime.loaded.base.device,
             run_id=instructions.run_id,
             server_round=int(server_round) if isinstance(server_round, int) else None,
+            # The run's rounds left, this one included: a later run (or a resumed round)
+            # spreads what is left of the node's target over them.
+            remaining_rounds=(
+                instructions.planned_rounds - server_round + 1
+                if isinstance(server_round, int)
+                else None
+            ),
             progress=False,
         )
     except BudgetExhaustedError as exc:

@@ -38,6 +38,9 @@ from fedtune.platform.ledger import Checkpoint, LedgerEntry
 from fedtune.platform.node_ledger import NodeLedger
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
+# A data set that has spent this share of its target trains no more: the rest would need
+# noise that drowns the update.
+SPENT_SHARE = 0.99
 
 
 def plan_noise_multiplier(
@@ -46,22 +49,33 @@ def plan_noise_multiplier(
     history: list[HistoryEntry],
     sample_rate: float,
     steps: int,
+    remaining_rounds: int | None = None,
 ) -> float:
     """Noise for the next round so that the planned rounds end at the target epsilon.
 
     The plan is ``privacy.planned_rounds`` rounds of ``steps`` steps on this data set; rounds
-    already in ``history`` count against it. Refuses a round past the plan or the target.
+    already in ``history`` count against it. A federated run passes ``remaining_rounds`` (its
+    rounds left, this one included) instead: what is left of the target is spread over them,
+    whatever earlier runs or an interrupted round spent. Refuses a round past the plan or
+    the target.
     """
-    remaining_rounds = privacy.planned_rounds - len(history)  # one history entry per round
+    if remaining_rounds is None:
+        remaining_rounds = privacy.planned_rounds - len(history)  # one entry per round
     if privacy.noise_multiplier is not None:
         sigma = privacy.noise_multiplier
     else:
+        spent = epsilon_of(history, delta=privacy.delta, accountant=privacy.accountant)
         if remaining_rounds <= 0:
-            spent = epsilon_of(history, delta=privacy.delta, accountant=privacy.accountant)
             raise BudgetExhaustedError(
                 f"all {privacy.planned_rounds} planned rounds on this data set are done "
                 f"(epsilon {spent:.3f} of target {privacy.target_epsilon:g}); raise "
                 "privacy.planned_rounds and privacy.target_epsilon to train more"
+            )
+        if privacy.target_epsilon * SPENT_SHARE <= spent < privacy.target_epsilon:
+            raise BudgetExhaustedError(
+                f"this data set has already spent epsilon {spent:.3f} of its target "
+                f"{privacy.target_epsilon:g}: the noise a further round would need drowns it; "
+                "raise privacy.target_epsilon (within the cap) to train more"
             )
         sigma = calibrate_noise_multiplier(
             target_epsilon=privacy.target_epsilon,
@@ -103,6 +117,7 @@ def train_local_round(
     device: torch.device,
     run_id: str | None = None,
     server_round: int | None = None,
+    remaining_rounds: int | None = None,
     progress: bool = True,
 ) -> LocalRound:
     """Train the adapter of ``model`` for one round and record the round on the data set.
@@ -115,7 +130,11 @@ def train_local_round(
     dp = None
     if privacy.mode == "dp":
         sigma = plan_noise_multiplier(
-            privacy, history=history, sample_rate=sample_rate, steps=training.steps
+            privacy,
+            history=history,
+            sample_rate=sample_rate,
+            steps=training.steps,
+            remaining_rounds=remaining_rounds,
         )
         check_round(
             history,

@@ -27,10 +27,9 @@ from fedtune.platform.ledger_store import (
     ledger_entries,
     ledger_head,
 )
-from fedtune.platform.signing import NodeKey
+from fedtune.platform.signing import KEY_FILE, NodeKey
 from fedtune.platform.storage import open_database, transaction
 
-KEY_FILE = "node_key.pem"
 LEDGER_FILE = "ledger.db"
 
 

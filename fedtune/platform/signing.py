@@ -24,6 +24,9 @@ _PUBLIC_KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 
 
+KEY_FILE = "node_key.pem"  # a node's (or the coordinator's) ledger key in its state folder
+
+
 class KeyFileError(ValueError):
     """A key file or key text that cannot be used (unreadable, wrong format, wrong kind)."""
 
