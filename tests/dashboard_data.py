@@ -76,11 +76,13 @@ def epsilons_after(rounds: int) -> list[float]:
     return [epsilon_of(history[: n + 1], delta=DELTA, accountant="rdp") for n in range(rounds)]
 
 
-def build_coordinator_database(folder: Path, *, ab_tests: bool = True) -> CoordinatorData:
-    """Write the coordinator database into ``folder``; ``ab_tests=False`` leaves the A/B
-    tables empty."""
-    path = folder / "fedtune.db"
-    url = f"sqlite:///{path}"
+def build_coordinator_database(
+    folder: Path, *, ab_tests: bool = True, url: str | None = None
+) -> CoordinatorData:
+    """Write the coordinator database into ``folder`` (SQLite) or at ``url`` (an empty
+    database); ``ab_tests=False`` leaves the A/B tables empty."""
+    path = folder / "fedtune.db"  # the SQLite file, when no url is given
+    url = url or f"sqlite:///{path}"
     engine = open_database(url, create=True)
     keys = {node: NodeKey.generate() for node in DATA}
     trained = {"hospital": [1, 2, 3], "bank": [1, 2]}

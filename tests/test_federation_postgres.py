@@ -1,0 +1,38 @@
+"""A federated run (Flower's Simulation Engine) whose coordinator stores everything in
+PostgreSQL: the run, its rounds, the nodes' metrics, epsilon reports and ledger copies."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from conftest import tiny_run_toml
+from fedtune.client_node.demo_data import write_demo_data
+from fedtune.platform.config import load_run_config
+from fedtune.platform.ledger_store import ledger_entries
+from fedtune.platform.storage import EpsilonReport, Round, Run, open_database, transaction
+from fedtune.simulation import simulate
+
+
+def test_a_simulated_run_is_recorded_in_postgresql(tmp_path, tiny_model_dir, postgres_url):
+    for domain in ("hospital", "bank"):
+        write_demo_data(tmp_path / "data", domain=domain, train=48, held_out=6)
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(
+        tiny_run_toml(tiny_model_dir, nodes=[{"name": "hospital"}, {"name": "bank"}])
+        + f'database = "{postgres_url}"\n'
+    )
+    config = load_run_config(run_toml)
+
+    run_id = simulate(config, progress=lambda line: None)
+
+    assert config.database_url.startswith("postgresql+psycopg://")
+    with transaction(open_database(config.database_url)) as session:
+        run = session.get(Run, run_id)
+        assert run is not None and run.status == "finished"
+        assert run.started_at.tzinfo is not None  # stored and read back as UTC
+        rounds = session.scalars(select(Round).where(Round.run_id == run_id)).all()
+        assert [(r.number, r.updates_accepted) for r in rounds] == [(1, 2), (2, 2)]
+        reports = session.scalars(select(EpsilonReport).where(EpsilonReport.run_id == run_id))
+        assert sorted(r.node_name for r in reports) == ["bank", "bank", "hospital", "hospital"]
+        for node in ("hospital", "bank"):
+            assert [e.round for e in ledger_entries(session, node)] == [1, 2]
