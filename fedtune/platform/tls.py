@@ -235,14 +235,19 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _load_certificate(path: Path, problems: list[str]) -> x509.Certificate | None:
+def _read(path: Path, problems: list[str]) -> bytes | None:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         problems.append(f"{path} is missing")
-        return None
     except OSError as error:
         problems.append(f"{path} cannot be read ({error.strerror})")
+    return None
+
+
+def _load_certificate(path: Path, problems: list[str]) -> x509.Certificate | None:
+    data = _read(path, problems)
+    if data is None:
         return None
     try:
         return x509.load_pem_x509_certificate(data)
@@ -252,13 +257,8 @@ def _load_certificate(path: Path, problems: list[str]) -> x509.Certificate | Non
 
 
 def _load_private_key(path: Path, problems: list[str]) -> PrivateKeyTypes | None:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        problems.append(f"{path} is missing")
-        return None
-    except OSError as error:
-        problems.append(f"{path} cannot be read ({error.strerror})")
+    data = _read(path, problems)
+    if data is None:
         return None
     try:
         return serialization.load_pem_private_key(data, password=None)
