@@ -8,10 +8,11 @@ import json
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
 
 from fedtune.coordinator.superlink import SUBMISSION_FILE, CoordinatorError
 from fedtune.platform.config import CoordinatorConfig, RunConfig
-from fedtune.platform.storage import Round, Run, open_database, transaction
+from fedtune.platform.storage import Round, Run, database_url, open_database, transaction
 
 
 def _submissions(config: CoordinatorConfig) -> list[dict[str, Any]]:
@@ -32,7 +33,7 @@ def flower_run_id(config: CoordinatorConfig, run_id: str) -> str:
 
 def run_statuses(config: CoordinatorConfig, *, run_id: str | None = None) -> list[dict[str, Any]]:
     """Every run (or ``run_id``), newest first: status, rounds done, error."""
-    with transaction(open_database(config.database_url)) as session:
+    with transaction(_existing_database(config)) as session:
         query = select(Run).order_by(Run.started_at.desc())
         if run_id is not None:
             query = query.where(Run.id == run_id)
@@ -74,10 +75,16 @@ def run_statuses(config: CoordinatorConfig, *, run_id: str | None = None) -> lis
 
 def stored_run_config(config: CoordinatorConfig, run_id: str) -> RunConfig:
     """The configuration ``run_id`` was started with, to resume it."""
-    with transaction(open_database(config.database_url)) as session:
+    with transaction(_existing_database(config)) as session:
         run = session.get(Run, run_id)
         if run is None:
             raise CoordinatorError(f"no run {run_id} in {config.database_url}")
         if run.status == "finished":
             raise CoordinatorError(f"run {run_id} has finished; there is nothing to resume")
         return RunConfig.model_validate(run.config)
+
+
+def _existing_database(config: CoordinatorConfig) -> Engine:
+    """The coordinator's database, which `fedtune coordinator start` made; reading never
+    creates one."""
+    return open_database(database_url(config.database_url, must_exist=True), create=False)
