@@ -86,6 +86,7 @@ def encrypt_file(src: Path, dst: Path, key: bytes, *, associated_data: bytes) ->
     ``dst`` is written atomically (it is either the whole encrypted file or untouched) with
     mode 0600.
     """
+    _aead(key)  # a wrong key is refused before anything is read
     encrypt_bytes(Path(src).read_bytes(), Path(dst), key, associated_data=associated_data)
 
 
