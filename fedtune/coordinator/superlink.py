@@ -10,7 +10,6 @@ components are fedtune's installed ServerApp and ClientApp.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import threading
@@ -23,6 +22,7 @@ import psutil
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
 from fedtune.platform.config import CoordinatorConfig, RunConfig
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.processes import end_process_tree
 from fedtune.platform.tls import CertificatePaths, check_certificates
 
 CONNECTION = "fedtune"
@@ -83,21 +83,6 @@ def prepare(config: CoordinatorConfig) -> None:
     )
 
 
-def start_superlink(
-    config: CoordinatorConfig, *, log: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """Start the SuperLink in the background (its output goes to ``log``)."""
-    prepare(config)
-    output = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        superlink_command(config),
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        env=flower_environment(config),
-        start_new_session=True,  # its ServerApp processes stop with it
-    )
-
-
 def flower_environment(config: CoordinatorConfig) -> dict[str, str]:
     """The SuperLink starts further Flower commands by name: they must be on PATH."""
     return {**tool_path_environment(), "FLWR_HOME": str(flwr_home(config))}
@@ -124,7 +109,7 @@ class SuperLinkSupervisor:
                 start_new_session=True,
             )
             reason = self._watch(process)
-            _end_tree(process.pid)
+            end_process_tree(process.pid)
             if self._stopping.is_set():
                 return
             print(f"coordinator: {reason}; restarting the SuperLink", flush=True)
@@ -160,22 +145,6 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except psutil.Error:
         return []
-
-
-def _end_tree(pid: int) -> None:
-    """SIGTERM the SuperLink and everything it started; SIGKILL what is left after 15 s."""
-    try:
-        parent = psutil.Process(pid)
-        targets = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for target in targets:
-        with contextlib.suppress(psutil.Error):
-            target.terminate()
-    _, alive = psutil.wait_procs(targets, timeout=15)
-    for target in alive:
-        with contextlib.suppress(psutil.Error):
-            target.kill()
 
 
 def flwr(config: CoordinatorConfig, *args: str, timeout: float = 120) -> str:
