@@ -8,7 +8,6 @@ ends every one of them (SIGTERM, then SIGKILL after a grace period).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -20,19 +19,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
+from sqlalchemy import select
 
+from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE
 from fedtune.coordinator.enrollment import ENROLLMENT_FILE, enroll_node
 from fedtune.coordinator.run_summary import format_summary, run_summary
-from fedtune.coordinator.superlink import deployment_job, submit_run
+from fedtune.coordinator.superlink import deployment_job, submit_run, superlink_command
 from fedtune.demo import DEMO_NODES, prepare_demo_folder
 from fedtune.platform.config import (
     CoordinatorConfig,
+    RunConfig,
     load_coordinator_config,
     load_run_config,
 )
 from fedtune.platform.encryption import generate_key_file
-from fedtune.platform.storage import Run, open_database, transaction
+from fedtune.platform.ledger_store import LedgerEntryRow
+from fedtune.platform.processes import end_process_tree
+from fedtune.platform.storage import EpsilonReport, Run, open_database, transaction
 from fedtune.platform.tls import init_certificates
 
 
@@ -201,35 +204,15 @@ class LocalDeployment:
     def kill(self, name: str, *, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to process ``name`` and everything it started."""
         process = self.processes.pop(name)
-        targets = _tree(process.pid)
-        for target in targets:
-            with contextlib.suppress(psutil.Error):
-                target.send_signal(sig)
-        psutil.wait_procs(targets, timeout=15)
+        end_process_tree(process.pid, first=sig)
         process.wait(timeout=5)
 
     def stop(self) -> None:
         """End every process this deployment started (nodes first)."""
         for name in sorted(self.processes, key=lambda n: n == "coordinator"):
-            process = self.processes[name]
-            targets = _tree(process.pid)
-            for target in targets:
-                with contextlib.suppress(psutil.Error):
-                    target.terminate()
-            _, alive = psutil.wait_procs(targets, timeout=15)
-            for target in alive:
-                with contextlib.suppress(psutil.Error):
-                    target.kill()
-            process.wait(timeout=10)
+            end_process_tree(self.processes[name].pid)
+            self.processes[name].wait(timeout=10)
         self.processes.clear()
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        parent = psutil.Process(pid)
-        return [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
 
 
 _DEMO_NODE_TOML = """\
@@ -280,14 +263,42 @@ name = "bank"
 dir = "coordinator/run"
 """
 
-PROTECTIONS = {
-    "tls": "TLS between every node and the coordinator (consortium CA)",
-    "node_authentication": "SuperNode authentication with enrolled ECDSA P-384 keys",
-    "secure_aggregation": "Flower SecAgg+: the coordinator sees only masked updates and the mean",
-    "differential_privacy": "DP-SGD (Opacus) at each node, epsilon 8, delta 1e-5",
-    "signed_ledger": "each node's epsilon ledger, hash-chained and Ed25519-signed",
-    "checkpoint_encryption": "global adapters encrypted at rest (AES-256-GCM)",
-}
+
+def protections_of(coordinator: CoordinatorConfig, run_id: str) -> dict[str, str]:
+    """The protections run ``run_id`` had, read from what the coordinator ran and stored."""
+    protections = {
+        "tls": f"TLS to the coordinator, certificates of the CA {coordinator.tls.ca_certificate}",
+    }
+    if "--enable-supernode-auth" in superlink_command(coordinator):
+        protections["node_authentication"] = "only SuperNodes with enrolled ECDSA P-384 keys"
+    with transaction(open_database(coordinator.database_url)) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            return protections
+        config = RunConfig.model_validate(run.config)
+        reports = session.scalars(
+            select(EpsilonReport)
+            .where(EpsilonReport.run_id == run_id)
+            .order_by(EpsilonReport.round)
+        )
+        epsilons = {r.node_name: r.epsilon for r in reports if r.mode == "dp"}
+        copies = session.scalars(
+            select(LedgerEntryRow.id).where(LedgerEntryRow.run_id == run_id)
+        ).all()
+    if config.aggregation.secure:
+        protections["secure_aggregation"] = "Flower SecAgg+: only masked updates and their mean"
+    if config.aggregation.node_dp is not None:
+        protections["node_level_dp"] = "clipped updates, noise on the mean, coordinator's ledger"
+    if epsilons:
+        protections["differential_privacy"] = "DP-SGD at " + ", ".join(
+            f"{node} (epsilon {eps:.2f})" for node, eps in sorted(epsilons.items()) if eps
+        )
+    if copies:
+        protections["signed_ledger"] = f"{len(copies)} signed ledger entries verified and kept"
+    adapters = config.output.dir / "adapters"
+    if any(adapters.glob(f"round-*/{ENCRYPTED_WEIGHTS_FILE}")):
+        protections["checkpoint_encryption"] = "global adapters encrypted at rest (AES-256-GCM)"
+    return protections
 
 
 def run_deployment_demo(
@@ -328,15 +339,16 @@ def run_deployment_demo(
                 error = run.error if run is not None else "unknown"
             raise RuntimeError(f"run {run_id} {status}: {error}; logs in {workdir / 'logs'}")
     summary = run_summary(engine, run_id)
+    protections = protections_of(config, run_id)
     summary["deployment"] = {
         "coordinator": config.address,
         "nodes": list(DEMO_NODES),
-        "protections": PROTECTIONS,
+        "protections": protections,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     progress(format_summary(summary))
     progress(
-        "protections on: " + "; ".join(PROTECTIONS.values()) + "\n"
+        "protections on: " + "; ".join(protections.values()) + "\n"
         f"coordinator database {config.database_url}; logs {workdir / 'logs'}; summary "
         f"{workdir / 'summary.json'}\n"
         f"see it all: `fedtune dashboard --db {config.database_url}`"

@@ -23,7 +23,7 @@ from fedtune.cli import main
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE, WEIGHTS_FILE, checkpoint_weights
 from fedtune.coordinator.superlink import CONNECTION, flwr
-from fedtune.local_deployment import LocalDeployment, fedtune_command
+from fedtune.local_deployment import LocalDeployment, fedtune_command, protections_of
 from fedtune.platform.encryption import load_key
 from fedtune.platform.ledger_store import ledger_entries
 from fedtune.platform.node_ledger import LEDGER_FILE, NodeLedger
@@ -154,6 +154,15 @@ def test_secure_run_over_tls_with_enrolled_nodes_completes(deployment, tiny_mode
     assert status == "finished"
     rounds = rounds_of(deployment, run_id)
     assert rounds == [(1, 3, 3), (2, 3, 3)]
+    protections = protections_of(deployment.coordinator, run_id)
+    assert sorted(protections) == [
+        "checkpoint_encryption",
+        "differential_privacy",
+        "node_authentication",
+        "secure_aggregation",
+        "signed_ledger",
+        "tls",
+    ]
     folder = deployment.workdir / "runs/secure/adapters/round-2"
     assert (folder / ENCRYPTED_WEIGHTS_FILE).is_file()
     assert not (folder / WEIGHTS_FILE).exists()  # never in the clear at rest
