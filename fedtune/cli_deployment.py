@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,7 +40,9 @@ def add_commands(commands: Any, node: Any) -> None:
         "coordinator", help="the consortium's coordinator (Flower SuperLink)"
     ).add_subparsers(title="coordinator commands")
     start = coordinator.add_parser(
-        "start", help="run the SuperLink with TLS and node authentication (foreground)"
+        "start",
+        help="run the gateway (nginx, the public address), the SuperLink (127.0.0.1) and its "
+        "SuperExec (foreground)",
     )
     start.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
     start.set_defaults(handler=_coordinator_start)
@@ -107,18 +111,19 @@ def _certs_init(args: argparse.Namespace) -> int:
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
-    from fedtune.coordinator.superlink import SuperLinkSupervisor, prepare
+    from fedtune.coordinator.superlink import CoordinatorSupervisor, prepare
     from fedtune.platform.storage import open_database
 
+    os.umask(0o077)  # state, databases, logs: the coordinator's account only
     config = load_coordinator_config(args.config)
     prepare(config)
     open_database(config.database_url).dispose()  # created/migrated before any run
     print(
-        f"coordinator listening on {config.coordinator.host}:{config.coordinator.port} "
-        f"(TLS, node authentication); database {config.database_url}",
+        f"coordinator: nodes connect to {config.coordinator.host}:{config.coordinator.port} "
+        f"(gateway: TLS, Fleet API only, node authentication); database {config.database_url}",
         flush=True,
     )
-    supervisor = SuperLinkSupervisor(config)
+    supervisor = CoordinatorSupervisor(config, say=partial(print, flush=True))
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         supervisor.stop()

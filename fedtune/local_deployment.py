@@ -23,6 +23,12 @@ from sqlalchemy import select
 
 from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE
 from fedtune.coordinator.enrollment import ENROLLMENT_FILE, enroll_node
+from fedtune.coordinator.gateway import (
+    FLEET_PATHS,
+    GatewayError,
+    gateway_folder,
+    wait_until_healthy,
+)
 from fedtune.coordinator.run_summary import format_summary, run_summary
 from fedtune.coordinator.superlink import deployment_job, submit_run, superlink_command
 from fedtune.demo import DEMO_NODES, prepare_demo_folder
@@ -81,6 +87,7 @@ class LocalDeployment:
             'state_dir = "coordinator"\n'
             'host = "127.0.0.1"\n'
             f"port = {free_port()}\n"
+            f"superlink_port = {free_port()}\n"
             f"{key_line}\n"
             "[tls]\n"
             f'ca_certificate = "{certs.ca_cert.relative_to(self.workdir)}"\n'
@@ -90,20 +97,20 @@ class LocalDeployment:
         )
         return self.coordinator
 
-    def start_coordinator(self, *, timeout_s: float = 60) -> None:
+    def start_coordinator(self, *, timeout_s: float = 90) -> None:
+        """Start `fedtune coordinator start`; return when its gateway answers."""
         config = self.coordinator
         self._start("coordinator", "coordinator", "start", "--config", str(self.coordinator_toml))
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                socket.create_connection(("127.0.0.1", config.coordinator.port), 1).close()
+                wait_until_healthy(config, timeout_s=1)
                 return
-            except OSError:
+            except GatewayError:
                 if self.processes["coordinator"].poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"the coordinator did not start; see {self.log('coordinator')}"
                     ) from None
-                time.sleep(0.3)
 
     def add_node(self, name: str, *, node_toml_body: str) -> Path:
         """Keys for node ``name`` and its node.toml (``node_toml_body``: the sections other
@@ -120,7 +127,7 @@ class LocalDeployment:
             f'[node]\nname = "{name}"\nstate_dir = "state"\n\n'
             f"{node_toml_body.strip()}\n\n"
             "[coordinator]\n"
-            f'address = "{config.address}"\n'
+            f'address = "{config.public_address}"\n'
             f"root_certificates = {json.dumps(str(config.tls.ca_certificate))}\n"
             'auth_key = "state/auth_key"\n',
             encoding="utf-8",
@@ -269,8 +276,16 @@ def protections_of(coordinator: CoordinatorConfig, run_id: str) -> dict[str, str
     protections = {
         "tls": f"TLS to the coordinator, certificates of the CA {coordinator.tls.ca_certificate}",
     }
-    if "--enable-supernode-auth" in superlink_command(coordinator):
+    command = superlink_command(coordinator)
+    if "--enable-supernode-auth" in command:
         protections["node_authentication"] = "only SuperNodes with enrolled ECDSA P-384 keys"
+    gateway_conf = gateway_folder(coordinator) / "nginx.conf"
+    if command[command.index("--host") + 1] == "127.0.0.1" and gateway_conf.is_file():
+        forwarded = sum(f"location = {path} " in gateway_conf.read_text() for path in FLEET_PATHS)
+        protections["gateway"] = (
+            f"nginx at {coordinator.public_address} forwards the Fleet API only ({forwarded} "
+            "paths), refuses replayed node logins; the SuperLink listens on 127.0.0.1"
+        )
     with transaction(open_database(coordinator.database_url)) as session:
         run = session.get(Run, run_id)
         if run is None:
@@ -341,7 +356,7 @@ def run_deployment_demo(
     summary = run_summary(engine, run_id)
     protections = protections_of(config, run_id)
     summary["deployment"] = {
-        "coordinator": config.address,
+        "coordinator": config.public_address,
         "nodes": list(DEMO_NODES),
         "protections": protections,
     }

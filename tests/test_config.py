@@ -104,7 +104,30 @@ def test_the_documented_example_coordinator_config_is_valid():
     assert (
         config.database_url.startswith("sqlite:///") and "coordinator-state" in config.database_url
     )
-    assert config.address == "127.0.0.1:9092"  # what local tools dial when it listens on 0.0.0.0
+    assert config.public_address == "127.0.0.1:9092"  # what local nodes dial on 0.0.0.0
+    assert config.superlink_address == "127.0.0.1:9093"  # the SuperLink never leaves loopback
+
+
+def test_a_superlink_port_equal_to_the_gateway_port_is_refused(tmp_path):
+    path = tmp_path / "coordinator.toml"
+    path.write_text(
+        "[coordinator]\nport = 9092\nsuperlink_port = 9092\n"
+        '[tls]\nca_certificate = "ca.pem"\ncertificate = "s.pem"\nprivate_key = "s.key"\n'
+    )
+
+    with pytest.raises(ConfigError, match=r"coordinator\.toml: coordinator: .*superlink_port"):
+        load_coordinator_config(path)
+
+
+def test_a_coordinator_config_cannot_name_a_superlink_host(tmp_path):
+    path = tmp_path / "coordinator.toml"
+    path.write_text(
+        '[coordinator]\nsuperlink_host = "0.0.0.0"\n'
+        '[tls]\nca_certificate = "ca.pem"\ncertificate = "s.pem"\nprivate_key = "s.key"\n'
+    )
+
+    with pytest.raises(ConfigError, match=r"coordinator\.superlink_host: Extra inputs"):
+        load_coordinator_config(path)
 
 
 def test_a_coordinator_config_without_tls_names_the_missing_section(tmp_path):

@@ -143,17 +143,21 @@ def test_certificates_have_the_required_extensions(certs: CertificatePaths) -> N
     assert public_key.curve.name == "secp384r1"
 
 
-def test_every_host_becomes_a_subject_alternative_name(tmp_path: Path) -> None:
+def test_every_host_becomes_a_subject_alternative_name_beside_the_superlink_s(
+    tmp_path: Path,
+) -> None:
     paths = init_certificates(
         tmp_path, hosts=["coordinator.example.org", "10.0.0.5", "::1"], days=30
     )
 
     server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
+    # localhost and 127.0.0.1: where the gateway and Flower's tools reach the SuperLink
+    assert san.get_values_for_type(x509.DNSName) == ["coordinator.example.org", "localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("10.0.0.5"),
         ipaddress.ip_address("::1"),
+        ipaddress.ip_address("127.0.0.1"),
     ]
     assert server.not_valid_after_utc - server.not_valid_before_utc < dt.timedelta(days=31)
 

@@ -1,32 +1,41 @@
-"""The coordinator's Flower processes: its SuperLink (TLS, SuperNode authentication) and the
-Flower CLI that enrolls nodes and submits runs to it.
+"""The coordinator's Flower processes: its SuperLink (TLS, SuperNode authentication, on
+127.0.0.1 only), the SuperExec that starts its ServerApps, the gateway (nginx) that holds the
+public address, and the Flower CLI that enrolls nodes and submits runs on this host.
 
 The SuperLink keeps its state in ``STATE_DIR/superlink.db``, so enrolled nodes survive a
 restart. The Flower CLI's configuration lives in ``STATE_DIR/flwr`` (``FLWR_HOME``) with one
-connection, ``fedtune``. A run is submitted as a small Flower app folder whose run config holds
-the run's whole definition (:class:`~fedtune.coordinator.deployment.DeploymentJob`); its
-components are fedtune's installed ServerApp and ClientApp.
+connection, ``fedtune``, to 127.0.0.1. A run is submitted as a small Flower app folder whose run
+config holds the run's whole definition (:class:`~fedtune.coordinator.deployment.DeploymentJob`);
+its components are fedtune's installed ServerApp and ClientApp.
+
+The state folder is 0700 and what the coordinator writes there 0600 (its databases hold node
+keys, run definitions and per-node metrics).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
-
+from fedtune.coordinator import gateway
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
 from fedtune.platform.config import CoordinatorConfig, RunConfig
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
 from fedtune.platform.processes import end_process_tree
-from fedtune.platform.tls import CertificatePaths, check_certificates
+from fedtune.platform.tls import SUPERLINK_HOSTS, CertificatePaths, check_certificates
 
 CONNECTION = "fedtune"
 SUBMISSION_FILE = "submission.json"  # in a run's app folder: its Flower run id
+SUPEREXEC_SECRET_FILE = "superexec.secret"
 SERVER_APP = "fedtune.coordinator.deployed_app:app"
 CLIENT_APP = "fedtune.client_node.deployed_app:app"
 
@@ -37,6 +46,10 @@ class CoordinatorError(RuntimeError):
 
 def flwr_home(config: CoordinatorConfig) -> Path:
     return config.coordinator.state_dir / "flwr"
+
+
+def superexec_secret(config: CoordinatorConfig) -> Path:
+    return config.coordinator.state_dir / SUPEREXEC_SECRET_FILE
 
 
 def superlink_command(config: CoordinatorConfig) -> list[str]:
@@ -51,36 +64,74 @@ def superlink_command(config: CoordinatorConfig) -> list[str]:
         str(tls.private_key),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",  # fedtune is installed; no network
+        # ServerApps are started by fedtune's SuperExec, which must hold this secret to
+        # acquire a task (in subprocess isolation anyone could).
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(superexec_secret(config)),
         "--database",
         str(config.coordinator.state_dir / "superlink.db"),
         "--host",
-        config.coordinator.host,
+        "127.0.0.1",  # never public: the gateway forwards the Fleet API only
         "--port",
-        str(config.coordinator.port),
+        str(config.coordinator.superlink_port),
+    ]
+
+
+def superexec_command(config: CoordinatorConfig, *, superlink_pid: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "fedtune.coordinator.superexec",
+        "--runtime-api-address",
+        config.superlink_address,
+        "--root-certificates",
+        str(config.tls.ca_certificate),
+        "--superexec-auth-secret-file",
+        str(superexec_secret(config)),
+        "--parent-pid",
+        str(superlink_pid),
     ]
 
 
 def prepare(config: CoordinatorConfig) -> None:
-    """Check the TLS files and write the Flower CLI's connection to this SuperLink."""
+    """Check the TLS files, make the state folder private, write the Flower CLI's connection
+    to the SuperLink, the SuperExec secret and the gateway's configuration."""
     paths = CertificatePaths(
         ca_cert=config.tls.ca_certificate,
         ca_key=config.tls.ca_certificate.with_name("ca.key"),
         server_cert=config.tls.certificate,
         server_key=config.tls.private_key,
     )
-    host = config.address.rsplit(":", 1)[0]
-    problems = check_certificates(paths, hosts=[host])
+    public_host = config.public_address.rsplit(":", 1)[0]
+    problems = check_certificates(paths, hosts=sorted({*SUPERLINK_HOSTS, public_host}))
     if problems:
         raise CoordinatorError("TLS files are not usable:\n  " + "\n  ".join(problems))
+    state = config.coordinator.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)
+    for name in ("fedtune.db", "superlink.db"):
+        if (state / name).exists():
+            (state / name).chmod(0o600)
     home = flwr_home(config)
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f"[superlink.{CONNECTION}]\n"
-        f'address = "{config.address}"\n'
+        f'address = "{config.superlink_address}"\n'
         f"root-certificates = {json.dumps(str(config.tls.ca_certificate))}\n",
         encoding="utf-8",
     )
+    secret = superexec_secret(config)
+    if not secret.exists():
+        descriptor = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(secrets.token_bytes(32))
+    try:
+        gateway.write_config(config)
+    except gateway.GatewayError as exc:
+        raise CoordinatorError(str(exc)) from None
 
 
 def flower_environment(config: CoordinatorConfig) -> dict[str, str]:
@@ -88,63 +139,91 @@ def flower_environment(config: CoordinatorConfig) -> dict[str, str]:
     return {**tool_path_environment(), "FLWR_HOME": str(flwr_home(config))}
 
 
-class SuperLinkSupervisor:
-    """Runs the SuperLink in the foreground and restarts it when it exits or loses the
-    SuperExec that starts ServerApps (seen under heavy load with its SQLite state: "database
-    is locked", then no run ever starts). Runs in progress then need `fedtune run resume`."""
+class CoordinatorSupervisor:
+    """Runs the SuperLink, fedtune's SuperExec and the gateway in the foreground, and restarts
+    all three when one of them exits (the SuperLink has been seen to lose its SuperExec under
+    heavy load with its SQLite state: "database is locked"). Runs in progress then need
+    `fedtune run resume`."""
 
-    CHECK_S = 5.0
-    MISSING_CHECKS = 3  # SuperExec absent this many checks in a row: restart
+    CHECK_S = 2.0
+    START_TIMEOUT_S = 60.0
 
-    def __init__(self, config: CoordinatorConfig):
+    def __init__(self, config: CoordinatorConfig, *, say: Callable[[str], None] = print):
         self.config = config
+        self.say = say
         self._stopping = threading.Event()
-        self._process: subprocess.Popen[bytes] | None = None
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def run(self) -> None:
         while not self._stopping.is_set():
-            self._process = process = subprocess.Popen(
-                superlink_command(self.config),
-                env=flower_environment(self.config),
-                start_new_session=True,
-            )
-            reason = self._watch(process)
-            end_process_tree(process.pid)
+            try:
+                self._start_all()
+                reason = self._watch()
+            except CoordinatorError as exc:
+                reason = str(exc)
+            self._end_all()
             if self._stopping.is_set():
                 return
-            print(f"coordinator: {reason}; restarting the SuperLink", flush=True)
+            self.say(f"coordinator: {reason}; restarting")
             self._stopping.wait(self.CHECK_S)
 
-    def _watch(self, process: subprocess.Popen[bytes]) -> str:
-        missing = 0
-        started = time.monotonic()
+    def _start_all(self) -> None:
+        config = self.config
+        environment = flower_environment(config)
+        superlink = self._start("SuperLink", superlink_command(config), environment)
+        _wait_for_port(config.coordinator.superlink_port, superlink, self.START_TIMEOUT_S)
+        self._start(
+            "SuperExec", superexec_command(config, superlink_pid=superlink.pid), environment
+        )
+        self._start("gateway", gateway.gateway_command(config), environment)
+        try:
+            gateway.wait_until_healthy(config, timeout_s=self.START_TIMEOUT_S)
+        except gateway.GatewayError as exc:
+            raise CoordinatorError(str(exc)) from None
+        self.say(
+            f"coordinator: gateway on {config.coordinator.host}:{config.coordinator.port} "
+            f"(Fleet API only), SuperLink on {config.superlink_address}"
+        )
+
+    def _start(
+        self, name: str, command: list[str], environment: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, env=environment, start_new_session=True)
+        self._processes[name] = process
+        return process
+
+    def _watch(self) -> str:
         while not self._stopping.wait(self.CHECK_S):
-            if process.poll() is not None:
-                return f"the SuperLink exited with code {process.returncode}"
-            if time.monotonic() - started < 30:
-                continue  # SuperExec starts a few seconds after the SuperLink
-            missing = 0 if _has_superexec(process.pid) else missing + 1
-            if missing >= self.MISSING_CHECKS:
-                return "the SuperLink lost its SuperExec (no run could start)"
+            for name, process in self._processes.items():
+                if process.poll() is not None:
+                    return f"the {name} exited with code {process.returncode}"
         return "stopped"
+
+    def _end_all(self) -> None:
+        for process in reversed(list(self._processes.values())):
+            end_process_tree(process.pid)
+            process.wait(timeout=30)
+        self._processes.clear()
 
     def stop(self) -> None:
         self._stopping.set()
 
 
-def _has_superexec(pid: int) -> bool:
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return False
-    return any("flower-superexec" in " ".join(_cmdline(child)) for child in children)
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            if process.poll() is not None:
+                raise CoordinatorError(
+                    f"the SuperLink exited with code {process.returncode} (is port {port} "
+                    "in use? coordinator.superlink_port)"
+                ) from None
+            if time.monotonic() > deadline:
+                raise CoordinatorError(f"the SuperLink does not listen on port {port}") from None
+            time.sleep(0.3)
 
 
 def flwr(config: CoordinatorConfig, *args: str, timeout: float = 120) -> str:

@@ -407,17 +407,27 @@ class RunConfig(_Section):
 
 
 class CoordinatorSettings(_Section):
-    """Where the coordinator keeps its state and where its SuperLink listens."""
+    """Where the coordinator keeps its state, where its gateway listens for nodes, and the
+    SuperLink's own port, which never leaves 127.0.0.1."""
 
     state_dir: Path = Field(
         default=Path("coordinator-state"),
-        description="Flower's state (superlink.db), its CLI configuration, submitted run apps "
-        "and logs; default database too.",
+        description="Flower's state (superlink.db), its CLI configuration, the gateway's "
+        "configuration and logs, submitted run apps; default database too.",
     )
     host: str = Field(
-        default="127.0.0.1", description="Listen address; 0.0.0.0 to accept remote nodes."
+        default="127.0.0.1",
+        description="The gateway's listen address (the coordinator's public address); "
+        "0.0.0.0 to accept remote nodes.",
     )
-    port: Annotated[int, Field(gt=0, lt=65536)] = 9092
+    port: Annotated[int, Field(gt=0, lt=65536)] = Field(
+        default=9092, description="The gateway's port: nodes connect here."
+    )
+    superlink_port: Annotated[int, Field(gt=0, lt=65536)] = Field(
+        default=9093,
+        description="The SuperLink's port on 127.0.0.1 (Fleet, Control and Runtime APIs): "
+        "admin tools use it on this host; nodes reach only its Fleet API, through the gateway.",
+    )
     database: str | None = Field(
         default=None, description="SQLAlchemy URL; default: sqlite:///STATE_DIR/fedtune.db."
     )
@@ -425,6 +435,31 @@ class CoordinatorSettings(_Section):
         default=None,
         description="Encrypt global adapter checkpoints at rest with this AES-256 key "
         "(`fedtune coordinator encryption-key --out FILE`).",
+    )
+
+    @model_validator(mode="after")
+    def _superlink_apart(self) -> Self:
+        if self.superlink_port == self.port:
+            raise ValueError(
+                f"superlink_port ({self.superlink_port}) must differ from port: the gateway "
+                "listens on port, the SuperLink (127.0.0.1 only) on superlink_port"
+            )
+        return self
+
+
+class GatewaySettings(_Section):
+    """The reverse proxy (nginx) at the coordinator's public address: it forwards the Fleet
+    API's paths only and refuses a node-authentication header set it has already seen."""
+
+    nginx: str = Field(default="nginx", description="The nginx command (Debian's package).")
+    modules_dir: Path = Field(
+        default=Path("/usr/lib/nginx/modules"),
+        description="Where nginx's dynamic modules are: ndk_http_module.so and "
+        "ngx_http_lua_module.so (Debian's libnginx-mod-http-lua).",
+    )
+    max_body_mb: Annotated[int, Field(ge=8, le=1024)] = Field(
+        default=64,
+        description="Largest request body in MiB; above Flower's 5 MiB array chunks.",
     )
 
 
@@ -440,6 +475,7 @@ class CoordinatorConfig(_Section):
     """Everything `fedtune coordinator start|enroll` and `fedtune run ...` need."""
 
     coordinator: CoordinatorSettings = CoordinatorSettings()
+    gateway: GatewaySettings = GatewaySettings()
     tls: TlsSettings
 
     @property
@@ -449,10 +485,17 @@ class CoordinatorConfig(_Section):
         )
 
     @property
-    def address(self) -> str:
-        """Where local tools (the Flower CLI, the ServerApp) reach the SuperLink."""
+    def public_address(self) -> str:
+        """The gateway: where nodes connect (from this host when it listens on all
+        addresses)."""
         host = self.coordinator.host
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.coordinator.port}"
+
+    @property
+    def superlink_address(self) -> str:
+        """Where tools on the coordinator host (the Flower CLI, SuperExec) reach the
+        SuperLink."""
+        return f"127.0.0.1:{self.coordinator.superlink_port}"
 
 
 def _resolve(base: Path, value: Path | None) -> Path | None:

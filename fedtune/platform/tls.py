@@ -70,6 +70,10 @@ class CertificatePaths:
         )
 
 
+# The SuperLink listens on 127.0.0.1; Flower's tools dial the address, nginx the name.
+SUPERLINK_HOSTS = ("127.0.0.1", "localhost")
+
+
 def init_certificates(
     out_dir: Path,
     *,
@@ -79,7 +83,10 @@ def init_certificates(
     """Create a CA and a server certificate for ``hosts`` signed by it, in ``out_dir``.
 
     ``hosts`` are the names and IP addresses nodes use to reach the coordinator; each becomes
-    a SubjectAlternativeName (IP addresses as IPAddress, names as DNSName). Raises
+    a SubjectAlternativeName (IP addresses as IPAddress, names as DNSName), and so do
+    127.0.0.1 and localhost always: the SuperLink behind the gateway serves the same
+    certificate on 127.0.0.1, where Flower's SuperExec and CLI dial it by address and the
+    gateway (nginx checks DNS names only) by the name localhost. Raises
     ``FileExistsError`` naming the file when any of the four files exists (nothing is
     written then), and ``ValueError`` for an empty host list, a malformed host or
     ``days < 1``.
@@ -87,6 +94,7 @@ def init_certificates(
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
     names = _parse_hosts(hosts)
+    names += [name for name in _parse_hosts(SUPERLINK_HOSTS) if name not in names]
     paths = CertificatePaths.in_dir(out_dir)
     for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key):
         if path.exists():
