@@ -4,7 +4,9 @@ sent per node.
 Each node count gets a fresh deployment on 127.0.0.1, built the way fedtune's coordinator is
 (``fedtune.coordinator.superlink``): a private CA and server certificate
 (``fedtune.platform.tls.init_certificates``), a SuperLink with TLS and SuperNode
-authentication (``superlink_command``; by default without its ``--database``, see
+authentication on 127.0.0.1 (``superlink_command``, with fedtune's SuperExec
+``superexec_command``; the nodes connect to it directly, not through the gateway; by default
+without its ``--database``, see
 ``--superlink-state``: on this loaded machine the SQLite state answered a node's object push
 and the SuperLink's executor with "database is locked", stalling a round for minutes and
 ending the executor, after which no run started), one ECDSA key per node
@@ -76,6 +78,7 @@ from fedtune.coordinator.superlink import (
     flower_environment,
     flwr,
     prepare,
+    superexec_command,
     superlink_command,
 )
 from fedtune.platform.config import CoordinatorConfig, CoordinatorSettings, TlsSettings
@@ -171,6 +174,7 @@ class Federation:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.superlink: subprocess.Popen[bytes] | None = None
+        self.superexec: subprocess.Popen[bytes] | None = None
         self.supernodes: list[subprocess.Popen[bytes]] = []
         self.config: CoordinatorConfig | None = None
 
@@ -189,7 +193,10 @@ class Federation:
         certs = init_certificates(self.workdir / "certs")
         self.config = config = CoordinatorConfig(
             coordinator=CoordinatorSettings(
-                state_dir=self.workdir / "coordinator", host="127.0.0.1", port=free_port()
+                state_dir=self.workdir / "coordinator",
+                host="127.0.0.1",
+                port=free_port(),
+                superlink_port=free_port(),
             ),
             tls=TlsSettings(
                 ca_certificate=certs.ca_cert,
@@ -213,12 +220,22 @@ class Federation:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                socket.create_connection(("127.0.0.1", config.coordinator.port), 1).close()
+                socket.create_connection(
+                    ("127.0.0.1", config.coordinator.superlink_port), 1
+                ).close()
                 break
             except OSError:
                 if self.superlink.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the SuperLink did not start; see {self.logs}") from None
                 time.sleep(0.3)
+        with (self.logs / "superexec.log").open("ab") as log:  # starts the ServerApps
+            self.superexec = subprocess.Popen(
+                superexec_command(config, superlink_pid=self.superlink.pid),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**flower_environment(config), "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
         for index in range(self.nodes):
             folder = self.workdir / "nodes" / f"node-{index}"
             keys = generate_node_auth_key(folder)
@@ -227,7 +244,7 @@ class Federation:
             command = [
                 str(Path(sys.executable).parent / "flower-supernode"),
                 "--root-certificates", str(config.tls.ca_certificate),
-                "--superlink", config.address,
+                "--superlink", config.superlink_address,  # straight to it: no gateway here
                 "--auth-supernode-private-key", str(keys.private_key),
                 "--node-config", f"index={index}",
                 "--host", "127.0.0.1",
@@ -249,7 +266,7 @@ class Federation:
                     )
                 )
         self.wait_for_nodes(deadline)
-        self.progress(f"{self.nodes} nodes online at {config.address}")
+        self.progress(f"{self.nodes} nodes online at {config.superlink_address}")
 
     def wait_for_nodes(self, deadline: float) -> None:
         assert self.config is not None
@@ -268,14 +285,10 @@ class Federation:
     def check_alive(self) -> None:
         if self.superlink is not None and self.superlink.poll() is not None:
             raise RuntimeError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
-        if self.superlink is not None and not _has_live_child(
-            self.superlink.pid, "flower-superexec"
-        ):
+        if self.superexec is not None and self.superexec.poll() is not None:
             # Seen with --database under load: "database is locked" answers the executor's
             # acquire-task with HTTP 500, it exits, and no later run's ServerApp ever starts.
-            raise RuntimeError(
-                f"the SuperLink's flower-superexec exited; see {self.logs / 'superlink.log'}"
-            )
+            raise RuntimeError(f"the SuperExec exited; see {self.logs / 'superexec.log'}")
         for index, node in enumerate(self.supernodes):
             if node.poll() is not None:
                 raise RuntimeError(f"SuperNode {index} exited; see {self.logs}")
@@ -283,7 +296,7 @@ class Federation:
     def listening(self) -> list[str]:
         """Every address a process of this federation listens on."""
         found = set()
-        for root in [self.superlink, *self.supernodes]:
+        for root in [self.superlink, self.superexec, *self.supernodes]:
             if root is None:
                 continue
             for process in process_tree(root.pid):
@@ -352,18 +365,10 @@ class Federation:
     def stop(self) -> None:
         stop_processes(self.supernodes)  # nodes first: SIGTERM marks them offline at once
         self.supernodes = []
-        if self.superlink is not None:
-            stop_processes([self.superlink])
-            self.superlink = None
-
-
-def _has_live_child(pid: int, name_part: str) -> bool:
-    for child in process_tree(pid)[1:]:
-        with contextlib.suppress(psutil.Error):
-            command = " ".join(child.cmdline()) or child.name()  # names are cut at 15 chars
-            if name_part in command and child.status() != psutil.STATUS_ZOMBIE:
-                return True
-    return False
+        for process in (self.superexec, self.superlink):
+            if process is not None:
+                stop_processes([process])
+        self.superexec = self.superlink = None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 from safetensors.numpy import load
 from sqlalchemy import select
 
 from fedtune.cli import main
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE, WEIGHTS_FILE, checkpoint_weights
+from fedtune.coordinator.gateway import gateway_folder, key_id
 from fedtune.coordinator.superlink import CONNECTION, flwr
 from fedtune.local_deployment import LocalDeployment, fedtune_command, protections_of
 from fedtune.platform.encryption import load_key
@@ -124,6 +126,14 @@ def write_run(
     return path
 
 
+def pem_of_ssh_public_key(path: Path) -> bytes:
+    """A node's OpenSSH public key as the PEM bytes Flower sends."""
+    key = serialization.load_ssh_public_key(path.read_bytes())
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def rounds_of(local: LocalDeployment, run_id: str) -> list[tuple[int, int, int]]:
     """(number, nodes sampled, updates accepted) of each recorded round."""
     with transaction(open_database(local.coordinator.database_url)) as session:
@@ -158,11 +168,17 @@ def test_secure_run_over_tls_with_enrolled_nodes_completes(deployment, tiny_mode
     assert sorted(protections) == [
         "checkpoint_encryption",
         "differential_privacy",
+        "gateway",
         "node_authentication",
         "secure_aggregation",
         "signed_ledger",
         "tls",
     ]
+    # Every node reached the coordinator through the gateway, which logged its key id.
+    access = (gateway_folder(deployment.coordinator) / "access.log").read_text()
+    for name in NODES:
+        public_key = deployment.workdir / "nodes" / name / "state" / "auth_key.pub"
+        assert f"key={key_id(pem_of_ssh_public_key(public_key))}" in access
     folder = deployment.workdir / "runs/secure/adapters/round-2"
     assert (folder / ENCRYPTED_WEIGHTS_FILE).is_file()
     assert not (folder / WEIGHTS_FILE).exists()  # never in the clear at rest

@@ -394,3 +394,20 @@ def test_the_state_folder_and_databases_are_private(coordinator):
         "superlink.db": "0o600",
         "superexec.secret": "0o600",
     }
+
+
+def test_the_coordinator_listens_on_the_gateway_port_and_the_loopback_superlink_only(coordinator):
+    config = coordinator.coordinator
+    root = psutil.Process(coordinator.processes["coordinator"].pid)
+
+    listening = {
+        (connection.laddr.ip, connection.laddr.port)
+        for process in [root, *root.children(recursive=True)]
+        for connection in process.net_connections(kind="inet")
+        if connection.status == psutil.CONN_LISTEN
+    }
+
+    assert listening == {
+        ("127.0.0.1", config.coordinator.port),  # the gateway (coordinator.host in production)
+        ("127.0.0.1", config.coordinator.superlink_port),
+    }
