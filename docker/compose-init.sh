@@ -17,8 +17,9 @@
 #       unless it holds train.jsonl already (put your own data there instead).
 #   compose-init.sh enroll NAME...
 #       `fedtune coordinator enroll` for each node whose FEDTUNE_ENROLLMENTS_DIR/NAME.json was
-#       not enrolled yet; run where 127.0.0.1:FEDTUNE_PORT is the running coordinator (in
-#       compose: network_mode "service:coordinator") with its state volume.
+#       not enrolled yet; run where the running coordinator's SuperLink is on
+#       127.0.0.1:superlink_port [9093] of its coordinator.toml (in compose: network_mode
+#       "service:coordinator") with its state volume.
 set -euo pipefail
 # shellcheck source=docker/fedtune-common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/fedtune-common.sh"

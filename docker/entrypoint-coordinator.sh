@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# The coordinator container: migrate the database (`fedtune db upgrade`), then run the Flower
-# SuperLink with TLS and node authentication in the foreground (`fedtune coordinator start`,
-# exec'd: `docker stop` sends its SIGTERM straight to it).
+# The coordinator container: migrate the database (`fedtune db upgrade`), then run the
+# coordinator in the foreground (`fedtune coordinator start`, exec'd: `docker stop` sends its
+# SIGTERM straight to it): the gateway (Debian's nginx with its Lua module, as this container's
+# user) on FEDTUNE_HOST:FEDTUNE_PORT, the only port published, forwarding the Fleet API; the
+# Flower SuperLink (TLS, node authentication) on 127.0.0.1:FEDTUNE_SUPERLINK_PORT, which only
+# processes in this container's network namespace reach (admin commands, compose's `enroll`);
+# and fedtune's SuperExec, which starts each run's ServerApp.
 #
 # With arguments, runs them instead (e.g. `fedtune coordinator enroll ...`).
 #
 # Environment (defaults in brackets):
 #   FEDTUNE_COORDINATOR_CONFIG      an existing coordinator.toml to use as it is; when unset,
 #                                   STATE_DIR/coordinator.toml is written from the variables below
-#   FEDTUNE_STATE_DIR               [/var/lib/fedtune/coordinator] SuperLink state, runs, config
-#   FEDTUNE_HOST                    [0.0.0.0] listen address
-#   FEDTUNE_PORT                    [9092] the SuperLink's port (nodes and the Flower CLI)
+#                                   (healthcheck.sh reads FEDTUNE_PORT, FEDTUNE_SUPERLINK_PORT and
+#                                   FEDTUNE_CERTS_DIR either way: keep them in step with it)
+#   FEDTUNE_STATE_DIR               [/var/lib/fedtune/coordinator] SuperLink state, gateway
+#                                   configuration and logs (gateway/), runs, config
+#   FEDTUNE_HOST                    [0.0.0.0] the gateway's listen address
+#   FEDTUNE_PORT                    [9092] the gateway's port: nodes connect here (Fleet API only)
+#   FEDTUNE_SUPERLINK_PORT          [9093] the SuperLink's port, on 127.0.0.1 only (Flower CLI,
+#                                   `fedtune coordinator enroll`, `fedtune run ...`)
 #   FEDTUNE_CERTS_DIR               [/etc/fedtune/certs] ca.pem, server.pem, server.key (0600)
 #   FEDTUNE_DATABASE_URL            [sqlite:///STATE_DIR/fedtune.db] SQLAlchemy URL, no password
 #   FEDTUNE_DATABASE_PASSWORD_FILE  [unset] a file holding the database password (a secret)
@@ -24,6 +33,8 @@ if [ "$#" -gt 0 ]; then
     exec "$@"
 fi
 
+# The state folder, its config and logs: this account's only (`coordinator start` does the same).
+umask 077
 state_dir=${FEDTUNE_STATE_DIR:-/var/lib/fedtune/coordinator}
 config=${FEDTUNE_COORDINATOR_CONFIG:-}
 
@@ -31,12 +42,12 @@ write_pgpass
 
 if [ -n "$config" ]; then
     [ -f "$config" ] || die "FEDTUNE_COORDINATOR_CONFIG=$config does not exist"
-    database_url=$(python -c 'import sys
-from fedtune.platform.config import load_coordinator_config
-print(load_coordinator_config(sys.argv[1]).database_url)' "$config")
 else
     certs=${FEDTUNE_CERTS_DIR:-/etc/fedtune/certs}
-    database_url=${FEDTUNE_DATABASE_URL:-sqlite:///$state_dir/fedtune.db}
+    database=${FEDTUNE_DATABASE_URL:-sqlite:///$state_dir/fedtune.db}
+    for name in FEDTUNE_PORT FEDTUNE_SUPERLINK_PORT; do
+        [[ ${!name:-9092} =~ ^[0-9]{1,5}$ ]] || die "$name=${!name} is not a port number"
+    done
     for file in ca.pem server.pem server.key; do
         [ -f "$certs/$file" ] || die "$certs/$file is missing: run \`fedtune certs init\` (see docs/operations.md)"
     done
@@ -48,7 +59,8 @@ else
         echo "state_dir = $(toml_string "$state_dir")"
         echo "host = $(toml_string "${FEDTUNE_HOST:-0.0.0.0}")"
         echo "port = ${FEDTUNE_PORT:-9092}"
-        echo "database = $(toml_string "$database_url")"
+        echo "superlink_port = ${FEDTUNE_SUPERLINK_PORT:-9093}"
+        echo "database = $(toml_string "$database")"
         if [ -n "${FEDTUNE_ENCRYPTION_KEY_FILE:-}" ]; then
             echo "encryption_key_file = $(toml_string "$FEDTUNE_ENCRYPTION_KEY_FILE")"
         fi
@@ -61,6 +73,14 @@ else
     mv -f "$config.tmp" "$config"
     say "configuration: $config"
 fi
+
+# Validate the config now (its errors name the file and the key), before migrating anything.
+database_url=$(python -c 'import sys
+from fedtune.platform.config import ConfigError, load_coordinator_config
+try:
+    print(load_coordinator_config(sys.argv[1]).database_url)
+except ConfigError as error:
+    sys.exit(str(error))' "$config")
 
 fedtune db upgrade --database "$database_url"
 exec fedtune coordinator start --config "$config"

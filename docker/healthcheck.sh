@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The images' HEALTHCHECK: exit 0 when healthy, 1 (with the reason on stdout) when not.
 #
-#   healthcheck.sh coordinator  a TCP connection to 127.0.0.1:$FEDTUNE_PORT [9092] opens
+#   healthcheck.sh coordinator  the gateway answers "ok" on https://127.0.0.1:$FEDTUNE_PORT/healthz
+#                               [9092] with a certificate that $FEDTUNE_CERTS_DIR/ca.pem
+#                               [/etc/fedtune/certs] verifies, and the SuperLink accepts TCP
+#                               connections on 127.0.0.1:$FEDTUNE_SUPERLINK_PORT [9093]
 #   healthcheck.sh dashboard    Streamlit answers "ok" on
 #                               http://127.0.0.1:$FEDTUNE_DASHBOARD_PORT/_stcore/health [8501]
 #   healthcheck.sh node         $FEDTUNE_STATE_DIR/trainer.json [/var/lib/fedtune/node] exists
@@ -16,9 +19,20 @@ unhealthy() {
 case ${1:-} in
 coordinator)
     port=${FEDTUNE_PORT:-9092}
-    # bash's /dev/tcp: the image needs no curl or netcat for this.
-    if ! timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
-        unhealthy "nothing accepts connections on 127.0.0.1:$port"
+    ca=${FEDTUNE_CERTS_DIR:-/etc/fedtune/certs}/ca.pem
+    url=https://127.0.0.1:$port/healthz
+    [ -r "$ca" ] || unhealthy "$ca cannot be read (FEDTUNE_CERTS_DIR)"
+    # Python's urllib: the image needs no curl. The certificate always names 127.0.0.1.
+    answer=$(python -c 'import ssl, sys, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2])
+with urllib.request.urlopen(sys.argv[1], context=context, timeout=3) as response:
+    print(response.read().decode().strip())' "$url" "$ca" 2>&1) \
+        || unhealthy "gateway $url: ${answer##*$'\n'}"
+    [ "$answer" = ok ] || unhealthy "gateway $url answered: $answer"
+    superlink_port=${FEDTUNE_SUPERLINK_PORT:-9093}
+    # bash's /dev/tcp: the SuperLink (127.0.0.1 only) behind the gateway.
+    if ! timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$superlink_port" 2>/dev/null; then
+        unhealthy "the SuperLink does not accept connections on 127.0.0.1:$superlink_port"
     fi
     ;;
 dashboard)

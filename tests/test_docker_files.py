@@ -1,9 +1,12 @@
 """docker/: the Dockerfile lints clean (hadolint), compose.yaml is a valid Compose file whose
 services, volumes, secrets and health checks fit together, no image takes in a key or a
-secret, and the container scripts do what the images run, outside Docker: the coordinator
-entrypoint migrates a password-protected PostgreSQL and starts the SuperLink, two nodes get
-keys, enroll and start, and the dashboard answers its health check; each health check says
-healthy, and SIGTERM to an entrypoint's process (what `docker stop` sends) ends all it started.
+secret, the coordinator image carries the gateway (Debian's nginx and its Lua module) and
+compose publishes the gateway's port only, and the container scripts do what the images run,
+outside Docker: the coordinator entrypoint writes a coordinator.toml that fedtune's loader
+accepts, migrates a password-protected PostgreSQL and starts the gateway and the SuperLink
+(127.0.0.1), two nodes get keys, enroll and connect through the gateway, and the dashboard
+answers its health check; each health check says healthy, and SIGTERM to an entrypoint's
+process (what `docker stop` sends) ends all it started.
 
 There is no Docker engine here: images are never built in these tests.
 """
@@ -31,9 +34,11 @@ import psutil
 import pytest
 import sqlalchemy as sa
 import yaml
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
-from fedtune.platform.config import load_node_config, load_run_config
+from fedtune.coordinator.gateway import key_id
+from fedtune.platform.config import load_coordinator_config, load_node_config, load_run_config
 from fedtune.platform.ledger_store import node_public_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +51,7 @@ VENV_BIN = Path(sys.executable).parent
 FEDTUNE = str(VENV_BIN / "fedtune")
 SCHEMA = "vendor.compose-spec"  # the Compose specification's schema, shipped by check-jsonschema
 IMAGES = ("coordinator", "node", "node-cuda", "dashboard")  # the Dockerfile's final targets
+GATEWAY_PORT, SUPERLINK_PORT = "9092", "9093"  # the coordinator image's defaults
 NODES = ("hospital", "bank")  # the nodes of docker/compose.yaml
 
 # What must never be copied into an image or set in it: keys, certificates, secrets.
@@ -127,6 +133,62 @@ def test_every_image_runs_unprivileged_with_a_health_check_and_an_entrypoint() -
         assert re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", user), f"{image}: USER {user!r}"
         assert "healthcheck.sh" in keywords.get("HEALTHCHECK", ""), image
         assert "entrypoint-" in keywords.get("ENTRYPOINT", ""), image
+
+
+def lineage(built: dict[str, list[tuple[str, str]]], name: str) -> list[tuple[str, str]]:
+    """The instructions an image is built from: its stage's, after those of the stages of
+    this file it starts FROM."""
+    body = built[name]
+    parent = body[0][1].split()[0]
+    return [*(lineage(built, parent) if parent in built else []), *body]
+
+
+def apt_packages(command: str) -> list[str]:
+    """The packages of each `apt-get install` in a RUN's command, versions dropped."""
+    found = []
+    for install in re.findall(r"apt-get\s+install\s+([^&;|]*)", command):
+        found += [word.split("=")[0] for word in install.split() if not word.startswith("-")]
+    return found
+
+
+def test_coordinator_image_installs_nginx_and_its_lua_module_from_debian() -> None:
+    built = lineage(stages(DOCKERFILE), "coordinator")
+    runs = [arguments for keyword, arguments in built if keyword == "RUN"]
+    installs = [command for command in runs if apt_packages(command)]
+
+    packages = {package for command in installs for package in apt_packages(command)}
+    assert "libnginx-mod-http-lua" in packages, packages
+    assert packages & {"nginx", "nginx-light"}, packages
+    for command in installs:
+        assert "--no-install-recommends" in command, command
+        assert "rm -rf /var/lib/apt/lists/*" in command, f"apt lists stay in the image: {command}"
+    keywords = [keyword for keyword, _ in built]
+    first_install = next(i for i, (k, a) in enumerate(built) if k == "RUN" and a in installs)
+    assert keywords.index("USER") > first_install, "apt-get runs as root, before USER"
+
+
+def test_only_the_coordinator_image_carries_nginx() -> None:
+    built = stages(DOCKERFILE)
+
+    for image in ("node", "node-cuda", "dashboard"):
+        packages = [
+            package
+            for keyword, arguments in lineage(built, image)
+            if keyword == "RUN"
+            for package in apt_packages(arguments)
+        ]
+        assert not [package for package in packages if "nginx" in package], image
+
+
+def test_coordinator_image_exposes_the_gateway_port_only() -> None:
+    built = stages(DOCKERFILE)["coordinator"]
+
+    exposed = [arguments.split() for keyword, arguments in built if keyword == "EXPOSE"]
+    environment = " ".join(arguments for keyword, arguments in built if keyword == "ENV")
+
+    assert exposed == [[GATEWAY_PORT]]
+    assert f"FEDTUNE_PORT={GATEWAY_PORT}" in environment
+    assert f"FEDTUNE_SUPERLINK_PORT={SUPERLINK_PORT}" in environment
 
 
 def test_no_image_copies_a_key_certificate_or_secret() -> None:
@@ -267,6 +329,34 @@ def test_compose_services_volumes_secrets_and_checks_fit_together() -> None:
         if service.get("pull_policy") == "never":
             built = {other["image"] for other in services.values() if "build" in other}
             assert image in built, f"{name}: nothing builds {image}"
+
+
+def published_container_ports(service: dict[str, Any]) -> list[str]:
+    """The container side of each published port (short or long syntax)."""
+    found = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            found.append(str(entry["target"]))
+        else:
+            found.append(str(entry).rsplit(":", 1)[-1].split("/")[0])
+    return found
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_publishes_the_gateway_port_and_never_the_superlinks(path: Path) -> None:
+    services: dict[str, dict[str, Any]] = compose(path)["services"]
+
+    for name, service in services.items():
+        assert SUPERLINK_PORT not in published_container_ports(service), name
+        assert SUPERLINK_PORT not in [str(port) for port in service.get("expose", [])], name
+        assert service.get("network_mode") != "host", f"{name}: host networking"
+    if path == COMPOSE_FILES[0]:
+        coordinator = services["coordinator"]
+        assert published_container_ports(coordinator) == [GATEWAY_PORT]
+        assert coordinator["environment"]["FEDTUNE_PORT"] == GATEWAY_PORT
+        assert coordinator["environment"]["FEDTUNE_SUPERLINK_PORT"] == SUPERLINK_PORT
+        # enroll reaches the SuperLink on 127.0.0.1 of the coordinator's network namespace.
+        assert services["enroll"]["network_mode"] == "service:coordinator"
 
 
 def test_compose_file_holds_no_secret_value() -> None:
@@ -451,6 +541,7 @@ class Deployment:
     database_url: str
     password: str
     port: int
+    superlink_port: int
     dashboard_port: int
     processes: Processes
     enroll_runs: list[subprocess.CompletedProcess]
@@ -458,6 +549,18 @@ class Deployment:
     @property
     def coordinator_toml(self) -> Path:
         return self.root / "coordinator" / "coordinator.toml"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    def coordinator_health(self) -> dict[str, str | Path]:
+        """What the coordinator image's health check reads from the environment."""
+        return {
+            "FEDTUNE_PORT": str(self.port),
+            "FEDTUNE_SUPERLINK_PORT": str(self.superlink_port),
+            "FEDTUNE_CERTS_DIR": self.certs,
+        }
 
     def state(self, node: str) -> Path:
         return self.root / node / "state"
@@ -483,7 +586,14 @@ def deployment(
         "FEDTUNE_DATABASE_PASSWORD_FILE": password_file,
     }
     local = Deployment(
-        root, database_url, password, free_port(), free_port(), Processes(root / "logs"), []
+        root,
+        database_url,
+        password,
+        free_port(),
+        free_port(),
+        free_port(),
+        Processes(root / "logs"),
+        [],
     )
     processes = local.processes
     try:
@@ -493,6 +603,7 @@ def deployment(
             FEDTUNE_STATE_DIR=root / "coordinator",
             FEDTUNE_HOST="127.0.0.1",
             FEDTUNE_PORT=str(local.port),
+            FEDTUNE_SUPERLINK_PORT=str(local.superlink_port),
             FEDTUNE_CERTS_DIR=certs,
             PGPASSFILE=root / "coordinator.pgpass",
             **database,
@@ -512,7 +623,7 @@ def deployment(
         for init in inits:
             _, errors = init.communicate(timeout=120)
             assert init.returncode == 0, errors
-        wait_healthy(processes, "coordinator", "coordinator", 90, FEDTUNE_PORT=str(local.port))
+        wait_healthy(processes, "coordinator", "coordinator", 90, **local.coordinator_health())
         # The coordinator has migrated the database: the dashboard can open it.
         processes.start(
             "dashboard",
@@ -567,12 +678,46 @@ def test_coordinator_entrypoint_migrates_the_database_then_starts(deployment: De
 
     migrated = log.index("upgraded from no revision to")
 
-    assert migrated < log.index("coordinator listening on")
+    assert migrated < log.index("coordinator: gateway on 127.0.0.1:")
+
+
+def test_coordinator_entrypoint_writes_a_config_with_both_ports_that_fedtune_loads(
+    deployment: Deployment,
+) -> None:
+    config = load_coordinator_config(deployment.coordinator_toml)
+
+    assert config.coordinator.host == "127.0.0.1"
+    assert config.coordinator.port == deployment.port  # the gateway
+    assert config.coordinator.superlink_port == deployment.superlink_port
+    assert config.superlink_address == f"127.0.0.1:{deployment.superlink_port}"
+    assert config.database_url == deployment.database_url
+    assert config.tls.ca_certificate == deployment.certs / "ca.pem"
+    assert "superlink_port = " in deployment.coordinator_toml.read_text()
+    assert deployment.coordinator_toml.stat().st_mode & 0o777 == 0o600
+    assert deployment.coordinator_toml.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_coordinator_listens_on_the_gateway_port_and_the_loopback_superlink_only(
+    deployment: Deployment,
+) -> None:
+    root = psutil.Process(deployment.processes.started["coordinator"].pid)
+
+    listening = {
+        (connection.laddr.ip, connection.laddr.port)
+        for process in [root, *root.children(recursive=True)]
+        for connection in process.net_connections(kind="inet")
+        if connection.status == psutil.CONN_LISTEN
+    }
+
+    assert listening == {
+        ("127.0.0.1", deployment.port),
+        ("127.0.0.1", deployment.superlink_port),
+    }
 
 
 def test_every_service_reports_healthy(deployment: Deployment) -> None:
     checks = [
-        healthcheck("coordinator", FEDTUNE_PORT=str(deployment.port)),
+        healthcheck("coordinator", **deployment.coordinator_health()),
         healthcheck("dashboard", FEDTUNE_DASHBOARD_PORT=str(deployment.dashboard_port)),
         *[healthcheck("node", FEDTUNE_STATE_DIR=deployment.state(name)) for name in NODES],
     ]
@@ -596,6 +741,33 @@ def test_nodes_connect_to_the_coordinator(deployment: Deployment) -> None:
         time.sleep(1)
 
     assert states == ["online", "online"]
+
+
+def pem_of_ssh_public_key(path: Path) -> bytes:
+    """A node's OpenSSH public key as the PEM bytes Flower sends."""
+    key = serialization.load_ssh_public_key(path.read_bytes())
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def test_nodes_reach_the_coordinator_through_the_gateway(deployment: Deployment) -> None:
+    access_log = deployment.root / "coordinator" / "gateway" / "access.log"
+    expected = {
+        name: f"key={key_id(pem_of_ssh_public_key(deployment.state(name) / 'auth_key.pub'))}"
+        for name in NODES
+    }
+
+    deadline = time.monotonic() + 60
+    while True:
+        logged = access_log.read_text() if access_log.exists() else ""
+        missing = [name for name, key in expected.items() if key not in logged]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+    assert not missing, f"no Fleet request of {missing} in {access_log}"
+    assert "/v1/fleet/" in logged
 
 
 def test_enrollment_stores_the_ledger_keys_once(deployment: Deployment) -> None:
@@ -655,7 +827,7 @@ def test_dashboard_stops_on_sigterm(deployment: Deployment) -> None:
 def test_coordinator_stops_on_sigterm(deployment: Deployment) -> None:
     assert stops_on_sigterm(deployment.processes.started["coordinator"])
 
-    assert healthcheck("coordinator", FEDTUNE_PORT=str(deployment.port)).returncode == 1
+    assert healthcheck("coordinator", **deployment.coordinator_health()).returncode == 1
 
 
 def test_node_entrypoint_refuses_a_state_dir_that_is_not_the_configs(tmp_path: Path) -> None:
@@ -679,6 +851,37 @@ def test_coordinator_entrypoint_names_missing_certificates(tmp_path: Path) -> No
 
     assert result.returncode == 1
     assert f"{tmp_path / 'certs'}/ca.pem is missing" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("gateway_port", "superlink_port", "message"),
+    [
+        ("9092", "9092", "superlink_port (9092) must differ from port"),
+        ("9092", "93x", "FEDTUNE_SUPERLINK_PORT=93x is not a port number"),
+    ],
+    ids=["same-port", "not-a-number"],
+)
+def test_coordinator_entrypoint_refuses_bad_ports_before_migrating(
+    tmp_path: Path, gateway_port: str, superlink_port: str, message: str
+) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.pem", "server.pem", "server.key"):
+        (certs / name).write_text("")  # only their presence is checked before the config loads
+    database = tmp_path / "fedtune.db"
+
+    result = run_script(
+        "entrypoint-coordinator.sh",
+        FEDTUNE_STATE_DIR=tmp_path / "state",
+        FEDTUNE_CERTS_DIR=certs,
+        FEDTUNE_PORT=gateway_port,
+        FEDTUNE_SUPERLINK_PORT=superlink_port,
+        FEDTUNE_DATABASE_URL=f"sqlite:///{database}",
+    )
+
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert not database.exists()
 
 
 def test_password_file_never_overwrites_a_pgpass_it_did_not_write(tmp_path: Path) -> None:

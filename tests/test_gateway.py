@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -154,9 +154,11 @@ def superlink_requests(local: LocalDeployment) -> list[str]:
     ]
 
 
-def signed_headers(private_key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
+def signed_headers(
+    private_key: ec.EllipticCurvePrivateKey, *, at: datetime | None = None
+) -> dict[str, str]:
     """The headers Flower's SuperNode sends (supernode/node_auth_http_interceptor.py)."""
-    timestamp = datetime.now(UTC).isoformat()
+    timestamp = (at or datetime.now(UTC)).isoformat()
     signature = private_key.sign(timestamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
     pem = private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -411,3 +413,45 @@ def test_the_coordinator_listens_on_the_gateway_port_and_the_loopback_superlink_
         ("127.0.0.1", config.coordinator.port),  # the gateway (coordinator.host in production)
         ("127.0.0.1", config.coordinator.superlink_port),
     }
+
+
+def test_a_login_dated_outside_flowers_window_is_refused_before_it_is_recorded(coordinator):
+    config = coordinator.coordinator
+    key = node_private_key(coordinator, "hospital")
+    path = "/v1/fleet/send-node-heartbeat"
+
+    statuses = [
+        request(
+            config.public_address,
+            "POST",
+            path,
+            ca=config.tls.ca_certificate,
+            headers=signed_headers(key, at=datetime.now(UTC) + shift),
+        )
+        for shift in (timedelta(minutes=10), timedelta(minutes=-10))
+    ]
+
+    assert statuses == [401, 401]
+    assert "outside Flower's window" in (gateway_folder(config) / "error.log").read_text()
+
+
+def test_a_login_the_superlink_refused_is_not_kept_in_the_replay_cache(coordinator):
+    config = coordinator.coordinator
+    stranger = ec.generate_private_key(ec.SECP384R1())  # not enrolled: the SuperLink says 401
+    headers = signed_headers(stranger)
+    path = "/v1/fleet/send-node-heartbeat"
+    body = SendNodeHeartbeatRequest(node=Node(node_id=1), heartbeat_interval=30)
+
+    statuses = [
+        request(
+            config.public_address,
+            "POST",
+            path,
+            ca=config.tls.ca_certificate,
+            body=body.SerializeToString(),
+            headers=headers,
+        )
+        for _ in range(2)
+    ]
+
+    assert statuses == [401, 401]  # not 403: junk logins do not fill the cache

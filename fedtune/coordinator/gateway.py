@@ -29,6 +29,9 @@ FILES = Path(__file__).parent / "gateway_files"
 GUARD = FILES / "fleet_guard.lua"
 MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
 HEALTH_PATH = "/healthz"
+# Logins seen in the last 330 s: about 200 bytes each, so 64 MiB holds some 300,000 (a node
+# sends one to three requests a second); when full, the oldest are evicted, and logged.
+REPLAY_CACHE_MB = 64
 # The SuperNode's requests (flwr/supernode/fleet_http_client.py, superlink/routers/fleet).
 FLEET_PATHS = tuple(
     f"/v1/fleet/{name}"
@@ -74,7 +77,7 @@ def render_config(config: CoordinatorConfig) -> str:
     return template.render(
         modules_dir=config.gateway.modules_dir,
         folder=folder,
-        replay_cache_mb=16,
+        replay_cache_mb=REPLAY_CACHE_MB,
         max_body_mb=config.gateway.max_body_mb,
         ca_certificate=config.tls.ca_certificate,
         certificate=config.tls.certificate,
@@ -137,9 +140,9 @@ def wait_until_healthy(config: CoordinatorConfig, *, timeout_s: float = 30) -> N
 
 
 def _nginx(config: CoordinatorConfig) -> str:
-    found = shutil.which(config.gateway.nginx) or (
-        config.gateway.nginx if os.access(config.gateway.nginx, os.X_OK) else None
-    )
+    # Debian installs it in /usr/sbin, which an ordinary account's PATH lacks.
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    found = shutil.which(config.gateway.nginx, path=path)
     if found is None:
         raise GatewayError(
             f"gateway.nginx: {config.gateway.nginx!r} is not installed "

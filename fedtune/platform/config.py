@@ -176,6 +176,12 @@ class CoordinatorConnection(_Section):
         description="Decline train rounds that would send the update in the clear instead of "
         "through secure aggregation.",
     )
+    min_secure_peers: Annotated[int, Field(ge=2)] = Field(
+        default=3,
+        description="Take part in a secure-aggregation round only with at least this many "
+        "nodes, this one included: in a round of two, each learns the other's update from the "
+        "mean. 2 accepts that knowingly.",
+    )
     refused_retry_s: PositiveFloat = Field(
         default=150.0,
         description="How long to keep retrying when the coordinator refuses the node's key: a "
@@ -300,10 +306,12 @@ class AggregationSettings(_Section):
     mean of the sampled nodes' adapters."""
 
     secure: bool = Field(default=True, description="SecAgg+; needs at least 2 nodes per round.")
-    reconstruction_threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+    reconstruction_threshold: Annotated[float, Field(gt=0.5, le=1)] = Field(
         default=0.6,
         description="Share of a node's neighbours that must stay to the end of a round so that "
-        "a node that drops out can be unmasked; higher: more privacy, less tolerance.",
+        "a node that drops out can be unmasked; higher: more privacy, less tolerance. Above "
+        "one half (nodes refuse lower thresholds): the shares sent are always more than half "
+        "of the round's nodes.",
     )
     max_weight: PositiveFloat | None = Field(
         default=None,

@@ -8,11 +8,16 @@
 -- It also refuses timestamps older than the gateway's start, so a restart (which empties the
 -- cache) opens no window, and names each request's key id for the access log.
 --
+-- Flooding: timestamps outside Flower's window are refused before they are recorded, and a
+-- pair the SuperLink answers with 401 (no valid login) is forgotten once answered, so unsigned
+-- junk does not fill the cache and push real logins out of it.
+--
 -- Loaded once by init_by_lua (in the master, before the workers drop privileges): the file
--- returns the check, which access_by_lua calls for each request.
+-- returns the checks, which access_by_lua and log_by_lua call for each request.
 
 local seen = ngx.shared.fedtune_seen_auth
 local WINDOW_S = 330 -- Flower's 300 s tolerance + 5 s clock drift, with a margin
+local DRIFT_S = 5 -- Flower refuses a timestamp more than 5 s in the future
 
 local function hex(bytes)
   return (bytes:gsub(".", function(c) return string.format("%02x", c:byte()) end))
@@ -44,7 +49,9 @@ local function refuse(status, why, key_id)
   return ngx.exit(status)
 end
 
-return function()
+local guard = {}
+
+function guard.check()
   local headers = ngx.req.get_headers()
   local public_key = headers["flwr-public-key"]
   local timestamp = headers["flwr-timestamp"]
@@ -66,12 +73,17 @@ return function()
   if not signed_at then
     return refuse(401, "the timestamp is not an ISO 8601 UTC time", key_id)
   end
-  local started = seen:get("gateway-started") or ngx.now()
+  local now = ngx.now()
+  if signed_at > now + DRIFT_S or signed_at < now - WINDOW_S then
+    return refuse(401, "timestamp " .. timestamp .. " outside Flower's window", key_id)
+  end
+  local started = seen:get("gateway-started") or now
   if signed_at < started then
     return refuse(403, "signed before this gateway started (replay across a restart?)", key_id)
   end
 
-  local ok, err = seen:add("auth:" .. key_hash .. ":" .. timestamp, ngx.var.request_uri, WINDOW_S)
+  local pair = "auth:" .. key_hash .. ":" .. timestamp
+  local ok, err, forcible = seen:add(pair, ngx.var.request_uri, WINDOW_S)
   if not ok then
     if err == "exists" then
       return refuse(403, "replayed node authentication (timestamp " .. timestamp
@@ -79,4 +91,17 @@ return function()
     end
     return refuse(503, "replay cache: " .. tostring(err), key_id)
   end
+  if forcible then
+    ngx.log(ngx.WARN, "fedtune-gateway: replay cache full, unexpired entries evicted")
+  end
+  ngx.ctx.fedtune_pair = pair
 end
+
+-- After the answer: a pair the SuperLink refused as a login (401) was never a valid one.
+function guard.forget()
+  if ngx.ctx.fedtune_pair and ngx.status == 401 then
+    seen:delete(ngx.ctx.fedtune_pair)
+  end
+end
+
+return guard
