@@ -6,6 +6,10 @@ examples and sends back scores only (:mod:`fedtune.client_node.abtest_eval`). Pe
 overall, each metric's difference B - A gets a paired test and a confidence interval
 (:mod:`fedtune.coordinator.ab_statistics`); Holm's method corrects for the several metrics
 within each scope. The test and its results are stored, with a verdict at ``alpha``.
+
+In deployment the grid is an :class:`~fedtune.coordinator.roster.EnrolledGrid`: only enrolled
+nodes are asked, and each node's scores go under its enrolled name (a reply naming another
+node is left out).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from fedtune.coordinator.ab_statistics import (
     compare_summary,
 )
 from fedtune.coordinator.checkpoints import read_checkpoint
+from fedtune.coordinator.roster import EnrolledGrid, name_problem, reported_name
 from fedtune.coordinator.versions import ModelVersion
 from fedtune.platform.config import LoraSettings
 from fedtune.platform.messages import (
@@ -63,7 +68,7 @@ class AbTestPlan:
     alpha: float = 0.05
     max_examples: int = 32
     max_new_tokens: int = 48
-    nodes: tuple[str, ...] | None = None  # None: every connected node
+    nodes: tuple[str, ...] | None = None  # None: every connected (enrolled) node
     run_id: str | None = None  # the run that asked for it, if any
     checkpoint_key: bytes | None = None  # for checkpoints encrypted at rest
 
@@ -118,12 +123,24 @@ def _message_content(plan: AbTestPlan, test_id: str) -> RecordDict:
     return content
 
 
-def parse_reply(message: Message, metrics: Sequence[str]) -> NodeScores:
-    """A node's scores; ``ValueError`` when the reply is an error or lacks a metric."""
+def parse_reply(
+    message: Message,
+    metrics: Sequence[str],
+    *,
+    enrolled: Callable[[int], str | None] | None = None,
+) -> NodeScores:
+    """A node's scores; ``ValueError`` when the reply is an error or lacks a metric. With
+    ``enrolled`` (deployment) they are its sender's, under its enrolled name."""
     if message.has_error():
         raise ValueError(f"node error {message.error.code}: {message.error.reason}")
     content = message.content
-    name = str(content.config_records[NODE].get("name", message.metadata.src_node_id))
+    source = message.metadata.src_node_id
+    name = str(content.config_records[NODE].get("name", source))
+    if enrolled is not None:
+        problem = name_problem(enrolled(source), reported_name(content), source)
+        if problem is not None:
+            raise ValueError(problem)
+        name = str(enrolled(source))
     scores = content.metric_records[SCORES]
     per_example, summaries = {}, {}
     for metric in metrics:
@@ -224,9 +241,10 @@ def _run(
     progress: Callable[[str], None],
     on_reply: Callable[[Message], None] | None,
 ) -> tuple[list[AbTestResult], list[str]]:
+    enrolled = grid.enrolled_name if isinstance(grid, EnrolledGrid) else None
     node_ids = list(grid.get_node_ids())
     if not node_ids:
-        raise RuntimeError("no node is connected")
+        raise RuntimeError("no enrolled node is connected" if enrolled else "no node is connected")
     content = _message_content(plan, test_id)
     messages = [
         Message(content=content, dst_node_id=node_id, message_type=ABTEST_MESSAGE_TYPE)
@@ -241,7 +259,7 @@ def _run(
         if on_reply is not None:
             on_reply(reply)
         try:
-            node = parse_reply(reply, plan.metrics)
+            node = parse_reply(reply, plan.metrics, enrolled=enrolled)
         except (ValueError, KeyError) as exc:
             problems.append(str(exc))
             continue

@@ -5,6 +5,11 @@ round waits ``aggregation.node_wait_s`` for ``run.min_nodes`` nodes and each exc
 ``aggregation.reply_timeout_s`` for replies, and a node that disappears (its heartbeat expires)
 gets an error reply from the SuperLink. It trains through SecAgg+ by default, and it resumes:
 a run restarted with ``resume`` continues after its last round whose checkpoint was committed.
+
+Only enrolled nodes take part, under their enrolled names: the loop sees the SuperLink through
+an :class:`~fedtune.coordinator.roster.EnrolledGrid`, so a SuperNode registered behind
+fedtune's back is never counted, sampled or sent anything, and a round starts only when
+``run.min_nodes`` enrolled nodes are connected.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from sqlalchemy import func, select
 from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.job import DeploymentJob
 from fedtune.coordinator.node_level_dp import LEDGER_NODE, NodeLevelPrivacy
+from fedtune.coordinator.roster import EnrolledGrid, Roster, name_problem, reported_name
 from fedtune.coordinator.secure_aggregation import NotEnoughNodesError, SecureFedAvg
 from fedtune.coordinator.server_app import (
     RunSetup,
@@ -76,14 +82,16 @@ def run_deployed(
         resuming=job.resume,
         progress=progress,
     )
-    missing = sorted({n.name for n in config.nodes} - set(setup.keys))
+    roster = Roster.load(setup.engine, (node.name for node in config.nodes))
+    missing = sorted({n.name for n in config.nodes} - (set(setup.keys) & roster.names))
     if missing:
-        progress(f"not enrolled (their updates will be refused): {missing}")
+        progress(f"not enrolled (never sampled, updates refused): {missing}")
+    enrolled = EnrolledGrid(grid, roster, progress=progress)
     try:
         first, arrays = _starting_point(setup, config) if job.resume else (1, setup.initial)
         if first > 1:
             progress(f"resuming run {job.run_id} at round {first} of {config.run.rounds}")
-        _rounds(grid, context, setup, config, first=first, arrays=arrays, progress=progress)
+        _rounds(enrolled, context, setup, config, first=first, arrays=arrays, progress=progress)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         finish_run(setup.engine, job.run_id, status="failed", error=error)
@@ -91,7 +99,7 @@ def run_deployed(
     finish_run(setup.engine, job.run_id, status="finished")
     if config.run.ab_test_against_production:
         ab_test_final_against_production(
-            grid, setup.engine, config, job.run_id, setup.fingerprint, progress
+            enrolled, setup.engine, config, job.run_id, setup.fingerprint, progress
         )
 
 
@@ -121,39 +129,56 @@ def _starting_point(setup: RunSetup, config: RunConfig) -> tuple[int, dict[str, 
     return done + 1, arrays
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+def _wait_for_nodes(grid: EnrolledGrid, minimum: int, timeout_s: float) -> list[int]:
+    """The connected enrolled nodes, once there are ``minimum`` of them: no node is sent
+    anything before (so none spends epsilon on a round that cannot be kept)."""
     deadline = time.monotonic() + timeout_s
-    while len(nodes := list(grid.get_node_ids())) < minimum:
+    while len(nodes := grid.get_node_ids()) < minimum:
         if time.monotonic() > deadline:
-            raise NotEnoughNodesError(
-                f"{len(nodes)} nodes connected, {minimum} needed (run.min_nodes), after "
-                f"waiting {timeout_s:g} s (aggregation.node_wait_s)"
+            problem = (
+                f"{len(nodes)} enrolled nodes connected, {minimum} needed (run.min_nodes), "
+                f"after waiting {timeout_s:g} s (aggregation.node_wait_s)"
             )
+            if grid.ignored:
+                problem += (
+                    f"; {len(grid.ignored)} other connected nodes are not enrolled for this run"
+                )
+            if not grid.roster.names:
+                problem += "; no node of this run is enrolled (`fedtune coordinator enroll`)"
+            raise NotEnoughNodesError(problem)
         time.sleep(1.0)
     return nodes
 
 
 def _describe_nodes(
-    grid: Grid, nodes: list[int], timeout_s: float, progress: Callable[[str], None]
+    grid: EnrolledGrid, nodes: list[int], timeout_s: float, progress: Callable[[str], None]
 ) -> dict[str, int]:
-    """Each answering node's name -> training-set size (warms the nodes' trainers too)."""
+    """Each answering node's enrolled name -> training-set size (warms the nodes' trainers
+    too)."""
     messages = [
         Message(RecordDict(), dst_node_id=node, message_type=DESCRIBE_MESSAGE_TYPE)
         for node in nodes
     ]
     sizes: dict[str, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        node_id = reply.metadata.src_node_id
         if reply.has_error():
-            progress(f"node {reply.metadata.src_node_id} did not describe itself: {reply.error}")
+            progress(f"node {node_id} did not describe itself: {reply.error}")
+            continue
+        name = grid.enrolled_name(node_id)
+        wrong = name_problem(name, reported_name(reply.content), node_id)
+        if name is None or wrong is not None:
+            grid.exclude(node_id)  # before it spends epsilon on rounds that cannot be kept
+            progress(f"node {node_id} left out of this run: {wrong}")
             continue
         identity = reply.content.config_records[NODE]
-        sizes[str(identity.get("name"))] = int(identity.get(NUM_EXAMPLES, 0))  # type: ignore[arg-type]
+        sizes[name] = int(identity.get(NUM_EXAMPLES, 0))  # type: ignore[arg-type]
     progress("nodes: " + ", ".join(f"{name} ({n} examples)" for name, n in sorted(sizes.items())))
     return sizes
 
 
 def _rounds(
-    grid: Grid,
+    grid: EnrolledGrid,
     context: Context,
     setup: RunSetup,
     config: RunConfig,
@@ -171,6 +196,7 @@ def _rounds(
     plain = ValidatingFedAvg(
         observer=setup.recorder,
         ledger_check=setup.ledger_check(),
+        enrolled=grid.enrolled_name,
         fraction_train=config.run.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=1,
@@ -238,7 +264,7 @@ class _SecureRounds:
 
     def __init__(
         self,
-        grid: Grid,
+        grid: EnrolledGrid,
         context: Context,
         setup: RunSetup,
         config: RunConfig,
@@ -258,6 +284,7 @@ class _SecureRounds:
             fraction_train=config.run.fraction_train,
             node_wait_s=aggregation.node_wait_s,
             node_dp=_node_level_privacy(config, setup.run_id),
+            enrolled=grid.enrolled_name,
         )
         self.legacy = LegacyContext(
             context=context,
@@ -271,6 +298,7 @@ class _SecureRounds:
             clipping_range=aggregation.clipping_range,
             timeout=aggregation.reply_timeout_s,
         )
+        # The client manager learns its nodes from the grid it is given: enrolled ones only.
         self.thread, self.stop, registered = start_update_client_manager_thread(
             grid, self.legacy.client_manager
         )
@@ -290,7 +318,10 @@ class _SecureRounds:
         if strategy.recorded_round != server_round:  # the protocol halted before the mean
             outcomes = [
                 ReplyOutcome(
-                    "failed", node, None, "secure aggregation halted: too few nodes stayed"
+                    "failed",
+                    node,
+                    strategy.name_of(node),
+                    "secure aggregation halted: too few nodes stayed",
                 )
                 for node in strategy.sampled
             ]

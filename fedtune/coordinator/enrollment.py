@@ -1,5 +1,7 @@
-"""Enrolling a node: its SuperNode authentication key goes to the SuperLink (only enrolled
-keys may connect), its ledger key to fedtune's database (only entries it signed are accepted).
+"""Enrolling a node: its SuperNode authentication key goes to the SuperLink (only registered
+keys may connect), its name, that key and its SuperNode id to the roster in fedtune's database
+(only enrolled nodes take part in runs, under those names: :mod:`fedtune.coordinator.roster`),
+its ledger key to the database too (only entries it signed are accepted).
 
 A node operator runs `fedtune node keygen --out DIR` and hands the admin ``DIR/enrollment.json``
 (public keys only); the admin runs `fedtune coordinator enroll DIR/enrollment.json --name N`.
@@ -11,7 +13,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from fedtune.coordinator.roster import (
+    enrolled_name_of_key,
+    enrolled_node,
+    flower_public_key,
+    record_enrollment,
+)
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
 from fedtune.platform.config import CoordinatorConfig
 from fedtune.platform.ledger_store import add_public_key
@@ -20,6 +29,7 @@ from fedtune.platform.signing import KeyFileError, load_public_key, public_key_t
 from fedtune.platform.storage import open_database, transaction
 
 ENROLLMENT_FILE = "enrollment.json"
+LIVE_STATUSES = ("registered", "online", "offline")  # `flwr supernode list`; else "unregistered"
 
 
 @dataclass(frozen=True)
@@ -60,32 +70,108 @@ def read_enrollment(path: Path) -> Enrollment:
 
 
 def enroll_node(config: CoordinatorConfig, path: Path, *, name: str) -> str:
-    """Register the node's keys under ``name``; returns the SuperLink's node id. Enrolling a
-    name again with a new connection key (a rotation) unregisters its previous one; its
-    ledger keys are all kept, so its earlier entries still verify."""
+    """Register the node's keys under ``name``; returns the SuperLink's node id.
+
+    Idempotent against the SuperLink's real state (`flwr supernode list`), not against a file:
+    the key is registered unless the roster's SuperNode for ``name`` holds it and the SuperLink
+    still lists it. Enrolling a name again with a new connection key (a rotation)
+    unregisters its previous one; its ledger keys are all kept, so its earlier entries still
+    verify. The roster row (name, key, node id) is what the ServerApp trusts."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise CoordinatorError(f"node name {name!r}: use letters, digits, '_', '.', '-'")
     enrollment = read_enrollment(path)
+    key = flower_public_key(enrollment.auth_public_key)
+    engine = open_database(config.database_url)
+    with transaction(engine) as session:
+        row = enrolled_node(session, name)
+        previous = (row.auth_public_key, row.flower_node_id) if row else _legacy(config, name)
+        holder = enrolled_name_of_key(session, key)
+    if holder not in (None, name):
+        raise CoordinatorError(f"this SuperNode key is enrolled as node {holder!r} already")
+    listed = superlink_nodes(config)
+    old_key, old_id = previous or (None, None)
+    old_live = old_id is not None and listed.get(old_id) in LIVE_STATUSES
+    if old_key == key and old_live:
+        node_id = str(old_id)  # registered with this key already
+    else:
+        unregistered = old_key == key and listed.get(str(old_id)) == "unregistered"
+        node_id = _register(config, name, enrollment.auth_public_key, unregistered=unregistered)
+    with transaction(engine) as session:
+        record_enrollment(session, name, public_key=key, node_id=node_id)
+        add_public_key(session, name, enrollment.ledger_public_key)
+    if old_live and old_id != node_id:
+        try:
+            flwr(config, "supernode", "unregister", str(old_id), CONNECTION)
+        except CoordinatorError as exc:
+            raise CoordinatorError(
+                f"enrolled {name}'s new key as SuperNode {node_id}, but its old SuperNode "
+                f"{old_id} is still registered ({exc}); unregister it: `flwr supernode "
+                f"unregister {old_id}`"
+            ) from None
+    return node_id
+
+
+def superlink_nodes(config: CoordinatorConfig) -> dict[str, str]:
+    """Every SuperNode the SuperLink knows (unregistered ones too) -> its status."""
+    answer = _json_answer(flwr(config, "supernode", "list", CONNECTION, "--format", "json"))
+    return {str(node["node-id"]): str(node["status"]) for node in answer.get("nodes", [])}
+
+
+def _register(config: CoordinatorConfig, name: str, auth_key: str, *, unregistered: bool) -> str:
     folder = config.coordinator.state_dir / "enrolled"
     folder.mkdir(parents=True, exist_ok=True)
-    record = folder / f"{name}.json"
-    previous = json.loads(record.read_text(encoding="utf-8")) if record.exists() else None
-    if previous is not None and previous["auth_public_key"] == enrollment.auth_public_key:
-        node_id = str(previous["node_id"])  # already registered with this key
-    else:
-        auth_file = folder / f"{name}.pub"
-        auth_file.write_text(enrollment.auth_public_key + "\n", encoding="utf-8")
-        output = flwr(config, "supernode", "register", str(auth_file), CONNECTION, "--name", name)
-        found = re.search(r"SuperNode (\d+)", output)
-        if found is None:
-            raise CoordinatorError(f"flwr supernode register answered: {output.strip()[-300:]}")
-        node_id = found.group(1)
-        if previous is not None:
-            flwr(config, "supernode", "unregister", str(previous["node_id"]), CONNECTION)
-        record.write_text(
-            json.dumps({"node_id": node_id, "auth_public_key": enrollment.auth_public_key}),
-            encoding="utf-8",
+    auth_file = folder / f"{name}.pub"  # for Flower's CLI, which reads a file
+    auth_file.write_text(auth_key + "\n", encoding="utf-8")
+    try:
+        answer = _json_answer(
+            flwr(
+                config,
+                "supernode",
+                "register",
+                str(auth_file),
+                CONNECTION,
+                "--name",
+                name,
+                "--format",
+                "json",
+            )
         )
-    with transaction(open_database(config.database_url)) as session:
-        add_public_key(session, name, enrollment.ledger_public_key)
-    return node_id
+    except CoordinatorError as exc:
+        if "already in use" not in str(exc):
+            raise
+        if unregistered:
+            raise CoordinatorError(
+                f"the SuperLink has unregistered node {name}'s key, and Flower never registers "
+                "a key twice: the node makes a new one (`fedtune node keygen --out DIR "
+                "--new-auth-key`), then enroll its enrollment.json again"
+            ) from None
+        raise CoordinatorError(
+            f"node {name}'s key is registered with the SuperLink already, not by fedtune's "
+            "enrollment (`flwr supernode list`): unregister that SuperNode, or let the node "
+            "make a new key (`fedtune node keygen --out DIR --new-auth-key`)"
+        ) from None
+    return str(answer["node-id"])
+
+
+def _json_answer(output: str) -> dict[str, Any]:
+    """The JSON a `flwr ... --format json` command printed; CoordinatorError if it failed."""
+    try:
+        answer = json.loads(output)
+    except json.JSONDecodeError:
+        raise CoordinatorError(f"flwr answered: {output.strip()[-300:]}") from None
+    if not isinstance(answer, dict) or not answer.get("success"):
+        detail = str(answer.get("error-message", answer) if isinstance(answer, dict) else answer)
+        raise CoordinatorError("flwr: " + detail.strip().splitlines()[-1])
+    return answer
+
+
+def _legacy(config: CoordinatorConfig, name: str) -> tuple[str, str] | None:
+    """(key, node id) from ``STATE/enrolled/NAME.json``, which enrollment wrote before the
+    roster was in the database: a node enrolled then keeps its SuperNode (the SuperLink is
+    still asked whether it holds it)."""
+    record = config.coordinator.state_dir / "enrolled" / f"{name}.json"
+    try:
+        raw = json.loads(record.read_text(encoding="utf-8"))
+        return flower_public_key(str(raw["auth_public_key"])), str(raw["node_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

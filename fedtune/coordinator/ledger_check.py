@@ -47,7 +47,8 @@ class LedgerCheck:
     def __call__(
         self, server_round: int, node_name: str | None, content: RecordDict
     ) -> tuple[SignedRound | None, str | None]:
-        """The verified entry, or None and the reason it was refused."""
+        """The verified entry, or None and the reason it was refused. ``node_name`` is whose
+        reply it is: in deployment the sender's enrolled name, never the name it reports."""
         if node_name is None or node_name not in self.enrolled:
             return None, f"node {node_name!r} is not enrolled: no public key to verify its ledger"
         try:

@@ -75,7 +75,9 @@ class RunRecorder:
         self.rounds = rounds
         self.checkpointer = checkpointer
         self.progress = progress
-        self.node_names: dict[str, str] = {}  # Flower node id -> the name the node gave
+        # Flower node id -> the name its replies were attributed to (in deployment the
+        # enrolled name, see coordinator.roster; in simulation the name the node gave)
+        self.node_names: dict[str, str] = {}
         self._pending: _PendingRound | None = None
         self._held_out: list[float | None] = []  # global held-out loss per round
         self._round_started = time.perf_counter()

@@ -7,7 +7,8 @@ instructions, and receives the unmasked weighted mean with each node's reply min
 (metrics, privacy report, signed ledger entry, or a decline). Because a single update cannot
 be taken out of a secure sum, the mean is kept only when every reply that went into it
 carries a ledger entry that verifies; otherwise the round keeps the previous global adapter
-and says why.
+and says why. Each reply is attributed to its sender's enrolled name (``enrolled``, see
+:mod:`fedtune.coordinator.roster`); one that names another node is refused.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ from flwr.server.strategy import FedAvg
 
 from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.node_level_dp import NodeLevelPrivacy
-from fedtune.coordinator.strategy import ReplyOutcome, RoundObserver, update_problem
+from fedtune.coordinator.roster import name_problem, reported_name
+from fedtune.coordinator.strategy import (
+    EnrolledName,
+    ReplyOutcome,
+    RoundObserver,
+    update_problem,
+)
 from fedtune.platform.messages import (
     ARRAYS,
     DECLINE,
     METRICS,
-    NODE,
     NUM_EXAMPLES,
     TrainInstructions,
     arrays_to_record,
@@ -66,6 +72,7 @@ class SecureFedAvg(FedAvg):
         fraction_train: float = 1.0,
         node_wait_s: float = 300.0,
         node_dp: NodeLevelPrivacy | None = None,
+        enrolled: EnrolledName | None = None,
     ) -> None:
         if min_nodes < 2:
             raise ValueError("secure aggregation needs at least 2 nodes per round (min_nodes)")
@@ -81,6 +88,7 @@ class SecureFedAvg(FedAvg):
         self.ledger_check = ledger_check
         self.node_wait_s = node_wait_s
         self.node_dp = node_dp
+        self.enrolled = enrolled
         self.adapter_keys = list(global_arrays.keys())
         self.sampled: list[str] = []
         self.recorded_round: int | None = None  # the last round aggregate_fit recorded
@@ -116,7 +124,12 @@ class SecureFedAvg(FedAvg):
         answered = {o.flower_node_id for o in outcomes}
         reasons = "; ".join(str(f) for f in failures) or "no reply"
         outcomes += [
-            ReplyOutcome("failed", node_id, None, f"dropped out of secure aggregation ({reasons})")
+            ReplyOutcome(
+                "failed",
+                node_id,
+                self.name_of(node_id),
+                f"dropped out of secure aggregation ({reasons})",
+            )
             for node_id in self.sampled
             if node_id not in answered
         ]
@@ -144,15 +157,22 @@ class SecureFedAvg(FedAvg):
         ordered = record_to_arrays(aggregate)
         return ndarrays_to_parameters([ordered[key] for key in self.adapter_keys]), {}
 
+    def name_of(self, node_id: int | str) -> str | None:
+        """A sampled node's enrolled name (None: no roster, or not enrolled)."""
+        return self.enrolled(int(node_id)) if self.enrolled is not None else None
+
     def _outcome(self, server_round: int, proxy: ClientProxy, res: FitRes) -> ReplyOutcome:
         node_id = str(proxy.node_id)
         try:
             content = train_reply_from_secure_metrics(res.metrics)
         except SecureMessageError as exc:
-            return ReplyOutcome("rejected", node_id, None, str(exc))
-        node = content.config_records.get(NODE)
-        name = node.get("name") if node is not None else None
-        name = name if isinstance(name, str) else None
+            return ReplyOutcome("rejected", node_id, self.name_of(node_id), str(exc))
+        name = reported = reported_name(content)
+        if self.enrolled is not None:
+            name = self.name_of(node_id)
+            wrong = name_problem(name, reported, node_id)
+            if wrong is not None:
+                return ReplyOutcome("rejected", node_id, name, wrong)
         if DECLINE in content.config_records:
             reason = str(content.config_records[DECLINE].get("reason", "no reason given"))
             return ReplyOutcome("declined", node_id, name, reason)

@@ -8,12 +8,16 @@ its reason, and the rest are aggregated. With a :class:`~fedtune.coordinator.led
 LedgerCheck`, a train reply must also carry a signed ledger entry that verifies; a verified
 entry is kept with the outcome even when the update itself is rejected (the node did spend
 that epsilon). Every outcome goes to a :class:`RoundObserver`.
+
+In deployment a reply is attributed to the enrolled name of the SuperNode that sent it
+(``enrolled``, see :mod:`fedtune.coordinator.roster`), and rejected when it names another
+node; in simulation, which has no enrollment, to the name it reports.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -23,9 +27,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.coordinator.ledger_check import LedgerCheck, SignedRound
+from fedtune.coordinator.roster import name_problem
 from fedtune.platform.messages import ARRAYS, DECLINE, METRICS, NODE, NUM_EXAMPLES
 
 OutcomeKind = Literal["accepted", "rejected", "declined", "failed"]
+EnrolledName = Callable[[int], str | None]  # a SuperNode id -> its enrolled name
 
 
 @dataclass(frozen=True)
@@ -92,20 +98,37 @@ def _node_name(message: Message) -> str | None:
     return None
 
 
+def attributed_name(
+    message: Message, enrolled: EnrolledName | None
+) -> tuple[str | None, str | None]:
+    """Whose ``message`` is, and why it cannot be taken (None: it can). Without a roster
+    (simulation) the name it reports; with one, the sender's enrolled name."""
+    reported = _node_name(message)
+    if enrolled is None:
+        return reported, None
+    node_id = message.metadata.src_node_id
+    name = enrolled(node_id)
+    return name, name_problem(name, reported, node_id)
+
+
 def sort_train_replies(
     replies: Iterable[Message],
     expected: ArrayRecord,
     *,
     server_round: int,
     ledger_check: LedgerCheck | None = None,
+    enrolled: EnrolledName | None = None,
 ) -> list[ReplyOutcome]:
     outcomes = []
     for message in replies:
         node_id = str(message.metadata.src_node_id)
-        name = _node_name(message)
+        name, wrong = attributed_name(message, enrolled)
         if message.has_error():
             reason = f"node error {message.error.code}: {message.error.reason}"
             outcomes.append(ReplyOutcome("failed", node_id, name, reason))
+            continue
+        if wrong is not None:
+            outcomes.append(ReplyOutcome("rejected", node_id, name, wrong))
             continue
         if DECLINE in message.content.config_records:
             reason = str(message.content.config_records[DECLINE].get("reason", "no reason given"))
@@ -147,13 +170,18 @@ def _same_metric_keys(outcomes: list[ReplyOutcome]) -> list[ReplyOutcome]:
     ]
 
 
-def sort_evaluate_replies(replies: Iterable[Message]) -> list[ReplyOutcome]:
+def sort_evaluate_replies(
+    replies: Iterable[Message], *, enrolled: EnrolledName | None = None
+) -> list[ReplyOutcome]:
     outcomes = []
     for message in replies:
-        node_id, name = str(message.metadata.src_node_id), _node_name(message)
+        node_id = str(message.metadata.src_node_id)
+        name, wrong = attributed_name(message, enrolled)
         if message.has_error():
             reason = f"node error {message.error.code}: {message.error.reason}"
             outcomes.append(ReplyOutcome("failed", node_id, name, reason))
+        elif wrong is not None:
+            outcomes.append(ReplyOutcome("rejected", node_id, name, wrong))
         elif METRICS not in message.content.metric_records:
             outcomes.append(ReplyOutcome("rejected", node_id, name, "no metrics in reply"))
         else:
@@ -162,18 +190,21 @@ def sort_evaluate_replies(replies: Iterable[Message]) -> list[ReplyOutcome]:
 
 
 class ValidatingFedAvg(FedAvg):
-    """Flower's FedAvg, fed only the replies that pass :func:`update_problem`."""
+    """Flower's FedAvg, fed only the replies that pass :func:`update_problem`; with
+    ``enrolled``, replies are attributed to their sender's enrolled name."""
 
     def __init__(
         self,
         *,
         observer: RoundObserver,
         ledger_check: LedgerCheck | None = None,
+        enrolled: EnrolledName | None = None,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.observer = observer
         self.ledger_check = ledger_check
+        self.enrolled = enrolled
         # The global arrays sent out this round: replies must match their keys and shapes.
         self.global_arrays: ArrayRecord | None = None
 
@@ -193,6 +224,7 @@ class ValidatingFedAvg(FedAvg):
             self.global_arrays,
             server_round=server_round,
             ledger_check=self.ledger_check,
+            enrolled=self.enrolled,
         )
         accepted = [o.message for o in outcomes if o.message is not None]
         arrays, metrics = None, None
@@ -204,7 +236,7 @@ class ValidatingFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        outcomes = sort_evaluate_replies(replies)
+        outcomes = sort_evaluate_replies(replies, enrolled=self.enrolled)
         accepted = [o.message for o in outcomes if o.message is not None]
         metrics = super().aggregate_evaluate(server_round, accepted) if accepted else None
         self.observer.on_evaluate(server_round, outcomes, metrics)

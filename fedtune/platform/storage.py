@@ -236,6 +236,23 @@ class HealthAlert(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class EnrolledNode(Base):
+    """A node `fedtune coordinator enroll` registered with the SuperLink: the roster the
+    ServerApp maps connected SuperNodes to names with (a node's own word is not trusted).
+
+    ``auth_public_key`` is the SuperNode key as Flower's SuperLink stores and reports it
+    (``NodeInfo.public_key``): PEM SubjectPublicKeyInfo text. One row per name; enrolling a
+    rotated key replaces the row's key and node id."""
+
+    __tablename__ = "enrolled_nodes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    auth_public_key: Mapped[str] = mapped_column(String(400), unique=True)
+    flower_node_id: Mapped[str] = mapped_column(String(32))
+    enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class DatabaseNotFoundError(ValueError):
     """A SQLite database file that should exist does not."""
 
