@@ -112,9 +112,12 @@ class LocalDeployment:
                         f"the coordinator did not start; see {self.log('coordinator')}"
                     ) from None
 
-    def add_node(self, name: str, *, node_toml_body: str) -> Path:
+    def add_node(
+        self, name: str, *, node_toml_body: str, min_secure_peers: int | None = None
+    ) -> Path:
         """Keys for node ``name`` and its node.toml (``node_toml_body``: the sections other
-        than [node] and [coordinator]); returns the node.toml."""
+        than [node] and [coordinator]; ``min_secure_peers``: its [coordinator] setting, e.g. 2
+        for a federation of two); returns the node.toml."""
         folder = self.workdir / "nodes" / name
         subprocess.run(
             fedtune_command("node", "keygen", "--out", str(folder / "state")),
@@ -129,7 +132,8 @@ class LocalDeployment:
             "[coordinator]\n"
             f'address = "{config.public_address}"\n'
             f"root_certificates = {json.dumps(str(config.tls.ca_certificate))}\n"
-            'auth_key = "state/auth_key"\n',
+            'auth_key = "state/auth_key"\n'
+            + (f"min_secure_peers = {min_secure_peers}\n" if min_secure_peers else ""),
             encoding="utf-8",
         )
         return node_toml
@@ -335,7 +339,11 @@ def run_deployment_demo(
         deployment.start_coordinator()
         for name in DEMO_NODES:
             deployment.add_node(
-                name, node_toml_body=_DEMO_NODE_TOML.format(model=model, data=data, name=name)
+                name,
+                node_toml_body=_DEMO_NODE_TOML.format(model=model, data=data, name=name),
+                # Two nodes: each learns the other's (DP-noised) update from the secure mean,
+                # which a demo accepts knowingly; a consortium keeps the default of 3.
+                min_secure_peers=len(DEMO_NODES),
             )
             deployment.enroll(name)
             deployment.start_node(name)

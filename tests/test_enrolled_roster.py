@@ -340,7 +340,8 @@ def consortium(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         local.start_coordinator()
         for name, domain in (("hospital", "hospital"), ("bank", "bank"), ("clinic", "bank")):
             body = NODE_TOML.format(model=tiny_model_dir, data=workdir / "data", domain=domain)
-            local.add_node(name, node_toml_body=body)
+            # Rounds of two honest nodes here: they accept a secure mean of two knowingly.
+            local.add_node(name, node_toml_body=body, min_secure_peers=2)
             local.enroll(name)
         body = NODE_TOML.format(model=tiny_model_dir, data=workdir / "data", domain="hospital")
         rogue_toml = local.add_node("rogue", node_toml_body=body)

@@ -455,3 +455,36 @@ def test_a_login_the_superlink_refused_is_not_kept_in_the_replay_cache(coordinat
     ]
 
     assert statuses == [401, 401]  # not 403: junk logins do not fill the cache
+
+
+def test_a_run_with_a_serverapp_of_its_own_is_refused_on_the_coordinator(coordinator, tmp_path):
+    marker = tmp_path / "serverapp-ran"
+    app = tmp_path / "own-serverapp"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "own"\nversion = "1.0.0"\ndescription = ""\nlicense = "Apache-2.0"\n'
+        'dependencies = []\n\n[tool.flwr.app]\npublisher = "local"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "own:app"\nclientapp = "own:client"\n'
+    )
+    (app / "own.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from flwr.serverapp import ServerApp\nfrom flwr.clientapp import ClientApp\n"
+        "app = ServerApp()\nclient = ClientApp()\n"
+    )
+    config = coordinator.coordinator
+
+    # A local account on the coordinator host reaches the Control API (threat model).
+    submitted = json.loads(flwr(config, "run", str(app), CONNECTION, "--format", "json"))
+    run_id = str(submitted["run-id"])
+    deadline = time.monotonic() + 120
+    status = ""
+    while time.monotonic() < deadline and "finished" not in status:
+        runs = json.loads(flwr(config, "ls", CONNECTION, "--format", "json"))["runs"]
+        status = next(str(run["status"]) for run in runs if str(run["run-id"]) == run_id)
+        time.sleep(1)
+
+    assert status == "finished:failed"
+    assert not marker.exists()
+    logs = flwr(config, "log", run_id, CONNECTION, "--show")
+    assert "UntrustedBundleError: refused: the run's app bundle carries files" in logs

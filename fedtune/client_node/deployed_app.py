@@ -3,8 +3,10 @@
 Flower starts this in a fresh process for every message, so it stays light: it does not load
 the model, it forwards each message's content to the node's long-lived trainer
 (:mod:`fedtune.client_node.trainer_service`). Train messages of a secure-aggregation round go
-through Flower's ``secaggplus_mod``: only the masked update leaves the node, with the rest of
-the reply (metrics, privacy report, signed ledger entry) beside it.
+through Flower's ``secaggplus_mod`` behind fedtune's guard (``secagg_guard``: it refuses what
+a coordinator could abuse) with fedtune's mask generator (``platform/secagg_masks``): only the
+masked update leaves the node, with the rest of the reply (metrics, privacy report, signed
+ledger entry) beside it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from flwr.app import Context, Message
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedtune.client_node.secagg_guard import make_guarded_secaggplus_mod
 from fedtune.client_node.trainer_service import call_trainer
+from fedtune.platform import secagg_masks
 from fedtune.platform.config import NodeConfig, load_node_config
 from fedtune.platform.messages import (
     ABTEST_MESSAGE_TYPE,
@@ -30,6 +33,9 @@ from fedtune.platform.secure_messages import (
 )
 
 NODE_CONFIG_KEY = "config"  # --node-config "config='PATH/node.toml'"
+DEFAULT_MIN_SECURE_PEERS = 3
+
+secagg_masks.install()  # masks from the whole secret, never Flower's 32-bit-folded seeds
 
 _CONFIGS: dict[str, NodeConfig] = {}
 
@@ -53,6 +59,7 @@ def _secure_train(message: Message, context: Context) -> Message:
     """Called by ``secaggplus_mod`` once the keys are shared: train, then hand back the update
     for masking."""
     request = train_content_from_secure(message.content)
+    secagg_masks.require_generator(request.mask_generator)  # else the masks cannot cancel
     request.content.config_records[CONFIG][SECURE_AGGREGATION] = True
     reply = call_trainer(node_config(context).node.state_dir, "train", request.content)
     return Message(secure_reply_from_train_reply(reply, request), reply_to=message)
@@ -64,7 +71,10 @@ app = ClientApp()
 @app.train()
 def train(message: Message, context: Context) -> Message:
     if RECORD_KEY_CONFIGS in message.content.config_records:
-        return secaggplus_mod(message, context, _secure_train)
+        connection = node_config(context).coordinator
+        minimum = connection.min_secure_peers if connection else DEFAULT_MIN_SECURE_PEERS
+        guarded = make_guarded_secaggplus_mod(min_peers=minimum)
+        return guarded(message, context, _secure_train)
     return _forward("train", message, context)
 
 

@@ -44,6 +44,7 @@ from fedtune.coordinator.server_app import (
     prepare_run,
 )
 from fedtune.coordinator.strategy import ReplyOutcome, ValidatingFedAvg
+from fedtune.platform import secagg_masks
 from fedtune.platform.config import RunConfig
 from fedtune.platform.ledger_store import node_public_keys
 from fedtune.platform.messages import (
@@ -230,6 +231,21 @@ def _rounds(
             secure.close()
 
 
+class StrictMajority(float):
+    """A reconstruction threshold whose share of n nodes is always a strict majority.
+
+    Flower rounds ``fraction * n`` to the nearest even integer: 0.6 of 4 nodes gives 2, no
+    majority, which lets a coordinator that splits the nodes collect a dropped node's secrets
+    from half of them; nodes refuse it (client_node/secagg_guard.py)."""
+
+    def __mul__(self, nodes: object) -> float:
+        if not isinstance(nodes, int):
+            return NotImplemented
+        return max(float(self) * nodes, float(nodes // 2 + 1))
+
+    __rmul__ = __mul__
+
+
 class _SecAggPlus(SecAggPlusWorkflow):
     """Flower's SecAgg+, also surviving a node that leaves before it has shared its keys.
 
@@ -273,6 +289,8 @@ class _SecureRounds:
         max_weight: float,
     ):
         aggregation = config.aggregation
+        secagg_masks.install()  # unmask with the masks the nodes made (not Flower's 32-bit ones)
+        secagg_masks.check_installed()
         self.grid = grid
         self.setup = setup
         self.strategy = SecureFedAvg(
@@ -293,7 +311,7 @@ class _SecureRounds:
         )
         self.workflow = _SecAggPlus(
             num_shares=1.0,  # every sampled node holds a share of every other's keys
-            reconstruction_threshold=aggregation.reconstruction_threshold,
+            reconstruction_threshold=StrictMajority(aggregation.reconstruction_threshold),
             max_weight=max_weight,
             clipping_range=aggregation.clipping_range,
             timeout=aggregation.reply_timeout_s,

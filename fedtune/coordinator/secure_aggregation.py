@@ -49,6 +49,7 @@ from fedtune.platform.messages import (
 )
 from fedtune.platform.secure_messages import (
     SecureMessageError,
+    mask_generator_problem,
     secure_train_config,
     train_reply_from_secure_metrics,
 )
@@ -167,6 +168,9 @@ class SecureFedAvg(FedAvg):
             content = train_reply_from_secure_metrics(res.metrics)
         except SecureMessageError as exc:
             return ReplyOutcome("rejected", node_id, self.name_of(node_id), str(exc))
+        wrong_masks = mask_generator_problem(res.metrics)
+        if wrong_masks is not None:
+            return ReplyOutcome("rejected", node_id, self.name_of(node_id), wrong_masks)
         name = reported = reported_name(content)
         if self.enrolled is not None:
             name = self.name_of(node_id)

@@ -31,13 +31,12 @@ from fedtune.coordinator.job import JOB_KEY, DeploymentJob
 from fedtune.platform.config import CoordinatorConfig, RunConfig
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
 from fedtune.platform.processes import end_process_tree
+from fedtune.platform.run_bundle import CLIENT_APP, SERVER_APP
 from fedtune.platform.tls import SUPERLINK_HOSTS, CertificatePaths, check_certificates
 
 CONNECTION = "fedtune"
 SUBMISSION_FILE = "submission.json"  # in a run's app folder: its Flower run id
 SUPEREXEC_SECRET_FILE = "superexec.secret"
-SERVER_APP = "fedtune.coordinator.deployed_app:app"
-CLIENT_APP = "fedtune.client_node.deployed_app:app"
 
 
 class CoordinatorError(RuntimeError):
@@ -270,8 +269,10 @@ def submit_run(config: CoordinatorConfig, job: DeploymentJob) -> str:
 
 
 def write_app(folder: Path, job: DeploymentJob) -> None:
-    """The Flower app folder of one run: metadata and the job; no code of its own."""
+    """The Flower app folder of one run: metadata and the job; no code of its own (the
+    coordinator and the nodes refuse any other bundle: platform/run_bundle.py)."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / SUBMISSION_FILE).unlink(missing_ok=True)  # from an earlier submission
     (folder / "pyproject.toml").write_text(
         "[build-system]\n"
         'requires = ["hatchling"]\n'

@@ -43,11 +43,15 @@ from fedtune.platform.messages import (
     arrays_to_record,
     record_to_arrays,
 )
+from fedtune.platform.secagg_masks import GENERATOR_NAME
 
 INSTRUCTIONS_KEY = "fedtune-instructions"  # TrainInstructions' record, as JSON
 ADAPTER_KEYS_KEY = "fedtune-adapter-keys"  # the order of the arrays, as JSON
 REPLY_KEY = "fedtune-reply"  # the train reply without its arrays, serialised
 CLIPPING_NORM_KEY = "fedtune-node-dp-clipping-norm"  # node-level DP: clip the update to this
+# Which mask generator masked (node) and unmasks (coordinator): both must be the same, or the
+# masks do not cancel and the mean is silently wrong (fedtune.platform.secagg_masks).
+MASK_GENERATOR_KEY = "fedtune-mask-generator"
 MAX_REPLY_BYTES = 1 << 20  # a reply's non-array part is a few kilobytes
 
 
@@ -67,6 +71,7 @@ def secure_train_config(
         INSTRUCTIONS_KEY: json.dumps(dict(instructions.to_record())),
         ADAPTER_KEYS_KEY: json.dumps(list(adapter_keys)),
         SERVER_ROUND: server_round,
+        MASK_GENERATOR_KEY: GENERATOR_NAME,
     }
     if clipping_norm is not None:
         config[CLIPPING_NORM_KEY] = clipping_norm
@@ -80,6 +85,7 @@ class SecureTrain:
     content: RecordDict  # fedtune's train content: arrays by name + instructions
     adapter_keys: list[str]  # the order to reply in
     clipping_norm: float | None  # node-level DP: clip the update to this L2 norm
+    mask_generator: str  # the coordinator's mask generator ("" when it named none)
 
     @property
     def sent(self) -> dict[str, np.ndarray]:
@@ -102,7 +108,12 @@ def train_content_from_secure(content: RecordDict) -> SecureTrain:
         {ARRAYS: arrays_to_record(dict(zip(keys, arrays, strict=True))), CONFIG: record}
     )
     clipping = fitins.config.get(CLIPPING_NORM_KEY)
-    return SecureTrain(train, keys, float(clipping) if isinstance(clipping, (int, float)) else None)
+    return SecureTrain(
+        train,
+        keys,
+        float(clipping) if isinstance(clipping, (int, float)) else None,
+        str(fitins.config.get(MASK_GENERATOR_KEY, "")),
+    )
 
 
 def secure_reply_from_train_reply(reply: RecordDict, request: SecureTrain) -> RecordDict:
@@ -126,9 +137,23 @@ def secure_reply_from_train_reply(reply: RecordDict, request: SecureTrain) -> Re
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters(arrays),
         num_examples=weight,
-        metrics={REPLY_KEY: recorddict_to_proto(rest).SerializeToString()},
+        metrics={
+            REPLY_KEY: recorddict_to_proto(rest).SerializeToString(),
+            MASK_GENERATOR_KEY: GENERATOR_NAME,
+        },
     )
     return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def mask_generator_problem(metrics: Mapping[str, object]) -> str | None:
+    """Why a node's masked update cannot be unmasked here (another generator), or None."""
+    used = metrics.get(MASK_GENERATOR_KEY)
+    if used != GENERATOR_NAME:
+        return (
+            f"masked with the generator {used or 'of stock Flower'!s}; this coordinator unmasks "
+            f"with {GENERATOR_NAME}: the masks cannot cancel"
+        )
+    return None
 
 
 def train_reply_from_secure_metrics(metrics: Mapping[str, object]) -> RecordDict:

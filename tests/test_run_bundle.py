@@ -1,0 +1,57 @@
+"""Which run bundles (Flower app bundles, FABs) fedtune's coordinator and nodes accept: their
+own, built by Flower from `fedtune run start`'s app folder, and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from fedtune.coordinator.job import DeploymentJob
+from fedtune.coordinator.superlink import SUBMISSION_FILE, write_app
+from fedtune.platform.config import RunConfig
+from fedtune.platform.run_bundle import UntrustedBundleError, check_bundle
+
+JOB = DeploymentJob(
+    run_id="r1",
+    run=RunConfig.model_validate(
+        {"run": {"rounds": 1}, "nodes": [{"name": "hospital"}], "output": {"dir": "out"}}
+    ),
+)
+
+
+@pytest.fixture
+def app_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "app"
+    write_app(folder, JOB)
+    return folder
+
+
+def test_the_bundle_fedtune_submits_is_accepted_also_when_submitted_again(app_folder):
+    (app_folder / SUBMISSION_FILE).write_text("{}")  # left by an earlier submission
+    write_app(app_folder, JOB)
+
+    check_bundle(build_fab_from_disk(app_folder))
+
+
+def test_a_bundle_carrying_code_is_refused(app_folder):
+    (app_folder / "helper.py").write_text("import os\n")
+
+    with pytest.raises(UntrustedBundleError, match=r"carries files besides .*helper\.py"):
+        check_bundle(build_fab_from_disk(app_folder))
+
+
+def test_a_bundle_naming_another_clientapp_is_refused(app_folder):
+    pyproject = app_folder / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace("fedtune.client_node.deployed_app:app", "evil:app")
+    )
+
+    with pytest.raises(UntrustedBundleError, match=r"clientapp 'evil:app'; fedtune runs only"):
+        check_bundle(build_fab_from_disk(app_folder))
+
+
+def test_bytes_that_are_no_bundle_are_refused():
+    with pytest.raises(UntrustedBundleError, match="unreadable"):
+        check_bundle(b"not a zip file")
