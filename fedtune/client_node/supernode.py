@@ -23,6 +23,7 @@ from fedtune.client_node.client_app import REPLIES, node_runtime
 from fedtune.client_node.trainer_service import TrainerService
 from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.pinned_apps import SECRET_FILE, ensure_secret
 
 # What the SuperNode prints when the SuperLink refuses its key (with "Exit Code: 305"; the
 # process itself exits with 1 in Flower 1.41).
@@ -56,10 +57,32 @@ def supernode_command(config: NodeConfig, node_toml: Path, *, port: int) -> list
         str(connection.auth_key),
         "--node-config",
         f"config='{node_toml.resolve()}'",
+        # Tasks go only to fedtune's SuperExec, which holds this secret and starts fedtune's
+        # ClientApp alone (platform/pinned_apps.py), never code from a run's bundle.
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(config.node.state_dir / SECRET_FILE),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
+    ]
+
+
+def superexec_command(config: NodeConfig, *, port: int, supernode_pid: int) -> list[str]:
+    """fedtune's SuperExec for the SuperNode's runtime API on 127.0.0.1:``port``."""
+    return [
+        sys.executable,
+        "-m",
+        "fedtune.client_node.superexec",
+        "--runtime-api-address",
+        f"127.0.0.1:{port}",
+        "--insecure",  # loopback, as Flower's own SuperExec on a node
+        "--superexec-auth-secret-file",
+        str(config.node.state_dir / SECRET_FILE),
+        "--parent-pid",
+        str(supernode_pid),
     ]
 
 
@@ -76,6 +99,7 @@ class NodeSupervisor:
     def __init__(self, node_toml: Path, *, say: Callable[[str], None] = print):
         self.node_toml = node_toml
         self.config = load_node_config(node_toml)
+        self.port = _free_port()  # the SuperNode's runtime API, for fedtune's SuperExec
         self.say = say
         self._stopping = threading.Event()
         self._process: subprocess.Popen[str] | None = None
@@ -83,8 +107,9 @@ class NodeSupervisor:
     def run(self) -> int:
         config = self.config
         connection = config.coordinator
-        command = supernode_command(config, self.node_toml, port=_free_port())
+        command = supernode_command(config, self.node_toml, port=self.port)
         assert connection is not None
+        _make_private(config.node.state_dir)
         self.say(f"node {config.node.name}: loading the base model ({config.model.spec})")
         node_runtime(config)
         service = TrainerService(config, REPLIES)
@@ -140,8 +165,14 @@ class NodeSupervisor:
         )
         relay = threading.Thread(target=self._relay, args=(process, refusals), daemon=True)
         relay.start()
+        superexec = subprocess.Popen(  # ends when the SuperNode does (--parent-pid)
+            superexec_command(self.config, port=self.port, supernode_pid=process.pid),
+            env=tool_path_environment(),
+            start_new_session=True,
+        )
         code = process.wait()
         _end_group(process.pid)
+        _end_group(superexec.pid)
         relay.join(timeout=5)
         return code, refusals[0] if refusals else None
 
@@ -158,6 +189,16 @@ class NodeSupervisor:
         process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
+
+
+def _make_private(state_dir: Path) -> None:
+    """The node's state (keys, ledger, trainer key, SuperExec secret): its account only."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)
+    ensure_secret(state_dir / SECRET_FILE)
+    for path in state_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o600)
 
 
 def _end_group(pgid: int) -> None:
@@ -178,6 +219,7 @@ def _end_group(pgid: int) -> None:
 
 def start_node(node_toml: Path) -> int:
     """The foreground `fedtune node start`: runs until SIGTERM or Ctrl-C."""
+    os.umask(0o077)  # keys, ledger, logs: the node's account only
     supervisor = NodeSupervisor(node_toml)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:

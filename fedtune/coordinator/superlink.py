@@ -15,8 +15,6 @@ keys, run definitions and per-node metrics).
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -30,13 +28,13 @@ from fedtune.coordinator import gateway
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
 from fedtune.platform.config import CoordinatorConfig, RunConfig
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.pinned_apps import SECRET_FILE, ensure_secret
 from fedtune.platform.processes import end_process_tree
 from fedtune.platform.run_bundle import CLIENT_APP, SERVER_APP
 from fedtune.platform.tls import SUPERLINK_HOSTS, CertificatePaths, check_certificates
 
 CONNECTION = "fedtune"
 SUBMISSION_FILE = "submission.json"  # in a run's app folder: its Flower run id
-SUPEREXEC_SECRET_FILE = "superexec.secret"
 
 
 class CoordinatorError(RuntimeError):
@@ -48,7 +46,7 @@ def flwr_home(config: CoordinatorConfig) -> Path:
 
 
 def superexec_secret(config: CoordinatorConfig) -> Path:
-    return config.coordinator.state_dir / SUPEREXEC_SECRET_FILE
+    return config.coordinator.state_dir / SECRET_FILE
 
 
 def superlink_command(config: CoordinatorConfig) -> list[str]:
@@ -122,11 +120,7 @@ def prepare(config: CoordinatorConfig) -> None:
         f"root-certificates = {json.dumps(str(config.tls.ca_certificate))}\n",
         encoding="utf-8",
     )
-    secret = superexec_secret(config)
-    if not secret.exists():
-        descriptor = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(secrets.token_bytes(32))
+    ensure_secret(superexec_secret(config))
     try:
         gateway.write_config(config)
     except gateway.GatewayError as exc:
