@@ -290,6 +290,11 @@ def protections_of(coordinator: CoordinatorConfig, run_id: str) -> dict[str, str
             f"nginx at {coordinator.public_address} forwards the Fleet API only ({forwarded} "
             "paths), refuses replayed node logins; the SuperLink listens on 127.0.0.1"
         )
+    if "--superexec-auth-secret-file" in command:
+        protections["pinned_apps"] = (
+            "only fedtune's own ServerApp and ClientApp run: run bundles checked before "
+            "install, tasks only for the SuperExec holding the secret, tokens on stdin"
+        )
     with transaction(open_database(coordinator.database_url)) as session:
         run = session.get(Run, run_id)
         if run is None:
@@ -305,7 +310,10 @@ def protections_of(coordinator: CoordinatorConfig, run_id: str) -> dict[str, str
             select(LedgerEntryRow.id).where(LedgerEntryRow.run_id == run_id)
         ).all()
     if config.aggregation.secure:
-        protections["secure_aggregation"] = "Flower SecAgg+: only masked updates and their mean"
+        protections["secure_aggregation"] = (
+            "Flower SecAgg+ with fedtune's masks (ChaCha20 keyed by the whole seed), checked "
+            "by each node: only masked updates and their mean"
+        )
     if config.aggregation.node_dp is not None:
         protections["node_level_dp"] = "clipped updates, noise on the mean, coordinator's ledger"
     if epsilons:

@@ -170,6 +170,7 @@ def test_secure_run_over_tls_with_enrolled_nodes_completes(deployment, tiny_mode
         "differential_privacy",
         "gateway",
         "node_authentication",
+        "pinned_apps",
         "secure_aggregation",
         "signed_ledger",
         "tls",
