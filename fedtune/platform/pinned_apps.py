@@ -20,11 +20,14 @@ Flower 1.41 has three gaps here, closed in this one module:
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -111,8 +114,12 @@ def _install_checked(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
 
 def run_app_process(*, cli: str, runtime: str, entry: str) -> None:
     """Flower's app command ``cli.entry`` reading its token from standard input, its runtime
-    module ``runtime`` installing only fedtune's own bundles. Modules are looked up through
-    ``importlib``: the packages re-export functions under the modules' names."""
+    module ``runtime`` installing only fedtune's own bundles, into a Flower home of its own
+    that is removed when it exits (Flower would keep every run's bundle). Modules are looked
+    up through ``importlib``: the packages re-export functions under the modules' names."""
+    home = tempfile.mkdtemp(prefix="fedtune-app-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    os.environ["FLWR_HOME"] = home
     runtime_module = importlib.import_module(runtime)
     runtime_module.install_from_fab = _install_checked  # type: ignore[attr-defined]
     cli_module = importlib.import_module(cli)
