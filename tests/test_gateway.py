@@ -487,4 +487,4 @@ def test_a_run_with_a_serverapp_of_its_own_is_refused_on_the_coordinator(coordin
     assert status == "finished:failed"
     assert not marker.exists()
     logs = flwr(config, "log", run_id, CONNECTION, "--show")
-    assert "UntrustedBundleError: refused: the run's app bundle carries files" in logs
+    assert "UntrustedBundleError: refused: fedtune runs only its own ServerApp" in logs

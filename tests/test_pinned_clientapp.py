@@ -1,21 +1,123 @@
-"""A node runs only fedtune's own ClientApp, whatever a coordinator sends: tried against a
-malicious coordinator (stock Flower SuperLink, TLS, node authentication) that submits a run
-whose bundle carries its own ClientApp. Real processes on 127.0.0.1, stopped by the test."""
+"""A node runs only fedtune's own ClientApp, whatever a coordinator sends.
+
+Fast: the bundle check (what `fedtune run start` submits passes, anything else is refused with
+a reason), the worker's refusal reply, and the modes of the node's state. End to end: a
+malicious coordinator (stock Flower SuperLink, TLS, node authentication) submits a run whose
+bundle carries its own ClientApp; real processes on 127.0.0.1, stopped by the test."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import ErrorCode
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
+
+from fedtune.client_node.clientapp_worker import ClientAppWorker
 from fedtune.client_node.demo_data import write_demo_data
+from fedtune.client_node.trainer_service import SERVICE_FILE, TrainerService
+from fedtune.coordinator.job import DeploymentJob
+from fedtune.coordinator.superlink import write_app
 from fedtune.local_deployment import fedtune_command, free_port
+from fedtune.platform.config import DataConfig, NodeConfig, NodeSettings, RunConfig
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.node_ledger import LEDGER_FILE, NodeLedger
 from fedtune.platform.processes import end_process_tree
 from fedtune.platform.tls import init_certificates
 
-SERVER_APP = """\
+JOB = DeploymentJob(
+    run_id="r1",
+    run=RunConfig.model_validate(
+        {"run": {"rounds": 1}, "nodes": [{"name": "hospital"}], "output": {"dir": "out"}}
+    ),
+)
+
+
+@pytest.fixture
+def app_folder(tmp_path: Path) -> Path:
+    """The app folder `fedtune run start` submits."""
+    folder = tmp_path / "app"
+    write_app(folder, JOB)
+    return folder
+
+
+def _renamed_clientapp(folder: Path, reference: str) -> Path:
+    pyproject = folder / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace("fedtune.client_node.deployed_app:app", reference)
+    )
+    return folder
+
+
+def test_the_worker_answers_a_foreign_bundle_with_an_error_reply_and_never_calls_the_app(
+    app_folder,
+):
+    content = build_fab_from_disk(_renamed_clientapp(app_folder, "evil_app:app"))
+    fab = Fab(hash_str=hashlib.sha256(content).hexdigest(), content=content, verifications={})
+    run = Run.create_empty(run_id=123)
+    called, said = [], []
+    worker = ClientAppWorker(
+        "127.0.0.1:1", b"secret", say=said.append, app=lambda *args: called.append(args)
+    )
+    metadata = Metadata(
+        run_id=123,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="query.describe",
+    )
+    message = Message(content=RecordDict(), metadata=metadata)
+    context = Context(run_id=123, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    reply, details = worker._reply(message, context, run, fab)
+
+    assert reply.has_error() and reply.error.code == ErrorCode.INVALID_FAB
+    assert reply.error.reason == details == said[0]
+    assert details.endswith("run 123 names ClientApp 'evil_app:app'")
+    assert not called
+
+
+def test_the_flower_processes_a_node_starts_inherit_telemetry_and_update_checks_off():
+    environment = tool_path_environment()  # what NodeSupervisor starts the SuperNode with
+
+    assert environment["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert environment["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+
+
+def test_the_node_s_ledger_and_trainer_file_are_the_node_account_s_only(tmp_path):
+    state = tmp_path / "state"
+    config = NodeConfig(
+        node=NodeSettings(name="hospital", state_dir=state),
+        data=DataConfig(train=tmp_path / "train.jsonl", eval=tmp_path / "eval.jsonl"),
+    )
+    NodeLedger(state, node="hospital")
+    (state / SERVICE_FILE).write_text("{}")
+    (state / SERVICE_FILE).chmod(0o644)  # left by an older version
+    service = TrainerService(config, {})
+
+    service.start()
+    try:
+        modes = {p.name: p.stat().st_mode & 0o777 for p in state.iterdir()}
+    finally:
+        service.stop()
+
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert modes[LEDGER_FILE] == modes[SERVICE_FILE] == 0o600
+
+
+EVIL_SERVER_APP = """\
 import json
 import time
 from pathlib import Path
@@ -40,7 +142,7 @@ def main(grid, context):
     )
 """
 
-CLIENT_APP = """\
+EVIL_CLIENT_APP = """\
 from pathlib import Path
 
 Path({marker!r}).write_text("the bundle's ClientApp ran on the node")
@@ -105,8 +207,8 @@ def test_a_run_bundle_with_its_own_clientapp_is_refused_and_nothing_of_it_runs(
     app = tmp_path / "app"
     app.mkdir()
     (app / "pyproject.toml").write_text(PYPROJECT)
-    (app / "evil_server.py").write_text(SERVER_APP.format(result=str(result)))
-    (app / "evil_client.py").write_text(CLIENT_APP.format(marker=str(marker)))
+    (app / "evil_server.py").write_text(EVIL_SERVER_APP.format(result=str(result)))
+    (app / "evil_client.py").write_text(EVIL_CLIENT_APP.format(marker=str(marker)))
     write_demo_data(tmp_path / "data", domain="hospital", train=8, held_out=2)
     node_dir = tmp_path / "node"
     subprocess.run(fedtune_command("node", "keygen", "--out", str(node_dir / "state")), check=True)
@@ -158,7 +260,9 @@ def test_a_run_bundle_with_its_own_clientapp_is_refused_and_nothing_of_it_runs(
     assert len(replies) == 1 and "refused" in replies[0] and "evil_client.py" in replies[0]
     assert not marker.exists()
     assert not list(node_home.glob("apps/*"))  # nothing of the bundle was installed
-    assert "refused: the run's app bundle carries files" in (tmp_path / "node.log").read_text()
+    node_log = (tmp_path / "node.log").read_text()
+    assert "refused: fedtune runs only its own ServerApp and ClientApp" in node_log
+    assert "names ClientApp 'evil_client:app'" in replies[0]
     state = node_dir / "state"  # keys, ledger, SuperExec secret: the node's account only
     assert state.stat().st_mode & 0o777 == 0o700
     modes = {path.name: path.stat().st_mode & 0o777 for path in state.iterdir()}

@@ -1,12 +1,13 @@
 """The ClientApp of a deployed node (`fedtune node start`).
 
-Flower starts this in a fresh process for every message, so it stays light: it does not load
-the model, it forwards each message's content to the node's long-lived trainer
-(:mod:`fedtune.client_node.trainer_service`). Train messages of a secure-aggregation round go
-through Flower's ``secaggplus_mod`` behind fedtune's guard (``secagg_guard``: it refuses what
-a coordinator could abuse) with fedtune's mask generator (``platform/secagg_masks``): only the
-masked update leaves the node, with the rest of the reply (metrics, privacy report, signed
-ledger entry) beside it.
+The node's ClientApp worker (:mod:`fedtune.client_node.clientapp_worker`) calls it for every
+message, never a ClientApp named by a run's bundle. It stays light (it was once started in a
+fresh process per message): it does not load the model, it forwards each message's content
+to the node's long-lived trainer (:mod:`fedtune.client_node.trainer_service`). Train messages
+of a secure-aggregation round go through Flower's ``secaggplus_mod`` behind fedtune's guard
+(``secagg_guard``: it refuses what a coordinator could abuse) with fedtune's mask generator
+(``platform/secagg_masks``): only the masked update leaves the node, with the rest of the
+reply (metrics, privacy report, signed ledger entry) beside it.
 """
 
 from __future__ import annotations

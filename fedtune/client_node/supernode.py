@@ -4,6 +4,11 @@ ECDSA key) and restarts it whenever it exits: after a network failure, a coordin
 or a refusal. A refused key is retried for ``coordinator.refused_retry_s`` (a node restarted
 before its previous connection expired is refused too), then the node stops with a message
 saying what to do.
+
+The SuperNode runs in ``--isolation process``: it starts no Flower SuperExec, and only a holder
+of the node's SuperExec secret may take its ClientApp tasks. fedtune's ClientApp worker
+(:mod:`fedtune.client_node.clientapp_worker`), a thread of this process, holds it and runs
+fedtune's installed ClientApp for every message, never code from a run's bundle.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from fedtune.client_node.client_app import REPLIES, node_runtime
+from fedtune.client_node.clientapp_worker import ClientAppWorker
 from fedtune.client_node.trainer_service import TrainerService
 from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
@@ -57,8 +63,8 @@ def supernode_command(config: NodeConfig, node_toml: Path, *, port: int) -> list
         str(connection.auth_key),
         "--node-config",
         f"config='{node_toml.resolve()}'",
-        # Tasks go only to fedtune's SuperExec, which holds this secret and starts fedtune's
-        # ClientApp alone (platform/pinned_apps.py), never code from a run's bundle.
+        # Tasks go only to fedtune's ClientApp worker, which holds this secret and runs
+        # fedtune's ClientApp alone (clientapp_worker.py), never code from a run's bundle.
         "--isolation",
         "process",
         "--superexec-auth-secret-file",
@@ -67,22 +73,6 @@ def supernode_command(config: NodeConfig, node_toml: Path, *, port: int) -> list
         "127.0.0.1",
         "--port",
         str(port),
-    ]
-
-
-def superexec_command(config: NodeConfig, *, port: int, supernode_pid: int) -> list[str]:
-    """fedtune's SuperExec for the SuperNode's runtime API on 127.0.0.1:``port``."""
-    return [
-        sys.executable,
-        "-m",
-        "fedtune.client_node.superexec",
-        "--runtime-api-address",
-        f"127.0.0.1:{port}",
-        "--insecure",  # loopback, as Flower's own SuperExec on a node
-        "--superexec-auth-secret-file",
-        str(config.node.state_dir / SECRET_FILE),
-        "--parent-pid",
-        str(supernode_pid),
     ]
 
 
@@ -99,7 +89,7 @@ class NodeSupervisor:
     def __init__(self, node_toml: Path, *, say: Callable[[str], None] = print):
         self.node_toml = node_toml
         self.config = load_node_config(node_toml)
-        self.port = _free_port()  # the SuperNode's runtime API, for fedtune's SuperExec
+        self.port = _free_port()  # the SuperNode's runtime API, for the ClientApp worker
         self.say = say
         self._stopping = threading.Event()
         self._process: subprocess.Popen[str] | None = None
@@ -151,9 +141,9 @@ class NodeSupervisor:
     def _run_once(self, command: list[str]) -> tuple[int, str | None]:
         """Run the SuperNode until it exits; its exit code and the refusal, if it was one.
 
-        Its output is relayed by a thread: helpers it starts (SuperExec) may hold the pipe
-        open after it exits, so its exit, not the pipe's end, ends the attempt. It runs in a
-        process group of its own, which is ended with it."""
+        Its output is relayed by a thread: helpers it starts may hold the pipe open after it
+        exits, so its exit, not the pipe's end, ends the attempt. It runs in a process group of
+        its own, which is ended with it. The ClientApp worker serves it meanwhile."""
         refusals: list[str] = []
         self._process = process = subprocess.Popen(
             command,
@@ -165,14 +155,19 @@ class NodeSupervisor:
         )
         relay = threading.Thread(target=self._relay, args=(process, refusals), daemon=True)
         relay.start()
-        superexec = subprocess.Popen(  # ends when the SuperNode does (--parent-pid)
-            superexec_command(self.config, port=self.port, supernode_pid=process.pid),
-            env=tool_path_environment(),
-            start_new_session=True,
+        secret = (self.config.node.state_dir / SECRET_FILE).read_bytes()
+        worker = ClientAppWorker(f"127.0.0.1:{self.port}", secret, say=self.say)
+        worker_stop = threading.Event()
+        serving = threading.Thread(
+            target=worker.serve, args=(worker_stop,), name="clientapp-worker", daemon=True
         )
-        code = process.wait()
-        _end_group(process.pid)
-        _end_group(superexec.pid)
+        serving.start()
+        try:
+            code = process.wait()
+        finally:
+            worker_stop.set()  # tasks under way end on their own: the SuperNode is gone
+            _end_group(process.pid)
+        serving.join(timeout=5)
         relay.join(timeout=5)
         return code, refusals[0] if refusals else None
 

@@ -70,8 +70,9 @@ class TrainerService:
         """Publish the address and key, then serve in a background thread."""
         host, port = self._listener.address
         state_dir = self.config.node.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         descriptor = os.open(self.service_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)  # also when an older file had another mode
         with os.fdopen(descriptor, "w") as handle:
             json.dump(
                 {"host": host, "port": port, "key": self._authkey.hex(), "pid": os.getpid()},

@@ -11,6 +11,7 @@ chain. The coordinator keeps one too, for node-level DP (``OUTPUT_DIR/node-level
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,9 +49,11 @@ class NodeLedger:
     def __init__(self, state_dir: Path, *, node: str):
         self.state_dir = state_dir
         self.node = node
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the account's only
         self.key = node_key(state_dir)
         self.engine: Engine = open_database(ledger_url(state_dir), create=False)
         create_ledger_tables(self.engine)
+        (state_dir / LEDGER_FILE).chmod(0o600)
         with transaction(self.engine) as session:
             add_public_key(session, node, self.key.public_key_text())
 
@@ -79,8 +82,9 @@ class NodeLedger:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / ".ledger.lock").open("w") as lock:
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(self.state_dir / ".ledger.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

@@ -1,5 +1,6 @@
-"""Flower's SuperExec and app processes, pinned to fedtune's own code, for the coordinator
-(ServerApps) and the nodes (ClientApps) alike.
+"""Flower's SuperExec and app processes, pinned to fedtune's own code: the coordinator's
+ServerApps (a node serves its ClientApp tasks with its own worker,
+``client_node/clientapp_worker.py``, which shares the secret and the bundle check).
 
 Flower 1.41 has three gaps here, closed in this one module:
 
@@ -108,7 +109,7 @@ def run_superexec(modules: Mapping[TaskType, str]) -> None:
 
 
 def _install_checked(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
-    check_bundle(fab_file if isinstance(fab_file, bytes) else fab_file.read_bytes())
+    check_bundle(fab_file if isinstance(fab_file, bytes) else fab_file.read_bytes())  # raises
     return install_from_fab(fab_file, *args, **kwargs)
 
 
