@@ -202,3 +202,25 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'fedtune.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def submitted_job() -> Any:
+    """A one-round run's job, as `fedtune run start` submits it."""
+    from fedtune.coordinator.job import DeploymentJob
+    from fedtune.platform.config import RunConfig
+
+    run = RunConfig.model_validate(
+        {"run": {"rounds": 1}, "nodes": [{"name": "hospital"}], "output": {"dir": "out"}}
+    )
+    return DeploymentJob(run_id="r1", run=run)
+
+
+@pytest.fixture
+def app_folder(tmp_path: Path, submitted_job: Any) -> Path:
+    """The Flower app folder `fedtune run start` submits (its bundle is built from it)."""
+    from fedtune.coordinator.superlink import write_app
+
+    folder = tmp_path / "app"
+    write_app(folder, submitted_job)
+    return folder

@@ -14,7 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import ErrorCode
@@ -24,29 +23,12 @@ from flwr.supercore.run import Run
 from fedtune.client_node.clientapp_worker import ClientAppWorker
 from fedtune.client_node.demo_data import write_demo_data
 from fedtune.client_node.trainer_service import SERVICE_FILE, TrainerService
-from fedtune.coordinator.job import DeploymentJob
-from fedtune.coordinator.superlink import write_app
 from fedtune.local_deployment import fedtune_command, free_port
-from fedtune.platform.config import DataConfig, NodeConfig, NodeSettings, RunConfig
+from fedtune.platform.config import DataConfig, NodeConfig, NodeSettings
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
 from fedtune.platform.node_ledger import LEDGER_FILE, NodeLedger
 from fedtune.platform.processes import end_process_tree
 from fedtune.platform.tls import init_certificates
-
-JOB = DeploymentJob(
-    run_id="r1",
-    run=RunConfig.model_validate(
-        {"run": {"rounds": 1}, "nodes": [{"name": "hospital"}], "output": {"dir": "out"}}
-    ),
-)
-
-
-@pytest.fixture
-def app_folder(tmp_path: Path) -> Path:
-    """The app folder `fedtune run start` submits."""
-    folder = tmp_path / "app"
-    write_app(folder, JOB)
-    return folder
 
 
 def _renamed_clientapp(folder: Path, reference: str) -> Path:

@@ -3,34 +3,18 @@ own, built by Flower from `fedtune run start`'s app folder, and nothing else."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from fedtune.coordinator.job import DeploymentJob
 from fedtune.coordinator.superlink import SUBMISSION_FILE, write_app
-from fedtune.platform.config import RunConfig
 from fedtune.platform.run_bundle import UntrustedBundleError, check_bundle
 
-JOB = DeploymentJob(
-    run_id="r1",
-    run=RunConfig.model_validate(
-        {"run": {"rounds": 1}, "nodes": [{"name": "hospital"}], "output": {"dir": "out"}}
-    ),
-)
 
-
-@pytest.fixture
-def app_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "app"
-    write_app(folder, JOB)
-    return folder
-
-
-def test_the_bundle_fedtune_submits_is_accepted_also_when_submitted_again(app_folder):
+def test_the_bundle_fedtune_submits_is_accepted_also_when_submitted_again(
+    app_folder, submitted_job
+):
     (app_folder / SUBMISSION_FILE).write_text("{}")  # left by an earlier submission
-    write_app(app_folder, JOB)
+    write_app(app_folder, submitted_job)
 
     check_bundle(build_fab_from_disk(app_folder))
 
