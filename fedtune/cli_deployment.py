@@ -35,6 +35,17 @@ def add_commands(commands: Any, node: Any) -> None:
     )
     init.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     init.set_defaults(handler=_certs_init)
+    certify = certs.add_parser(
+        "certify-node",
+        help="(the CA holder) certify a node's enrollment.json: its name and public keys",
+    )
+    certify.add_argument("enrollment", type=Path, help="the node's enrollment.json")
+    certify.add_argument("--name", required=True, help="the node's name (its node.toml's)")
+    certify.add_argument(
+        "--ca-dir", required=True, type=Path, help="the folder of `certs init` (ca.key)"
+    )
+    certify.add_argument("--out", required=True, type=Path, help="the certificate (a new file)")
+    certify.set_defaults(handler=_certs_certify_node)
 
     coordinator = commands.add_parser(
         "coordinator", help="the consortium's coordinator (Flower SuperLink)"
@@ -47,7 +58,9 @@ def add_commands(commands: Any, node: Any) -> None:
     start.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
     start.set_defaults(handler=_coordinator_start)
     enroll = coordinator.add_parser("enroll", help="let a node join: register its public keys")
-    enroll.add_argument("enrollment", type=Path, help="the node's enrollment.json")
+    enroll.add_argument(
+        "enrollment", type=Path, help="the node's certified enrollment (`certs certify-node`)"
+    )
     enroll.add_argument("--name", required=True, help="the node's name (its node.toml's)")
     enroll.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
     enroll.set_defaults(handler=_coordinator_enroll)
@@ -105,8 +118,20 @@ def _certs_init(args: argparse.Namespace) -> int:
         args.out, hosts=args.host or ("localhost", "127.0.0.1"), days=args.days
     )
     print(f"CA certificate (give it to every node): {paths.ca_cert}")
-    print(f"CA key (keep it offline; only for new server certificates): {paths.ca_key}")
+    print(
+        f"CA key (keep it offline: new server certificates, `certs certify-node`): {paths.ca_key}"
+    )
     print(f"coordinator certificate and key: {paths.server_cert}, {paths.server_key}")
+    return 0
+
+
+def _certs_certify_node(args: argparse.Namespace) -> int:
+    from fedtune.platform.enrollment_certificates import certify_enrollment_file
+    from fedtune.platform.tls import CertificatePaths
+
+    ca_key = CertificatePaths.in_dir(args.ca_dir).ca_key
+    node = certify_enrollment_file(args.enrollment, name=args.name, ca_key=ca_key, out=args.out)
+    print(f"certified node {node.name}: {args.out} (give it to the coordinator's admin to enroll)")
     return 0
 
 
@@ -246,7 +271,10 @@ def _node_keygen(args: argparse.Namespace) -> int:
     )
     print(f"SuperNode authentication key (ECDSA P-384): {auth.private_key}")
     print(f"ledger signing key (Ed25519): {ledger_key}")
-    print(f"give the coordinator admin {args.out / ENROLLMENT_FILE} (public keys only)")
+    print(
+        f"give {args.out / ENROLLMENT_FILE} (public keys only) to the consortium's CA holder to "
+        "certify (`fedtune certs certify-node`), then the certificate to the coordinator's admin"
+    )
     print(f"in node.toml: node.state_dir = this folder, coordinator.auth_key = {auth.private_key}")
     return 0
 
@@ -264,9 +292,11 @@ def main_error_types() -> tuple[type[BaseException], ...]:
     from fedtune.coordinator.secure_aggregation import NotEnoughNodesError
     from fedtune.coordinator.superlink import CoordinatorError
     from fedtune.platform.encryption import DecryptionError
+    from fedtune.platform.enrollment_certificates import EnrollmentCertificateError
     from fedtune.platform.flower_tools import FlowerNotInstalledError
 
     return (
+        EnrollmentCertificateError,
         FlowerNotInstalledError,
         CoordinatorError,
         NodeRefusedError,

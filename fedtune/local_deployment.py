@@ -39,10 +39,11 @@ from fedtune.platform.config import (
     load_run_config,
 )
 from fedtune.platform.encryption import generate_key_file
+from fedtune.platform.enrollment_certificates import certify_enrollment_file
 from fedtune.platform.ledger_store import LedgerEntryRow
 from fedtune.platform.processes import end_process_tree
 from fedtune.platform.storage import EpsilonReport, Run, open_database, transaction
-from fedtune.platform.tls import init_certificates
+from fedtune.platform.tls import CertificatePaths, init_certificates
 
 
 def free_port() -> int:
@@ -139,10 +140,18 @@ class LocalDeployment:
         return node_toml
 
     def enroll(self, name: str) -> str:
-        """Enroll node ``name``'s keys; its SuperNode id."""
-        return enroll_node(
-            self.coordinator, self.workdir / "nodes" / name / "state" / ENROLLMENT_FILE, name=name
+        """Certify node ``name``'s keys (this demo holds the consortium's CA key) and enroll
+        them; its SuperNode id."""
+        folder = self.workdir / "nodes" / name
+        certified = folder / "enrollment.certified.json"
+        certified.unlink(missing_ok=True)  # keys rotated since: certify the new ones
+        certify_enrollment_file(
+            folder / "state" / ENROLLMENT_FILE,
+            name=name,
+            ca_key=CertificatePaths.in_dir(self.workdir / "certs").ca_key,
+            out=certified,
         )
+        return enroll_node(self.coordinator, certified, name=name)
 
     def start_node(self, name: str) -> None:
         node_toml = self.workdir / "nodes" / name / "node.toml"

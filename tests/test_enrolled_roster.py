@@ -110,7 +110,11 @@ def nodes(link, tmp_path):
     with transaction(engine) as session:
         for name in ("hospital", "bank"):
             record_enrollment(
-                session, name, public_key=flower_public_key(keys[name]), node_id=str(ids[name])
+                session,
+                name,
+                public_key=flower_public_key(keys[name]),
+                node_id=str(ids[name]),
+                certificate=None,
             )
     return EnrolledGrid(grid, Roster.load(engine, ["hospital"])), ids, state
 
@@ -128,14 +132,15 @@ def test_a_rotation_replaces_the_name_s_key_and_node_id(tmp_path):
     engine = open_database(f"sqlite:///{tmp_path / 'fedtune.db'}")
     old, new = flower_public_key(new_pem_key()), flower_public_key(new_pem_key())
     with transaction(engine) as session:
-        record_enrollment(session, "hospital", public_key=old, node_id="1")
+        record_enrollment(session, "hospital", public_key=old, node_id="1", certificate="old")
     with transaction(engine) as session:
-        record_enrollment(session, "hospital", public_key=new, node_id="2")
+        record_enrollment(session, "hospital", public_key=new, node_id="2", certificate="new")
 
     with transaction(engine) as session:
         row = enrolled_node(session, "hospital")
         assert row is not None and (row.auth_public_key, row.flower_node_id) == (new, "2")
     assert Roster.load(engine, ["hospital"]).names_by_key == {new: "hospital"}
+    assert Roster.load(engine, ["hospital"]).certificates == {"hospital": "new"}
 
 
 def test_only_enrolled_nodes_the_run_lists_are_seen(nodes):

@@ -148,9 +148,9 @@ class RecordingFedAvg(FedAvg):
         return parameters, metrics
 
 
-def run_round(grid: InProcessGrid, *, threshold: float = 0.6) -> np.ndarray | None:
-    """One fit round of Flower's SecAggPlusWorkflow over ``grid``; the mean, or None when the
-    protocol halted."""
+def run_round(grid: InProcessGrid, *, threshold: float = 0.6, via=None) -> np.ndarray | None:
+    """One fit round of Flower's SecAggPlusWorkflow over ``grid`` (through ``via``, a grid
+    wrapping it, if given); the mean, or None when the protocol halted."""
     nodes = list(grid.contexts)
     strategy = RecordingFedAvg(len(nodes))
     server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -161,7 +161,7 @@ def run_round(grid: InProcessGrid, *, threshold: float = 0.6) -> np.ndarray | No
         client_manager=SimpleClientManager(),
     )
     for node in nodes:
-        legacy.client_manager.register(GridClientProxy(node, grid, 1))
+        legacy.client_manager.register(GridClientProxy(node, via or grid, 1))
     initial = ndarrays_to_parameters([np.zeros(12, np.float32)])
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         initial, keep_input=True
@@ -172,7 +172,7 @@ def run_round(grid: InProcessGrid, *, threshold: float = 0.6) -> np.ndarray | No
     workflow = SecAggPlusWorkflow(
         num_shares=1.0, reconstruction_threshold=threshold, max_weight=20.0
     )
-    workflow(grid, legacy)
+    workflow(via or grid, legacy)
     return strategy.mean
 
 

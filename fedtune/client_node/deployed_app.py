@@ -7,21 +7,25 @@ to the node's long-lived trainer (:mod:`fedtune.client_node.trainer_service`). T
 of a secure-aggregation round go through Flower's ``secaggplus_mod`` behind fedtune's guard
 (``secagg_guard``: it refuses what a coordinator could abuse) with fedtune's mask generator
 (``platform/secagg_masks``): only the masked update leaves the node, with the rest of the
-reply (metrics, privacy report, signed ledger entry) beside it.
+reply (metrics, privacy report, signed ledger entry) beside it. The node signs its SecAgg+
+keys with its ledger key and masks only with peers whose keys are signed and certified by the
+consortium's CA (``ca.pem``, the node's ``coordinator.root_certificates``).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedtune.client_node.secagg_guard import make_guarded_secaggplus_mod
+from fedtune.client_node.secagg_guard import NodeIdentity, make_guarded_secaggplus_mod
 from fedtune.client_node.trainer_service import call_trainer
 from fedtune.platform import secagg_masks
 from fedtune.platform.config import NodeConfig, load_node_config
+from fedtune.platform.enrollment_certificates import load_ca_certificate
 from fedtune.platform.messages import (
     ABTEST_MESSAGE_TYPE,
     CONFIG,
@@ -32,9 +36,9 @@ from fedtune.platform.secure_messages import (
     secure_reply_from_train_reply,
     train_content_from_secure,
 )
+from fedtune.platform.signing import KEY_FILE, NodeKey
 
 NODE_CONFIG_KEY = "config"  # --node-config "config='PATH/node.toml'"
-DEFAULT_MIN_SECURE_PEERS = 3
 
 secagg_masks.install()  # masks from the whole secret, never Flower's 32-bit-folded seeds
 
@@ -49,6 +53,11 @@ def node_config(context: Context) -> NodeConfig:
     if path not in _CONFIGS:
         _CONFIGS[path] = load_node_config(Path(path))
     return _CONFIGS[path]
+
+
+@cache
+def _identity(name: str, key_file: Path, ca_certificate: Path) -> NodeIdentity:
+    return NodeIdentity(name, NodeKey.load(key_file), load_ca_certificate(ca_certificate))
 
 
 def _forward(kind: str, message: Message, context: Context) -> Message:
@@ -72,9 +81,16 @@ app = ClientApp()
 @app.train()
 def train(message: Message, context: Context) -> Message:
     if RECORD_KEY_CONFIGS in message.content.config_records:
-        connection = node_config(context).coordinator
-        minimum = connection.min_secure_peers if connection else DEFAULT_MIN_SECURE_PEERS
-        guarded = make_guarded_secaggplus_mod(min_peers=minimum)
+        config = node_config(context)
+        connection = config.coordinator
+        if connection is None:
+            raise ValueError("a deployed node's configuration needs a [coordinator] section")
+        identity = _identity(
+            config.node.name, config.node.state_dir / KEY_FILE, connection.root_certificates
+        )
+        guarded = make_guarded_secaggplus_mod(
+            min_peers=connection.min_secure_peers, identity=identity
+        )
         return guarded(message, context, _secure_train)
     return _forward("train", message, context)
 

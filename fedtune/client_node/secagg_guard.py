@@ -24,6 +24,13 @@ share-keys stage, whose shares this node holds) and refuses, before Flower's mod
   dropped or missing from the survivors; a node outside the key list, or whose shares this
   node does not hold; fewer survivors than the threshold.
 
+With a :class:`NodeIdentity` (every deployed node has one) the node also signs its SecAgg+
+public keys in its setup reply, and refuses a key list unless each key pair comes with an
+enrollment certificate signed by the consortium's CA and that node's signature of the pair
+for this run and round, every certificate names a different node, and this node's own entry
+is its own (:mod:`fedtune.platform.enrollment_certificates`): a coordinator can then neither
+substitute a key nor invent a peer.
+
 A refusal answers with an error message (``MOD_FAILED_PRECONDITION``; the reason, nothing
 else) and drops the round's SecAgg+ state, secrets included, so that only a new setup
 continues.
@@ -34,8 +41,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import NoReturn, cast
 
+from cryptography import x509
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod.secure_aggregation.secaggplus_mod import (
@@ -54,6 +63,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 
 from fedtune.platform import secagg_masks
+from fedtune.platform.enrollment_certificates import (
+    KEY_SIGNATURE_RECORD,
+    PEERS_RECORD,
+    EnrollmentCertificateError,
+    keys_signed_by,
+    sign_keys,
+    verify_certificate,
+)
+from fedtune.platform.signing import NodeKey
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,12 +80,23 @@ class SecureAggregationRefused(ValueError):
     """A SecAgg+ message this node will not answer; the message names the check."""
 
 
-def make_guarded_secaggplus_mod(*, min_peers: int = 3) -> Mod:
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who this node is to its peers: its enrolled name, the Ed25519 key its enrollment
+    certificate names (the ledger key), and the consortium's CA certificate."""
+
+    name: str
+    key: NodeKey
+    ca_certificate: x509.Certificate
+
+
+def make_guarded_secaggplus_mod(*, min_peers: int = 3, identity: NodeIdentity | None = None) -> Mod:
     """Flower's ``secaggplus_mod`` behind this module's checks, as a Flower client mod.
 
     ``min_peers``: the fewest distinct nodes, this one included, that a node masks its update
     among. 2 only knowingly: in a round of two, each node learns the other's update from the
-    mean.
+    mean. ``identity``: sign this node's keys and accept only certified, signed peer keys
+    (None: keys unsigned, as in a simulation, where every node runs in one process).
     """
     if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 2:
         raise ValueError(f"min_peers must be an integer of at least 2, not {min_peers!r}")
@@ -81,13 +110,18 @@ def make_guarded_secaggplus_mod(*, min_peers: int = 3) -> Mod:
         ):
             return secaggplus_mod(message, context, call_next)
         try:
-            _check_message(message, context, min_peers=min_peers)
+            stage = _check_message(message, context, min_peers=min_peers)
+            if identity is not None and stage == Stage.SHARE_KEYS:
+                _check_peers(message, context, identity)
         except SecureAggregationRefused as refusal:
             LOGGER.error("%s", refusal)
             context.state.config_records[RECORD_KEY_STATE] = ConfigRecord({})
             error = Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(refusal))
             return Message(error, reply_to=message)
-        return secaggplus_mod(message, context, call_next)
+        reply = secaggplus_mod(message, context, call_next)
+        if identity is not None and stage == Stage.SETUP and not reply.has_error():
+            _sign_keys(message, reply, identity)
+        return reply
 
     return guarded_secaggplus_mod
 
@@ -95,9 +129,9 @@ def make_guarded_secaggplus_mod(*, min_peers: int = 3) -> Mod:
 guarded_secaggplus_mod = make_guarded_secaggplus_mod()
 
 
-def _check_message(message: Message, context: Context, *, min_peers: int) -> None:
-    """Raise :class:`SecureAggregationRefused` when Flower's mod should not answer
-    ``message`` (a train message carrying SecAgg+ configs)."""
+def _check_message(message: Message, context: Context, *, min_peers: int) -> str:
+    """The message's SecAgg+ stage; :class:`SecureAggregationRefused` when Flower's mod should
+    not answer ``message`` (a train message carrying SecAgg+ configs)."""
     configs = message.content.config_records[RECORD_KEY_CONFIGS]
     saved = context.state.config_records.get(RECORD_KEY_STATE) or ConfigRecord({})
     state = SecAggPlusState(**dict(saved))
@@ -116,6 +150,7 @@ def _check_message(message: Message, context: Context, *, min_peers: int) -> Non
         _check_collect(state, configs, min_peers=min_peers)
     elif stage == Stage.UNMASK:
         _check_unmask(state, configs)
+    return stage
 
 
 def _refuse(reason: str) -> NoReturn:
@@ -207,6 +242,64 @@ def _check_unmask(state: SecAggPlusState, configs: ConfigRecord) -> None:
                 _refuse(f"node {node} listed as {role}, but its key shares never reached this node")
     if len(surviving) < state.threshold:
         _refuse(f"{len(surviving)} surviving nodes, fewer than the threshold {state.threshold}")
+
+
+def _sign_keys(message: Message, reply: Message, identity: NodeIdentity) -> None:
+    keys = reply.content.config_records[RECORD_KEY_CONFIGS]
+    signature = sign_keys(
+        identity.key,
+        run_id=message.metadata.run_id,
+        group_id=message.metadata.group_id,
+        node_id=message.metadata.dst_node_id,
+        pk1=cast(bytes, keys[Key.PUBLIC_KEY_1]),
+        pk2=cast(bytes, keys[Key.PUBLIC_KEY_2]),
+    )
+    reply.content.config_records[KEY_SIGNATURE_RECORD] = ConfigRecord({"signature": signature})
+
+
+def _check_peers(message: Message, context: Context, identity: NodeIdentity) -> None:
+    """Every key pair in the key list certified and signed by a distinct enrolled node."""
+    configs = message.content.config_records[RECORD_KEY_CONFIGS]
+    peers = message.content.config_records.get(PEERS_RECORD)
+    if peers is None:
+        _refuse("the peers' keys come without enrollment certificates and signatures")
+    names: dict[str, int] = {}
+    own = message.metadata.dst_node_id
+    for entry in (name for name in configs if name != Key.STAGE):
+        node_id = int(entry)
+        proof = peers.get(entry)
+        if not (
+            isinstance(proof, list) and len(proof) == 2 and all(isinstance(p, bytes) for p in proof)
+        ):
+            _refuse(f"node {node_id}'s keys come without its certificate and signature")
+        certificate, signature = cast(list[bytes], proof)
+        try:
+            node = verify_certificate(certificate, identity.ca_certificate)
+        except EnrollmentCertificateError as problem:
+            _refuse(f"node {node_id}: {problem}")
+        pk1, pk2 = cast(list[bytes], configs[entry])
+        if not keys_signed_by(
+            node,
+            signature.decode("ascii", errors="replace"),
+            run_id=message.metadata.run_id,
+            group_id=message.metadata.group_id,
+            node_id=node_id,
+            pk1=pk1,
+            pk2=pk2,
+        ):
+            _refuse(
+                f"node {node_id}'s SecAgg+ keys are not signed by {node.name!r}, whose "
+                "certificate came with them: keys substituted on the way"
+            )
+        if node.name in names:
+            _refuse(f"{node.name!r} is certified for two nodes, {names[node.name]} and {node_id}")
+        names[node.name] = node_id
+        if node_id == own and (
+            node.name != identity.name or node.ledger_public_key != identity.key.public_key_text()
+        ):
+            _refuse(f"this node's ({own}) entry is certified for {node.name!r}, not this node")
+        if node_id != own and node.name == identity.name:
+            _refuse(f"node {node_id} is certified as this node ({identity.name!r})")
 
 
 def _check_distinct(nodes: Iterable[int], where: str) -> None:

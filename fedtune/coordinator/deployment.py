@@ -36,6 +36,7 @@ from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.job import DeploymentJob
 from fedtune.coordinator.node_level_dp import LEDGER_NODE, NodeLevelPrivacy
 from fedtune.coordinator.roster import EnrolledGrid, Roster, name_problem, reported_name
+from fedtune.coordinator.secagg_peers import SignedKeyRelay
 from fedtune.coordinator.secure_aggregation import NotEnoughNodesError, SecureFedAvg
 from fedtune.coordinator.server_app import (
     RunSetup,
@@ -292,6 +293,7 @@ class _SecureRounds:
         secagg_masks.install()  # unmask with the masks the nodes made (not Flower's 32-bit ones)
         secagg_masks.check_installed()
         self.grid = grid
+        self.relay = SignedKeyRelay(grid, grid.roster.certificates)  # signed keys to peers
         self.setup = setup
         self.strategy = SecureFedAvg(
             instructions=setup.instructions,
@@ -332,7 +334,7 @@ class _SecureRounds:
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}
         )
-        self.workflow(self.grid, self.legacy)
+        self.workflow(self.relay, self.legacy)
         if strategy.recorded_round != server_round:  # the protocol halted before the mean
             outcomes = [
                 ReplyOutcome(

@@ -3,8 +3,12 @@ keys may connect), its name, that key and its SuperNode id to the roster in fedt
 (only enrolled nodes take part in runs, under those names: :mod:`fedtune.coordinator.roster`),
 its ledger key to the database too (only entries it signed are accepted).
 
-A node operator runs `fedtune node keygen --out DIR` and hands the admin ``DIR/enrollment.json``
-(public keys only); the admin runs `fedtune coordinator enroll DIR/enrollment.json --name N`.
+A node operator runs `fedtune node keygen --out DIR` and hands ``DIR/enrollment.json`` (public
+keys only) to the consortium's CA holder, who certifies it (`fedtune certs certify-node`, on the
+machine that keeps the CA key, not the coordinator); the admin enrolls the certificate:
+`fedtune coordinator enroll N.certified.json --name N`. The certificate goes to the roster too:
+the ServerApp relays it to the node's peers, who check the node's signed SecAgg+ keys against
+it (:mod:`fedtune.platform.enrollment_certificates`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from fedtune.coordinator.roster import (
 )
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
 from fedtune.platform.config import CoordinatorConfig
+from fedtune.platform.enrollment_certificates import (
+    EnrollmentCertificateError,
+    is_certificate,
+    load_ca_certificate,
+    verify_certificate,
+)
 from fedtune.platform.ledger_store import add_public_key
 from fedtune.platform.node_auth import load_node_auth_public_key
-from fedtune.platform.signing import KeyFileError, load_public_key, public_key_text
+from fedtune.platform.signing import KeyFileError
 from fedtune.platform.storage import open_database, transaction
 
 ENROLLMENT_FILE = "enrollment.json"
@@ -52,21 +62,36 @@ def write_enrollment(path: Path, enrollment: Enrollment) -> None:
     )
 
 
-def read_enrollment(path: Path) -> Enrollment:
-    """A node's public keys, validated; KeyFileError names the file and the problem."""
+def read_certified_enrollment(
+    path: Path, ca_certificate: Path, *, name: str
+) -> tuple[Enrollment, str]:
+    """A node's public keys from its enrollment certificate, and the certificate's text.
+
+    Refuses (``KeyFileError``) a plain enrollment.json, a certificate the consortium's CA
+    (``ca_certificate``) did not sign, and one for another name."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        auth, ledger = raw["auth_public_key"], raw["ledger_public_key"]
+        data = path.read_bytes()
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except OSError as error:
+        raise KeyFileError(f"{path}: cannot read it ({error.strerror})") from None
+    if not is_certificate(data):
         raise KeyFileError(
-            f"{path}: not an enrollment file from `fedtune node keygen` ({exc})"
-        ) from None
-    return Enrollment(
-        auth_public_key=load_node_auth_public_key(str(auth)),
-        ledger_public_key=public_key_text(load_public_key(str(ledger))),
+            f"{path} is not certified: the holder of the consortium's CA key certifies it "
+            f"first (`fedtune certs certify-node {path.name} --name {name} --ca-dir CA_DIR "
+            "--out FILE`), then enroll FILE"
+        )
+    try:
+        node = verify_certificate(data, load_ca_certificate(ca_certificate))
+    except EnrollmentCertificateError as error:
+        raise KeyFileError(f"{path}: {error}") from None
+    if node.name != name:
+        raise KeyFileError(f"{path} certifies node {node.name!r}, not {name!r}")
+    enrollment = Enrollment(
+        auth_public_key=load_node_auth_public_key(node.auth_public_key),
+        ledger_public_key=node.ledger_public_key,
     )
+    return enrollment, data.decode("utf-8")
 
 
 def enroll_node(config: CoordinatorConfig, path: Path, *, name: str) -> str:
@@ -79,7 +104,7 @@ def enroll_node(config: CoordinatorConfig, path: Path, *, name: str) -> str:
     verify. The roster row (name, key, node id) is what the ServerApp trusts."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise CoordinatorError(f"node name {name!r}: use letters, digits, '_', '.', '-'")
-    enrollment = read_enrollment(path)
+    enrollment, certificate = read_certified_enrollment(path, config.tls.ca_certificate, name=name)
     key = flower_public_key(enrollment.auth_public_key)
     engine = open_database(config.database_url)
     with transaction(engine) as session:
@@ -97,7 +122,7 @@ def enroll_node(config: CoordinatorConfig, path: Path, *, name: str) -> str:
         unregistered = old_key == key and listed.get(str(old_id)) == "unregistered"
         node_id = _register(config, name, enrollment.auth_public_key, unregistered=unregistered)
     with transaction(engine) as session:
-        record_enrollment(session, name, public_key=key, node_id=node_id)
+        record_enrollment(session, name, public_key=key, node_id=node_id, certificate=certificate)
         add_public_key(session, name, enrollment.ledger_public_key)
     if old_live and old_id != node_id:
         try:

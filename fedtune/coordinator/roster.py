@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -61,30 +61,49 @@ def enrolled_name_of_key(session: Session, public_key: str) -> str | None:
     ).first()
 
 
-def record_enrollment(session: Session, name: str, *, public_key: str, node_id: str) -> None:
-    """Enroll ``name`` with ``public_key`` (PEM) as SuperNode ``node_id``; a rotation
-    replaces the name's key and node id."""
+def record_enrollment(
+    session: Session, name: str, *, public_key: str, node_id: str, certificate: str | None
+) -> None:
+    """Enroll ``name`` with ``public_key`` (PEM) as SuperNode ``node_id``, certified by
+    ``certificate``; a rotation replaces the name's key, node id and certificate."""
     row = enrolled_node(session, name)
     if row is None:
-        session.add(EnrolledNode(name=name, auth_public_key=public_key, flower_node_id=node_id))
-    elif (row.auth_public_key, row.flower_node_id) != (public_key, node_id):
+        session.add(
+            EnrolledNode(
+                name=name,
+                auth_public_key=public_key,
+                flower_node_id=node_id,
+                certificate=certificate,
+            )
+        )
+    elif (row.auth_public_key, row.flower_node_id, row.certificate) != (
+        public_key,
+        node_id,
+        certificate,
+    ):
         row.auth_public_key, row.flower_node_id = public_key, node_id
+        row.certificate = certificate
         session.add(row)
 
 
 @dataclass(frozen=True)
 class Roster:
-    """Enrolled names by SuperNode key (PEM SubjectPublicKeyInfo text)."""
+    """Enrolled names by SuperNode key (PEM SubjectPublicKeyInfo text), and their
+    enrollment certificates by name (none for a node enrolled before certificates)."""
 
     names_by_key: Mapping[str, str]
+    certificates: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, engine: Engine, names: Iterable[str]) -> Roster:
         """The enrolled nodes among ``names`` (a run's ``[[nodes]]``)."""
         wanted = set(names)
         with transaction(engine) as session:
-            rows = session.scalars(select(EnrolledNode).where(EnrolledNode.name.in_(wanted)))
-            return cls({row.auth_public_key: row.name for row in rows})
+            rows = list(session.scalars(select(EnrolledNode).where(EnrolledNode.name.in_(wanted))))
+            return cls(
+                {row.auth_public_key: row.name for row in rows},
+                {row.name: row.certificate for row in rows if row.certificate},
+            )
 
     @property
     def names(self) -> set[str]:

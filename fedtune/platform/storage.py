@@ -242,7 +242,8 @@ class EnrolledNode(Base):
 
     ``auth_public_key`` is the SuperNode key as Flower's SuperLink stores and reports it
     (``NodeInfo.public_key``): PEM SubjectPublicKeyInfo text. One row per name; enrolling a
-    rotated key replaces the row's key and node id."""
+    rotated key replaces the row's key and node id. ``certificate``: the node's enrollment
+    certificate (:mod:`fedtune.platform.enrollment_certificates`), relayed to its peers."""
 
     __tablename__ = "enrolled_nodes"
 
@@ -250,6 +251,7 @@ class EnrolledNode(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     auth_public_key: Mapped[str] = mapped_column(String(400), unique=True)
     flower_node_id: Mapped[str] = mapped_column(String(32))
+    certificate: Mapped[str | None] = mapped_column(Text, default=None)
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
