@@ -15,9 +15,13 @@
 #       FEDTUNE_ENROLLMENTS_DIR/NAME.json [/var/lib/fedtune/enrollments], and synthetic
 #       demo data of DOMAIN (hospital or bank) in FEDTUNE_DATA_DIR [/var/lib/fedtune/data]
 #       unless it holds train.jsonl already (put your own data there instead).
+#   compose-init.sh certify NAME...
+#       the CA key's holder: `fedtune certs certify-node` of FEDTUNE_ENROLLMENTS_DIR/NAME.json
+#       into NAME.certified.json beside it (again when NAME.json is newer), with the CA key in
+#       FEDTUNE_CA_DIR [/etc/fedtune/ca].
 #   compose-init.sh enroll NAME...
-#       `fedtune coordinator enroll` for each node whose FEDTUNE_ENROLLMENTS_DIR/NAME.json was
-#       not enrolled yet; run where the running coordinator's SuperLink is on
+#       `fedtune coordinator enroll` for each node whose FEDTUNE_ENROLLMENTS_DIR/NAME.certified.json
+#       was not enrolled yet; run where the running coordinator's SuperLink is on
 #       127.0.0.1:superlink_port [9093] of its coordinator.toml (in compose: network_mode
 #       "service:coordinator") with its state volume.
 set -euo pipefail
@@ -71,6 +75,23 @@ init_node() {
     fi
 }
 
+certify() {
+    local ca=${FEDTUNE_CA_DIR:-/etc/fedtune/ca}
+    local name file out
+    [ "$#" -gt 0 ] || die "usage: compose-init.sh certify NAME..."
+    for name in "$@"; do
+        file=$enrollments/$name.json
+        out=$enrollments/$name.certified.json
+        [ -f "$file" ] || die "$file is missing: run \`compose-init.sh node $name ...\` first"
+        if [ -f "$out" ] && [ "$out" -nt "$file" ]; then
+            say "node $name's enrollment is certified already"
+            continue
+        fi
+        rm -f "$out"
+        fedtune certs certify-node "$file" --name "$name" --ca-dir "$ca" --out "$out"
+    done
+}
+
 enroll() {
     local state=${FEDTUNE_STATE_DIR:-/var/lib/fedtune/coordinator}
     local config=${FEDTUNE_COORDINATOR_CONFIG:-$state/coordinator.toml}
@@ -78,9 +99,9 @@ enroll() {
     [ "$#" -gt 0 ] || die "usage: compose-init.sh enroll NAME..."
     write_pgpass
     for name in "$@"; do
-        file=$enrollments/$name.json
+        file=$enrollments/$name.certified.json
         done_marker=$state/enrolled/$name.enrollment.sha256
-        [ -f "$file" ] || die "$file is missing: run \`compose-init.sh node $name ...\` first"
+        [ -f "$file" ] || die "$file is missing: run \`compose-init.sh certify $name\` first"
         if [ -f "$done_marker" ] && sha256sum --check --status "$done_marker"; then
             say "node $name is enrolled already with these keys"
             continue
@@ -93,6 +114,7 @@ enroll() {
 case ${1:-} in
 coordinator) init_coordinator ;;
 node) shift && init_node "$@" ;;
+certify) shift && certify "$@" ;;
 enroll) shift && enroll "$@" ;;
-*) die "usage: compose-init.sh coordinator | node NAME DOMAIN | enroll NAME..." ;;
+*) die "usage: compose-init.sh coordinator | node NAME DOMAIN | certify NAME... | enroll NAME..." ;;
 esac
