@@ -19,13 +19,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from fedtune.platform.errors import FedtuneError
+
 IGNORE_INDEX = -100
 _ROLES = {"system", "user", "assistant"}
 
 Message = dict[str, str]
 
 
-class DataError(ValueError):
+class DataError(FedtuneError, ValueError):
     """A data file is missing, malformed, or too small for the configured training."""
 
 

@@ -54,11 +54,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 
 from fedtune.platform import secagg_masks
+from fedtune.platform.errors import FedtuneError
 
 LOGGER = logging.getLogger(__name__)
 
 
-class SecureAggregationRefused(ValueError):
+class SecureAggregationRefused(FedtuneError, ValueError):
     """A SecAgg+ message this node will not answer; the message names the check."""
 
 

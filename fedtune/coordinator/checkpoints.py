@@ -17,6 +17,7 @@ from peft import PeftModel
 
 from fedtune.platform.config import LoraSettings
 from fedtune.platform.encryption import decrypt_file, encrypt_bytes
+from fedtune.platform.errors import AlreadyExistsError, FedtuneError
 from fedtune.platform.lora import load_adapter_arrays
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -50,7 +51,7 @@ class AdapterCheckpointer:
         An existing folder is never overwritten."""
         target = self.directory / f"round-{server_round}"
         if target.exists():
-            raise FileExistsError(f"{target} exists; checkpoints are never overwritten")
+            raise AlreadyExistsError(f"{target} exists; checkpoints are never overwritten")
         load_adapter_arrays(self.model, arrays)
         if self.key is None:
             self.model.save_pretrained(str(target))
@@ -71,7 +72,7 @@ class AdapterCheckpointer:
         return target, hashlib.sha256(weights).hexdigest()
 
 
-class CheckpointIntegrityError(RuntimeError):
+class CheckpointIntegrityError(FedtuneError, RuntimeError):
     """A checkpoint's weights no longer match the SHA-256 recorded when it was written."""
 
 
@@ -120,7 +121,7 @@ def export_checkpoint(path: Path, out: Path, *, sha256: str, key: bytes | None =
     ``PeftModel.from_pretrained`` loads: decrypted, after checking its SHA-256."""
     weights = checkpoint_weights(path, sha256=sha256, key=key)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already exists and is not empty; it is not overwritten")
+        raise AlreadyExistsError(f"{out} already exists and is not empty; it is not overwritten")
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_config.json").write_bytes((path / "adapter_config.json").read_bytes())
     (out / WEIGHTS_FILE).write_bytes(weights)

@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedtune.platform.audit_report import render_report, write_report
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.independent_accounting import Recomputation, recompute_ledger
 from fedtune.platform.ledger_file import (
     LedgerFile,
@@ -32,7 +33,7 @@ from fedtune.platform.signing import load_public_key
 from fedtune.platform.storage import database_url, open_database, transaction
 
 
-class AuditError(ValueError):
+class AuditError(FedtuneError, ValueError):
     """The export or report cannot be made as asked."""
 
 

@@ -14,6 +14,8 @@ from typing import Annotated, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedtune.platform.errors import FedtuneError
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -21,7 +23,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 _ConfigT = TypeVar("_ConfigT", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(FedtuneError, ValueError):
     """A configuration file is missing, unreadable or invalid."""
 
 

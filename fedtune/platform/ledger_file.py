@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedtune.platform.errors import AlreadyExistsError, FedtuneError
 from fedtune.platform.ledger import (
     GENESIS_HASH,
     LEDGER_FORMAT,
@@ -96,7 +97,7 @@ def write_ledger_file(
             "(or another head hash): sign a checkpoint of the last entry"
         )
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; it is not overwritten")
+        raise AlreadyExistsError(f"{path} already exists; it is not overwritten")
     header = {
         "type": "header",
         "format": LEDGER_FORMAT,
@@ -157,7 +158,7 @@ def read_ledger_file(path: Path) -> LedgerFile:
     )
 
 
-class _LineError(ValueError):
+class _LineError(FedtuneError, ValueError):
     def __init__(self, message: str, *, seq: int | None = None):
         super().__init__(message)
         self.seq = seq

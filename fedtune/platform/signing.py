@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from fedtune.platform.errors import FedtuneError
+
 _PUBLIC_KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 
@@ -27,7 +29,7 @@ _SIGNATURE_BYTES = 64
 KEY_FILE = "node_key.pem"  # a node's (or the coordinator's) ledger key in its state folder
 
 
-class KeyFileError(ValueError):
+class KeyFileError(FedtuneError, ValueError):
     """A key file or key text that cannot be used (unreadable, wrong format, wrong kind)."""
 
 

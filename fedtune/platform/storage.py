@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fedtune.platform import migrations
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.migrations import DatabaseVersionError as DatabaseVersionError
 from fedtune.platform.sqltypes import UTCDateTime
 
@@ -253,7 +254,7 @@ class EnrolledNode(Base):
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class DatabaseNotFoundError(ValueError):
+class DatabaseNotFoundError(FedtuneError, ValueError):
     """A SQLite database file that should exist does not."""
 
 
