@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.cli_deployment import add_commands as add_deployment_commands
-from fedtune.client_node.demo_data import DOMAINS, write_demo_data
+from fedtune.client_node.demo_data import DOMAINS, check_demo_output, write_demo_data
 from fedtune.platform.config import ConfigError, load_node_config, load_run_config
 from fedtune.platform.errors import FedtuneError
 
@@ -226,6 +226,8 @@ def _node_key(args: argparse.Namespace) -> int:
 
 def _data_demo(args: argparse.Namespace) -> int:
     domains = DOMAINS if args.domain == "all" else (args.domain,)
+    # Every domain is checked before any is written: all or nothing.
+    check_demo_output(args.out, domains, train=args.train, held_out=args.held_out)
     for domain in domains:
         train, held_out = write_demo_data(
             args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
