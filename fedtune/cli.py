@@ -301,7 +301,9 @@ def _model_export(args: argparse.Namespace) -> int:
     if version.path is None or version.sha256 is None:
         raise ConfigError(f"{version.id} is the base model: there is no adapter to export")
     key = load_key(args.key) if args.key is not None else None
-    out = export_checkpoint(version.path, args.out, sha256=version.sha256, key=key)
+    out = export_checkpoint(
+        version.path, args.out, sha256=version.sha256, key=key, key_option="--key"
+    )
     print(f"{version.id} -> {out} (load with PeftModel.from_pretrained(base, {str(out)!r}))")
     return 0
 

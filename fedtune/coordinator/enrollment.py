@@ -23,9 +23,10 @@ from fedtune.coordinator.roster import (
 )
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
 from fedtune.platform.config import CoordinatorConfig
+from fedtune.platform.errors import unreadable
 from fedtune.platform.ledger_store import add_public_key
-from fedtune.platform.node_auth import load_node_auth_public_key
-from fedtune.platform.signing import KeyFileError, load_public_key, public_key_text
+from fedtune.platform.node_auth import node_auth_public_key_from_text
+from fedtune.platform.signing import KeyFileError, public_key_from_text, public_key_text
 from fedtune.platform.storage import open_database, transaction
 
 ENROLLMENT_FILE = "enrollment.json"
@@ -53,19 +54,29 @@ def write_enrollment(path: Path, enrollment: Enrollment) -> None:
 
 
 def read_enrollment(path: Path) -> Enrollment:
-    """A node's public keys, validated; KeyFileError names the file and the problem."""
+    """A node's public keys, validated; KeyFileError names the file and the problem. The
+    file is data from outside: its values are keys' text, never opened as paths."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        auth, ledger = raw["auth_public_key"], raw["ledger_public_key"]
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"enrollment file {unreadable(path, exc)}") from None
+    except json.JSONDecodeError as exc:
         raise KeyFileError(
-            f"{path}: not an enrollment file from `fedtune node keygen` ({exc})"
+            f"{path}: not an enrollment file from `fedtune node keygen` (not JSON: {exc.msg})"
         ) from None
+    fields = ("auth_public_key", "ledger_public_key")
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(f), str) for f in fields):
+        raise KeyFileError(
+            f"{path}: not an enrollment file from `fedtune node keygen` (expected an object "
+            f"with the strings {' and '.join(fields)})"
+        )
     return Enrollment(
-        auth_public_key=load_node_auth_public_key(str(auth)),
-        ledger_public_key=public_key_text(load_public_key(str(ledger))),
+        auth_public_key=node_auth_public_key_from_text(
+            raw["auth_public_key"], source=f"{path}: auth_public_key"
+        ),
+        ledger_public_key=public_key_text(
+            public_key_from_text(raw["ledger_public_key"], source=f"{path}: ledger_public_key")
+        ),
     )
 
 

@@ -32,3 +32,7 @@ def unreadable(path: str | Path, error: OSError | UnicodeDecodeError) -> str:
 
 class AlreadyExistsError(FedtuneError, FileExistsError):
     """fedtune refuses to overwrite a file or folder that exists (nothing was written)."""
+
+
+class MissingFileError(FedtuneError, FileNotFoundError):
+    """A file fedtune needs (and made earlier) is not there."""

@@ -94,6 +94,12 @@ def load_node_auth_public_key(path_or_text: str | Path) -> str:
     return _parse(data.strip(), source=source)
 
 
+def node_auth_public_key_from_text(text: str, *, source: str) -> str:
+    """:func:`load_node_auth_public_key` of the key's text only, never a file: for values read
+    from data (an enrollment file), which must not name a path on this machine."""
+    return _parse(text.encode("utf-8", errors="replace").strip(), source=source)
+
+
 def _parse(text: bytes, *, source: str) -> str:
     wanted = (
         f"SuperNode authentication needs an OpenSSH {KEY_TYPE} public key (the "
