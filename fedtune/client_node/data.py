@@ -39,7 +39,6 @@ def load_conversations(path: Path) -> list[list[Message]]:
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     conversations: list[list[Message]] = []
-    number = 0
     try:
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
@@ -51,7 +50,8 @@ def load_conversations(path: Path) -> list[list[Message]]:
                     raise DataError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
                 conversations.append(_conversation(record, f"{path}:{number}"))
     except UnicodeDecodeError:
-        raise DataError(f"{path}:{number + 1}: not UTF-8 text (a binary file?)") from None
+        # Decoding runs ahead of the lines: the line number would not be exact.
+        raise DataError(f"{path}: not UTF-8 text (a binary file?)") from None
     except OSError as exc:
         raise DataError(unreadable(path, exc)) from None
     if not conversations:
