@@ -139,7 +139,7 @@ def public_key_from_text(text: str, *, source: str) -> Ed25519PublicKey:
     """An Ed25519 public key from its text (base64 of the 32 bytes, or PEM), never from a file:
     for values read from data (an enrollment file, a ledger header), which must not name a
     path on this machine. ``source`` names where the text came from, for errors."""
-    return _parse_public_key(text.encode("utf-8", errors="replace"), source=source, text=True)
+    return _parse_public_key(text.encode("utf-8", errors="replace"), source=source, text_only=True)
 
 
 def verify_signature(key: Ed25519PublicKey, *, signature: str, message: bytes) -> bool:
@@ -163,7 +163,7 @@ def decode_signature(signature: str) -> bytes | None:
     return raw if len(raw) == _SIGNATURE_BYTES else None
 
 
-def _parse_public_key(data: bytes, *, source: str, text: bool = False) -> Ed25519PublicKey:
+def _parse_public_key(data: bytes, *, source: str, text_only: bool = False) -> Ed25519PublicKey:
     text = data.strip()
     if text.startswith(b"-----BEGIN"):
         if b"PRIVATE KEY" in text.split(b"\n", 1)[0]:
@@ -182,7 +182,7 @@ def _parse_public_key(data: bytes, *, source: str, text: bool = False) -> Ed2551
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != _PUBLIC_KEY_BYTES:
-        if text:
+        if text_only:
             raise KeyFileError(
                 f"{source} is not an Ed25519 public key (the base64 text of its "
                 f"{_PUBLIC_KEY_BYTES} bytes, or PEM)"
