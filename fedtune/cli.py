@@ -14,44 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.cli_deployment import add_commands as add_deployment_commands
-from fedtune.client_node.demo_data import DOMAINS, write_demo_data
+from fedtune.client_node.demo_data import DOMAINS, check_demo_output, write_demo_data
 from fedtune.platform.config import ConfigError, load_node_config, load_run_config
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can act on: printed as one clear line, exit code 2, no traceback."""
-    from fedtune.cli_deployment import main_error_types
-    from fedtune.client_node.data import DataError
-    from fedtune.coordinator.abtest import UnknownAbTestError
-    from fedtune.coordinator.versions import UnknownVersionError
-    from fedtune.dashboard.database import DashboardError
-    from fedtune.platform.accounting import BudgetExhaustedError
-    from fedtune.platform.audit import AuditError
-    from fedtune.platform.ledger import LedgerFormatError
-    from fedtune.platform.ledger_store import LedgerConflictError
-    from fedtune.platform.lora import AdapterMismatchError
-    from fedtune.platform.model_store import ModelSpecError
-    from fedtune.platform.signing import KeyFileError
-    from fedtune.platform.storage import DatabaseNotFoundError, DatabaseVersionError
-
-    return (
-        *main_error_types(),
-        ConfigError,
-        DataError,
-        ModelSpecError,
-        AdapterMismatchError,
-        BudgetExhaustedError,
-        LedgerConflictError,
-        LedgerFormatError,
-        AuditError,
-        UnknownVersionError,
-        UnknownAbTestError,
-        DashboardError,
-        DatabaseNotFoundError,
-        DatabaseVersionError,
-        KeyFileError,
-        FileExistsError,
-    )
+from fedtune.platform.errors import FedtuneError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +27,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
+    except FedtuneError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        # Backstop: the files a command reads are checked where they are read (a
+        # FedtuneError naming the file); an OS refusal elsewhere (a folder without write
+        # permission, a full disk) names its path in one line too. One without a path is a bug.
+        if exc.filename is None:
             raise
-        print(f"fedtune: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"{exc.filename}: {exc.strerror or exc}")
+
+
+def _fail(message: str) -> int:
+    """One line on stderr, exit code 2: a multi-line message is joined with '; '."""
+    line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"fedtune: error: {line}", file=sys.stderr)
+    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,6 +226,8 @@ def _node_key(args: argparse.Namespace) -> int:
 
 def _data_demo(args: argparse.Namespace) -> int:
     domains = DOMAINS if args.domain == "all" else (args.domain,)
+    # Every domain is checked before any is written: all or nothing.
+    check_demo_output(args.out, domains, train=args.train, held_out=args.held_out)
     for domain in domains:
         train, held_out = write_demo_data(
             args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
@@ -323,7 +301,9 @@ def _model_export(args: argparse.Namespace) -> int:
     if version.path is None or version.sha256 is None:
         raise ConfigError(f"{version.id} is the base model: there is no adapter to export")
     key = load_key(args.key) if args.key is not None else None
-    out = export_checkpoint(version.path, args.out, sha256=version.sha256, key=key)
+    out = export_checkpoint(
+        version.path, args.out, sha256=version.sha256, key=key, key_option="--key"
+    )
     print(f"{version.id} -> {out} (load with PeftModel.from_pretrained(base, {str(out)!r}))")
     return 0
 

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Any
 
 from fedtune.platform.config import load_coordinator_config, load_run_config
+from fedtune.platform.errors import AlreadyExistsError
 
 
 def add_commands(commands: Any, node: Any) -> None:
@@ -243,19 +244,19 @@ def _node_keygen(args: argparse.Namespace) -> int:
         AUTH_PUBLIC_KEY_FILE,
         generate_node_auth_key,
     )
-    from fedtune.platform.signing import KEY_FILE, NodeKey
+    from fedtune.platform.signing import KEY_FILE, KeyFileError, NodeKey
 
     ledger_key = args.out / KEY_FILE
     if args.new_auth_key:
         if not ledger_key.exists():
-            raise FileExistsError(f"{ledger_key} is missing: run keygen without --new-auth-key")
+            raise KeyFileError(f"{ledger_key} is missing: run keygen without --new-auth-key")
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for name in (AUTH_KEY_FILE, AUTH_PUBLIC_KEY_FILE):
             old = args.out / name
             if old.exists():
                 old.rename(old.with_name(f"{name}.replaced-{stamp}"))
     elif ledger_key.exists() or (args.out / ENROLLMENT_FILE).exists():
-        raise FileExistsError(
+        raise AlreadyExistsError(
             f"{args.out} already holds a node's keys; they are not overwritten "
             "(--new-auth-key replaces the connection key and keeps the ledger key)"
         )
@@ -283,24 +284,3 @@ def _node_start(args: argparse.Namespace) -> int:
     from fedtune.client_node.supernode import start_node
 
     return start_node(args.config)
-
-
-def main_error_types() -> tuple[type[BaseException], ...]:
-    """Errors of these commands that a user can act on (printed as one line)."""
-    from fedtune.client_node.supernode import NodeRefusedError
-    from fedtune.client_node.trainer_service import TrainerUnavailableError
-    from fedtune.coordinator.secure_aggregation import NotEnoughNodesError
-    from fedtune.coordinator.superlink import CoordinatorError
-    from fedtune.platform.encryption import DecryptionError
-    from fedtune.platform.enrollment_certificates import EnrollmentCertificateError
-    from fedtune.platform.flower_tools import FlowerNotInstalledError
-
-    return (
-        EnrollmentCertificateError,
-        FlowerNotInstalledError,
-        CoordinatorError,
-        NodeRefusedError,
-        TrainerUnavailableError,
-        NotEnoughNodesError,
-        DecryptionError,
-    )

@@ -27,6 +27,7 @@ from fedtune.coordinator.abtest import AbTestPlan, new_test_id, run_abtest
 from fedtune.coordinator.job import new_run_id
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.node_ledger import node_key
 from fedtune.platform.storage import AbTest, Run, open_database, transaction
 
@@ -74,7 +75,7 @@ def enroll_nodes(config: RunConfig) -> dict[str, str]:
     }
 
 
-class SimulationError(RuntimeError):
+class SimulationError(FedtuneError, RuntimeError):
     """The simulated run did not finish."""
 
 

@@ -6,6 +6,7 @@ from fedtune.client_node.data import (
     DataError,
     load_chat_dataset,
     load_conversations,
+    max_chars,
     tokenize_conversation,
 )
 
@@ -101,3 +102,57 @@ def test_empty_data_set_is_refused(tmp_path):
 def test_missing_file_is_refused(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         load_conversations(tmp_path / "absent.jsonl")
+
+
+class RecordingTokenizer:
+    """The test tokenizer, recording the size of every text it renders or tokenizes."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.longest = 0
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, conversation, **kwargs):
+        self.longest = max(self.longest, *(len(m["content"]) for m in conversation))
+        return self._tokenizer.apply_chat_template(conversation, **kwargs)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self._tokenizer(text, **kwargs)
+
+
+def test_a_huge_line_costs_bounded_work_and_keeps_its_first_tokens(tmp_path, tiny_tokenizer):
+    """One 50 MB line once took minutes and 15 GB: only what max_length can use is tokenized."""
+    path = tmp_path / "train.jsonl"
+    answer = "Building B, floor 2. " * (50_000_000 // 21)
+    huge = {
+        "messages": [
+            {"role": "user", "content": "Where?"},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+    write_jsonl(path, [huge, CHAT])
+    recording = RecordingTokenizer(tiny_tokenizer)
+
+    data = load_chat_dataset(path, recording, max_length=64)
+
+    assert recording.longest <= max_chars(64)
+    assert len(data) == 2 and len(data.examples[0].input_ids) == 64
+    # The first 1500 characters hold more than 64 tokens and are below the bound: unbounded.
+    unbounded = tokenize_conversation(
+        [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": answer[:1500]}],
+        tiny_tokenizer,
+        max_length=64,
+    )
+    assert data.examples[0] == unbounded
+
+
+def test_a_binary_data_file_is_named_without_its_content(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "secret", "response": "b"}\n' + bytes(range(128, 256)))
+
+    with pytest.raises(DataError, match="not UTF-8") as error:
+        load_conversations(path)
+    assert str(path) in str(error.value) and "secret" not in str(error.value)

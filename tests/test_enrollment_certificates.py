@@ -70,9 +70,9 @@ def test_certifying_never_overwrites_a_file(keys, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
-        (b"\xff\xfe\x00", "not an enrollment file"),
+        (b"\xff\xfe\x00", "not UTF-8 text"),
         (b"{}", "not an enrollment file"),
-        (b'{"auth_public_key": 1, "ledger_public_key": 2}', "the public keys must be text"),
+        (b'{"auth_public_key": 1, "ledger_public_key": 2}', "expected an object with the strings"),
         (b'{"auth_public_key": "ssh-rsa AAAA", "ledger_public_key": "eA=="}', ""),
     ],
 )

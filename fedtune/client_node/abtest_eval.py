@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader
 from fedtune.client_node.data import (
     IGNORE_INDEX,
     ChatDataset,
+    bounded_conversation,
     load_conversations,
     make_collate,
+    max_chars,
     tokenize_conversation,
 )
 from fedtune.client_node.losses import sequence_losses
@@ -53,7 +55,8 @@ def held_out_pairs(runtime: Any, max_examples: int) -> tuple[list[Any], ChatData
             conversation, runtime.loaded.base.tokenizer, max_length=config.data.max_length
         )
         if any(label != IGNORE_INDEX for label in example.labels):
-            kept.append(conversation)
+            # Generation prompts too are bounded: a held-out row of any size costs little.
+            kept.append(bounded_conversation(conversation, max_chars(config.data.max_length)))
             tokenized.append(example)
         if len(kept) == max_examples:
             break

@@ -24,6 +24,7 @@ from fedtune.client_node.local_round import train_local_round
 from fedtune.platform.accounting import BudgetExhaustedError
 from fedtune.platform.base_model import BaseModel, load_base_model
 from fedtune.platform.config import LoraSettings, NodeConfig
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.fingerprint import file_fingerprint
 from fedtune.platform.lora import adapter_arrays, attach_lora, load_adapter_arrays
 from fedtune.platform.messages import (
@@ -47,7 +48,7 @@ from fedtune.platform.messages import (
 from fedtune.platform.node_ledger import NodeLedger
 
 
-class BaseModelMismatchError(RuntimeError):
+class BaseModelMismatchError(FedtuneError, RuntimeError):
     """The run trains a different base model than the one this node holds."""
 
 

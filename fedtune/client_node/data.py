@@ -19,30 +19,41 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from fedtune.platform.errors import FedtuneError, unreadable
+
 IGNORE_INDEX = -100
 _ROLES = {"system", "user", "assistant"}
 
 Message = dict[str, str]
 
 
-class DataError(ValueError):
+class DataError(FedtuneError, ValueError):
     """A data file is missing, malformed, or too small for the configured training."""
 
 
 def load_conversations(path: Path) -> list[list[Message]]:
-    """Parse a JSONL data file into conversations; blank lines are skipped."""
+    """Parse a JSONL data file into conversations; blank lines are skipped. Errors name the
+    file and line, never a line's text (it may be private)."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a data file")
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     conversations: list[list[Message]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
-            conversations.append(_conversation(record, f"{path}:{number}"))
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
+                conversations.append(_conversation(record, f"{path}:{number}"))
+    except UnicodeDecodeError:
+        # Decoding runs ahead of the lines: the line number would not be exact.
+        raise DataError(f"{path}: not UTF-8 text (a binary file?)") from None
+    except OSError as exc:
+        raise DataError(unreadable(path, exc)) from None
     if not conversations:
         raise DataError(f"{path}: the data set is empty (no examples)")
     return conversations
@@ -82,6 +93,32 @@ def _conversation(record: Any, where: str) -> list[Message]:
     raise DataError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
 
 
+# A token of the tokenizers we meet covers a few characters, rarely more than a dozen; this
+# many characters per token of max_length always hold the first max_length tokens, and bound
+# the work one example can cause (one 50 MB line once took minutes and 15 GB).
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def max_chars(max_length: int) -> int:
+    """The characters of a conversation that can matter for its first ``max_length`` tokens."""
+    return max_length * CHARS_PER_TOKEN_BOUND
+
+
+def bounded_conversation(conversation: Sequence[Message], limit: int) -> list[Message]:
+    """``conversation`` cut after ``limit`` characters of content: later messages dropped,
+    the one that crosses it shortened. A chat template renders each message's content in
+    order, so the first ``limit`` characters of the rendered text are the same as before."""
+    kept: list[Message] = []
+    total = 0
+    for message in conversation:
+        if total >= limit:
+            break
+        content = message["content"][: limit - total]
+        kept.append({"role": message["role"], "content": content})
+        total += len(content)
+    return kept
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     input_ids: list[int]
@@ -92,8 +129,13 @@ def tokenize_conversation(
     conversation: Sequence[Message], tokenizer: Any, *, max_length: int
 ) -> TokenizedExample:
     """Render with the chat template and label only the assistant turns (their text and the
-    end-of-turn marker the template puts after it), truncated to ``max_length`` tokens."""
-    text = tokenizer.apply_chat_template(list(conversation), tokenize=False)
+    end-of-turn marker the template puts after it), truncated to ``max_length`` tokens.
+
+    The work is bounded whatever the row: only the first ``max_chars(max_length)`` characters
+    of the conversation are rendered and tokenized (:func:`bounded_conversation`)."""
+    limit = max_chars(max_length)
+    conversation = bounded_conversation(conversation, limit)
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False)[:limit]
     spans = []
     for index, message in enumerate(conversation):
         if message["role"] != "assistant":
@@ -102,12 +144,12 @@ def tokenize_conversation(
             list(conversation[:index]), tokenize=False, add_generation_prompt=True
         )
         upto = tokenizer.apply_chat_template(list(conversation[: index + 1]), tokenize=False)
-        if not text.startswith(upto) or not upto.startswith(prefix):
+        if not text.startswith(upto[:limit]) or not upto.startswith(prefix):
             raise DataError(
                 "the tokenizer's chat template does not render conversations prefix by prefix; "
                 "assistant tokens cannot be located"
             )
-        spans.append((len(prefix), len(upto)))
+        spans.append((min(len(prefix), limit), min(len(upto), limit)))
     encoded = tokenizer(
         text, add_special_tokens=False, return_offsets_mapping=True, truncation=False
     )

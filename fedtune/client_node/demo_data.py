@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from fedtune.platform.errors import AlreadyExistsError, FedtuneError
 
 Example = dict[str, list[dict[str, str]]]
 Intent = Callable[[random.Random], tuple[str, str]]
 
 DOMAINS = ("hospital", "bank")
+
+
+class DemoDataError(FedtuneError, ValueError):
+    """The demo data cannot be written as asked (nothing was written)."""
+
 
 # Short on purpose: every token of every example costs training time on a CPU.
 _HOSPITAL_SYSTEM = "Riverside General Hospital help line. Triage and direct; never diagnose."
@@ -548,7 +555,7 @@ _SYSTEMS = {"hospital": _HOSPITAL_SYSTEM, "bank": _BANK_SYSTEM}
 def generate_examples(domain: str, count: int, *, seed: int = 0) -> list[Example]:
     """``count`` distinct chat examples for ``domain`` ("hospital" or "bank")."""
     if domain not in _INTENTS:
-        raise ValueError(f"unknown demo domain {domain!r}; expected one of {DOMAINS}")
+        raise DemoDataError(f"unknown demo domain {domain!r}; expected one of {DOMAINS}")
     rng = random.Random(f"{domain}-{seed}")
     seen: set[str] = set()
     examples: list[Example] = []
@@ -556,7 +563,7 @@ def generate_examples(domain: str, count: int, *, seed: int = 0) -> list[Example
     while len(examples) < count:
         attempts += 1
         if attempts > count * 50:
-            raise ValueError(f"cannot generate {count} distinct {domain} examples")
+            raise DemoDataError(f"cannot generate {count} distinct {domain} examples")
         ask, answer = rng.choice(_INTENTS[domain])(rng)
         ask = _phrase(rng, ask)
         answer = rng.choice(_ANSWER_OPENERS) + answer
@@ -575,14 +582,37 @@ def generate_examples(domain: str, count: int, *, seed: int = 0) -> list[Example
     return examples
 
 
+def demo_data_paths(out_dir: Path, domain: str) -> tuple[Path, Path]:
+    """Where :func:`write_demo_data` writes ``domain``'s train and held-out files."""
+    return out_dir / domain / "train.jsonl", out_dir / domain / "held_out.jsonl"
+
+
+def check_demo_output(out_dir: Path, domains: Sequence[str], *, train: int, held_out: int) -> None:
+    """Refuse, before anything is written, counts below 1, an ``out_dir`` that is a file, and
+    data files that exist already: they may be someone's data and are never overwritten."""
+    for name, count in (("train", train), ("held-out", held_out)):
+        if count < 1:
+            raise DemoDataError(f"the {name} example count must be at least 1, not {count}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DemoDataError(f"{out_dir}: is a file, not a folder")
+    for domain in domains:
+        if domain not in DOMAINS:
+            raise DemoDataError(f"unknown demo domain {domain!r}; expected one of {DOMAINS}")
+        for path in demo_data_paths(out_dir, domain):
+            if path.exists() or path.is_symlink():
+                raise AlreadyExistsError(f"{path} already exists; data files are not overwritten")
+
+
 def write_demo_data(
     out_dir: Path, *, domain: str, train: int = 800, held_out: int = 100, seed: int = 0
 ) -> tuple[Path, Path]:
-    """Write ``OUT/DOMAIN/train.jsonl`` and ``held_out.jsonl``; returns both paths."""
+    """Write ``OUT/DOMAIN/train.jsonl`` and ``held_out.jsonl``; returns both paths. Existing
+    files are never overwritten (:func:`check_demo_output`)."""
+    check_demo_output(out_dir, (domain,), train=train, held_out=held_out)
     examples = generate_examples(domain, train + held_out, seed=seed)
-    folder = out_dir / domain
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = (folder / "train.jsonl", folder / "held_out.jsonl")
+    paths = demo_data_paths(out_dir, domain)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, part in zip(paths, (examples[:train], examples[train:]), strict=True):
-        path.write_text("".join(json.dumps(example) + "\n" for example in part), encoding="utf-8")
+        with path.open("x", encoding="utf-8") as handle:  # "x": never over a file made meanwhile
+            handle.write("".join(json.dumps(example) + "\n" for example in part))
     return paths

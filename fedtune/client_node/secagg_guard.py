@@ -71,12 +71,13 @@ from fedtune.platform.enrollment_certificates import (
     sign_keys,
     verify_certificate,
 )
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.signing import NodeKey
 
 LOGGER = logging.getLogger(__name__)
 
 
-class SecureAggregationRefused(ValueError):
+class SecureAggregationRefused(FedtuneError, ValueError):
     """A SecAgg+ message this node will not answer; the message names the check."""
 
 

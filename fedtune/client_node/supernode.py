@@ -28,6 +28,7 @@ from fedtune.client_node.client_app import REPLIES, node_runtime
 from fedtune.client_node.clientapp_worker import ClientAppWorker
 from fedtune.client_node.trainer_service import TrainerService
 from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
 from fedtune.platform.pinned_apps import SECRET_FILE, ensure_secret
 
@@ -39,7 +40,7 @@ _REFUSALS = {
 }
 
 
-class NodeRefusedError(RuntimeError):
+class NodeRefusedError(FedtuneError, RuntimeError):
     """The coordinator kept refusing this node's key."""
 
 

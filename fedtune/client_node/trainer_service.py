@@ -26,17 +26,18 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedtune.platform.config import NodeConfig
+from fedtune.platform.errors import FedtuneError
 
 SERVICE_FILE = "trainer.json"
 
 Handler = Callable[[NodeConfig, RecordDict], RecordDict]
 
 
-class TrainerUnavailableError(RuntimeError):
+class TrainerUnavailableError(FedtuneError, RuntimeError):
     """The ClientApp cannot reach its node's trainer service."""
 
 
-class TrainerError(RuntimeError):
+class TrainerError(FedtuneError, RuntimeError):
     """The trainer refused or failed a message; the text is the trainer's reason."""
 
 

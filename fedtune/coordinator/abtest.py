@@ -39,6 +39,7 @@ from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.roster import EnrolledGrid, name_problem, reported_name
 from fedtune.coordinator.versions import ModelVersion
 from fedtune.platform.config import LoraSettings
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.messages import (
     ABTEST,
     ABTEST_MESSAGE_TYPE,
@@ -55,7 +56,7 @@ OVERALL = "overall"
 DEFAULT_METRICS = ("loss", "rouge-l")
 
 
-class UnknownAbTestError(ValueError):
+class UnknownAbTestError(FedtuneError, ValueError):
     """No stored A/B test has that id."""
 
 

@@ -17,6 +17,7 @@ from peft import PeftModel
 
 from fedtune.platform.config import LoraSettings
 from fedtune.platform.encryption import decrypt_file, encrypt_bytes
+from fedtune.platform.errors import AlreadyExistsError, FedtuneError, MissingFileError
 from fedtune.platform.lora import load_adapter_arrays
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -50,7 +51,7 @@ class AdapterCheckpointer:
         An existing folder is never overwritten."""
         target = self.directory / f"round-{server_round}"
         if target.exists():
-            raise FileExistsError(f"{target} exists; checkpoints are never overwritten")
+            raise AlreadyExistsError(f"{target} exists; checkpoints are never overwritten")
         load_adapter_arrays(self.model, arrays)
         if self.key is None:
             self.model.save_pretrained(str(target))
@@ -71,24 +72,35 @@ class AdapterCheckpointer:
         return target, hashlib.sha256(weights).hexdigest()
 
 
-class CheckpointIntegrityError(RuntimeError):
+class CheckpointIntegrityError(FedtuneError, RuntimeError):
     """A checkpoint's weights no longer match the SHA-256 recorded when it was written."""
 
 
-def checkpoint_weights(path: Path, *, sha256: str, key: bytes | None = None) -> bytes:
-    """A stored global adapter's safetensors bytes (decrypted), after checking its SHA-256."""
+class CheckpointKeyMissingError(FedtuneError, ValueError):
+    """A checkpoint is encrypted and no key was given."""
+
+
+def checkpoint_weights(
+    path: Path,
+    *,
+    sha256: str,
+    key: bytes | None = None,
+    key_option: str = "output.encryption_key_file",
+) -> bytes:
+    """A stored global adapter's safetensors bytes (decrypted), after checking its SHA-256.
+    ``key_option``: where the caller's user gives the key, named when it is missing."""
     encrypted = path / ENCRYPTED_WEIGHTS_FILE
     if encrypted.is_file():
         if key is None:
-            raise CheckpointIntegrityError(
-                f"{encrypted} is encrypted; set output.encryption_key_file to read it"
+            raise CheckpointKeyMissingError(
+                f"{encrypted} is encrypted; give its key with {key_option} to read it"
             )
         weights = encrypted
         data = decrypt_file(encrypted, key, associated_data=_associated_data(path))
     else:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: checkpoint weights are missing")
+            raise MissingFileError(f"{weights}: checkpoint weights are missing")
         data = weights.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
@@ -115,12 +127,19 @@ def read_checkpoint(
     return dict(arrays), lora
 
 
-def export_checkpoint(path: Path, out: Path, *, sha256: str, key: bytes | None = None) -> Path:
+def export_checkpoint(
+    path: Path,
+    out: Path,
+    *,
+    sha256: str,
+    key: bytes | None = None,
+    key_option: str = "output.encryption_key_file",
+) -> Path:
     """A plain copy of a stored global adapter in ``out`` (new) that
     ``PeftModel.from_pretrained`` loads: decrypted, after checking its SHA-256."""
-    weights = checkpoint_weights(path, sha256=sha256, key=key)
+    weights = checkpoint_weights(path, sha256=sha256, key=key, key_option=key_option)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already exists and is not empty; it is not overwritten")
+        raise AlreadyExistsError(f"{out} already exists and is not empty; it is not overwritten")
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_config.json").write_bytes((path / "adapter_config.json").read_bytes())
     (out / WEIGHTS_FILE).write_bytes(weights)

@@ -33,8 +33,9 @@ from fedtune.platform.enrollment_certificates import (
     load_ca_certificate,
     verify_certificate,
 )
+from fedtune.platform.errors import unreadable
 from fedtune.platform.ledger_store import add_public_key
-from fedtune.platform.node_auth import load_node_auth_public_key
+from fedtune.platform.node_auth import node_auth_public_key_from_text
 from fedtune.platform.signing import KeyFileError
 from fedtune.platform.storage import open_database, transaction
 
@@ -71,10 +72,8 @@ def read_certified_enrollment(
     (``ca_certificate``) did not sign, and one for another name."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such file") from None
-    except OSError as error:
-        raise KeyFileError(f"{path}: cannot read it ({error.strerror})") from None
+    except OSError as exc:
+        raise KeyFileError(f"enrollment certificate {unreadable(path, exc)}") from None
     if not is_certificate(data):
         raise KeyFileError(
             f"{path} is not certified: the holder of the consortium's CA key certifies it "
@@ -88,7 +87,9 @@ def read_certified_enrollment(
     if node.name != name:
         raise KeyFileError(f"{path} certifies node {node.name!r}, not {name!r}")
     enrollment = Enrollment(
-        auth_public_key=load_node_auth_public_key(node.auth_public_key),
+        auth_public_key=node_auth_public_key_from_text(
+            node.auth_public_key, source=f"{path}: auth_public_key"
+        ),
         ledger_public_key=node.ledger_public_key,
     )
     return enrollment, data.decode("utf-8")

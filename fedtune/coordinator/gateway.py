@@ -24,6 +24,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from fedtune.platform.config import CoordinatorConfig
+from fedtune.platform.errors import FedtuneError
 
 FILES = Path(__file__).parent / "gateway_files"
 GUARD = FILES / "fleet_guard.lua"
@@ -52,7 +53,7 @@ FLEET_PATHS = tuple(
 )
 
 
-class GatewayError(RuntimeError):
+class GatewayError(FedtuneError, RuntimeError):
     """The gateway cannot be configured or started."""
 
 

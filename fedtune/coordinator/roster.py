@@ -27,11 +27,12 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.messages import NODE
 from fedtune.platform.storage import EnrolledNode, transaction
 
 
-class NotEnrolledError(RuntimeError):
+class NotEnrolledError(FedtuneError, RuntimeError):
     """A message addressed to a node that is not enrolled for the run."""
 
 

@@ -38,6 +38,7 @@ from fedtune.coordinator.strategy import (
     RoundObserver,
     update_problem,
 )
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.messages import (
     ARRAYS,
     DECLINE,
@@ -55,7 +56,7 @@ from fedtune.platform.secure_messages import (
 )
 
 
-class NotEnoughNodesError(RuntimeError):
+class NotEnoughNodesError(FedtuneError, RuntimeError):
     """Fewer nodes connected than the run needs, within the time it waits for them."""
 
 

@@ -27,6 +27,7 @@ from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.coordinator.versions import list_versions, production_version, resolve_version
 from fedtune.platform.base_model import load_base_model
 from fedtune.platform.config import RunConfig
+from fedtune.platform.errors import AlreadyExistsError
 from fedtune.platform.ledger_store import add_public_key
 from fedtune.platform.lora import adapter_arrays, attach_lora
 from fedtune.platform.messages import TrainInstructions, arrays_to_record
@@ -65,7 +66,7 @@ def prepare_run(
     keys = {name: load_public_key(value) for name, value in enrolled.items()}
     adapters = config.output.dir / "adapters"
     if not resuming and adapters.exists() and any(adapters.iterdir()):
-        raise FileExistsError(f"{adapters} already holds checkpoints; use a new output.dir")
+        raise AlreadyExistsError(f"{adapters} already holds checkpoints; use a new output.dir")
     # The coordinator only averages and saves: CPU and full precision are enough.
     base = load_base_model(
         config.model.model_copy(update={"device": "cpu", "quantization": "none"})

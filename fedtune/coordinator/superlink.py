@@ -27,6 +27,7 @@ from pathlib import Path
 from fedtune.coordinator import gateway
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
 from fedtune.platform.config import CoordinatorConfig, RunConfig
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.flower_tools import flower_command, tool_path_environment
 from fedtune.platform.pinned_apps import SECRET_FILE, ensure_secret
 from fedtune.platform.processes import end_process_tree
@@ -37,7 +38,7 @@ CONNECTION = "fedtune"
 SUBMISSION_FILE = "submission.json"  # in a run's app folder: its Flower run id
 
 
-class CoordinatorError(RuntimeError):
+class CoordinatorError(FedtuneError, RuntimeError):
     """The coordinator cannot start, or the Flower CLI refused a request."""
 
 

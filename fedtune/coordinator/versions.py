@@ -14,13 +14,14 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.storage import AdapterCheckpoint, ModelPromotion, Run, transaction
 
 BASE = "base"
 LATEST = "latest"
 
 
-class UnknownVersionError(ValueError):
+class UnknownVersionError(FedtuneError, ValueError):
     """No model version matches what was asked for."""
 
 

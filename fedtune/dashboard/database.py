@@ -16,13 +16,14 @@ from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.storage import database_url
 
 # Tables every fedtune coordinator database has had since its first version.
 REQUIRED_TABLES = ("runs", "rounds")
 
 
-class DashboardError(ValueError):
+class DashboardError(FedtuneError, ValueError):
     """The dashboard cannot open the database as asked (missing file, not fedtune's, ...)."""
 
 

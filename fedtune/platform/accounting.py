@@ -17,6 +17,8 @@ import opacus
 from opacus.accountants import IAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 
+from fedtune.platform.errors import FedtuneError
+
 AccountantName = Literal["rdp", "prv"]
 HistoryEntry = tuple[float, float, int]
 
@@ -69,7 +71,7 @@ def epsilon_of(
     return float(epsilon)
 
 
-class BudgetExhaustedError(RuntimeError):
+class BudgetExhaustedError(FedtuneError, RuntimeError):
     """No noise multiplier keeps the planned work within the target epsilon."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedtune.platform.audit_report import render_report, write_report
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.independent_accounting import Recomputation, recompute_ledger
 from fedtune.platform.ledger_file import (
     LedgerFile,
@@ -28,11 +29,11 @@ from fedtune.platform.ledger_store import (
     ledger_nodes,
     node_public_keys,
 )
-from fedtune.platform.signing import load_public_key
+from fedtune.platform.signing import load_public_key, public_key_from_text
 from fedtune.platform.storage import database_url, open_database, transaction
 
 
-class AuditError(ValueError):
+class AuditError(FedtuneError, ValueError):
     """The export or report cannot be made as asked."""
 
 
@@ -75,8 +76,13 @@ def audit_ledger(ledger: Path, *, public_key: str | Path | None) -> AuditOutcome
     """Verify ``ledger`` (against ``public_key``; without one, against the key its header
     names, which proves integrity but not authorship) and recompute every epsilon."""
     parsed = read_ledger_file(ledger)
-    trusted: Ed25519PublicKey = load_public_key(
-        public_key if public_key is not None else str(parsed.header["public_key"])
+    # The header's key is data from the file: its text, never a path on this machine.
+    trusted: Ed25519PublicKey = (
+        load_public_key(public_key)
+        if public_key is not None
+        else public_key_from_text(
+            str(parsed.header["public_key"]), source=f"{ledger}: the header's public_key"
+        )
     )
     verification = verify_ledger(parsed, public_key=trusted)
     # dp-accounting logs each fractional RDP order it drops; the report states the method.

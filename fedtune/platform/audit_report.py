@@ -18,6 +18,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from fedtune.platform.errors import AlreadyExistsError
 from fedtune.platform.independent_accounting import Recomputation
 
 DEFAULT_TITLE = "Epsilon ledger audit report"
@@ -116,7 +117,7 @@ def write_report(path: str | os.PathLike[str], html: str, *, overwrite: bool = F
         with target.open("w" if overwrite else "x", encoding="utf-8") as handle:
             handle.write(html)
     except FileExistsError:
-        raise FileExistsError(f"{target} already exists; it is not overwritten") from None
+        raise AlreadyExistsError(f"{target} already exists; it is not overwritten") from None
     return target
 
 

@@ -12,21 +12,45 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.platform.errors import FedtuneError, unreadable
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Configuration is strict (a string "8" is no number; see _Section), but TOML has no path
+# type: a path is written as a string.
+ConfigPath = Annotated[Path, Field(strict=False)]
+
+
+def _database_url(value: str) -> str:
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(value)
+    except ArgumentError:
+        raise ValueError(
+            f"{value!r} is not an SQLAlchemy URL (a SQLite file is sqlite:////absolute/path.db)"
+        ) from None
+    return value
+
+
+DatabaseUrl = Annotated[str, AfterValidator(_database_url)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
 _ConfigT = TypeVar("_ConfigT", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(FedtuneError, ValueError):
     """A configuration file is missing, unreadable or invalid."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict: a value of the wrong TOML type (``target_epsilon = "8"``) is refused rather
+    than converted, and no float may be inf or nan."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -36,7 +60,7 @@ class ModelConfig(_Section):
         default="smollm2-135m",
         description="A local Hugging Face directory, a .gguf file, or the alias 'smollm2-135m'.",
     )
-    cache_dir: Path | None = Field(
+    cache_dir: ConfigPath | None = Field(
         default=None,
         description="Where converted models are kept; default $FEDTUNE_CACHE_DIR or "
         "~/.cache/fedtune.",
@@ -50,8 +74,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """The node's local data set: JSONL in chat or prompt/response form."""
 
-    train: Path
-    eval: Path
+    train: ConfigPath
+    eval: ConfigPath
     max_length: Annotated[int, Field(ge=8)] = 128
     max_eval_examples: PositiveInt | None = Field(
         default=None, description="Evaluate on at most this many held-out examples."
@@ -139,7 +163,7 @@ class PrivacySettings(_Section):
 
 class NodeSettings(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    state_dir: Path = Field(
+    state_dir: ConfigPath = Field(
         default=Path("node-state"),
         description="Where the node keeps what must survive restarts: its epsilon ledger "
         "(ledger.db) and its signing key (node_key.pem).",
@@ -157,7 +181,7 @@ class EvaluationPolicy(_Section):
 
 
 class OutputSettings(_Section):
-    dir: Path
+    dir: ConfigPath
 
 
 class CoordinatorConnection(_Section):
@@ -166,8 +190,8 @@ class CoordinatorConnection(_Section):
     address: str = Field(
         pattern=r"^[^\s:]+:[0-9]+$", description="HOST:PORT of the coordinator's SuperLink."
     )
-    root_certificates: Path = Field(description="The consortium's CA certificate (ca.pem).")
-    auth_key: Path = Field(
+    root_certificates: ConfigPath = Field(description="The consortium's CA certificate (ca.pem).")
+    auth_key: ConfigPath = Field(
         description="The node's ECDSA P-384 private key from `fedtune node keygen` "
         "(auth_key); the coordinator enrolls its public half."
     )
@@ -250,9 +274,11 @@ class RunNode(_Section):
     privacy target; a deployed node holds those in its own node.toml."""
 
     name: NodeName
-    train: Path | None = Field(default=None, description="Required in simulation.")
-    eval: Path | None = Field(default=None, description="Required in simulation.")
-    state_dir: Path | None = Field(default=None, description="Default: OUTPUT_DIR/nodes/NAME.")
+    train: ConfigPath | None = Field(default=None, description="Required in simulation.")
+    eval: ConfigPath | None = Field(default=None, description="Required in simulation.")
+    state_dir: ConfigPath | None = Field(
+        default=None, description="Default: OUTPUT_DIR/nodes/NAME."
+    )
     model: str | None = Field(
         default=None,
         description="Where this node loads the base model from, if not model.spec; the run "
@@ -270,11 +296,11 @@ class RunNode(_Section):
 
 
 class RunOutput(_Section):
-    dir: Path
-    database: str | None = Field(
+    dir: ConfigPath
+    database: DatabaseUrl | None = Field(
         default=None, description="SQLAlchemy URL; default: sqlite:///OUTPUT_DIR/fedtune.db."
     )
-    encryption_key_file: Path | None = Field(
+    encryption_key_file: ConfigPath | None = Field(
         default=None,
         description="Encrypt global adapter checkpoints at rest (AES-256-GCM) with this key "
         "(`fedtune coordinator encryption-key --out FILE`).",
@@ -418,7 +444,7 @@ class CoordinatorSettings(_Section):
     """Where the coordinator keeps its state, where its gateway listens for nodes, and the
     SuperLink's own port, which never leaves 127.0.0.1."""
 
-    state_dir: Path = Field(
+    state_dir: ConfigPath = Field(
         default=Path("coordinator-state"),
         description="Flower's state (superlink.db), its CLI configuration, the gateway's "
         "configuration and logs, submitted run apps; default database too.",
@@ -436,10 +462,10 @@ class CoordinatorSettings(_Section):
         description="The SuperLink's port on 127.0.0.1 (Fleet, Control and Runtime APIs): "
         "admin tools use it on this host; nodes reach only its Fleet API, through the gateway.",
     )
-    database: str | None = Field(
+    database: DatabaseUrl | None = Field(
         default=None, description="SQLAlchemy URL; default: sqlite:///STATE_DIR/fedtune.db."
     )
-    encryption_key_file: Path | None = Field(
+    encryption_key_file: ConfigPath | None = Field(
         default=None,
         description="Encrypt global adapter checkpoints at rest with this AES-256 key "
         "(`fedtune coordinator encryption-key --out FILE`).",
@@ -460,7 +486,7 @@ class GatewaySettings(_Section):
     API's paths only and refuses a node-authentication header set it has already seen."""
 
     nginx: str = Field(default="nginx", description="The nginx command (Debian's package).")
-    modules_dir: Path = Field(
+    modules_dir: ConfigPath = Field(
         default=Path("/usr/lib/nginx/modules"),
         description="Where nginx's dynamic modules are: ndk_http_module.so and "
         "ngx_http_lua_module.so (Debian's libnginx-mod-http-lua).",
@@ -474,9 +500,9 @@ class GatewaySettings(_Section):
 class TlsSettings(_Section):
     """The coordinator's TLS files (`fedtune certs init --out DIR`)."""
 
-    ca_certificate: Path
-    certificate: Path
-    private_key: Path
+    ca_certificate: ConfigPath
+    certificate: ConfigPath
+    private_key: ConfigPath
 
 
 class CoordinatorConfig(_Section):
@@ -516,7 +542,8 @@ def _format_error(path: Path, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{path}: {key}: {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")  # pydantic's, for a ValueError
+        lines.append(f"{path}: {key}: {message}")
     return "\n".join(lines)
 
 
@@ -525,6 +552,8 @@ def _read(path: Path, model: type[_ConfigT]) -> _ConfigT:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {unreadable(path, exc)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import make_url
 
 from fedtune.platform.storage import (
@@ -13,9 +15,15 @@ from fedtune.platform.storage import (
 
 
 def db_upgrade(db: str) -> int:
-    """Migrate database ``db`` (a URL or a SQLite file, created if missing), print what was
-    done; returns the exit code. A database made before migrations is adopted, rows kept."""
+    """Migrate database ``db`` (a URL or a SQLite file, created if missing in an existing
+    folder), print what was done; returns the exit code. A database made before migrations
+    is adopted, rows kept."""
     url = database_url(db)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(str(parsed.database)).parent
+        if not folder.is_dir():  # a typo in the path: make no folders and no empty database
+            raise DatabaseNotFoundError(f"{db}: folder {folder} does not exist")
     try:
         before = current_revision(url)
     except DatabaseNotFoundError:

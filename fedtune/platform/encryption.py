@@ -24,6 +24,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from fedtune.platform.errors import AlreadyExistsError, FedtuneError
 from fedtune.platform.signing import KeyFileError, _write_new_file
 
 MAGIC = b"FEDTUNE-AESGCM-1\n"
@@ -32,7 +33,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 
 
-class DecryptionError(ValueError):
+class DecryptionError(FedtuneError, ValueError):
     """An encrypted file that cannot be decrypted: wrong key, modified, or not such a file."""
 
 
@@ -44,7 +45,7 @@ def generate_key_file(path: Path) -> Path:
     """
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+        raise AlreadyExistsError(f"{path} already exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_new_file(path, base64.b64encode(os.urandom(KEY_BYTES)) + b"\n", mode=0o600)
     return path

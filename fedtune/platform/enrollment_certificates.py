@@ -38,8 +38,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedtune.platform.node_auth import load_node_auth_public_key
-from fedtune.platform.signing import NodeKey, verify_signature
+from fedtune.platform.errors import AlreadyExistsError, FedtuneError, unreadable
+from fedtune.platform.node_auth import node_auth_public_key_from_text
+from fedtune.platform.signing import (
+    NodeKey,
+    public_key_from_text,
+    public_key_text,
+    verify_signature,
+)
 
 CERTIFICATE_FORMAT = "fedtune-enrollment-certificate/1"
 # Records beside Flower's SecAgg+ configs: a node's setup reply carries its signature of its
@@ -52,7 +58,7 @@ _MAX_CERTIFICATE_BYTES = 16_384
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class EnrollmentCertificateError(ValueError):
+class EnrollmentCertificateError(FedtuneError, ValueError):
     """An enrollment certificate that is malformed, or not signed by the consortium's CA."""
 
 
@@ -101,21 +107,33 @@ def certify_enrollment_file(
     if not _NAME.fullmatch(name):
         raise EnrollmentCertificateError(f"node name {name!r}: use letters, digits, '_', '.', '-'")
     try:
-        raw = json.loads(Path(enrollment).read_bytes())
-        auth, ledger = raw["auth_public_key"], raw["ledger_public_key"]
-    except FileNotFoundError:
-        raise EnrollmentCertificateError(f"{enrollment}: no such file") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        raw = json.loads(Path(enrollment).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
         raise EnrollmentCertificateError(
-            f"{enrollment}: not an enrollment file from `fedtune node keygen` ({error})"
+            f"enrollment file {unreadable(enrollment, error)}"
         ) from None
-    if not isinstance(auth, str) or not isinstance(ledger, str):
-        raise EnrollmentCertificateError(f"{enrollment}: the public keys must be text")
-    try:
-        auth = load_node_auth_public_key(auth)
-        Ed25519PublicKey.from_public_bytes(base64.b64decode(ledger, validate=True))
-    except (binascii.Error, ValueError) as error:
-        raise EnrollmentCertificateError(f"{enrollment}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise EnrollmentCertificateError(
+            f"{enrollment}: not an enrollment file from `fedtune node keygen` (not JSON: "
+            f"{error.msg})"
+        ) from None
+    fields = ("auth_public_key", "ledger_public_key")
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(f), str) for f in fields):
+        raise EnrollmentCertificateError(
+            f"{enrollment}: not an enrollment file from `fedtune node keygen` (expected an "
+            f"object with the strings {' and '.join(fields)})"
+        )
+    try:  # the values are keys' text, never paths on this machine
+        auth = node_auth_public_key_from_text(
+            raw["auth_public_key"], source=f"{enrollment}: auth_public_key"
+        )
+        ledger = public_key_text(
+            public_key_from_text(
+                raw["ledger_public_key"], source=f"{enrollment}: ledger_public_key"
+            )
+        )
+    except ValueError as error:
+        raise EnrollmentCertificateError(str(error)) from None
     certificate = certify_enrollment(
         name=name,
         auth_public_key=auth,
@@ -126,9 +144,7 @@ def certify_enrollment_file(
         with open(out, "xb") as file:
             file.write(certificate)
     except FileExistsError:
-        raise EnrollmentCertificateError(f"{out} exists already; choose another --out") from None
-    except OSError as error:
-        raise EnrollmentCertificateError(f"{out}: cannot write it ({error.strerror})") from None
+        raise AlreadyExistsError(f"{out} exists already; choose another --out") from None
     return CertifiedNode(name, auth, ledger, json.loads(certificate)["certified_at"])
 
 

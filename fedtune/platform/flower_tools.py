@@ -9,8 +9,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedtune.platform.errors import FedtuneError
 
-class FlowerNotInstalledError(RuntimeError):
+
+class FlowerNotInstalledError(FedtuneError, RuntimeError):
     """A Flower command is missing."""
 
 

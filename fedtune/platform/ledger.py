@@ -33,6 +33,7 @@ import rfc8785
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.signing import NodeKey, decode_signature, verify_signature
 
 GENESIS_HASH = "0" * 64
@@ -98,7 +99,7 @@ SIGNATURE_REASON = (
 CONTENT_REASON = "content does not match its hash: the entry was edited after it was sealed"
 
 
-class LedgerFormatError(ValueError):
+class LedgerFormatError(FedtuneError, ValueError):
     """A ledger entry, checkpoint or file is malformed (missing, unknown or mistyped fields).
 
     ``line`` and ``seq`` locate the problem when known; ``detail`` is the message without

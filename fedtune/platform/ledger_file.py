@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedtune.platform.errors import AlreadyExistsError, FedtuneError, unreadable
 from fedtune.platform.ledger import (
     GENESIS_HASH,
     LEDGER_FORMAT,
@@ -96,7 +97,7 @@ def write_ledger_file(
             "(or another head hash): sign a checkpoint of the last entry"
         )
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; it is not overwritten")
+        raise AlreadyExistsError(f"{path} already exists; it is not overwritten")
     header = {
         "type": "header",
         "format": LEDGER_FORMAT,
@@ -124,7 +125,8 @@ def write_ledger_file(
 
 
 def read_ledger_file(path: Path) -> LedgerFile:
-    """Parse ``path``; ``LedgerFormatError`` names the file and line of the first bad line.
+    """Parse ``path``; ``LedgerFormatError`` names the file and line of the first bad line,
+    ``UnreadableLedgerError`` a file that cannot be opened.
 
     Checks the form of each line, not hashes or signatures (see :func:`verify_ledger_file`).
     The checkpoint is None when the file has none.
@@ -142,6 +144,8 @@ def read_ledger_file(path: Path) -> LedgerFile:
         raise _located(path, number, "not UTF-8 text") from None
     except _LineError as error:
         raise _located(path, number, str(error), seq=error.seq) from None
+    except OSError as error:  # missing, a folder: nothing to verify, not a failed verification
+        raise UnreadableLedgerError(f"ledger file {unreadable(path, error)}") from None
     if reader.header is None:
         raise LedgerFormatError(
             f"{path} is empty: expected a ledger header line", line=1, detail="empty file"
@@ -157,7 +161,11 @@ def read_ledger_file(path: Path) -> LedgerFile:
     )
 
 
-class _LineError(ValueError):
+class UnreadableLedgerError(FedtuneError, ValueError):
+    """A ledger file cannot be opened at all (missing, a folder, no permission)."""
+
+
+class _LineError(FedtuneError, ValueError):
     def __init__(self, message: str, *, seq: int | None = None):
         super().__init__(message)
         self.seq = seq

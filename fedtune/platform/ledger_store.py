@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.ledger import Checkpoint, LedgerEntry
 from fedtune.platform.sqltypes import UTCDateTime
 
@@ -110,7 +111,7 @@ for _table in _APPEND_ONLY_TABLES:
     )
 
 
-class LedgerConflictError(RuntimeError):
+class LedgerConflictError(FedtuneError, RuntimeError):
     """An entry that does not extend the stored chain (a second writer, or a replay)."""
 
 

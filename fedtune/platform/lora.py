@@ -22,9 +22,10 @@ from peft import (
 from transformers import PreTrainedModel
 
 from fedtune.platform.config import LoraSettings
+from fedtune.platform.errors import FedtuneError
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(FedtuneError, ValueError):
     """Adapter arrays do not fit the model's adapter (keys, shapes or values)."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.fingerprint import file_fingerprint
 
 
@@ -43,7 +44,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 _COMPLETE_MARKER = "fedtune-converted.json"
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(FedtuneError, ValueError):
     """A model spec names nothing that can be loaded."""
 
 

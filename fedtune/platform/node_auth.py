@@ -30,6 +30,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedtune.platform.errors import AlreadyExistsError
 from fedtune.platform.signing import KeyFileError, _write_new_file
 
 AUTH_KEY_FILE = "auth_key"
@@ -57,7 +58,7 @@ def generate_node_auth_key(out_dir: Path) -> NodeAuthKeyPaths:
     )
     for path in (paths.private_key, paths.public_key):
         if path.exists():
-            raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+            raise AlreadyExistsError(f"{path} already exists; refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         encoding=serialization.Encoding.PEM,
@@ -91,6 +92,12 @@ def load_node_auth_public_key(path_or_text: str | Path) -> str:
         data = path_or_text.encode("utf-8", errors="replace")
         source = repr(path_or_text[:60])
     return _parse(data.strip(), source=source)
+
+
+def node_auth_public_key_from_text(text: str, *, source: str) -> str:
+    """:func:`load_node_auth_public_key` of the key's text only, never a file: for values read
+    from data (an enrollment file), which must not name a path on this machine."""
+    return _parse(text.encode("utf-8", errors="replace").strip(), source=source)
 
 
 def _parse(text: bytes, *, source: str) -> str:

@@ -18,13 +18,15 @@ import tomllib
 import zipfile
 from typing import Any
 
+from fedtune.platform.errors import FedtuneError
+
 SERVER_APP = "fedtune.coordinator.deployed_app:app"
 CLIENT_APP = "fedtune.client_node.deployed_app:app"
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})  # CONTENT: Flower's manifest
 MAX_PYPROJECT_BYTES = 1 << 20
 
 
-class UntrustedBundleError(ValueError):
+class UntrustedBundleError(FedtuneError, ValueError):
     """A run's app bundle is not one of fedtune's; the text is the refusal the submitter sees."""
 
 

@@ -32,6 +32,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
+from fedtune.platform.errors import FedtuneError
 from fedtune.platform.messages import (
     ARRAYS,
     CONFIG,
@@ -55,7 +56,7 @@ MASK_GENERATOR_KEY = "fedtune-mask-generator"
 MAX_REPLY_BYTES = 1 << 20  # a reply's non-array part is a few kilobytes
 
 
-class SecureMessageError(ValueError):
+class SecureMessageError(FedtuneError, ValueError):
     """A secure-aggregation train message or reply that does not have fedtune's shape."""
 
 

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from fedtune.platform.errors import FedtuneError, MissingFileError
+
 _PUBLIC_KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 
@@ -27,7 +29,7 @@ _SIGNATURE_BYTES = 64
 KEY_FILE = "node_key.pem"  # a node's (or the coordinator's) ledger key in its state folder
 
 
-class KeyFileError(ValueError):
+class KeyFileError(FedtuneError, ValueError):
     """A key file or key text that cannot be used (unreadable, wrong format, wrong kind)."""
 
 
@@ -51,7 +53,7 @@ class NodeKey:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise FileNotFoundError(f"no node key at {path}") from None
+            raise MissingFileError(f"no node key at {path}") from None
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as error:
@@ -133,6 +135,13 @@ def load_public_key(value: str | Path) -> Ed25519PublicKey:
     return _parse_public_key(value.encode("utf-8", errors="replace"), source="the given text")
 
 
+def public_key_from_text(text: str, *, source: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from its text (base64 of the 32 bytes, or PEM), never from a file:
+    for values read from data (an enrollment file, a ledger header), which must not name a
+    path on this machine. ``source`` names where the text came from, for errors."""
+    return _parse_public_key(text.encode("utf-8", errors="replace"), source=source, text_only=True)
+
+
 def verify_signature(key: Ed25519PublicKey, *, signature: str, message: bytes) -> bool:
     """Whether ``signature`` (base64) is ``key``'s Ed25519 signature of ``message``."""
     raw = decode_signature(signature)
@@ -154,7 +163,7 @@ def decode_signature(signature: str) -> bytes | None:
     return raw if len(raw) == _SIGNATURE_BYTES else None
 
 
-def _parse_public_key(data: bytes, *, source: str) -> Ed25519PublicKey:
+def _parse_public_key(data: bytes, *, source: str, text_only: bool = False) -> Ed25519PublicKey:
     text = data.strip()
     if text.startswith(b"-----BEGIN"):
         if b"PRIVATE KEY" in text.split(b"\n", 1)[0]:
@@ -173,6 +182,11 @@ def _parse_public_key(data: bytes, *, source: str) -> Ed25519PublicKey:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != _PUBLIC_KEY_BYTES:
+        if text_only:
+            raise KeyFileError(
+                f"{source} is not an Ed25519 public key (the base64 text of its "
+                f"{_PUBLIC_KEY_BYTES} bytes, or PEM)"
+            )
         shown = source if source != "the given text" else repr(data.decode(errors="replace")[:60])
         raise KeyFileError(
             f"{shown} is neither a public-key file (PEM or base64) nor the base64 text of a "

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fedtune.platform import migrations
+from fedtune.platform.errors import FedtuneError, unreadable
 from fedtune.platform.migrations import DatabaseVersionError as DatabaseVersionError
 from fedtune.platform.sqltypes import UTCDateTime
 
@@ -255,7 +256,7 @@ class EnrolledNode(Base):
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class DatabaseNotFoundError(ValueError):
+class DatabaseNotFoundError(FedtuneError, ValueError):
     """A SQLite database file that should exist does not."""
 
 
@@ -274,6 +275,29 @@ def database_url(value: str, *, must_exist: bool = False) -> str:
     return url
 
 
+class NotADatabaseError(FedtuneError, ValueError):
+    """A file given as a SQLite database is something else."""
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse a folder, or a file that is neither empty nor a SQLite database (SQLite would
+    fail on it with a long SQL error, or on first write)."""
+    if path.is_dir():
+        raise NotADatabaseError(f"{path}: is a folder, not a SQLite database file")
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise NotADatabaseError(unreadable(path, exc)) from None
+    if header and header != _SQLITE_HEADER:
+        raise NotADatabaseError(f"{path}: not a SQLite database file")
+
+
 def open_database(url: str, *, create: bool = True) -> Engine:
     """An engine for ``url`` (a SQLite file's folder is made if needed).
 
@@ -283,6 +307,7 @@ def open_database(url: str, *, create: bool = True) -> Engine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        _check_sqlite_file(Path(parsed.database))
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     if parsed.get_backend_name() == "sqlite":

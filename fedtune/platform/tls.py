@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune.platform.errors import AlreadyExistsError
 from fedtune.platform.signing import _write_new_file
 
 CA_CERT_FILE = "ca.pem"
@@ -98,7 +99,7 @@ def init_certificates(
     paths = CertificatePaths.in_dir(out_dir)
     for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key):
         if path.exists():
-            raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+            raise AlreadyExistsError(f"{path} already exists; refusing to overwrite it")
 
     now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - _CLOCK_SKEW, now + dt.timedelta(days=days)

@@ -24,10 +24,12 @@ from alembic.util import CommandError
 from sqlalchemy import make_url
 from sqlalchemy.engine import Connection
 
+from fedtune.platform.errors import FedtuneError
+
 SCRIPT_LOCATION = str(Path(__file__).resolve().parent)
 
 
-class DatabaseVersionError(RuntimeError):
+class DatabaseVersionError(FedtuneError, RuntimeError):
     """The database is at a revision this fedtune does not know: a newer fedtune made it."""
 
 
