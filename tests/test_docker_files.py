@@ -359,6 +359,22 @@ def test_compose_publishes_the_gateway_port_and_never_the_superlinks(path: Path)
         assert services["enroll"]["network_mode"] == "service:coordinator"
 
 
+def test_only_the_ca_holders_mount_the_ca_key_and_certify_runs_offline() -> None:
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    holders = {
+        name
+        for name, service in services.items()
+        if any(mount.split(":")[0] == "ca-private" for mount in service.get("volumes", []))
+    }
+
+    assert holders == {"init-coordinator", "certify"}
+    assert services["certify"]["network_mode"] == "none"
+    assert "ca-private:/etc/fedtune/ca:ro" in services["certify"]["volumes"]
+    assert services["enroll"]["depends_on"]["certify"]["condition"] == (
+        "service_completed_successfully"
+    )
+
+
 def test_compose_file_holds_no_secret_value() -> None:
     spec = compose()
 
@@ -633,6 +649,16 @@ def deployment(
             PGPASSFILE=root / "dashboard.pgpass",
             **database,
         )
+        # The CA key's holder certifies each node's enrollment; the second time keeps them.
+        for _ in range(2):
+            certified = run_script(
+                "compose-init.sh",
+                "certify",
+                *NODES,
+                FEDTUNE_CA_DIR=certs,
+                FEDTUNE_ENROLLMENTS_DIR=enrollments,
+            )
+            assert certified.returncode == 0, certified.stderr
         for _ in range(2):  # the second time finds both enrolled and keeps them
             local.enroll_runs.append(
                 run_script(
