@@ -37,7 +37,7 @@ HEAVY = """
 import time, sys
 started = time.perf_counter()
 from fedtune.client_node.client_app import build_client_app
-from fedtune.platform.base_model import load_base_model
+from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.config import ModelConfig
 load_base_model(ModelConfig(spec=sys.argv[1], device="cpu"))
 print(time.perf_counter() - started)

@@ -34,13 +34,14 @@ from pathlib import Path
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from fedtune.common.database import transaction
 from fedtune.dashboard import common
 from fedtune.dashboard.launch import APP
-from fedtune.platform.accounting import accountant_label
-from fedtune.platform.ledger import LedgerEntry, seal_entry, sign_checkpoint
-from fedtune.platform.ledger_store import add_public_key, checkpoint_row, entry_row
-from fedtune.platform.signing import NodeKey
-from fedtune.platform.storage import EpsilonReport, Round, Run, open_database, transaction
+from fedtune.platform.db.storage import EpsilonReport, Round, Run, open_database
+from fedtune.privacy.accounting import accountant_label
+from fedtune.privacy.ledger import LedgerEntry, seal_entry, sign_checkpoint
+from fedtune.privacy.ledger_store import add_public_key, checkpoint_row, entry_row
+from fedtune.privacy.signing import NodeKey
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_SECONDS = 3.0

@@ -28,12 +28,12 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client_node.data import tokenize_conversation
-from fedtune.client_node.demo_data import generate_examples
 from fedtune.client_node.losses import sequence_losses
 from fedtune.client_node.trainer import GRAD_SAMPLE_MODE
-from fedtune.platform.base_model import load_base_model
+from fedtune.demo.data import generate_examples
 from fedtune.platform.config import LoraSettings, ModelConfig
-from fedtune.platform.lora import attach_lora
+from fedtune.platform.model.base_model import load_base_model
+from fedtune.platform.model.lora import attach_lora
 
 RESULTS = Path(__file__).parent / "results"
 

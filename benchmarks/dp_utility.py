@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from fedtune.client_node.data import load_chat_dataset
-from fedtune.client_node.demo_data import write_demo_data
 from fedtune.client_node.evaluation import evaluate
 from fedtune.client_node.trainer import DPSettings, sample_rate_for, train_round
-from fedtune.platform.accounting import calibrate_noise_multiplier, epsilon_of
-from fedtune.platform.base_model import load_base_model
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import LoraSettings, ModelConfig
-from fedtune.platform.lora import adapter_arrays, attach_lora, load_adapter_arrays
+from fedtune.platform.model.base_model import load_base_model
+from fedtune.platform.model.lora import adapter_arrays, attach_lora, load_adapter_arrays
+from fedtune.privacy.accounting import calibrate_noise_multiplier, epsilon_of
 
 RESULTS = Path(__file__).parent / "results"
 

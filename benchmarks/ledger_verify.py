@@ -24,9 +24,9 @@ from typing import ParamSpec, TypeVar
 
 import cryptography
 
-from fedtune.platform.ledger import PARALLEL_THRESHOLD, LedgerEntry, seal_entry, sign_checkpoint
-from fedtune.platform.ledger_file import read_ledger_file, verify_ledger_file, write_ledger_file
-from fedtune.platform.signing import NodeKey
+from fedtune.privacy.ledger import PARALLEL_THRESHOLD, LedgerEntry, seal_entry, sign_checkpoint
+from fedtune.privacy.ledger_file import read_ledger_file, verify_ledger_file, write_ledger_file
+from fedtune.privacy.signing import NodeKey
 
 RESULTS = Path(__file__).parent / "results"
 P = ParamSpec("P")

@@ -37,10 +37,11 @@ import torch
 from sqlalchemy import select
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
-from fedtune.platform.model_store import resolve_model_dir
-from fedtune.platform.storage import NodeMetric, Round, open_database, transaction
+from fedtune.platform.db.storage import NodeMetric, Round, open_database
+from fedtune.platform.model.model_store import resolve_model_dir
 from fedtune.simulation import simulate
 
 RESULTS = Path(__file__).parent / "results"

@@ -34,7 +34,7 @@ import cryptography
 import flwr
 import numpy as np
 
-from fedtune.platform import secagg_masks
+from fedtune.platform.wire import secagg_masks
 
 RESULTS = Path(__file__).parent / "results"
 Generator = Callable[[bytes, int, list[tuple[int, ...]]], list[np.ndarray]]
@@ -117,7 +117,7 @@ def main() -> None:
         "generators": {
             "flower-stock": "flwr.common.secure_aggregation.secaggplus_utils.pseudo_rand_gen: "
             "XOR-folded 32-bit seed, numpy RandomState (MT19937), randint(0, num_range - 1)",
-            secagg_masks.GENERATOR_NAME: "fedtune.platform.secagg_masks.pseudo_rand_gen: "
+            secagg_masks.GENERATOR_NAME: "fedtune.platform.wire.secagg_masks.pseudo_rand_gen: "
             "SHA-256(label, range, shapes, whole seed) -> ChaCha20 keystream, exact rejection "
             "sampling",
         },

@@ -3,14 +3,14 @@ sent per node.
 
 Each node count gets a fresh deployment on 127.0.0.1, built the way fedtune's coordinator is
 (``fedtune.coordinator.superlink``): a private CA and server certificate
-(``fedtune.platform.tls.init_certificates``), a SuperLink with TLS and SuperNode
+(``fedtune.platform.security.tls.init_certificates``), a SuperLink with TLS and SuperNode
 authentication on 127.0.0.1 (``superlink_command``, with fedtune's SuperExec
 ``superexec_command``; the nodes connect to it directly, not through the gateway; by default
 without its ``--database``, see
 ``--superlink-state``: on this loaded machine the SQLite state answered a node's object push
 and the SuperLink's executor with "database is locked", stalling a round for minutes and
 ending the executor, after which no run started), one ECDSA key per node
-(``fedtune.platform.node_auth.generate_node_auth_key``) registered with
+(``fedtune.platform.security.node_auth.generate_node_auth_key``) registered with
 ``flwr supernode register``, and one ``flower-supernode`` process per node (TLS,
 ``--auth-supernode-private-key``, ``--node-config index=I``). The nodes run the small Flower
 app in ``benchmarks/secagg_app`` instead of fedtune's trainer, so that nothing but aggregation
@@ -82,9 +82,9 @@ from fedtune.coordinator.superlink import (
     superlink_command,
 )
 from fedtune.platform.config import CoordinatorConfig, CoordinatorSettings, TlsSettings
-from fedtune.platform.flower_tools import tool_path_environment
-from fedtune.platform.node_auth import generate_node_auth_key
-from fedtune.platform.tls import init_certificates
+from fedtune.platform.runtime.flower_tools import tool_path_environment
+from fedtune.platform.security.node_auth import generate_node_auth_key
+from fedtune.platform.security.tls import init_certificates
 
 RESULTS = Path(__file__).parent / "results"
 APP = Path(__file__).parent / "secagg_app"

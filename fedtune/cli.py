@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.cli_deployment import add_commands as add_deployment_commands
-from fedtune.client_node.demo_data import DOMAINS, check_demo_output, write_demo_data
+from fedtune.common.errors import FedtuneError
+from fedtune.demo.data import DOMAINS, check_demo_output, write_demo_data
 from fedtune.platform.config import ConfigError, load_node_config, load_run_config
-from fedtune.platform.errors import FedtuneError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from fedtune.platform.db_admin import db_upgrade
+    from fedtune.platform.db.db_admin import db_upgrade
 
     return db_upgrade(args.db)
 
@@ -216,7 +216,7 @@ def _node_train(args: argparse.Namespace) -> int:
 
 
 def _node_key(args: argparse.Namespace) -> int:
-    from fedtune.platform.node_ledger import KEY_FILE, node_key
+    from fedtune.privacy.node_ledger import KEY_FILE, node_key
 
     config = load_node_config(args.config)
     print(node_key(config.node.state_dir).public_key_text())
@@ -237,8 +237,8 @@ def _data_demo(args: argparse.Namespace) -> int:
 
 
 def _model_fetch(args: argparse.Namespace) -> int:
-    from fedtune.platform.fingerprint import model_dir_fingerprint
-    from fedtune.platform.model_store import resolve_model_dir
+    from fedtune.platform.model.fingerprint import model_dir_fingerprint
+    from fedtune.platform.model.model_store import resolve_model_dir
 
     model_dir = resolve_model_dir(args.spec, cache_dir=args.cache_dir)
     print(f"{args.spec}: {model_dir}")
@@ -247,11 +247,11 @@ def _model_fetch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedtune.demo import run_demo
+    from fedtune.demo.run import run_demo
 
     workdir: Path = args.workdir or Path("runs") / time.strftime("demo-%Y%m%dT%H%M%S")
     if args.deployment:
-        from fedtune.local_deployment import run_deployment_demo
+        from fedtune.demo.local_deployment import run_deployment_demo
 
         run_deployment_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
         return 0
@@ -261,7 +261,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune.coordinator.run_summary import format_summary, run_summary
-    from fedtune.platform.storage import open_database
+    from fedtune.platform.db.storage import open_database
     from fedtune.simulation import simulate
 
     config = load_run_config(args.config)
@@ -277,8 +277,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _model_list(args: argparse.Namespace) -> int:
+    from fedtune.common.database import database_url
     from fedtune.coordinator.versions import list_versions, production_version
-    from fedtune.platform.storage import database_url, open_database
+    from fedtune.platform.db.storage import open_database
 
     engine = open_database(database_url(args.db, must_exist=True), create=False)
     in_production = production_version(engine)
@@ -291,10 +292,11 @@ def _model_list(args: argparse.Namespace) -> int:
 
 
 def _model_export(args: argparse.Namespace) -> int:
+    from fedtune.common.database import database_url
     from fedtune.coordinator.checkpoints import export_checkpoint
     from fedtune.coordinator.versions import resolve_version
-    from fedtune.platform.encryption import load_key
-    from fedtune.platform.storage import database_url, open_database
+    from fedtune.platform.db.storage import open_database
+    from fedtune.platform.security.encryption import load_key
 
     engine = open_database(database_url(args.db, must_exist=True), create=False)
     version = resolve_version(engine, args.version)
@@ -309,8 +311,9 @@ def _model_export(args: argparse.Namespace) -> int:
 
 
 def _model_promote(args: argparse.Namespace) -> int:
+    from fedtune.common.database import database_url
     from fedtune.coordinator.versions import promote, resolve_version
-    from fedtune.platform.storage import database_url, open_database
+    from fedtune.platform.db.storage import open_database
 
     engine = open_database(database_url(args.db, must_exist=True), create=False)
     version = resolve_version(engine, args.version)
@@ -320,9 +323,10 @@ def _model_promote(args: argparse.Namespace) -> int:
 
 
 def _abtest_start(args: argparse.Namespace) -> int:
+    from fedtune.common.database import database_url
     from fedtune.coordinator.abtest import DEFAULT_METRICS, AbTestPlan, abtest_report, format_abtest
     from fedtune.coordinator.versions import resolve_version
-    from fedtune.platform.storage import database_url, open_database
+    from fedtune.platform.db.storage import open_database
     from fedtune.simulation import simulate_abtest
 
     config = load_run_config(args.config)
@@ -349,8 +353,9 @@ def _abtest_start(args: argparse.Namespace) -> int:
 
 
 def _abtest_show(args: argparse.Namespace) -> int:
+    from fedtune.common.database import database_url
     from fedtune.coordinator.abtest import abtest_report, format_abtest
-    from fedtune.platform.storage import database_url, open_database
+    from fedtune.platform.db.storage import open_database
 
     engine = open_database(database_url(args.db, must_exist=True), create=False)
     print(format_abtest(abtest_report(engine, args.test_id)))
@@ -364,7 +369,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
-    from fedtune.platform.audit import export_ledger
+    from fedtune.privacy.ledger_export import export_ledger
 
     count = export_ledger(args.db, node=args.node, out=args.out)
     print(f"{args.out}: {count} ledger entries of node {args.node}")
@@ -372,8 +377,8 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from fedtune.platform.ledger_file import format_verification, verify_ledger_file
-    from fedtune.platform.signing import load_public_key
+    from fedtune.privacy.ledger_file import format_verification, verify_ledger_file
+    from fedtune.privacy.signing import load_public_key
 
     result = verify_ledger_file(args.ledger, public_key=load_public_key(args.public_key))
     print(format_verification(result))
@@ -381,7 +386,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_report(args: argparse.Namespace) -> int:
-    from fedtune.platform.audit import audit_ledger, write_audit_report
+    from fedtune.privacy.audit.verify import audit_ledger, write_audit_report
 
     outcome = audit_ledger(args.ledger, public_key=args.public_key)
     path = write_audit_report(outcome, out=args.out)

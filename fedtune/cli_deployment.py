@@ -14,8 +14,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fedtune.common.errors import AlreadyExistsError
 from fedtune.platform.config import load_coordinator_config, load_run_config
-from fedtune.platform.errors import AlreadyExistsError
 
 
 def add_commands(commands: Any, node: Any) -> None:
@@ -113,7 +113,7 @@ def add_commands(commands: Any, node: Any) -> None:
 
 
 def _certs_init(args: argparse.Namespace) -> int:
-    from fedtune.platform.tls import init_certificates
+    from fedtune.platform.security.tls import init_certificates
 
     paths = init_certificates(
         args.out, hosts=args.host or ("localhost", "127.0.0.1"), days=args.days
@@ -127,8 +127,8 @@ def _certs_init(args: argparse.Namespace) -> int:
 
 
 def _certs_certify_node(args: argparse.Namespace) -> int:
-    from fedtune.platform.enrollment_certificates import certify_enrollment_file
-    from fedtune.platform.tls import CertificatePaths
+    from fedtune.platform.security.enrollment_certificates import certify_enrollment_file
+    from fedtune.platform.security.tls import CertificatePaths
 
     ca_key = CertificatePaths.in_dir(args.ca_dir).ca_key
     node = certify_enrollment_file(args.enrollment, name=args.name, ca_key=ca_key, out=args.out)
@@ -138,7 +138,7 @@ def _certs_certify_node(args: argparse.Namespace) -> int:
 
 def _coordinator_start(args: argparse.Namespace) -> int:
     from fedtune.coordinator.superlink import CoordinatorSupervisor, prepare
-    from fedtune.platform.storage import open_database
+    from fedtune.platform.db.storage import open_database
 
     os.umask(0o077)  # state, databases, logs: the coordinator's account only
     config = load_coordinator_config(args.config)
@@ -170,7 +170,7 @@ def _coordinator_enroll(args: argparse.Namespace) -> int:
 
 
 def _coordinator_encryption_key(args: argparse.Namespace) -> int:
-    from fedtune.platform.encryption import generate_key_file
+    from fedtune.platform.security.encryption import generate_key_file
 
     path = generate_key_file(args.out)
     print(f"{path}: AES-256 key for checkpoints at rest (mode 0600). Back it up: without it")
@@ -224,7 +224,7 @@ def _run_status(args: argparse.Namespace) -> int:
 def _run_logs(args: argparse.Namespace) -> int:
     from fedtune.coordinator.run_registry import flower_run_id
     from fedtune.coordinator.superlink import CONNECTION, flower_environment, flwr
-    from fedtune.platform.flower_tools import flower_command
+    from fedtune.platform.runtime.flower_tools import flower_command
 
     coordinator = load_coordinator_config(args.coordinator)
     flower_id = flower_run_id(coordinator, args.run_id)
@@ -238,13 +238,14 @@ def _run_logs(args: argparse.Namespace) -> int:
 
 
 def _node_keygen(args: argparse.Namespace) -> int:
+    from fedtune.common.keyfiles import KeyFileError
     from fedtune.coordinator.enrollment import ENROLLMENT_FILE, Enrollment, write_enrollment
-    from fedtune.platform.node_auth import (
+    from fedtune.platform.security.node_auth import (
         AUTH_KEY_FILE,
         AUTH_PUBLIC_KEY_FILE,
         generate_node_auth_key,
     )
-    from fedtune.platform.signing import KEY_FILE, KeyFileError, NodeKey
+    from fedtune.privacy.signing import KEY_FILE, NodeKey
 
     ledger_key = args.out / KEY_FILE
     if args.new_auth_key:

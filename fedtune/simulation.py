@@ -23,13 +23,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
+from fedtune.common.database import transaction
+from fedtune.common.errors import FedtuneError
 from fedtune.coordinator.abtest import AbTestPlan, new_test_id, run_abtest
 from fedtune.coordinator.job import new_run_id
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.node_ledger import node_key
-from fedtune.platform.storage import AbTest, Run, open_database, transaction
+from fedtune.platform.db.storage import AbTest, Run, open_database
+from fedtune.privacy.node_ledger import node_key
 
 
 class SimulatedNodes:

@@ -19,19 +19,10 @@ import pytest
 from sqlalchemy.orm import Session
 from streamlit.testing.v1 import AppTest
 
+from fedtune.common.database import transaction
 from fedtune.dashboard import common
 from fedtune.dashboard.launch import APP
-from fedtune.platform.accounting import accountant_label, accountant_version, epsilon_of
-from fedtune.platform.ledger import LedgerEntry, seal_entry, sign_checkpoint
-from fedtune.platform.ledger_store import (
-    add_public_key,
-    append_entries,
-    checkpoint_row,
-    entry_row,
-    ledger_entries,
-)
-from fedtune.platform.signing import NodeKey
-from fedtune.platform.storage import (
+from fedtune.platform.db.storage import (
     AbTest,
     AbTestResult,
     AdapterCheckpoint,
@@ -43,8 +34,17 @@ from fedtune.platform.storage import (
     Round,
     Run,
     open_database,
-    transaction,
 )
+from fedtune.privacy.accounting import accountant_label, accountant_version, epsilon_of
+from fedtune.privacy.ledger import LedgerEntry, seal_entry, sign_checkpoint
+from fedtune.privacy.ledger_store import (
+    add_public_key,
+    append_entries,
+    checkpoint_row,
+    entry_row,
+    ledger_entries,
+)
+from fedtune.privacy.signing import NodeKey
 
 RUN_ID = "20261123T190338Z-55dc7d1f"
 RUN_NAME = "clinical-notes"

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from conftest import tiny_run_toml
 from fedtune.cli import main
 from fedtune.client_node.data import load_conversations
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
 from fedtune.coordinator.abtest import AbTestPlan, abtest_report
 from fedtune.coordinator.versions import (
     list_versions,
@@ -17,8 +17,9 @@ from fedtune.coordinator.versions import (
     promote,
     resolve_version,
 )
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
-from fedtune.platform.storage import AbTest, AbTestResult, open_database, transaction
+from fedtune.platform.db.storage import AbTest, AbTestResult, open_database
 from fedtune.simulation import simulate, simulate_abtest
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from fedtune.platform.accounting import BudgetExhaustedError, calibrate_noise_multiplier, epsilon_of
+from fedtune.privacy.accounting import BudgetExhaustedError, calibrate_noise_multiplier, epsilon_of
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

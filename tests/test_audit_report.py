@@ -3,9 +3,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fedtune.platform.accounting import epsilon_of
-from fedtune.platform.audit_report import render_report, write_report
-from fedtune.platform.independent_accounting import recompute_ledger
+from fedtune.privacy.accounting import epsilon_of
+from fedtune.privacy.audit.independent_accounting import recompute_ledger
+from fedtune.privacy.audit.report import render_report, write_report
 
 DELTA = 1e-5
 OK = {"ok": True, "problem": None, "summary": {"entries": 6}, "public_key": "ed25519:q83vEjRW"}

@@ -2,10 +2,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedtune.platform.base_model import load_base_model
 from fedtune.platform.config import ModelConfig
-from fedtune.platform.fingerprint import model_dir_fingerprint
-from fedtune.platform.model_store import ModelSpecError, resolve_model_dir
+from fedtune.platform.model.base_model import load_base_model
+from fedtune.platform.model.fingerprint import model_dir_fingerprint
+from fedtune.platform.model.model_store import ModelSpecError, resolve_model_dir
 
 
 def test_local_directory_loads_with_fingerprint(tiny_model_dir):

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtune.client_node.budget_guard import check_round
-from fedtune.platform.accounting import BudgetExhaustedError, epsilon_of
-from fedtune.platform.node_ledger import NodeLedger
+from fedtune.privacy.accounting import BudgetExhaustedError, epsilon_of
+from fedtune.privacy.budget_guard import check_round
+from fedtune.privacy.node_ledger import NodeLedger
 
 DELTA = 1e-5
 DATA = "sha256:data"

@@ -19,8 +19,8 @@ from fedtune.coordinator.checkpoints import (
     read_checkpoint,
 )
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.encryption import DecryptionError, generate_key_file, load_key
-from fedtune.platform.lora import adapter_arrays, attach_lora
+from fedtune.platform.model.lora import adapter_arrays, attach_lora
+from fedtune.platform.security.encryption import DecryptionError, generate_key_file, load_key
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.cli import main
-from fedtune.platform.signing import NodeKey
+from fedtune.privacy.signing import NodeKey
 
 BINARY = bytes(range(256)) * 4
 TLS = '[tls]\nca_certificate = "ca.pem"\ncertificate = "s.pem"\nprivate_key = "s.key"\n'
@@ -125,7 +125,8 @@ def test_enrollment_values_are_never_opened_as_paths(tmp_path, capsys):
 
 
 def test_a_ledger_headers_key_is_never_opened_as_a_path(tmp_path):
-    from fedtune.platform.signing import KeyFileError, public_key_from_text
+    from fedtune.common.keyfiles import KeyFileError
+    from fedtune.privacy.signing import public_key_from_text
 
     key = NodeKey.load_or_create(tmp_path / "node_key.pem")
     admin_file = tmp_path / "public.b64"

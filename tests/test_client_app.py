@@ -11,7 +11,7 @@ from peft import get_peft_model_state_dict
 
 from fedtune.client_node import client_app
 from fedtune.client_node.client_app import BaseModelMismatchError, handle_evaluate, handle_train
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import (
     CoordinatorConnection,
     DataConfig,
@@ -22,10 +22,10 @@ from fedtune.platform.config import (
     PrivacySettings,
     TrainingSettings,
 )
-from fedtune.platform.fingerprint import model_dir_fingerprint
-from fedtune.platform.lora import adapter_arrays, attach_lora
-from fedtune.platform.messages import TrainInstructions, arrays_to_record
-from fedtune.platform.node_ledger import NodeLedger
+from fedtune.platform.model.fingerprint import model_dir_fingerprint
+from fedtune.platform.model.lora import adapter_arrays, attach_lora
+from fedtune.platform.wire.messages import TrainInstructions, arrays_to_record
+from fedtune.privacy.node_ledger import NodeLedger
 
 LORA = LoraSettings()
 

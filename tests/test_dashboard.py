@@ -45,8 +45,8 @@ from fedtune.dashboard import common
 from fedtune.dashboard.database import DashboardError, check_database, open_read_only
 from fedtune.dashboard.launch import APP
 from fedtune.dashboard.ledger_checks import AuditFiles, check_copy
-from fedtune.platform.ledger_file import verify_ledger_file
-from fedtune.platform.storage import Base, open_database
+from fedtune.platform.db.storage import Base, open_database
+from fedtune.privacy.ledger_file import verify_ledger_file
 
 
 @pytest.fixture

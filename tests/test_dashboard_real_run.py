@@ -18,13 +18,12 @@ from sqlalchemy.engine import Engine
 
 from conftest import tiny_run_toml
 from dashboard_data import chart_data, frames, open_page, texts
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
 from fedtune.coordinator.abtest import AbTestPlan
 from fedtune.coordinator.versions import resolve_version
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
-from fedtune.platform.ledger import LedgerEntry
-from fedtune.platform.ledger_store import LedgerEntryRow, ledger_entries
-from fedtune.platform.storage import (
+from fedtune.platform.db.storage import (
     AbTestResult,
     EpsilonReport,
     HealthAlert,
@@ -33,8 +32,9 @@ from fedtune.platform.storage import (
     Round,
     Run,
     open_database,
-    transaction,
 )
+from fedtune.privacy.ledger import LedgerEntry
+from fedtune.privacy.ledger_store import LedgerEntryRow, ledger_entries
 from fedtune.simulation import simulate, simulate_abtest
 
 BANK_CAP = 3.5  # the bank spends about 3.1 in round 1 and would pass 3.5 in round 2

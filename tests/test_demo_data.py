@@ -1,6 +1,6 @@
 import json
 
-from fedtune.client_node.demo_data import generate_examples, write_demo_data
+from fedtune.demo.data import generate_examples, write_demo_data
 
 
 def test_demo_data_is_deterministic_by_seed(tmp_path):

@@ -21,22 +21,16 @@ from safetensors.numpy import load
 from sqlalchemy import select
 
 from fedtune.cli import main
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
 from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE, WEIGHTS_FILE, checkpoint_weights
 from fedtune.coordinator.gateway import gateway_folder, key_id
 from fedtune.coordinator.superlink import CONNECTION, flwr
-from fedtune.local_deployment import LocalDeployment, fedtune_command, protections_of
-from fedtune.platform.encryption import load_key
-from fedtune.platform.ledger_store import ledger_entries
-from fedtune.platform.node_ledger import LEDGER_FILE, NodeLedger
-from fedtune.platform.storage import (
-    AdapterCheckpoint,
-    RejectedUpdate,
-    Round,
-    Run,
-    open_database,
-    transaction,
-)
+from fedtune.demo.data import write_demo_data
+from fedtune.demo.local_deployment import LocalDeployment, fedtune_command, protections_of
+from fedtune.platform.db.storage import AdapterCheckpoint, RejectedUpdate, Round, Run, open_database
+from fedtune.platform.security.encryption import load_key
+from fedtune.privacy.ledger_store import ledger_entries
+from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 
 NODES = {"hospital-a": "hospital", "bank-b": "bank", "hospital-c": "hospital"}
 

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from fedtune.coordinator.gateway import key_id
 from fedtune.platform.config import load_coordinator_config, load_node_config, load_run_config
-from fedtune.platform.ledger_store import node_public_keys
+from fedtune.privacy.ledger_store import node_public_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -5,11 +5,11 @@ import torch
 
 from conftest import build_tiny_model
 from fedtune.client_node.data import DataError, load_chat_dataset
-from fedtune.client_node.demo_data import write_demo_data
 from fedtune.client_node.trainer import DPSettings, train_round
-from fedtune.platform.accounting import epsilon_of, make_accountant
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.lora import adapter_arrays, attach_lora
+from fedtune.platform.model.lora import adapter_arrays, attach_lora
+from fedtune.privacy.accounting import epsilon_of, make_accountant
 
 CPU = torch.device("cpu")
 

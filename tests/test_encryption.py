@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.platform.encryption import (
+from fedtune.common.keyfiles import KeyFileError
+from fedtune.platform.security.encryption import (
     MAGIC,
     DecryptionError,
     decrypt_file,
@@ -18,7 +19,6 @@ from fedtune.platform.encryption import (
     generate_key_file,
     load_key,
 )
-from fedtune.platform.signing import KeyFileError
 
 NAME = b"run-1/round-3/adapter_model.safetensors"
 

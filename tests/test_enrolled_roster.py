@@ -30,7 +30,7 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 from sqlalchemy import select
 
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
 from fedtune.coordinator.abtest import parse_reply
 from fedtune.coordinator.enrollment import superlink_nodes
 from fedtune.coordinator.roster import (
@@ -44,20 +44,20 @@ from fedtune.coordinator.roster import (
 from fedtune.coordinator.run_registry import flower_run_id
 from fedtune.coordinator.strategy import sort_evaluate_replies, sort_train_replies
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
-from fedtune.local_deployment import LocalDeployment, fedtune_command
-from fedtune.platform.ledger_store import LedgerEntryRow, ledger_entries
-from fedtune.platform.messages import METRICS, NODE, SCORES, decline_content
-from fedtune.platform.node_auth import generate_node_auth_key
-from fedtune.platform.node_ledger import LEDGER_FILE
-from fedtune.platform.storage import (
+from fedtune.demo.data import write_demo_data
+from fedtune.demo.local_deployment import LocalDeployment, fedtune_command
+from fedtune.platform.db.storage import (
     EpsilonReport,
     NodeMetric,
     RejectedUpdate,
     Round,
     Run,
     open_database,
-    transaction,
 )
+from fedtune.platform.security.node_auth import generate_node_auth_key
+from fedtune.platform.wire.messages import METRICS, NODE, SCORES, decline_content
+from fedtune.privacy.ledger_store import LedgerEntryRow, ledger_entries
+from fedtune.privacy.node_ledger import LEDGER_FILE
 
 # -- fast: the roster and the grid, on Flower's in-memory LinkState ---------------------------
 

@@ -8,10 +8,13 @@ import json
 import pytest
 
 from fedtune.cli import main
+from fedtune.common.keyfiles import KeyFileError
 from fedtune.coordinator.enrollment import ENROLLMENT_FILE, read_certified_enrollment
-from fedtune.platform.enrollment_certificates import load_ca_certificate, verify_certificate
-from fedtune.platform.signing import KeyFileError
-from fedtune.platform.tls import init_certificates
+from fedtune.platform.security.enrollment_certificates import (
+    load_ca_certificate,
+    verify_certificate,
+)
+from fedtune.platform.security.tls import init_certificates
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ from sqlalchemy import select
 
 from conftest import tiny_run_toml
 from fedtune.cli import main
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
-from fedtune.platform.ledger_store import ledger_entries
-from fedtune.platform.node_ledger import NodeLedger, ledger_url
-from fedtune.platform.storage import RejectedUpdate, Round, open_database, transaction
+from fedtune.platform.db.storage import RejectedUpdate, Round, open_database
+from fedtune.privacy.ledger_store import ledger_entries
+from fedtune.privacy.node_ledger import NodeLedger, ledger_url
 from fedtune.simulation import simulate
 
 

@@ -11,9 +11,10 @@ from sqlalchemy import select
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model, tiny_run_toml
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
-from fedtune.platform.storage import (
+from fedtune.platform.db.storage import (
     AdapterCheckpoint,
     EpsilonReport,
     NodeMetric,
@@ -21,7 +22,6 @@ from fedtune.platform.storage import (
     Round,
     Run,
     open_database,
-    transaction,
 )
 from fedtune.simulation import simulate
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from conftest import tiny_run_toml
-from fedtune.client_node.demo_data import write_demo_data
+from fedtune.common.database import transaction
+from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
-from fedtune.platform.ledger_store import ledger_entries
-from fedtune.platform.storage import EpsilonReport, Round, Run, open_database, transaction
+from fedtune.platform.db.storage import EpsilonReport, Round, Run, open_database
+from fedtune.privacy.ledger_store import ledger_entries
 from fedtune.simulation import simulate
 
 

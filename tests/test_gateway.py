@@ -30,11 +30,11 @@ from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
 from flwr.proto.node_pb2 import Node
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 
-from fedtune.client_node.demo_data import write_demo_data
 from fedtune.coordinator.gateway import FLEET_PATHS, gateway_folder, key_id
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
-from fedtune.local_deployment import LocalDeployment
-from fedtune.platform.flower_tools import flower_command, tool_path_environment
+from fedtune.demo.data import write_demo_data
+from fedtune.demo.local_deployment import LocalDeployment
+from fedtune.platform.runtime.flower_tools import flower_command, tool_path_environment
 
 NODE_BODY = """\
 [data]

@@ -5,8 +5,8 @@ from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDp
 from dp_accounting.pld import PLDAccountant
 from opacus.accountants import RDPAccountant
 
-from fedtune.platform.accounting import epsilon_of
-from fedtune.platform.independent_accounting import (
+from fedtune.privacy.accounting import epsilon_of
+from fedtune.privacy.audit.independent_accounting import (
     OPACUS_RDP_ORDERS,
     PLD_DISCRETIZATION,
     recompute_ledger,

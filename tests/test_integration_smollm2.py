@@ -10,8 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedtune.client_node.demo_data import write_demo_data
-from fedtune.platform.model_store import resolve_model_dir
+from fedtune.demo.data import write_demo_data
+from fedtune.platform.model.model_store import resolve_model_dir
 
 pytestmark = pytest.mark.integration
 

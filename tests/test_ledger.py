@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import rfc8785
 
-from fedtune.platform.ledger import (
+from fedtune.privacy.ledger import (
     GENESIS_HASH,
     PAYLOAD_FIELDS,
     LedgerEntry,
@@ -24,7 +24,7 @@ from fedtune.platform.ledger import (
     sign_checkpoint,
     verify_chain,
 )
-from fedtune.platform.signing import (
+from fedtune.privacy.signing import (
     NodeKey,
     load_public_key,
     public_key_path,

@@ -5,17 +5,18 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
-from fedtune.platform.ledger import seal_entry, sign_checkpoint
-from fedtune.platform.ledger_store import (
+from fedtune.common.database import transaction
+from fedtune.platform.db.storage import open_database
+from fedtune.privacy.ledger import seal_entry, sign_checkpoint
+from fedtune.privacy.ledger_store import (
     LedgerConflictError,
     add_public_key,
     append_entries,
     ledger_entries,
     node_public_keys,
 )
-from fedtune.platform.node_ledger import NodeLedger
-from fedtune.platform.signing import NodeKey
-from fedtune.platform.storage import open_database, transaction
+from fedtune.privacy.node_ledger import NodeLedger
+from fedtune.privacy.signing import NodeKey
 
 FIELDS = {
     "run_id": "r",

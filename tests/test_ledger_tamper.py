@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fedtune.platform.ledger import (
+from fedtune.privacy.ledger import (
     PAYLOAD_FIELDS,
     LedgerEntry,
     LedgerFormatError,
@@ -20,13 +20,13 @@ from fedtune.platform.ledger import (
     seal_entry,
     sign_checkpoint,
 )
-from fedtune.platform.ledger_file import (
+from fedtune.privacy.ledger_file import (
     format_verification,
     read_ledger_file,
     verify_ledger_file,
     write_ledger_file,
 )
-from fedtune.platform.signing import NodeKey
+from fedtune.privacy.signing import NodeKey
 
 NODE = "hospital-a"
 DATA_A = "sha256:" + "a" * 64

@@ -5,7 +5,7 @@ from peft import PeftModel
 
 from conftest import build_tiny_model
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.lora import (
+from fedtune.platform.model.lora import (
     AdapterMismatchError,
     adapter_arrays,
     attach_lora,
@@ -85,8 +85,8 @@ def test_wrong_keys_shapes_or_values_are_refused(tiny_tokenizer):
 
 def test_train_b_only_keeps_a_fixed_through_dp_training(tmp_path, tiny_tokenizer):
     from fedtune.client_node.data import load_chat_dataset
-    from fedtune.client_node.demo_data import write_demo_data
     from fedtune.client_node.trainer import DPSettings, train_round
+    from fedtune.demo.data import write_demo_data
 
     train, _ = write_demo_data(tmp_path, domain="bank", train=24, held_out=2)
     dataset = load_chat_dataset(train, tiny_tokenizer, max_length=160)

@@ -3,10 +3,10 @@ import torch.nn.functional as F
 
 from conftest import build_tiny_model
 from fedtune.client_node.data import IGNORE_INDEX, make_collate, tokenize_conversation
-from fedtune.client_node.demo_data import generate_examples
 from fedtune.client_node.losses import sequence_losses
+from fedtune.demo.data import generate_examples
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.lora import attach_lora
+from fedtune.platform.model.lora import attach_lora
 
 
 def test_per_example_loss_equals_the_full_logits_reference(tiny_tokenizer):

@@ -17,12 +17,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from fedtune.platform.node_auth import (
+from fedtune.common.keyfiles import KeyFileError
+from fedtune.platform.security.node_auth import (
     NodeAuthKeyPaths,
     generate_node_auth_key,
     load_node_auth_public_key,
 )
-from fedtune.platform.signing import KeyFileError
 
 
 @pytest.fixture

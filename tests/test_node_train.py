@@ -10,9 +10,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedtune.client_node.demo_data import write_demo_data
-from fedtune.platform.accounting import epsilon_of
-from fedtune.platform.node_ledger import NodeLedger
+from fedtune.demo.data import write_demo_data
+from fedtune.privacy.accounting import epsilon_of
+from fedtune.privacy.node_ledger import NodeLedger
 
 CONFIG = """
 [node]

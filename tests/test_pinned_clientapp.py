@@ -21,14 +21,14 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
 from fedtune.client_node.clientapp_worker import ClientAppWorker
-from fedtune.client_node.demo_data import write_demo_data
 from fedtune.client_node.trainer_service import SERVICE_FILE, TrainerService
-from fedtune.local_deployment import fedtune_command, free_port
+from fedtune.demo.data import write_demo_data
+from fedtune.demo.local_deployment import fedtune_command, free_port
 from fedtune.platform.config import DataConfig, NodeConfig, NodeSettings
-from fedtune.platform.flower_tools import flower_command, tool_path_environment
-from fedtune.platform.node_ledger import LEDGER_FILE, NodeLedger
-from fedtune.platform.processes import end_process_tree
-from fedtune.platform.tls import init_certificates
+from fedtune.platform.runtime.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.runtime.processes import end_process_tree
+from fedtune.platform.security.tls import init_certificates
+from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 
 
 def _renamed_clientapp(folder: Path, reference: str) -> Path:

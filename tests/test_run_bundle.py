@@ -7,7 +7,7 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from fedtune.coordinator.superlink import SUBMISSION_FILE, write_app
-from fedtune.platform.run_bundle import UntrustedBundleError, check_bundle
+from fedtune.platform.wire.run_bundle import UntrustedBundleError, check_bundle
 
 
 def test_the_bundle_fedtune_submits_is_accepted_also_when_submitted_again(

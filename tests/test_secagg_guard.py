@@ -38,7 +38,7 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.client_node.secagg_guard import guarded_secaggplus_mod, make_guarded_secaggplus_mod
-from fedtune.platform import secagg_masks
+from fedtune.platform.wire import secagg_masks
 
 Tamper = Callable[[str, int, ConfigRecord, "InProcessGrid"], None]
 

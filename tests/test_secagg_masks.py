@@ -27,7 +27,7 @@ from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from scipy.stats import chisquare
 
-from fedtune.platform import secagg_masks
+from fedtune.platform.wire import secagg_masks
 
 # the modules themselves (their packages export a function of the same name as the first)
 node_side = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")

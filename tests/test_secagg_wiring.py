@@ -8,9 +8,9 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from fedtune.coordinator.deployment import StrictMajority
-from fedtune.platform.messages import ARRAYS, METRICS, NUM_EXAMPLES, arrays_to_record
-from fedtune.platform.secagg_masks import GENERATOR_NAME
-from fedtune.platform.secure_messages import (
+from fedtune.platform.wire.messages import ARRAYS, METRICS, NUM_EXAMPLES, arrays_to_record
+from fedtune.platform.wire.secagg_masks import GENERATOR_NAME
+from fedtune.platform.wire.secure_messages import (
     MASK_GENERATOR_KEY,
     SecureTrain,
     mask_generator_problem,

@@ -11,11 +11,10 @@ from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_nd
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 
 from fedtune.coordinator.ledger_check import LedgerCheck
-from fedtune.coordinator.node_level_dp import NodeLevelPrivacy
 from fedtune.coordinator.secure_aggregation import SecureFedAvg
-from fedtune.platform.accounting import BudgetExhaustedError, epsilon_of
 from fedtune.platform.config import LoraSettings, NodeLevelDP
-from fedtune.platform.messages import (
+from fedtune.platform.db.storage import open_database
+from fedtune.platform.wire.messages import (
     CONFIG,
     METRICS,
     SERVER_ROUND,
@@ -25,8 +24,7 @@ from fedtune.platform.messages import (
     node_identity,
     train_reply_content,
 )
-from fedtune.platform.node_ledger import NodeLedger
-from fedtune.platform.secure_messages import (
+from fedtune.platform.wire.secure_messages import (
     REPLY_KEY,
     SecureMessageError,
     SecureTrain,
@@ -35,8 +33,10 @@ from fedtune.platform.secure_messages import (
     train_content_from_secure,
     train_reply_from_secure_metrics,
 )
-from fedtune.platform.signing import load_public_key
-from fedtune.platform.storage import open_database
+from fedtune.privacy.accounting import BudgetExhaustedError, epsilon_of
+from fedtune.privacy.node_ledger import NodeLedger
+from fedtune.privacy.node_level_dp import NodeLevelPrivacy
+from fedtune.privacy.signing import load_public_key
 
 KEYS = ["layer.lora_A.weight", "layer.lora_B.weight"]
 GLOBAL = {KEYS[0]: np.full((2, 4), 0.5, np.float32), KEYS[1]: np.zeros((4, 2), np.float32)}

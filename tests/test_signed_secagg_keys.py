@@ -32,7 +32,7 @@ from test_secagg_guard import (  # the in-process harness, and its autouse fixtu
 
 from fedtune.client_node.secagg_guard import NodeIdentity, make_guarded_secaggplus_mod
 from fedtune.coordinator.secagg_peers import SignedKeyRelay
-from fedtune.platform.enrollment_certificates import (
+from fedtune.platform.security.enrollment_certificates import (
     KEY_SIGNATURE_RECORD,
     PEERS_RECORD,
     EnrollmentCertificateError,
@@ -43,8 +43,8 @@ from fedtune.platform.enrollment_certificates import (
     sign_keys,
     verify_certificate,
 )
-from fedtune.platform.signing import NodeKey
-from fedtune.platform.tls import init_certificates
+from fedtune.platform.security.tls import init_certificates
+from fedtune.privacy.signing import NodeKey
 
 AUTH_KEY = "ecdsa-sha2-nistp384 AAAA-not-checked-here"
 

@@ -15,18 +15,10 @@ from sqlalchemy import inspect, make_url, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 
-from fedtune.platform.db_admin import db_upgrade
-from fedtune.platform.ledger import seal_entry, sign_checkpoint
-from fedtune.platform.ledger_store import (
-    LedgerBase,
-    add_public_key,
-    append_entries,
-    create_ledger_tables,
-    ledger_entries,
-)
-from fedtune.platform.migrations import alembic_config, head_revision
-from fedtune.platform.signing import NodeKey
-from fedtune.platform.storage import (
+from fedtune.common.database import transaction
+from fedtune.platform.db.db_admin import db_upgrade
+from fedtune.platform.db.migrations import alembic_config, head_revision
+from fedtune.platform.db.storage import (
     Base,
     DatabaseVersionError,
     EpsilonReport,
@@ -34,9 +26,17 @@ from fedtune.platform.storage import (
     Run,
     current_revision,
     open_database,
-    transaction,
     upgrade_database,
 )
+from fedtune.privacy.ledger import seal_entry, sign_checkpoint
+from fedtune.privacy.ledger_store import (
+    LedgerBase,
+    add_public_key,
+    append_entries,
+    create_ledger_tables,
+    ledger_entries,
+)
+from fedtune.privacy.signing import NodeKey
 
 TABLES = sorted([*Base.metadata.tables, *LedgerBase.metadata.tables])
 STARTED = datetime(2026, 11, 23, 19, 3, 38, 123456, tzinfo=UTC)

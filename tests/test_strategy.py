@@ -9,17 +9,13 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from sqlalchemy import select
 
+from fedtune.common.database import transaction
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
 from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.ledger import seal_entry, sign_checkpoint
-from fedtune.platform.ledger_store import LedgerEntryRow
-from fedtune.platform.lora import adapter_arrays, attach_lora
-from fedtune.platform.messages import arrays_to_record, decline_content, train_reply_content
-from fedtune.platform.signing import NodeKey
-from fedtune.platform.storage import (
+from fedtune.platform.db.storage import (
     AdapterCheckpoint,
     HealthAlert,
     HealthSignal,
@@ -28,8 +24,12 @@ from fedtune.platform.storage import (
     Round,
     Run,
     open_database,
-    transaction,
 )
+from fedtune.platform.model.lora import adapter_arrays, attach_lora
+from fedtune.platform.wire.messages import arrays_to_record, decline_content, train_reply_content
+from fedtune.privacy.ledger import seal_entry, sign_checkpoint
+from fedtune.privacy.ledger_store import LedgerEntryRow
+from fedtune.privacy.signing import NodeKey
 
 NAMES = ["node-1", "node-2", "node-3", "hospital", "wrong-shape", "missing-key", "nan", "inf"]
 KEYS = {name: NodeKey.generate() for name in NAMES}

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedtune.platform.tls import CertificatePaths, check_certificates, init_certificates
+from fedtune.platform.security.tls import CertificatePaths, check_certificates, init_certificates
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ from fedtune.client_node.data import (
 from fedtune.client_node.losses import sequence_losses
 from fedtune.client_node.text_metrics import exact_match, rouge_l_f1
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.lora import load_adapter_arrays
-from fedtune.platform.messages import (
+from fedtune.platform.model.lora import load_adapter_arrays
+from fedtune.platform.wire.messages import (
     ABTEST,
     NODE,
     SCORES,

@@ -21,13 +21,12 @@ from fedtune.client_node.abtest_eval import score_versions, scores_content
 from fedtune.client_node.data import ChatDataset, load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
-from fedtune.platform.accounting import BudgetExhaustedError
-from fedtune.platform.base_model import BaseModel, load_base_model
+from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import LoraSettings, NodeConfig
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.fingerprint import file_fingerprint
-from fedtune.platform.lora import adapter_arrays, attach_lora, load_adapter_arrays
-from fedtune.platform.messages import (
+from fedtune.platform.model.base_model import BaseModel, load_base_model
+from fedtune.platform.model.fingerprint import file_fingerprint
+from fedtune.platform.model.lora import adapter_arrays, attach_lora, load_adapter_arrays
+from fedtune.platform.wire.messages import (
     ABTEST,
     ABTEST_MESSAGE_TYPE,
     ARRAYS,
@@ -45,7 +44,8 @@ from fedtune.platform.messages import (
     record_to_arrays,
     train_reply_content,
 )
-from fedtune.platform.node_ledger import NodeLedger
+from fedtune.privacy.accounting import BudgetExhaustedError
+from fedtune.privacy.node_ledger import NodeLedger
 
 
 class BaseModelMismatchError(FedtuneError, RuntimeError):

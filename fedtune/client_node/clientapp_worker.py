@@ -10,7 +10,7 @@ SuperNode with ``--isolation process`` (it then starts no SuperExec) and a Super
 (only a holder may acquire tasks on its runtime API), and this worker takes Flower's place:
 it acquires each task as Flower's ``run_superexec`` does, pulls its input as
 ``run_clientapp`` does, checks the run's bundle in memory
-(:func:`fedtune.platform.run_bundle.check_bundle`) and calls
+(:func:`fedtune.platform.wire.run_bundle.check_bundle`) and calls
 fedtune's ClientApp in this process. A refused bundle gets Flower's error reply
 (``ErrorCode.INVALID_FAB``, as the SuperNode's own FAB verification), which the coordinator
 sees in place of the node's answer. Nothing of a bundle is written to disk or imported.
@@ -50,7 +50,7 @@ from flwr.supernode.runtime.run_clientapp import (
     push_task_output,
 )
 
-from fedtune.platform.run_bundle import UntrustedBundleError, check_bundle
+from fedtune.platform.wire.run_bundle import UntrustedBundleError, check_bundle
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the call Flower's SuperExec signs
 RETRYABLE = (httpx.TransportError, httpx.HTTPStatusError)

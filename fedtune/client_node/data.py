@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from fedtune.platform.errors import FedtuneError, unreadable
+from fedtune.common.errors import FedtuneError, unreadable
 
 IGNORE_INDEX = -100
 _ROLES = {"system", "user", "assistant"}

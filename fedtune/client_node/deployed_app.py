@@ -6,7 +6,7 @@ fresh process per message): it does not load the model, it forwards each message
 to the node's long-lived trainer (:mod:`fedtune.client_node.trainer_service`). Train messages
 of a secure-aggregation round go through Flower's ``secaggplus_mod`` behind fedtune's guard
 (``secagg_guard``: it refuses what a coordinator could abuse) with fedtune's mask generator
-(``platform/secagg_masks``): only the masked update leaves the node, with the rest of the
+(``platform/wire/secagg_masks``): only the masked update leaves the node, with the rest of the
 reply (metrics, privacy report, signed ledger entry) beside it. The node signs its SecAgg+
 keys with its ledger key and masks only with peers whose keys are signed and certified by the
 consortium's CA (``ca.pem``, the node's ``coordinator.root_certificates``).
@@ -23,20 +23,20 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedtune.client_node.secagg_guard import NodeIdentity, make_guarded_secaggplus_mod
 from fedtune.client_node.trainer_service import call_trainer
-from fedtune.platform import secagg_masks
 from fedtune.platform.config import NodeConfig, load_node_config
-from fedtune.platform.enrollment_certificates import load_ca_certificate
-from fedtune.platform.messages import (
+from fedtune.platform.security.enrollment_certificates import load_ca_certificate
+from fedtune.platform.wire import secagg_masks
+from fedtune.platform.wire.messages import (
     ABTEST_MESSAGE_TYPE,
     CONFIG,
     DESCRIBE_MESSAGE_TYPE,
     SECURE_AGGREGATION,
 )
-from fedtune.platform.secure_messages import (
+from fedtune.platform.wire.secure_messages import (
     secure_reply_from_train_reply,
     train_content_from_secure,
 )
-from fedtune.platform.signing import KEY_FILE, NodeKey
+from fedtune.privacy.signing import KEY_FILE, NodeKey
 
 NODE_CONFIG_KEY = "config"  # --node-config "config='PATH/node.toml'"
 

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from fedtune.client_node.budget_guard import check_round
 from fedtune.client_node.data import ChatDataset
 from fedtune.client_node.trainer import (
     GRAD_SAMPLE_MODE,
@@ -25,7 +24,8 @@ from fedtune.client_node.trainer import (
     sample_rate_for,
     train_round,
 )
-from fedtune.platform.accounting import (
+from fedtune.platform.config import PrivacySettings, TrainingSettings
+from fedtune.privacy.accounting import (
     BudgetExhaustedError,
     HistoryEntry,
     accountant_label,
@@ -33,9 +33,9 @@ from fedtune.platform.accounting import (
     calibrate_noise_multiplier,
     epsilon_of,
 )
-from fedtune.platform.config import PrivacySettings, TrainingSettings
-from fedtune.platform.ledger import Checkpoint, LedgerEntry
-from fedtune.platform.node_ledger import NodeLedger
+from fedtune.privacy.budget_guard import check_round
+from fedtune.privacy.ledger import Checkpoint, LedgerEntry
+from fedtune.privacy.node_ledger import NodeLedger
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 # A data set that has spent this share of its target trains no more: the rest would need

@@ -19,11 +19,11 @@ import torch
 from fedtune.client_node.data import load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
-from fedtune.platform.base_model import load_base_model
 from fedtune.platform.config import ConfigError, NodeConfig
-from fedtune.platform.fingerprint import file_fingerprint
-from fedtune.platform.lora import attach_lora
-from fedtune.platform.node_ledger import NodeLedger, ledger_url
+from fedtune.platform.model.base_model import load_base_model
+from fedtune.platform.model.fingerprint import file_fingerprint
+from fedtune.platform.model.lora import attach_lora
+from fedtune.privacy.node_ledger import NodeLedger, ledger_url
 
 
 def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str, Any]:

@@ -12,7 +12,7 @@ The guard reads each SecAgg+ message and what Flower's mod keeps in the node's c
 share-keys stage, whose shares this node holds) and refuses, before Flower's mod runs:
 
 - every stage: Flower's own stage-order and type checks, and masks from Flower's stock
-  generator (:mod:`fedtune.platform.secagg_masks` must be installed in this process);
+  generator (:mod:`fedtune.platform.wire.secagg_masks` must be installed in this process);
 - setup: fewer than ``min_peers`` nodes, a share number above the sampled nodes or below
   ``min_peers``, a threshold above the share number or not above half of it;
 - share keys: this node missing, a node id twice, fewer than ``min_peers`` or more than the
@@ -28,8 +28,8 @@ With a :class:`NodeIdentity` (every deployed node has one) the node also signs i
 public keys in its setup reply, and refuses a key list unless each key pair comes with an
 enrollment certificate signed by the consortium's CA and that node's signature of the pair
 for this run and round, every certificate names a different node, and this node's own entry
-is its own (:mod:`fedtune.platform.enrollment_certificates`): a coordinator can then neither
-substitute a key nor invent a peer.
+is its own (:mod:`fedtune.platform.security.enrollment_certificates`): a coordinator can then
+neither substitute a key nor invent a peer.
 
 A refusal answers with an error message (``MOD_FAILED_PRECONDITION``; the reason, nothing
 else) and drops the round's SecAgg+ state, secrets included, so that only a new setup
@@ -62,8 +62,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 
-from fedtune.platform import secagg_masks
-from fedtune.platform.enrollment_certificates import (
+from fedtune.common.errors import FedtuneError
+from fedtune.platform.security.enrollment_certificates import (
     KEY_SIGNATURE_RECORD,
     PEERS_RECORD,
     EnrollmentCertificateError,
@@ -71,8 +71,8 @@ from fedtune.platform.enrollment_certificates import (
     sign_keys,
     verify_certificate,
 )
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.signing import NodeKey
+from fedtune.platform.wire import secagg_masks
+from fedtune.privacy.signing import NodeKey
 
 LOGGER = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from types import FrameType
 from fedtune.client_node.client_app import REPLIES, node_runtime
 from fedtune.client_node.clientapp_worker import ClientAppWorker
 from fedtune.client_node.trainer_service import TrainerService
+from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.flower_tools import flower_command, tool_path_environment
-from fedtune.platform.pinned_apps import SECRET_FILE, ensure_secret
+from fedtune.platform.runtime.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.wire.pinned_apps import SECRET_FILE, ensure_secret
 
 # What the SuperNode prints when the SuperLink refuses its key (with "Exit Code: 305"; the
 # process itself exits with 1 in Flower 1.41).

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fedtune.client_node.data import ChatDataset, DataError, make_collate
 from fedtune.client_node.losses import sequence_losses
-from fedtune.platform.accounting import AccountantName, HistoryEntry
+from fedtune.privacy.accounting import AccountantName, HistoryEntry
 
 GRAD_SAMPLE_MODE = "hooks"
 NOISE_RNG = "torch.Generator (not a CSPRNG: Opacus secure_mode needs torchcsprng)"

@@ -25,8 +25,8 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import NodeConfig
-from fedtune.platform.errors import FedtuneError
 
 SERVICE_FILE = "trainer.json"
 

@@ -26,6 +26,8 @@ from flwr.serverapp import Grid
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from fedtune.common.database import transaction
+from fedtune.common.errors import FedtuneError
 from fedtune.coordinator.ab_statistics import (
     METRICS,
     Comparison,
@@ -39,8 +41,8 @@ from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.roster import EnrolledGrid, name_problem, reported_name
 from fedtune.coordinator.versions import ModelVersion
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.messages import (
+from fedtune.platform.db.storage import AbTest, AbTestResult
+from fedtune.platform.wire.messages import (
     ABTEST,
     ABTEST_MESSAGE_TYPE,
     ARRAYS,
@@ -50,7 +52,6 @@ from fedtune.platform.messages import (
     AbTestInstructions,
     arrays_to_record,
 )
-from fedtune.platform.storage import AbTest, AbTestResult, transaction
 
 OVERALL = "overall"
 DEFAULT_METRICS = ("loss", "rouge-l")

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from peft import PeftModel
 
+from fedtune.common.errors import AlreadyExistsError, FedtuneError, MissingFileError
 from fedtune.platform.config import LoraSettings
-from fedtune.platform.encryption import decrypt_file, encrypt_bytes
-from fedtune.platform.errors import AlreadyExistsError, FedtuneError, MissingFileError
-from fedtune.platform.lora import load_adapter_arrays
+from fedtune.platform.model.lora import load_adapter_arrays
+from fedtune.platform.security.encryption import decrypt_file, encrypt_bytes
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 ENCRYPTED_WEIGHTS_FILE = WEIGHTS_FILE + ".aesgcm"

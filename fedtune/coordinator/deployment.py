@@ -32,9 +32,9 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from sqlalchemy import func, select
 
+from fedtune.common.database import transaction
 from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.job import DeploymentJob
-from fedtune.coordinator.node_level_dp import LEDGER_NODE, NodeLevelPrivacy
 from fedtune.coordinator.roster import EnrolledGrid, Roster, name_problem, reported_name
 from fedtune.coordinator.secagg_peers import SignedKeyRelay
 from fedtune.coordinator.secure_aggregation import NotEnoughNodesError, SecureFedAvg
@@ -45,18 +45,19 @@ from fedtune.coordinator.server_app import (
     prepare_run,
 )
 from fedtune.coordinator.strategy import ReplyOutcome, ValidatingFedAvg
-from fedtune.platform import secagg_masks
 from fedtune.platform.config import RunConfig
-from fedtune.platform.ledger_store import node_public_keys
-from fedtune.platform.messages import (
+from fedtune.platform.db.storage import AdapterCheckpoint, Round, open_database
+from fedtune.platform.wire import secagg_masks
+from fedtune.platform.wire.messages import (
     DESCRIBE_MESSAGE_TYPE,
     NODE,
     NUM_EXAMPLES,
     arrays_to_record,
     record_to_arrays,
 )
-from fedtune.platform.node_ledger import NodeLedger
-from fedtune.platform.storage import AdapterCheckpoint, Round, open_database, transaction
+from fedtune.privacy.ledger_store import node_public_keys
+from fedtune.privacy.node_ledger import NodeLedger
+from fedtune.privacy.node_level_dp import LEDGER_NODE, NodeLevelPrivacy
 
 
 def enrolled_ledger_keys(config: RunConfig) -> dict[str, str]:

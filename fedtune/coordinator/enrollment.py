@@ -8,7 +8,7 @@ keys only) to the consortium's CA holder, who certifies it (`fedtune certs certi
 machine that keeps the CA key, not the coordinator); the admin enrolls the certificate:
 `fedtune coordinator enroll N.certified.json --name N`. The certificate goes to the roster too:
 the ServerApp relays it to the node's peers, who check the node's signed SecAgg+ keys against
-it (:mod:`fedtune.platform.enrollment_certificates`).
+it (:mod:`fedtune.platform.security.enrollment_certificates`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.common.database import transaction
+from fedtune.common.errors import unreadable
+from fedtune.common.keyfiles import KeyFileError
 from fedtune.coordinator.roster import (
     enrolled_name_of_key,
     enrolled_node,
@@ -27,17 +30,15 @@ from fedtune.coordinator.roster import (
 )
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
 from fedtune.platform.config import CoordinatorConfig
-from fedtune.platform.enrollment_certificates import (
+from fedtune.platform.db.storage import open_database
+from fedtune.platform.security.enrollment_certificates import (
     EnrollmentCertificateError,
     is_certificate,
     load_ca_certificate,
     verify_certificate,
 )
-from fedtune.platform.errors import unreadable
-from fedtune.platform.ledger_store import add_public_key
-from fedtune.platform.node_auth import node_auth_public_key_from_text
-from fedtune.platform.signing import KeyFileError
-from fedtune.platform.storage import open_database, transaction
+from fedtune.platform.security.node_auth import node_auth_public_key_from_text
+from fedtune.privacy.ledger_store import add_public_key
 
 ENROLLMENT_FILE = "enrollment.json"
 LIVE_STATUSES = ("registered", "online", "offline")  # `flwr supernode list`; else "unregistered"

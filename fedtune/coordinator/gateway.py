@@ -23,8 +23,8 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import CoordinatorConfig
-from fedtune.platform.errors import FedtuneError
 
 FILES = Path(__file__).parent / "gateway_files"
 GUARD = FILES / "fleet_guard.lua"

@@ -17,17 +17,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import RecordDict
 from sqlalchemy.engine import Engine
 
-from fedtune.platform.ledger import (
+from fedtune.common.database import transaction
+from fedtune.platform.wire.messages import PRIVACY, ledger_from_content
+from fedtune.privacy.ledger import (
     CONTENT_REASON,
     SIGNATURE_REASON,
     Checkpoint,
     LedgerEntry,
     LedgerFormatError,
 )
-from fedtune.platform.ledger_store import ledger_head
-from fedtune.platform.messages import PRIVACY, ledger_from_content
-from fedtune.platform.signing import verify_signature
-from fedtune.platform.storage import transaction
+from fedtune.privacy.ledger_store import ledger_head
+from fedtune.privacy.signing import verify_signature
 
 
 @dataclass(frozen=True)

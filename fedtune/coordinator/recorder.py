@@ -13,6 +13,7 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, MetricRecord
 from sqlalchemy.engine import Engine
 
+from fedtune.common.database import transaction
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
 from fedtune.coordinator.health import (
     Alert,
@@ -23,16 +24,7 @@ from fedtune.coordinator.health import (
     update_signals,
 )
 from fedtune.coordinator.strategy import ReplyOutcome
-from fedtune.platform.ledger_store import checkpoint_row, entry_row
-from fedtune.platform.messages import (
-    ARRAYS,
-    METRICS,
-    NODE,
-    NUM_EXAMPLES,
-    PRIVACY,
-    record_to_arrays,
-)
-from fedtune.platform.storage import (
+from fedtune.platform.db.storage import (
     AdapterCheckpoint,
     EpsilonReport,
     HealthAlert,
@@ -40,8 +32,16 @@ from fedtune.platform.storage import (
     NodeMetric,
     RejectedUpdate,
     Round,
-    transaction,
 )
+from fedtune.platform.wire.messages import (
+    ARRAYS,
+    METRICS,
+    NODE,
+    NUM_EXAMPLES,
+    PRIVACY,
+    record_to_arrays,
+)
+from fedtune.privacy.ledger_store import checkpoint_row, entry_row
 
 
 def _finite(value: Any) -> float | None:

@@ -5,7 +5,7 @@ register`), and the name a node puts in its replies is whatever its operator typ
 SuperLink did check is the node's authentication key, and it reports that key with each
 connected node (``NodeInfo.public_key``: PEM SubjectPublicKeyInfo bytes, exactly what
 `flwr supernode register` sent). `fedtune coordinator enroll` records each node's name, key and
-node id in the coordinator's database (:class:`~fedtune.platform.storage.EnrolledNode`); a
+node id in the coordinator's database (:class:`~fedtune.platform.db.storage.EnrolledNode`); a
 :class:`Roster` maps keys back to those names, and :class:`EnrolledGrid` shows the ServerApp
 only the connected nodes enrolled under a name the run lists, refuses to address any other
 node, and tells whose a reply is by the node that sent it, never by what it says.
@@ -27,9 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.messages import NODE
-from fedtune.platform.storage import EnrolledNode, transaction
+from fedtune.common.database import transaction
+from fedtune.common.errors import FedtuneError
+from fedtune.platform.db.storage import EnrolledNode
+from fedtune.platform.wire.messages import NODE
 
 
 class NotEnrolledError(FedtuneError, RuntimeError):

@@ -10,9 +10,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from fedtune.common.database import database_url, transaction
 from fedtune.coordinator.superlink import SUBMISSION_FILE, CoordinatorError
 from fedtune.platform.config import CoordinatorConfig, RunConfig
-from fedtune.platform.storage import Round, Run, database_url, open_database, transaction
+from fedtune.platform.db.storage import Round, Run, open_database
 
 
 def _submissions(config: CoordinatorConfig) -> list[dict[str, Any]]:

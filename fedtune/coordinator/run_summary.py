@@ -10,14 +10,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from fedtune.platform.storage import (
+from fedtune.common.database import transaction
+from fedtune.platform.db.storage import (
     AdapterCheckpoint,
     EpsilonReport,
     NodeMetric,
     RejectedUpdate,
     Round,
     Run,
-    transaction,
 )
 
 

@@ -4,9 +4,9 @@ public keys with the node's enrollment certificate.
 Flower's workflow keeps only the two public keys of a node's setup reply and forwards them,
 unsigned, in the share-keys stage. Deployed nodes sign their keys and accept a peer's keys only
 with that signature and the peer's enrollment certificate (``client_node/secagg_guard.py``,
-:mod:`fedtune.platform.enrollment_certificates`). This grid takes the signatures from the setup
-replies and adds, to each share-keys message, ``[certificate, signature]`` for every node in
-its key list. It vouches for nothing itself: what it relays is checked by each node.
+:mod:`fedtune.platform.security.enrollment_certificates`). This grid takes the signatures
+from the setup replies and adds, to each share-keys message, ``[certificate, signature]`` for
+every node in its key list. It vouches for nothing itself: what it relays is checked by each node.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedtune.coordinator.roster import EnrolledGrid
-from fedtune.platform.enrollment_certificates import KEY_SIGNATURE_RECORD, PEERS_RECORD
+from fedtune.platform.security.enrollment_certificates import KEY_SIGNATURE_RECORD, PEERS_RECORD
 
 
 class SignedKeyRelay(Grid):

@@ -29,8 +29,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from fedtune.common.errors import FedtuneError
 from fedtune.coordinator.ledger_check import LedgerCheck
-from fedtune.coordinator.node_level_dp import NodeLevelPrivacy
 from fedtune.coordinator.roster import name_problem, reported_name
 from fedtune.coordinator.strategy import (
     EnrolledName,
@@ -38,8 +38,7 @@ from fedtune.coordinator.strategy import (
     RoundObserver,
     update_problem,
 )
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.messages import (
+from fedtune.platform.wire.messages import (
     ARRAYS,
     DECLINE,
     METRICS,
@@ -48,12 +47,13 @@ from fedtune.platform.messages import (
     arrays_to_record,
     record_to_arrays,
 )
-from fedtune.platform.secure_messages import (
+from fedtune.platform.wire.secure_messages import (
     SecureMessageError,
     mask_generator_problem,
     secure_train_config,
     train_reply_from_secure_metrics,
 )
+from fedtune.privacy.node_level_dp import NodeLevelPrivacy
 
 
 class NotEnoughNodesError(FedtuneError, RuntimeError):

@@ -19,20 +19,21 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
+from fedtune.common.database import transaction
+from fedtune.common.errors import AlreadyExistsError
 from fedtune.coordinator.abtest import AbTestPlan, abtest_report, format_abtest, run_abtest
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
 from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.coordinator.versions import list_versions, production_version, resolve_version
-from fedtune.platform.base_model import load_base_model
 from fedtune.platform.config import RunConfig
-from fedtune.platform.errors import AlreadyExistsError
-from fedtune.platform.ledger_store import add_public_key
-from fedtune.platform.lora import adapter_arrays, attach_lora
-from fedtune.platform.messages import TrainInstructions, arrays_to_record
-from fedtune.platform.signing import load_public_key, public_key_text
-from fedtune.platform.storage import Run, open_database, transaction
+from fedtune.platform.db.storage import Run, open_database
+from fedtune.platform.model.base_model import load_base_model
+from fedtune.platform.model.lora import adapter_arrays, attach_lora
+from fedtune.platform.wire.messages import TrainInstructions, arrays_to_record
+from fedtune.privacy.ledger_store import add_public_key
+from fedtune.privacy.signing import load_public_key, public_key_text
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A run's ServerApp process on the coordinator: Flower's ``flwr-serverapp``, reading its task
 token from standard input and refusing any run bundle but fedtune's, so that only fedtune's
-own ServerApp runs here (:mod:`fedtune.platform.pinned_apps`).
+own ServerApp runs here (:mod:`fedtune.platform.wire.pinned_apps`).
 
 Run as ``python -m fedtune.coordinator.serverapp_process`` with ``flwr-serverapp``'s options
 and ``--token-stdin``.
@@ -8,7 +8,7 @@ and ``--token-stdin``.
 
 from __future__ import annotations
 
-from fedtune.platform.pinned_apps import run_app_process
+from fedtune.platform.wire.pinned_apps import run_app_process
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtune.coordinator.ledger_check import LedgerCheck, SignedRound
 from fedtune.coordinator.roster import name_problem
-from fedtune.platform.messages import ARRAYS, DECLINE, METRICS, NODE, NUM_EXAMPLES
+from fedtune.platform.wire.messages import ARRAYS, DECLINE, METRICS, NODE, NUM_EXAMPLES
 
 OutcomeKind = Literal["accepted", "rejected", "declined", "failed"]
 EnrolledName = Callable[[int], str | None]  # a SuperNode id -> its enrolled name

@@ -1,6 +1,6 @@
 """The coordinator's SuperExec: Flower's own, starting each run's ServerApp as
 :mod:`fedtune.coordinator.serverapp_process` with its task token on standard input, never on a
-command line (:mod:`fedtune.platform.pinned_apps` says why). The SuperLink runs with
+command line (:mod:`fedtune.platform.wire.pinned_apps` says why). The SuperLink runs with
 ``--isolation process`` and this SuperExec's secret: nobody else may acquire its tasks.
 
 Run as ``python -m fedtune.coordinator.superexec`` with ``flower-superexec``'s options.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flwr.supercore.constant import TaskType
 
-from fedtune.platform.pinned_apps import run_superexec
+from fedtune.platform.wire.pinned_apps import run_superexec
 
 
 def main() -> None:

@@ -24,15 +24,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fedtune.common.errors import FedtuneError
 from fedtune.coordinator import gateway
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
 from fedtune.platform.config import CoordinatorConfig, RunConfig
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.flower_tools import flower_command, tool_path_environment
-from fedtune.platform.pinned_apps import SECRET_FILE, ensure_secret
-from fedtune.platform.processes import end_process_tree
-from fedtune.platform.run_bundle import CLIENT_APP, SERVER_APP
-from fedtune.platform.tls import SUPERLINK_HOSTS, CertificatePaths, check_certificates
+from fedtune.platform.runtime.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.runtime.processes import end_process_tree
+from fedtune.platform.security.tls import SUPERLINK_HOSTS, CertificatePaths, check_certificates
+from fedtune.platform.wire.pinned_apps import SECRET_FILE, ensure_secret
+from fedtune.platform.wire.run_bundle import CLIENT_APP, SERVER_APP
 
 CONNECTION = "fedtune"
 SUBMISSION_FILE = "submission.json"  # in a run's app folder: its Flower run id
@@ -265,7 +265,7 @@ def submit_run(config: CoordinatorConfig, job: DeploymentJob) -> str:
 
 def write_app(folder: Path, job: DeploymentJob) -> None:
     """The Flower app folder of one run: metadata and the job; no code of its own (the
-    coordinator and the nodes refuse any other bundle: platform/run_bundle.py)."""
+    coordinator and the nodes refuse any other bundle: platform/wire/run_bundle.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SUBMISSION_FILE).unlink(missing_ok=True)  # from an earlier submission
     (folder / "pyproject.toml").write_text(

@@ -14,8 +14,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.storage import AdapterCheckpoint, ModelPromotion, Run, transaction
+from fedtune.common.database import transaction
+from fedtune.common.errors import FedtuneError
+from fedtune.platform.db.storage import AdapterCheckpoint, ModelPromotion, Run
 
 BASE = "base"
 LATEST = "latest"

@@ -19,6 +19,7 @@ import streamlit as st
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from fedtune.common.database import database_url
 from fedtune.dashboard.database import (
     DashboardError,
     check_database,
@@ -27,7 +28,6 @@ from fedtune.dashboard.database import (
 )
 from fedtune.dashboard.ledger_checks import CopyCheck, check_copy
 from fedtune.dashboard.queries import CopyHead
-from fedtune.platform.storage import database_url
 
 ENV_VAR = "FEDTUNE_DASHBOARD_DB"  # where the database URL is read when no --db is given
 CACHE_SECONDS = 5

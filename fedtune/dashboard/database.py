@@ -16,8 +16,8 @@ from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from fedtune.platform.errors import FedtuneError
-from fedtune.platform.storage import database_url
+from fedtune.common.database import database_url
+from fedtune.common.errors import FedtuneError
 
 # Tables every fedtune coordinator database has had since its first version.
 REQUIRED_TABLES = ("runs", "rounds")

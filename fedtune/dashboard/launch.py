@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedtune.common.database import database_url
 from fedtune.dashboard.database import DashboardError, check_database
-from fedtune.platform.storage import database_url
 
 APP = Path(__file__).with_name("app.py")
 STOP_SECONDS = 10

@@ -22,24 +22,24 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from fedtune.common.database import transaction
 from fedtune.dashboard.database import DashboardError
-from fedtune.platform.audit import audit_ledger, write_audit_report
-from fedtune.platform.ledger import (
+from fedtune.privacy.audit.verify import audit_ledger, write_audit_report
+from fedtune.privacy.ledger import (
     GENESIS_HASH,
     Checkpoint,
     LedgerEntry,
     LedgerFormatError,
     verify_chain,
 )
-from fedtune.platform.ledger_file import format_verification, write_ledger_file
-from fedtune.platform.ledger_store import (
+from fedtune.privacy.ledger_file import format_verification, write_ledger_file
+from fedtune.privacy.ledger_store import (
     LedgerEntryRow,
     entry_from_json,
     latest_checkpoint,
     node_public_keys,
 )
-from fedtune.platform.signing import load_public_key, verify_signature
-from fedtune.platform.storage import transaction
+from fedtune.privacy.signing import load_public_key, verify_signature
 
 Verdict = Literal["verifies", "fails", "incomplete", "unverifiable", "empty"]
 
@@ -97,7 +97,7 @@ def _read_copy(engine: Engine, node: str) -> _Copy:
 
 
 def _entries(session: Session, node: str) -> list[LedgerEntry]:
-    """``node``'s entries in seq order, as :func:`~fedtune.platform.ledger_store.ledger_entries`
+    """``node``'s entries in seq order, as :func:`~fedtune.privacy.ledger_store.ledger_entries`
     reads them, without building an ORM object per row (twice as fast on a long copy)."""
     texts = session.scalars(
         select(LedgerEntryRow.entry).where(LedgerEntryRow.node == node).order_by(LedgerEntryRow.seq)

@@ -18,8 +18,8 @@ from sqlalchemy import JSON, ColumnElement, Table, cast, func, null, select, typ
 from sqlalchemy.engine import Connection, Engine
 
 from fedtune.dashboard.database import Schema, read_schema
-from fedtune.platform.ledger_store import LedgerBase
-from fedtune.platform.storage import Base
+from fedtune.platform.db.storage import Base
+from fedtune.privacy.ledger_store import LedgerBase
 
 RUN_COLUMNS = (
     "id",

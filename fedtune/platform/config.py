@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedtune.platform.errors import FedtuneError, unreadable
+from fedtune.common.errors import FedtuneError, unreadable
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 # Configuration is strict (a string "8" is no number; see _Section), but TOML has no path
@@ -307,7 +307,7 @@ class RunOutput(_Section):
     )
 
     def checkpoint_key(self) -> bytes | None:
-        from fedtune.platform.encryption import load_key
+        from fedtune.platform.security.encryption import load_key
 
         return load_key(self.encryption_key_file) if self.encryption_key_file else None
 

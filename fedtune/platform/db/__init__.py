@@ -1,0 +1,1 @@
+"""The coordinator's database: models, Alembic migrations and `fedtune db` administration."""

@@ -1,0 +1,77 @@
+"""Loading the base model and its tokenizer once, on the device chosen at run time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from fedtune.platform.config import ModelConfig
+from fedtune.platform.model.devices import select_device
+from fedtune.platform.model.fingerprint import model_dir_fingerprint
+from fedtune.platform.model.model_store import resolve_model_dir
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with what identifies it."""
+
+    model: PreTrainedModel
+    tokenizer: object  # a transformers tokenizer with a chat template
+    fingerprint: str
+    model_dir: Path
+    device: torch.device
+
+
+def load_base_model(config: ModelConfig) -> BaseModel:
+    """Resolve ``config.spec``, load model and tokenizer, and fingerprint the weights."""
+    device = select_device(config.device)
+    if config.quantization != "none" and device.type != "cuda":
+        raise RuntimeError(
+            f"model.quantization = '{config.quantization}' needs a CUDA device (bitsandbytes); "
+            "this machine runs on CPU: set model.quantization = 'none'"
+        )
+    model_dir = resolve_model_dir(config.spec, cache_dir=config.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"the tokenizer in {model_dir} has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = _load_weights(model_dir, config.quantization, device)
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=model_dir_fingerprint(model_dir),
+        model_dir=model_dir,
+        device=device,
+    )
+
+
+def _load_weights(model_dir: Path, quantization: str, device: torch.device) -> PreTrainedModel:
+    if quantization == "none":
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return model.to(device)
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise RuntimeError(
+            "quantized loading needs bitsandbytes: pip install 'fedtune[gpu]'"
+        ) from None
+    from peft import prepare_model_for_kbit_training
+
+    if quantization == "4bit":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb, device_map={"": device.index or 0}
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -1,0 +1,96 @@
+"""LoRA adapters: building them with PEFT, and moving their weights as plain arrays.
+
+Federated code needs one seam only: the adapter's weights out as ``{name: ndarray}`` and back
+in. Names are PEFT's own (``get_peft_model_state_dict``), so a saved adapter directory and a
+federated message carry the same keys.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from transformers import PreTrainedModel
+
+from fedtune.common.errors import FedtuneError
+from fedtune.platform.config import LoraSettings
+
+
+class AdapterMismatchError(FedtuneError, ValueError):
+    """Adapter arrays do not fit the model's adapter (keys, shapes or values)."""
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter; only the adapter's parameters train.
+
+    With ``settings.train_a`` false the A matrices keep their random initialisation and only
+    B trains (FFA-LoRA, Sun et al. 2024), which halves the parameters that DP noise touches.
+    """
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing`; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, lora_config(settings))
+    if not settings.train_a:
+        for name, parameter in peft_model.named_parameters():
+            if "lora_A" in name:
+                parameter.requires_grad_(False)
+    return peft_model
+
+
+def adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
+    """A snapshot of the adapter's weights as float32 numpy arrays, keyed by PEFT's
+    state-dict names. Copies: later training does not change what was returned."""
+    state = get_peft_model_state_dict(model)
+    return {
+        name: tensor.detach().to("cpu", torch.float32).numpy().copy()
+        for name, tensor in state.items()
+    }
+
+
+def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
+    """Set the adapter's weights; refuses missing or extra keys, wrong shapes, non-finite values."""
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"adapter keys do not match: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+            f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    state = {}
+    for name, reference in expected.items():
+        value = np.asarray(arrays[name])
+        if tuple(value.shape) != tuple(reference.shape):
+            raise AdapterMismatchError(
+                f"adapter array {name} has shape {tuple(value.shape)}, "
+                f"expected {tuple(reference.shape)}"
+            )
+        if not np.isfinite(value).all():
+            raise AdapterMismatchError(f"adapter array {name} has non-finite values")
+        state[name] = torch.from_numpy(np.ascontiguousarray(value)).to(
+            reference.device, reference.dtype
+        )
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise AdapterMismatchError(f"PEFT did not accept adapter keys {unexpected[:3]}")

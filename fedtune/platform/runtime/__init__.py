@@ -1,0 +1,1 @@
+"""Finding and running Flower's commands and ending process trees."""

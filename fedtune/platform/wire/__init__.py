@@ -1,0 +1,2 @@
+"""What travels between nodes and coordinator: message contents, secure-aggregation
+replies and masks, and the run bundle both sides check before they install it."""

@@ -1,0 +1,222 @@
+"""What the coordinator and the nodes say to each other: the contents of Flower messages.
+
+The coordinator never imports the node and the node never imports the coordinator; both build
+and read messages through this module. A train message carries the global adapter (``arrays``)
+and :class:`TrainInstructions` (``config``); a train reply carries the node's adapter, its
+``metrics`` (``num-examples`` weighs it in FedAvg), who it is (``node``) and what the round cost
+(``privacy``) with the signed ledger entry of the round and the signed head of the node's
+ledger (``ledger``), or a ``decline`` with the reason. Only metrics leave a node in evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune.platform.config import LoraSettings
+from fedtune.privacy.ledger import Checkpoint, LedgerEntry, LedgerFormatError
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NODE = "node"
+PRIVACY = "privacy"
+DECLINE = "decline"
+LEDGER = "ledger"
+ABTEST = "abtest"  # an A/B test's instructions, and the node's note on what it shared
+SCORES = "scores"  # an A/B test reply's per-example scores or paired statistics
+ABTEST_MESSAGE_TYPE = "evaluate.abtest"  # routed to the ClientApp's @app.evaluate("abtest")
+DESCRIBE_MESSAGE_TYPE = "query.describe"  # a node's identity and training-set size
+NUM_EXAMPLES = "num-examples"  # FedAvg's weight
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+SECURE_AGGREGATION = "secure-aggregation"  # set in a train config that came through SecAgg+
+
+
+@dataclass(frozen=True)
+class TrainInstructions:
+    """The round's plan, identical for every node; each node keeps its own privacy target."""
+
+    run_id: str
+    base_model_fingerprint: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    planned_rounds: int
+    lora: LoraSettings
+    evaluate_local_model: bool
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "run-id": self.run_id,
+                "base-model-fingerprint": self.base_model_fingerprint,
+                "steps": self.steps,
+                "batch-size": self.batch_size,
+                "learning-rate": self.learning_rate,
+                "optimizer": self.optimizer,
+                "planned-rounds": self.planned_rounds,
+                "lora-r": self.lora.r,
+                "lora-alpha": self.lora.alpha,
+                "lora-dropout": self.lora.dropout,
+                "lora-target-modules": list(self.lora.target_modules),
+                "lora-train-a": self.lora.train_a,
+                "evaluate-local-model": self.evaluate_local_model,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> TrainInstructions:
+        try:
+            return cls(
+                run_id=str(record["run-id"]),
+                base_model_fingerprint=str(record["base-model-fingerprint"]),
+                steps=int(record["steps"]),  # type: ignore[arg-type]
+                batch_size=int(record["batch-size"]),  # type: ignore[arg-type]
+                learning_rate=float(record["learning-rate"]),  # type: ignore[arg-type]
+                optimizer=str(record["optimizer"]),
+                planned_rounds=int(record["planned-rounds"]),  # type: ignore[arg-type]
+                lora=LoraSettings(
+                    r=int(record["lora-r"]),  # type: ignore[arg-type]
+                    alpha=int(record["lora-alpha"]),  # type: ignore[arg-type]
+                    dropout=float(record["lora-dropout"]),  # type: ignore[arg-type]
+                    target_modules=[str(m) for m in record["lora-target-modules"]],  # type: ignore[union-attr]
+                    train_a=bool(record["lora-train-a"]),
+                ),
+                evaluate_local_model=bool(record["evaluate-local-model"]),
+            )
+        except KeyError as exc:
+            raise ValueError(f"train message lacks config key {exc}") from None
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def node_identity(*, name: str, base_model_fingerprint: str, data_fingerprint: str) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "name": name,
+            "base-model-fingerprint": base_model_fingerprint,
+            "data-fingerprint": data_fingerprint,
+        }
+    )
+
+
+def privacy_record(report: Mapping[str, Any]) -> ConfigRecord:
+    """A node's privacy report as a ConfigRecord (absent figures are left out, never None)."""
+    return ConfigRecord(
+        {key: value for key, value in report.items() if isinstance(value, (str, int, float, bool))}
+    )
+
+
+def train_reply_content(
+    *,
+    arrays: Mapping[str, np.ndarray],
+    metrics: Mapping[str, int | float],
+    identity: ConfigRecord,
+    privacy: Mapping[str, Any],
+    ledger: tuple[LedgerEntry, Checkpoint],
+) -> RecordDict:
+    entry, checkpoint = ledger
+    return RecordDict(
+        {
+            ARRAYS: arrays_to_record(arrays),
+            METRICS: MetricRecord(dict(metrics)),
+            NODE: identity,
+            PRIVACY: privacy_record(privacy),
+            LEDGER: ConfigRecord(
+                {
+                    "entry": json.dumps(entry.to_dict()),
+                    "checkpoint": json.dumps(checkpoint.to_dict()),
+                }
+            ),
+        }
+    )
+
+
+def ledger_from_content(content: RecordDict) -> tuple[LedgerEntry, Checkpoint]:
+    """The signed ledger entry and checkpoint of a train reply; ``LedgerFormatError`` when
+    they are missing or malformed."""
+    if LEDGER not in content.config_records:
+        raise LedgerFormatError("the reply carries no signed ledger entry")
+    record = content.config_records[LEDGER]
+    try:
+        entry = LedgerEntry.from_dict(json.loads(str(record["entry"])))
+        checkpoint = Checkpoint.from_dict(json.loads(str(record["checkpoint"])))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise LedgerFormatError(f"the reply's ledger record is malformed ({exc})") from None
+    return entry, checkpoint
+
+
+def decline_content(*, identity: ConfigRecord, reason: str) -> RecordDict:
+    """A node that will not train this round (e.g. its privacy budget would be passed)."""
+    return RecordDict({NODE: identity, DECLINE: ConfigRecord({"reason": reason})})
+
+
+@dataclass(frozen=True)
+class AbTestInstructions:
+    """What each node scores in an A/B test: versions ``a`` and ``b`` (arrays under
+    ``arrays-a``/``arrays-b``; a version without arrays is the base model alone) on its first
+    ``max_examples`` held-out examples, for ``metrics``."""
+
+    test_id: str
+    base_model_fingerprint: str
+    version_a: str
+    version_b: str
+    lora_a: LoraSettings | None
+    lora_b: LoraSettings | None
+    metrics: tuple[str, ...]
+    max_examples: int
+    max_new_tokens: int
+
+    def to_record(self) -> ConfigRecord:
+        record: dict[str, Any] = {
+            "test-id": self.test_id,
+            "base-model-fingerprint": self.base_model_fingerprint,
+            "version-a": self.version_a,
+            "version-b": self.version_b,
+            "metrics": list(self.metrics),
+            "max-examples": self.max_examples,
+            "max-new-tokens": self.max_new_tokens,
+        }
+        for side, lora in (("a", self.lora_a), ("b", self.lora_b)):
+            if lora is not None:
+                record[f"lora-{side}"] = lora.model_dump_json()
+        return ConfigRecord(record)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> AbTestInstructions:
+        def lora(side: str) -> LoraSettings | None:
+            text = record.get(f"lora-{side}")
+            return LoraSettings.model_validate_json(str(text)) if text is not None else None
+
+        try:
+            return cls(
+                test_id=str(record["test-id"]),
+                base_model_fingerprint=str(record["base-model-fingerprint"]),
+                version_a=str(record["version-a"]),
+                version_b=str(record["version-b"]),
+                lora_a=lora("a"),
+                lora_b=lora("b"),
+                metrics=tuple(str(m) for m in record["metrics"]),  # type: ignore[union-attr]
+                max_examples=int(record["max-examples"]),  # type: ignore[arg-type]
+                max_new_tokens=int(record["max-new-tokens"]),  # type: ignore[arg-type]
+            )
+        except KeyError as exc:
+            raise ValueError(f"A/B test message lacks config key {exc}") from None
+
+
+# A node whose policy forbids per-example scores sends these paired statistics per metric
+# (as "METRIC/FIELD"); d = b - a; the counts are for right/wrong metrics (A wrong and B right,
+# A right and B wrong).
+SUMMARY_FIELDS = ("n", "sum_a", "sum_b", "sum_d", "sum_d2", "b_only", "a_only")
