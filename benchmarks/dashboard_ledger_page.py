@@ -70,6 +70,9 @@ def ledger_fields(node: str, index: int, count: int, runs: int, spent: float) ->
         "epsilon_cap": CAP,
         "accountant": "rdp",
         "accountant_version": "opacus-1.6.0",
+        "kind": "training_round",
+        "method": "dp-sgd",
+        "privacy_unit": "example",
         "recorded_at": (STARTED + index * EVERY).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
 

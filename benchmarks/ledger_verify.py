@@ -58,6 +58,9 @@ def seal_ledger(key: NodeKey, count: int, *, node: str) -> list[LedgerEntry]:
             "epsilon_cap": 200.0,
             "accountant": "rdp",
             "accountant_version": "opacus-1.6.0",
+            "kind": "training_round",
+            "method": "dp-sgd",
+            "privacy_unit": "example",
         }
         previous = seal_entry(fields, previous=previous, key=key)
         entries.append(previous)

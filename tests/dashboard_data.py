@@ -217,6 +217,9 @@ def ledger_fields(node: str, number: int, epsilon: float) -> dict[str, object]:
         "epsilon_cap": CAPS[node],
         "accountant": "rdp",
         "accountant_version": accountant_version(),
+        "kind": "training_round",
+        "method": "dp-sgd",
+        "privacy_unit": "example",
         "recorded_at": (STARTED + timedelta(minutes=2 * number)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
 

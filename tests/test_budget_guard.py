@@ -44,6 +44,9 @@ def ledger_fields(planned: tuple, *, after: float, cap: float, number: int) -> d
         "epsilon_cap": cap,
         "accountant": "rdp",
         "accountant_version": "opacus-test",
+        "kind": "training_round",
+        "method": "dp-sgd",
+        "privacy_unit": "example",
     }
 
 

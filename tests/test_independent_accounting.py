@@ -52,6 +52,9 @@ def ledger(plan=PLAN, *, accountant="rdp", node="hospital-node"):
                 "epsilon_cap": 8.0,
                 "accountant": accountant,
                 "accountant_version": "opacus-1.6.0",
+                "kind": "training_round",
+                "method": "dp-sgd",
+                "privacy_unit": "example",
                 "recorded_at": f"2026-01-01T00:{seq:02d}:00Z",
             }
         )

@@ -52,6 +52,9 @@ def round_fields(**overrides: Any) -> dict[str, Any]:
         "epsilon_cap": 8.0,
         "accountant": "rdp",
         "accountant_version": "opacus-1.6.0",
+        "kind": "training_round",
+        "method": "dp-sgd",
+        "privacy_unit": "example",
         "recorded_at": "2026-11-23T19:00:00.123456Z",
     }
     fields.update(overrides)
@@ -129,7 +132,11 @@ def test_non_private_round_is_sealed_with_null_privacy_fields(key: NodeKey) -> N
             "accountant_version",
         ]
     )
-    entry = seal_entry(round_fields(mode="non-private", **nulls), previous=None, key=key)
+    entry = seal_entry(
+        round_fields(mode="non-private", method="none", privacy_unit=None, **nulls),
+        previous=None,
+        key=key,
+    )
 
     assert entry.mode == "non-private"
     assert entry.epsilon_after is None
@@ -138,7 +145,9 @@ def test_non_private_round_is_sealed_with_null_privacy_fields(key: NodeKey) -> N
 
 def test_non_private_round_may_record_a_batch_share_above_one(key: NodeKey) -> None:
     nulls = dict.fromkeys(["noise_multiplier", "delta", "epsilon_round", "epsilon_after"])
-    fields = round_fields(mode="non-private", sample_rate=2.0, **nulls)
+    fields = round_fields(
+        mode="non-private", method="none", privacy_unit=None, sample_rate=2.0, **nulls
+    )
 
     entry = seal_entry(fields, previous=None, key=key)
 

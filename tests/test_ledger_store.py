@@ -34,6 +34,9 @@ FIELDS = {
     "epsilon_cap": 8.0,
     "accountant": "rdp",
     "accountant_version": "opacus-test",
+    "kind": "training_round",
+    "method": "dp-sgd",
+    "privacy_unit": "example",
 }
 
 

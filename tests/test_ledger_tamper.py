@@ -62,6 +62,9 @@ def round_fields(index: int, *, run: str, round_: int, data: str, mode: str, **e
         "epsilon_cap": 8.0 if private else None,
         "accountant": "rdp" if private else None,
         "accountant_version": "opacus-1.6.0" if private else None,
+        "kind": "training_round",
+        "method": "dp-sgd" if private else "none",
+        "privacy_unit": "example" if private else None,
         "recorded_at": f"2026-11-23T19:{index:02d}:00.000000Z",
     }
 

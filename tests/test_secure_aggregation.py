@@ -87,6 +87,9 @@ def node_reply(ledger: NodeLedger, name: str, *, server_round: int, examples: in
             "epsilon_cap": 8.0,
             "accountant": "rdp",
             "accountant_version": "test",
+            "kind": "training_round",
+            "method": "dp-sgd",
+            "privacy_unit": "example",
         }
     )
     arrays = {key: value + shift for key, value in GLOBAL.items()}

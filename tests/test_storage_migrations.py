@@ -164,6 +164,9 @@ def ledger_fields(number: int) -> dict[str, Any]:
         "epsilon_cap": 8.0,
         "accountant": "rdp",
         "accountant_version": "opacus-test",
+        "kind": "training_round",
+        "method": "dp-sgd",
+        "privacy_unit": "example",
     }
 
 

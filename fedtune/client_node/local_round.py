@@ -216,7 +216,18 @@ def train_local_round(
             "epsilon_cap": privacy.cap if dp else None,
             "accountant": privacy.accountant if dp else None,
             "accountant_version": accountant_version() if dp else None,
+            "kind": "training_round",
+            "method": _method(dp is not None, seeded=training.seed is not None),
+            "privacy_unit": "example" if dp else None,
         }
     )
     report["ledger_seq"] = entry.seq
     return LocalRound(result=result, privacy=report, entry=entry, checkpoint=checkpoint)
+
+
+def _method(private: bool, *, seeded: bool) -> str:
+    """The entry's ``method``: DP-SGD with Opacus, named apart when its noise came from a
+    seeded generator (reproducible runs: the noise can be recomputed, so it protects no one)."""
+    if not private:
+        return "none"
+    return "dp-sgd-seeded-noise" if seeded else "dp-sgd"

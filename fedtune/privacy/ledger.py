@@ -37,8 +37,19 @@ from fedtune.common.errors import FedtuneError
 from fedtune.privacy.signing import NodeKey, decode_signature, verify_signature
 
 GENESIS_HASH = "0" * 64
-LEDGER_FORMAT = "fedtune-ledger/1"
-PAYLOAD_FIELDS: tuple[str, ...] = (
+# The ledger file's format: /2 files may hold version-2 entries; /1 files are still read.
+LEDGER_FORMAT = "fedtune-ledger/2"
+LEDGER_FORMATS_READ = ("fedtune-ledger/1", LEDGER_FORMAT)
+# The format of the entries sealed now. Entries without a ``format`` field are version 1
+# (fedtune 0.1): they verify as they were sealed and are read as training rounds.
+ENTRY_FORMAT = "fedtune-entry/2"
+# What an entry records. Later versions add kinds (metric releases, receipts): a reader that
+# meets a kind it does not know says so instead of misreading the entry.
+KINDS = ("training_round",)
+# How the round was made private, and whose privacy its epsilon is about.
+METHODS = ("dp-sgd", "dp-sgd-seeded-noise", "node-level-dp", "none")
+PRIVACY_UNITS = ("example", "node")
+V1_PAYLOAD_FIELDS: tuple[str, ...] = (
     "seq",
     "node",
     "run_id",
@@ -59,6 +70,8 @@ PAYLOAD_FIELDS: tuple[str, ...] = (
     "recorded_at",
     "prev_hash",
 )
+VERSIONED_FIELDS: tuple[str, ...] = ("format", "kind", "method", "privacy_unit")
+PAYLOAD_FIELDS: tuple[str, ...] = V1_PAYLOAD_FIELDS + VERSIONED_FIELDS
 SEALED_FIELDS: tuple[str, ...] = ("hash", "signature")
 MODES = ("dp", "non-private")
 ACCOUNTANTS = ("rdp", "prv")
@@ -68,7 +81,6 @@ PARALLEL_THRESHOLD = 2_000
 Mode = Literal["dp", "non-private"]
 
 _DERIVED_FIELDS = frozenset({"seq", "prev_hash"})
-_ENTRY_FIELDS = frozenset(PAYLOAD_FIELDS + SEALED_FIELDS)
 _INT_FIELDS = ("seq", "round", "steps")
 _TEXT_FIELDS = ("node", "run_id", "base_model_fingerprint", "data_fingerprint")
 _OPTIONAL_NUMBER_FIELDS = (
@@ -158,6 +170,11 @@ class LedgerEntry:
     prev_hash: str
     hash: str
     signature: str
+    # Version 2 on (None in a version-1 entry, where they are not part of the payload).
+    format: str | None = None
+    kind: str | None = None
+    method: str | None = None
+    privacy_unit: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -174,8 +191,21 @@ class LedgerEntry:
             object.__setattr__(self, name, normalised[name])
 
     def payload(self) -> dict[str, Any]:
-        """The hashed fields (``prev_hash`` included), in ``PAYLOAD_FIELDS`` order."""
-        return {name: getattr(self, name) for name in PAYLOAD_FIELDS}
+        """The hashed fields (``prev_hash`` included): a version-1 entry's without the
+        versioned fields, exactly as it was sealed."""
+        return {name: getattr(self, name) for name in _payload_fields(self.format)}
+
+    @property
+    def entry_kind(self) -> str:
+        """What the entry records (a version-1 entry is a training round)."""
+        return self.kind or "training_round"
+
+    @property
+    def privacy_method(self) -> str:
+        """How the round was made private (inferred for a version-1 entry from its mode)."""
+        if self.method is not None:
+            return self.method
+        return "dp-sgd" if self.mode == "dp" else "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Payload, ``hash`` and ``signature``: what a ledger file's entry line holds."""
@@ -188,8 +218,16 @@ class LedgerEntry:
         if not isinstance(data, Mapping):
             raise LedgerFormatError(f"a ledger entry must be a JSON object, got {_kind(data)}")
         seq = data.get("seq") if _is_int(data.get("seq")) else None
-        missing = [name for name in PAYLOAD_FIELDS + SEALED_FIELDS if name not in data]
-        unknown = sorted(str(name) for name in data if name not in _ENTRY_FIELDS)
+        if "format" in data and data["format"] != ENTRY_FORMAT:
+            detail = (
+                f"entry format {data['format']!r} is not one this version of fedtune reads "
+                f"({ENTRY_FORMAT!r}, or none for version 1): it was written by another "
+                "version; upgrade fedtune to read it"
+            )
+            raise LedgerFormatError(_with_seq(detail, seq), seq=seq, detail=detail)
+        fields = _payload_fields(data.get("format")) + SEALED_FIELDS
+        missing = [name for name in fields if name not in data]
+        unknown = sorted(str(name) for name in data if name not in fields)
         if missing or unknown:
             parts = []
             if missing:
@@ -198,7 +236,7 @@ class LedgerEntry:
                 parts.append("unknown fields: " + ", ".join(unknown))
             detail = "; ".join(parts)
             raise LedgerFormatError(_with_seq(detail, seq), seq=seq, detail=detail)
-        return cls(**{name: data[name] for name in PAYLOAD_FIELDS + SEALED_FIELDS})
+        return cls(**{name: data[name] for name in fields})
 
     def content_matches(self) -> bool:
         """Whether ``hash`` is the hash of this entry's payload."""
@@ -231,6 +269,7 @@ def seal_entry(
             f"{'them' if len(derived) > 1 else 'it'} out"
         )
     given.setdefault("recorded_at", utc_now_text())
+    given.setdefault("format", ENTRY_FORMAT)
     expected = [name for name in PAYLOAD_FIELDS if name not in _DERIVED_FIELDS]
     missing = [name for name in expected if name not in given]
     unknown = sorted(str(name) for name in given if name not in expected)
@@ -426,6 +465,11 @@ def _chain_problem(entry: LedgerEntry, previous: LedgerEntry | None) -> str | No
         )
     if entry_hash(entry.payload()) != entry.hash:
         return CONTENT_REASON
+    if previous is not None and previous.format is not None and entry.format is None:
+        return (
+            "a version-1 entry after a version-2 one: fedtune never seals an entry in an older "
+            "format than the one before it"
+        )
     return None
 
 
@@ -631,9 +675,40 @@ def _raw(digest: str) -> bytes:
 # --- field checks -------------------------------------------------------------------------
 
 
+def _payload_fields(entry_format: object) -> tuple[str, ...]:
+    return V1_PAYLOAD_FIELDS if entry_format is None else PAYLOAD_FIELDS
+
+
+def _check_versioned(out: Mapping[str, Any]) -> None:
+    """The version-2 fields: a known format and kind, and a method and privacy unit that
+    fit the mode."""
+    if out["format"] != ENTRY_FORMAT:
+        raise ValueError(f"format must be {ENTRY_FORMAT!r}, got {out['format']!r}")
+    if out["kind"] not in KINDS:
+        raise ValueError(
+            f"kind {out['kind']!r} is not one this version of fedtune knows "
+            f"({', '.join(KINDS)}); upgrade fedtune to read it"
+        )
+    if out["method"] not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {out['method']!r}")
+    private = out["mode"] == "dp"
+    if private and out["method"] == "none":
+        raise ValueError("a dp round needs a method other than 'none'")
+    if not private and out["method"] != "none":
+        raise ValueError(f"a non-private round's method is 'none', got {out['method']!r}")
+    if private and out["privacy_unit"] not in PRIVACY_UNITS:
+        raise ValueError(
+            f"privacy_unit must be one of {', '.join(PRIVACY_UNITS)}, got {out['privacy_unit']!r}"
+        )
+    if not private and out["privacy_unit"] is not None:
+        raise ValueError("a non-private round protects nobody: privacy_unit must be null")
+
+
 def _checked_payload(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with numbers as floats; ``ValueError`` naming the first bad field."""
     out = dict(values)
+    if out.get("format") is not None:
+        _check_versioned(out)
     for name in _INT_FIELDS:
         _check_int(name, out[name], minimum=1 if name == "seq" else 0)
     for name in _TEXT_FIELDS:
@@ -729,13 +804,20 @@ def _with_seq(message: str, seq: int | None) -> str:
 __all__ = [
     "ACCOUNTANTS",
     "CONTENT_REASON",
+    "ENTRY_FORMAT",
     "GENESIS_HASH",
+    "KINDS",
     "LEDGER_FORMAT",
+    "LEDGER_FORMATS_READ",
+    "METHODS",
     "MODES",
     "PARALLEL_THRESHOLD",
     "PAYLOAD_FIELDS",
+    "PRIVACY_UNITS",
     "SEALED_FIELDS",
     "SIGNATURE_REASON",
+    "V1_PAYLOAD_FIELDS",
+    "VERSIONED_FIELDS",
     "ChainVerification",
     "Checkpoint",
     "LedgerEntry",

@@ -1,7 +1,7 @@
 """The ledger file an auditor verifies offline: JSON Lines, one object per line.
 
-Line 1 is a header ``{"type": "header", "format": "fedtune-ledger/1", "node", "public_key",
-"exported_at"}``; then one ``{"type": "entry", ...}`` line per entry in seq order (payload,
+Line 1 is a header ``{"type": "header", "format": "fedtune-ledger/2", "node", "public_key",
+"exported_at"}`` (``/1`` files, written before entries had a format, are read too); then one ``{"type": "entry", ...}`` line per entry in seq order (payload,
 ``hash``, ``signature``); the last line is the signed ``{"type": "checkpoint", ...}`` of the
 head. The header's public key is a hint only: an auditor verifies against the key the node
 enrolled, obtained out of band.
@@ -23,6 +23,7 @@ from fedtune.common.errors import AlreadyExistsError, FedtuneError, unreadable
 from fedtune.privacy.ledger import (
     GENESIS_HASH,
     LEDGER_FORMAT,
+    LEDGER_FORMATS_READ,
     PARALLEL_THRESHOLD,
     Checkpoint,
     LedgerEntry,
@@ -423,10 +424,10 @@ def _checked_header(record: dict[str, Any]) -> dict[str, Any]:
     missing = [name for name in HEADER_FIELDS if name not in record]
     if missing:
         raise _LineError(f"header is missing fields: {', '.join(missing)}")
-    if record["format"] != LEDGER_FORMAT:
+    if record["format"] not in LEDGER_FORMATS_READ:
         raise _LineError(
-            f"format {record['format']!r} is not {LEDGER_FORMAT!r}, the one this version of "
-            "fedtune reads"
+            f"format {record['format']!r} is not one this version of fedtune reads "
+            f"({', '.join(LEDGER_FORMATS_READ)}): upgrade fedtune to read it"
         )
     for name in ("node", "public_key", "exported_at"):
         if not isinstance(record[name], str) or not record[name]:

@@ -128,6 +128,9 @@ class NodeLevelPrivacy:
                 "epsilon_cap": self.settings.max_epsilon,
                 "accountant": "rdp",
                 "accountant_version": f"flwr {flwr.__version__} RdpAccountant (dp-accounting)",
+                "kind": "training_round",
+                "method": "node-level-dp",
+                "privacy_unit": "node",
             }
         )
         return after
