@@ -1,10 +1,10 @@
 """The ledger file an auditor verifies offline: JSON Lines, one object per line.
 
 Line 1 is a header ``{"type": "header", "format": "fedtune-ledger/2", "node", "public_key",
-"exported_at"}`` (``/1`` files, written before entries had a format, are read too); then one ``{"type": "entry", ...}`` line per entry in seq order (payload,
-``hash``, ``signature``); the last line is the signed ``{"type": "checkpoint", ...}`` of the
-head. The header's public key is a hint only: an auditor verifies against the key the node
-enrolled, obtained out of band.
+"exported_at"}`` (``/1`` files, from before entries had a format, are read too); then one
+``{"type": "entry", ...}`` line per entry in seq order (payload, ``hash``, ``signature``); the
+last line is the signed ``{"type": "checkpoint", ...}`` of the head. The header's public key
+is a hint only: an auditor verifies against the key the node enrolled, obtained out of band.
 """
 
 from __future__ import annotations
