@@ -407,8 +407,9 @@ def _summary(metrics: dict[str, Any]) -> str:
     before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
     if privacy["mode"] == "dp":
         privacy_line = (
-            f"epsilon {privacy['epsilon']:.3f} (this round {privacy['epsilon_this_round']:.3f}) "
-            f"at delta {privacy['delta']:g}, {privacy['accountant']}; noise multiplier "
+            f"epsilon {privacy['epsilon_after']:.3f} (this round {privacy['epsilon_round']:.3f}) "
+            f"at delta {privacy['delta']:g}, {privacy['method']} ({privacy['accountant']} "
+            f"accountant, {privacy['accountant_version']}); noise multiplier "
             f"{privacy['noise_multiplier']:.3f}, sample rate {privacy['sample_rate']:.4f}, "
             f"clip norm {privacy['max_grad_norm']:g}"
         )

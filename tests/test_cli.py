@@ -40,7 +40,8 @@ def test_demo_trains_two_nodes_together_and_writes_database_adapters_and_summary
     assert summary["run"]["status"] == "finished"
     assert set(summary["nodes"]) == {"hospital", "bank"}
     for name, node in summary["nodes"].items():
-        assert node["epsilon"] <= 8.0 * 1.001 and node["delta"] == 1e-5
+        assert node["epsilon_after"] <= 8.0 * 1.001 and node["delta"] == 1e-5
+        assert node["signed"] and node["method"] in ("dp-sgd", "dp-sgd-seeded-noise")
         for figure in ("base_perplexity", "first_round_perplexity", "final_global_perplexity"):
             assert node[figure] > 1
         row = next(line for line in out.splitlines() if line.startswith(f"{name} "))

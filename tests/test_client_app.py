@@ -24,7 +24,12 @@ from fedtune.platform.config import (
 )
 from fedtune.platform.model.fingerprint import model_dir_fingerprint
 from fedtune.platform.model.lora import adapter_arrays, attach_lora
-from fedtune.platform.wire.messages import TrainInstructions, arrays_to_record
+from fedtune.platform.wire.messages import (
+    PROTOCOL_KEY,
+    TrainInstructions,
+    arrays_to_record,
+    ledger_from_content,
+)
 from fedtune.privacy.node_ledger import NodeLedger
 
 LORA = LoraSettings()
@@ -124,9 +129,17 @@ def test_train_replies_with_the_update_metrics_and_privacy_report(node, tiny_mod
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 48
     assert np.isfinite(metrics["held-out-loss-start"]) and np.isfinite(metrics["train-loss"])
-    privacy = reply.content.config_records["privacy"]
-    assert privacy["mode"] == "dp" and 0 < privacy["epsilon"] <= 8.0 * 1.001
-    assert privacy["accountant"].startswith("opacus-rdp")
+    entry, _ = ledger_from_content(reply.content)  # the round's only privacy record
+    assert entry.mode == "dp" and 0 < entry.epsilon_after <= 8.0 * 1.001
+    # The test seeds training: its noise is reproducible, and the entry says so.
+    assert (entry.accountant, entry.method, entry.privacy_unit) == (
+        "rdp",
+        "dp-sgd-seeded-noise",
+        "example",
+    )
+    assert "privacy" not in reply.content.config_records  # no unsigned second copy
+    budget = reply.content.config_records["budget"]
+    assert budget["planned_rounds"] == 1 and budget["target_epsilon"] > 0
     assert reply.content.config_records["node"]["name"] == "hospital"
 
 
@@ -214,7 +227,7 @@ def test_a_later_run_spreads_what_is_left_of_the_target_over_its_rounds(node, ti
     first = handle_train(
         node, server_message(tiny_model_dir, fingerprint=fingerprint, planned_rounds=2)
     )
-    spent = first.content.config_records["privacy"]["epsilon"]
+    spent = ledger_from_content(first.content)[0].epsilon_after
 
     later = handle_train(
         node, server_message(tiny_model_dir, fingerprint=fingerprint, run_id="run-2")
@@ -222,4 +235,23 @@ def test_a_later_run_spreads_what_is_left_of_the_target_over_its_rounds(node, ti
 
     assert 1.0 < spent < 7.0  # the first run planned two rounds and did one
     assert "decline" not in later.content.config_records
-    assert later.content.config_records["privacy"]["epsilon"] == pytest.approx(8.0, rel=2e-3)
+    assert ledger_from_content(later.content)[0].epsilon_after == pytest.approx(8.0, rel=2e-3)
+
+
+@pytest.mark.parametrize("stated", [None, "fedtune-wire/1", "fedtune-wire/3"])
+def test_a_node_declines_instructions_of_another_protocol_before_training(
+    node, tiny_model_dir, stated
+):
+    message = server_message(tiny_model_dir, fingerprint=model_dir_fingerprint(tiny_model_dir))
+    config = message.content.config_records["config"]
+    del config[PROTOCOL_KEY]
+    if stated is not None:
+        config[PROTOCOL_KEY] = stated
+
+    reply = handle_train(node, message)
+
+    reason = str(reply.content.config_records["decline"]["reason"])
+    assert "the coordinator speaks" in reason and "same fedtune version" in reason
+    assert (stated or "none stated") in reason
+    assert not reply.content.array_records
+    assert NodeLedger(node.node.state_dir, node="hospital").entries() == []

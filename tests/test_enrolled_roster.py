@@ -46,8 +46,8 @@ from fedtune.coordinator.strategy import sort_evaluate_replies, sort_train_repli
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
 from fedtune.demo.data import write_demo_data
 from fedtune.demo.local_deployment import LocalDeployment, fedtune_command
+from fedtune.platform.db.privacy_records import privacy_records
 from fedtune.platform.db.storage import (
-    EpsilonReport,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -377,14 +377,14 @@ def stored_from(local: LocalDeployment, run_id: str) -> dict[str, set]:
         rejected = session.scalars(
             select(RejectedUpdate).where(RejectedUpdate.run_id == run_id)
         ).all()
-        reports = session.scalars(select(EpsilonReport).where(EpsilonReport.run_id == run_id))
+        records = privacy_records(session, run_id)
         copies = session.scalars(select(LedgerEntryRow).where(LedgerEntryRow.run_id == run_id))
         rounds = session.scalars(select(Round).where(Round.run_id == run_id)).all()
         return {
             "metric_ids": {m.flower_node_id for m in metrics},
             "metric_names": {m.node_name for m in metrics},
             "rejected_ids": {r.flower_node_id for r in rejected},
-            "epsilon_names": {r.node_name for r in reports},
+            "epsilon_names": {r.node for r in records},
             "ledger_names": {c.node for c in copies},
             "rounds": {(r.number, r.nodes_sampled, r.updates_accepted) for r in rounds},
         }

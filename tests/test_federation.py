@@ -14,9 +14,9 @@ from conftest import build_tiny_model, tiny_run_toml
 from fedtune.common.database import transaction
 from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
+from fedtune.platform.db.privacy_records import privacy_records
 from fedtune.platform.db.storage import (
     AdapterCheckpoint,
-    EpsilonReport,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -79,13 +79,14 @@ def test_every_node_that_trained_reports_metrics_and_epsilon(run):
     for phase in ("train", "evaluate"):
         names = sorted(m.node_name for m in metrics if m.phase == phase)
         assert names == ["bank", "bank", "hospital", "hospital"], phase
-    reports = sorted(rows(engine, EpsilonReport, run_id), key=lambda r: (r.node_name, r.round))
+    with transaction(engine) as session:
+        records = privacy_records(session, run_id)  # the coordinator's signed ledger copies
     by_node = {
-        name: [r.epsilon for r in reports if r.node_name == name] for name in ("bank", "hospital")
+        name: [r.epsilon_after for r in records if r.node == name] for name in ("bank", "hospital")
     }
     assert by_node["hospital"][0] < by_node["hospital"][1] <= 8.0 * 1.001
     assert by_node["bank"][0] < by_node["bank"][1] <= 4.0 * 1.001  # the node's own target
-    assert all(r.accountant.startswith("opacus-rdp") and r.delta == 1e-5 for r in reports)
+    assert all(r.signed and r.accountant == "rdp" and r.delta == 1e-5 for r in records)
 
 
 def test_a_node_with_another_base_model_is_refused_with_a_clear_reason(run):

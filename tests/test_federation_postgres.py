@@ -9,7 +9,8 @@ from conftest import tiny_run_toml
 from fedtune.common.database import transaction
 from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
-from fedtune.platform.db.storage import EpsilonReport, Round, Run, open_database
+from fedtune.platform.db.privacy_records import privacy_records
+from fedtune.platform.db.storage import Round, Run, open_database
 from fedtune.privacy.ledger_store import ledger_entries
 from fedtune.simulation import simulate
 
@@ -33,7 +34,7 @@ def test_a_simulated_run_is_recorded_in_postgresql(tmp_path, tiny_model_dir, pos
         assert run.started_at.tzinfo is not None  # stored and read back as UTC
         rounds = session.scalars(select(Round).where(Round.run_id == run_id)).all()
         assert [(r.number, r.updates_accepted) for r in rounds] == [(1, 2), (2, 2)]
-        reports = session.scalars(select(EpsilonReport).where(EpsilonReport.run_id == run_id))
-        assert sorted(r.node_name for r in reports) == ["bank", "bank", "hospital", "hospital"]
+        records = privacy_records(session, run_id)
+        assert sorted(r.node for r in records) == ["bank", "bank", "hospital", "hospital"]
         for node in ("hospital", "bank"):
             assert [e.round for e in ledger_entries(session, node)] == [1, 2]

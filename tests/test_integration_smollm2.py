@@ -66,7 +66,7 @@ def test_a_few_dp_steps_on_the_demo_hospital_data(tmp_path):
     (metrics_path,) = (tmp_path / "out").glob("*/metrics.json")
     metrics = json.loads(metrics_path.read_text())
     assert metrics["privacy"]["mode"] == "dp"
-    assert 0 < metrics["privacy"]["epsilon"] < 8.0
+    assert 0 < metrics["privacy"]["epsilon_after"] < 8.0
     assert math.isfinite(metrics["held_out"]["after"]["loss"])
     base = AutoModelForCausalLM.from_pretrained(resolve_model_dir("smollm2-135m"))
     adapted = PeftModel.from_pretrained(base, metrics["adapter_dir"])

@@ -78,19 +78,24 @@ def workdir(tmp_path):
 def test_epsilon_survives_restarts_and_keeps_growing(workdir, tiny_model_dir):
     first = node_train(workdir, tiny_model_dir)
     assert first.returncode == 0, first.stderr
-    epsilon_1 = latest_metrics(workdir)["privacy"]["epsilon"]
+    epsilon_1 = latest_metrics(workdir)["privacy"]["epsilon_after"]
 
     second = node_train(workdir, tiny_model_dir)
     assert second.returncode == 0, second.stderr
     metrics = latest_metrics(workdir)
     privacy = metrics["privacy"]
 
-    assert 0 < epsilon_1 < privacy["epsilon"] <= 8.0
+    assert 0 < epsilon_1 < privacy["epsilon_after"] <= 8.0
     ledger = NodeLedger(workdir / "state", node="hospital").entries()
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger]
     assert [e.seq for e in ledger] == [1, 2] and metrics["ledger"]["hash"] == ledger[1].hash
     assert len(history) == 2
-    assert privacy["epsilon"] == pytest.approx(epsilon_of(history, delta=1e-5, accountant="rdp"))
+    assert privacy["epsilon_after"] == pytest.approx(
+        epsilon_of(history, delta=1e-5, accountant="rdp")
+    )
+    # The summary is the signed entry itself (one vocabulary), with the budget's plan beside it.
+    assert (privacy["seq"], privacy["prev_hash"]) == (2, ledger[0].hash)
+    assert (privacy["target_epsilon"], privacy["planned_rounds"]) == (8.0, 3)
     # The plan (3 rounds to epsilon 8) keeps its noise from round to round.
     assert history[0][0] == pytest.approx(history[1][0], rel=0.01)
 
@@ -105,7 +110,8 @@ def test_metrics_and_adapter_are_written_and_load_with_plain_peft(workdir, tiny_
 
     assert len(metrics["train_loss"]) == metrics["steps"] == 3
     for key in (
-        "epsilon",
+        "epsilon_after",
+        "epsilon_round",
         "delta",
         "noise_multiplier",
         "sample_rate",
@@ -113,7 +119,12 @@ def test_metrics_and_adapter_are_written_and_load_with_plain_peft(workdir, tiny_
         "accountant",
     ):
         assert metrics["privacy"][key] is not None
-    assert metrics["privacy"]["accountant"].startswith("opacus-rdp")
+    assert metrics["privacy"]["accountant"] == "rdp"
+    assert metrics["privacy"]["accountant_version"].startswith("opacus")
+    assert (metrics["privacy"]["method"], metrics["privacy"]["privacy_unit"]) == (
+        "dp-sgd",
+        "example",
+    )
     for phase in ("before", "after"):
         assert metrics["held_out"][phase]["perplexity"] > 1
     with torch.no_grad():
@@ -128,8 +139,8 @@ def test_non_private_mode_is_labelled_and_spends_no_epsilon(workdir, tiny_model_
     privacy = latest_metrics(workdir, "non-private")["privacy"]
 
     assert privacy["mode"] == "non-private"
-    assert privacy["label"].startswith("NON-PRIVATE")
-    assert privacy["epsilon"] is None
+    assert (privacy["method"], privacy["privacy_unit"]) == ("none", None)
+    assert privacy["epsilon_after"] is None
     assert "NON-PRIVATE" in result.stdout
 
 

@@ -99,7 +99,7 @@ def node_reply(ledger: NodeLedger, name: str, *, server_round: int, examples: in
         identity=node_identity(
             name=name, base_model_fingerprint="sha256:base", data_fingerprint=f"sha256:{name}"
         ),
-        privacy={"mode": "dp", "epsilon": 0.5},
+        budget={"target_epsilon": 8.0, "planned_rounds": 1},
         ledger=(entry, checkpoint),
     ), arrays
 

@@ -4,24 +4,27 @@ by the old ``create_all`` code is adopted with every row, and times read back as
 
 from __future__ import annotations
 
+import importlib.util
 from datetime import UTC, datetime, timedelta, timezone
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, make_url, select, text
+from sqlalchemy import MetaData, inspect, make_url, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 
 from fedtune.common.database import transaction
 from fedtune.platform.db.db_admin import db_upgrade
-from fedtune.platform.db.migrations import alembic_config, head_revision
+from fedtune.platform.db.migrations import SCRIPT_LOCATION, alembic_config, head_revision
+from fedtune.platform.db.privacy_records import privacy_records
 from fedtune.platform.db.storage import (
     Base,
     DatabaseVersionError,
-    EpsilonReport,
     Round,
     Run,
     current_revision,
@@ -53,14 +56,25 @@ def drift(url: str) -> list[Any]:
         engine.dispose()
 
 
-def migrate(url: str, target: str) -> None:
+@cache
+def baseline() -> MetaData:
+    """The schema of revision 0001 (= what fedtune made before migrations), as it froze it."""
+    path = Path(SCRIPT_LOCATION) / "versions" / "0001_baseline.py"
+    spec = importlib.util.spec_from_file_location("fedtune_migration_0001", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.metadata
+
+
+def migrate(url: str, target: str, *, down: bool = False) -> None:
     """``alembic upgrade/downgrade TARGET`` on ``url``."""
     engine = open_database(url, create=False)
     try:
         with engine.begin() as connection:
             config = alembic_config(url)
             config.attributes["connection"] = connection
-            if target == "base":
+            if target == "base" or down:
                 command.downgrade(config, target)
             else:
                 command.upgrade(config, target)
@@ -123,27 +137,34 @@ def fill(engine: Engine, *, epsilon_cap: bool = True) -> None:
                 )
             )
             report = {"epsilon_cap": 8.0} if epsilon_cap else {}
-            session.add(
-                EpsilonReport(
-                    run_id="run-1",
-                    round=number,
-                    node_name="hospital",
-                    data_fingerprint="sha256:d",
-                    mode="dp",
-                    epsilon=0.5 * number,
-                    epsilon_round=0.5,
-                    delta=1e-5,
-                    noise_multiplier=1.0,
-                    sample_rate=0.1,
-                    max_grad_norm=1.0,
-                    steps=3,
-                    accountant="rdp",
-                    **report,
-                )
+            session.execute(
+                baseline()
+                .tables["epsilon_reports"]
+                .insert()
+                .values(**old_epsilon_report(number), **report)
             )
             previous = seal_entry(ledger_fields(number), previous=previous, key=key)
             checkpoint = sign_checkpoint(node="hospital", head=previous, key=key)
             append_entries(session, [previous], checkpoint, contiguous=True)
+
+
+def old_epsilon_report(number: int, run_id: str = "run-1") -> dict[str, Any]:
+    """An epsilon_reports row as fedtune 0.1 stored it beside the signed entry."""
+    return {
+        "run_id": run_id,
+        "round": number,
+        "node_name": "hospital",
+        "data_fingerprint": "sha256:d",
+        "mode": "dp",
+        "epsilon": 0.5 * number,
+        "epsilon_round": 0.5,
+        "delta": 1e-5,
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.1,
+        "max_grad_norm": 1.0,
+        "steps": 3,
+        "accountant": "opacus-rdp",
+    }
 
 
 def ledger_fields(number: int) -> dict[str, Any]:
@@ -174,8 +195,8 @@ def make_old_database(url: str, tables: list[str] | None = None) -> Engine:
     """A database as the code before migrations made it: ``create_all`` (of ``tables``, or
     all) and the ledger tables with their triggers, but no alembic_version table."""
     engine = open_database(url, create=False)
-    chosen = None if tables is None else [Base.metadata.tables[name] for name in tables]
-    Base.metadata.create_all(engine, tables=chosen)
+    names = tables or [n for n in baseline().tables if n not in LedgerBase.metadata.tables]
+    baseline().create_all(engine, tables=[baseline().tables[name] for name in names])
     create_ledger_tables(engine)
     return engine
 
@@ -192,7 +213,7 @@ def test_drift_is_seen(database_url):
     """The drift check itself finds a difference (so the empty lists above mean something)."""
     engine = open_database(database_url)
     with engine.begin() as connection:
-        connection.execute(text("ALTER TABLE epsilon_reports DROP COLUMN epsilon_cap"))
+        connection.execute(text("ALTER TABLE unsigned_epsilon_reports DROP COLUMN epsilon_cap"))
     engine.dispose()
 
     assert [d[0] for d in drift(database_url)] == ["add_column"]
@@ -218,12 +239,14 @@ def test_a_database_made_before_migrations_is_upgraded_with_every_row(database_u
     before = contents(old)
     old.dispose()
     assert current_revision(database_url) is None
-    assert [d[0] for d in drift(database_url)] == ["add_column"]
+    assert drift(database_url) != []
 
     assert upgrade_database(database_url) == head_revision()
 
     engine = open_database(database_url, create=False)
     after = contents(engine)
+    after["epsilon_reports"] = after.pop("unsigned_epsilon_reports")  # 0004: renamed, every row
+    assert after.pop("enrolled_nodes") == []  # 0002 made it: older code had no roster
     assert [row.pop("epsilon_cap") for row in after["epsilon_reports"]] == [None, None]
     assert after == before
     assert [len(after[name]) for name in ("runs", "rounds", "ledger_entries")] == [1, 2, 2]
@@ -314,3 +337,42 @@ def test_db_upgrade_reports_what_it_did(database_url, capsys):
     first, second = capsys.readouterr().out.splitlines()
     assert first.endswith(f"upgraded from no revision to {head_revision()} (newest)")
     assert second.endswith(f"already at {head_revision()} (newest)")
+
+
+def test_one_privacy_record_keeps_every_unsigned_report_and_shows_it_only_without_a_signed_one(
+    database_url,
+):
+    """Migration 0004: epsilon_reports rows are kept (renamed), the signed ledger copies are
+    the record, and an old report is shown, marked unsigned, only for a round without one."""
+    engine = open_database(database_url)
+    engine.dispose()
+    migrate(database_url, "0003", down=True)
+    old = open_database(database_url, create=False)
+    fill(old)  # rounds 1 and 2: a report and a signed copy each
+    with old.begin() as connection:  # round 3: a report whose entry the coordinator refused
+        connection.execute(
+            baseline().tables["epsilon_reports"].insert().values(**old_epsilon_report(3))
+        )
+    before = contents(old)["epsilon_reports"]
+    old.dispose()
+
+    assert upgrade_database(database_url) == head_revision()
+
+    engine = open_database(database_url, create=False)
+    assert contents(engine)["unsigned_epsilon_reports"] == before
+    with transaction(engine) as session:
+        records = privacy_records(session, "run-1")
+    assert [(r.round, r.signed, r.epsilon_after) for r in records] == [
+        (1, True, 0.5),
+        (2, True, 1.0),
+        (3, False, 1.5),
+    ]
+    assert records[0].method == records[2].method == "dp-sgd"
+    assert records[0].accountant == "rdp"  # the signed entry's vocabulary, not the report's
+    engine.dispose()
+    assert drift(database_url) == []
+
+    migrate(database_url, "0003", down=True)
+    downgraded = open_database(database_url, create=False)
+    assert contents(downgraded)["epsilon_reports"] == before
+    downgraded.dispose()

@@ -26,7 +26,13 @@ from fedtune.platform.db.storage import (
     open_database,
 )
 from fedtune.platform.model.lora import adapter_arrays, attach_lora
-from fedtune.platform.wire.messages import arrays_to_record, decline_content, train_reply_content
+from fedtune.platform.wire.messages import (
+    PROTOCOL,
+    PROTOCOL_KEY,
+    arrays_to_record,
+    decline_content,
+    train_reply_content,
+)
 from fedtune.privacy.ledger import seal_entry, sign_checkpoint
 from fedtune.privacy.ledger_store import LedgerEntryRow
 from fedtune.privacy.signing import NodeKey
@@ -86,8 +92,8 @@ def reply(
     content = train_reply_content(
         arrays=arrays,
         metrics={"num-examples": examples, "train-loss": 1.0},
-        identity=ConfigRecord({"name": name}),
-        privacy={"mode": "dp", "epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.1, "steps": 2},
+        identity=ConfigRecord({"name": name, PROTOCOL_KEY: PROTOCOL}),
+        budget={"target_epsilon": 8.0, "planned_rounds": 3},
         ledger=signed_round(name, key or KEYS.get(name) or NodeKey.generate()),
     )
     return Message(content=content, metadata=reply_metadata(node_id))
@@ -238,6 +244,31 @@ def test_a_ledger_entry_not_signed_by_the_enrolled_key_is_refused(setting):
     assert "signature does not match" in reasons["node-2"]
     assert "not enrolled" in reasons["stranger"]
     assert stored == ["hospital"]
+
+
+@pytest.mark.parametrize("stated", [None, "fedtune-wire/1", "fedtune-wire/3"])
+def test_a_reply_in_another_protocol_is_refused_naming_both(setting, stated):
+    strategy, engine, global_arrays = setting
+    other = reply(2, shifted(global_arrays, 5.0), 10, "node-2")
+    identity = other.content.config_records["node"]
+    del identity[PROTOCOL_KEY]
+    if stated is not None:
+        identity[PROTOCOL_KEY] = stated
+
+    aggregate, _ = strategy.aggregate_train(
+        1, [reply(1, shifted(global_arrays, 0.5), 10, "node-1"), other]
+    )
+    strategy.aggregate_evaluate(1, [])
+
+    assert aggregate is not None  # node-1's update alone
+    first = next(iter(global_arrays))
+    np.testing.assert_allclose(aggregate[first].numpy(), global_arrays[first] + 0.5, rtol=1e-6)
+    with transaction(engine) as session:
+        reason = session.scalars(select(RejectedUpdate.reason)).one()
+        stored = [row.node for row in session.scalars(select(LedgerEntryRow))]
+    assert f"node node-2 speaks {stated or 'fedtune-wire/1'}" in reason
+    assert PROTOCOL in reason and "same fedtune version" in reason
+    assert stored == ["node-1"]  # nothing of the other protocol's reply is kept
 
 
 def test_a_verified_ledger_entry_is_stored_even_when_its_update_is_rejected(setting):

@@ -38,6 +38,7 @@ from fedtune.platform.wire.messages import (
     SECURE_AGGREGATION,
     SERVER_ROUND,
     AbTestInstructions,
+    ProtocolMismatchError,
     TrainInstructions,
     decline_content,
     node_identity,
@@ -151,9 +152,12 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     a decline with its reason)."""
     started = time.perf_counter()
     config_record = content.config_records[CONFIG]
-    instructions = TrainInstructions.from_record(config_record)
-    server_round = config_record.get(SERVER_ROUND)
     runtime = node_runtime(config)
+    try:
+        instructions = TrainInstructions.from_record(config_record)
+    except ProtocolMismatchError as exc:  # before any training: no epsilon is spent
+        return decline_content(identity=runtime.identity(), reason=str(exc))
+    server_round = config_record.get(SERVER_ROUND)
     _check_base_model(runtime, instructions.base_model_fingerprint)
     model = runtime.model_with(instructions.lora)
     load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
@@ -233,7 +237,7 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         arrays=adapter_arrays(model),
         metrics=metrics,
         identity=runtime.identity(),
-        privacy=local.privacy,
+        budget=local.budget,
         ledger=(local.entry, local.checkpoint),
     )
 

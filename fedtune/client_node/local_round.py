@@ -17,8 +17,6 @@ from peft import PeftModel
 
 from fedtune.client_node.data import ChatDataset
 from fedtune.client_node.trainer import (
-    GRAD_SAMPLE_MODE,
-    NOISE_RNG,
     DPSettings,
     RoundResult,
     sample_rate_for,
@@ -28,7 +26,6 @@ from fedtune.platform.config import PrivacySettings, TrainingSettings
 from fedtune.privacy.accounting import (
     BudgetExhaustedError,
     HistoryEntry,
-    accountant_label,
     accountant_version,
     calibrate_noise_multiplier,
     epsilon_of,
@@ -99,8 +96,8 @@ def plan_noise_multiplier(
 @dataclass(frozen=True)
 class LocalRound:
     result: RoundResult
-    privacy: dict[str, Any]  # the privacy report: epsilon, delta, sigma, ... or NON-PRIVATE
-    entry: LedgerEntry  # what was appended to the node's ledger
+    budget: dict[str, Any]  # the plan: target epsilon, planned rounds ({} when non-private)
+    entry: LedgerEntry  # what was appended to the node's ledger: the round's privacy record
     checkpoint: Checkpoint  # the node's signature over its ledger's new head
 
 
@@ -163,7 +160,6 @@ def train_local_round(
         seed=training.seed,
         progress=progress,
     )
-    report: dict[str, Any]
     epsilon_after = epsilon_round = None
     if dp is not None:
         epsilon_after = epsilon_of(
@@ -174,31 +170,6 @@ def train_local_round(
             delta=privacy.delta,
             accountant=privacy.accountant,
         )
-        report = {
-            "mode": "dp",
-            "epsilon": epsilon_after,
-            "epsilon_this_round": epsilon_round,
-            "delta": privacy.delta,
-            "noise_multiplier": dp.noise_multiplier,
-            "sample_rate": result.sample_rate,
-            "max_grad_norm": privacy.max_grad_norm,
-            "steps": result.steps,
-            "accountant": accountant_label(privacy.accountant),
-            "grad_sample_mode": GRAD_SAMPLE_MODE,
-            "noise_rng": NOISE_RNG if training.seed is None else f"seeded ({training.seed})",
-            "target_epsilon": privacy.target_epsilon,
-            "epsilon_cap": privacy.cap,
-            "planned_rounds": privacy.planned_rounds,
-            "private_rounds_on_data_set": len(history) + 1,
-        }
-    else:
-        report = {
-            "mode": "non-private",
-            "label": NON_PRIVATE_LABEL,
-            "epsilon": None,
-            "sample_rate": result.sample_rate,
-            "steps": result.steps,
-        }
     entry, checkpoint = ledger.append(
         {
             "run_id": run_id or f"local-{uuid.uuid4().hex[:12]}",
@@ -221,8 +192,16 @@ def train_local_round(
             "privacy_unit": "example" if dp else None,
         }
     )
-    report["ledger_seq"] = entry.seq
-    return LocalRound(result=result, privacy=report, entry=entry, checkpoint=checkpoint)
+    budget = (
+        {
+            "target_epsilon": privacy.target_epsilon,
+            "planned_rounds": privacy.planned_rounds,
+            "private_rounds_on_data_set": len(history) + 1,
+        }
+        if dp is not None
+        else {}
+    )
+    return LocalRound(result=result, budget=budget, entry=entry, checkpoint=checkpoint)
 
 
 def _method(private: bool, *, seeded: bool) -> str:

@@ -83,7 +83,8 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         "steps": result.steps,
         "train_loss": result.train_losses,
         "held_out": {"before": _held_out(before), "after": _held_out(after)},
-        "privacy": local.privacy,
+        # The round's signed ledger entry as it was sealed, and the budget's plan.
+        "privacy": {**local.entry.payload(), **local.budget},
         "adapter_dir": str(out_dir / "adapter"),
         "ledger": {
             "database": ledger_url(config.node.state_dir),

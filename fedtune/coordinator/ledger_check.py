@@ -3,9 +3,9 @@
 A node sends, with its update, the ledger entry of the round it just trained and its signed
 ledger head. The coordinator accepts the pair only when it is for this run and round, signed
 by the key enrolled for that node, internally consistent (content matches its hash, the
-checkpoint covers the entry), consistent with the epsilon the node reports, and extends (or at
-least does not contradict) the copy of that node's ledger the coordinator already holds. A
-reply whose entry fails is not aggregated, and the reason is stored.
+checkpoint covers the entry), and extends (or at least does not contradict) the copy of that
+node's ledger the coordinator already holds. A reply whose entry fails is not aggregated, and
+the reason is stored.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flwr.app import RecordDict
 from sqlalchemy.engine import Engine
 
 from fedtune.common.database import transaction
-from fedtune.platform.wire.messages import PRIVACY, ledger_from_content
+from fedtune.platform.wire.messages import ledger_from_content
 from fedtune.privacy.ledger import (
     CONTENT_REASON,
     SIGNATURE_REASON,
@@ -55,7 +55,7 @@ class LedgerCheck:
             entry, checkpoint = ledger_from_content(content)
         except LedgerFormatError as exc:
             return None, f"ledger entry refused: {exc}"
-        reason = self._problem(server_round, node_name, entry, checkpoint, content)
+        reason = self._problem(server_round, node_name, entry, checkpoint)
         if reason is not None:
             return None, f"ledger entry refused: {reason}"
         return SignedRound(entry, checkpoint), None
@@ -66,7 +66,6 @@ class LedgerCheck:
         node_name: str,
         entry: LedgerEntry,
         checkpoint: Checkpoint,
-        content: RecordDict,
     ) -> str | None:
         key = self.enrolled[node_name]
         if entry.node != node_name or checkpoint.node != node_name:
@@ -86,10 +85,6 @@ class LedgerCheck:
             key, signature=checkpoint.signature, message=checkpoint.signed_message()
         ):
             return "the ledger head's signature does not match the enrolled key"
-        privacy = content.config_records.get(PRIVACY)
-        reported = privacy.get("epsilon") if privacy is not None else None
-        if entry.mode == "dp" and reported != entry.epsilon_after:
-            return f"the reply reports epsilon {reported!r}, the entry {entry.epsilon_after}"
         return self._continuity_problem(entry)
 
     def _continuity_problem(self, entry: LedgerEntry) -> str | None:

@@ -1,6 +1,7 @@
 """Records each round of a run in the coordinator's database and checkpoints the global
-adapter. A round's writes (its row, the nodes' metrics and epsilon reports, the rejected
-updates and the checkpoint row) commit together once its evaluation is in."""
+adapter. A round's writes (its row, the nodes' metrics, the copies of their signed ledger
+entries — the round's only privacy record —, the rejected updates and the checkpoint row)
+commit together once its evaluation is in."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from fedtune.coordinator.health import (
 from fedtune.coordinator.strategy import ReplyOutcome
 from fedtune.platform.db.storage import (
     AdapterCheckpoint,
-    EpsilonReport,
     HealthAlert,
     HealthSignal,
     NodeMetric,
@@ -36,9 +36,7 @@ from fedtune.platform.db.storage import (
 from fedtune.platform.wire.messages import (
     ARRAYS,
     METRICS,
-    NODE,
     NUM_EXAMPLES,
-    PRIVACY,
     record_to_arrays,
 )
 from fedtune.privacy.ledger_store import checkpoint_row, entry_row
@@ -136,8 +134,6 @@ class RunRecorder:
                     metrics={k: _finite(v) for k, v in node_metrics.items()},
                 )
             )
-            if PRIVACY in content.config_records:
-                pending.rows.append(self._epsilon_report(server_round, name, content))
         pending.accepted = sum(o.kind == "accepted" for o in outcomes)
         pending.rejected = len(outcomes) - pending.accepted
         if metrics is not None:
@@ -227,26 +223,6 @@ class RunRecorder:
         for alert in alerts:
             self.progress(f"  alert ({alert.kind}): {alert.message}")
         return rows
-
-    def _epsilon_report(self, server_round: int, name: str, content: Any) -> EpsilonReport:
-        privacy = content.config_records[PRIVACY]
-        node = content.config_records.get(NODE, {})
-        return EpsilonReport(
-            run_id=self.run_id,
-            round=server_round,
-            node_name=name,
-            data_fingerprint=str(node.get("data-fingerprint", "")),
-            mode=str(privacy.get("mode")),
-            epsilon=_finite(privacy.get("epsilon")),
-            epsilon_round=_finite(privacy.get("epsilon_this_round")),
-            delta=_finite(privacy.get("delta")),
-            noise_multiplier=_finite(privacy.get("noise_multiplier")),
-            sample_rate=float(privacy.get("sample_rate", math.nan)),
-            max_grad_norm=_finite(privacy.get("max_grad_norm")),
-            steps=int(privacy.get("steps", 0)),
-            accountant=str(privacy["accountant"]) if "accountant" in privacy else None,
-            epsilon_cap=_finite(privacy.get("epsilon_cap")),
-        )
 
     def on_evaluate(
         self, server_round: int, outcomes: list[ReplyOutcome], metrics: MetricRecord | None

@@ -11,9 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from fedtune.common.database import transaction
+from fedtune.platform.db.privacy_records import privacy_records
 from fedtune.platform.db.storage import (
     AdapterCheckpoint,
-    EpsilonReport,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -34,11 +34,7 @@ def run_summary(engine: Engine, run_id: str) -> dict[str, Any]:
         metrics = session.scalars(
             select(NodeMetric).where(NodeMetric.run_id == run_id).order_by(NodeMetric.round)
         ).all()
-        reports = session.scalars(
-            select(EpsilonReport)
-            .where(EpsilonReport.run_id == run_id)
-            .order_by(EpsilonReport.round)
-        ).all()
+        records = privacy_records(session, run_id)
         rounds = session.scalars(
             select(Round).where(Round.run_id == run_id).order_by(Round.number)
         ).all()
@@ -64,14 +60,16 @@ def run_summary(engine: Engine, run_id: str) -> dict[str, Any]:
             elif figures.get("held-out-loss") is not None:
                 node["final_global_perplexity"] = _perplexity(figures["held-out-loss"])
                 node["final_global_round"] = metric.round
-        for report in reports:
-            node = nodes.setdefault(report.node_name, {})
+        for record in records:  # by round: the last one stays
+            node = nodes.setdefault(record.node, {})
             node.update(
-                privacy=report.mode,
-                epsilon=report.epsilon,
-                delta=report.delta,
-                accountant=report.accountant,
-                noise_multiplier=report.noise_multiplier,
+                privacy=record.mode,
+                method=record.method,
+                epsilon_after=record.epsilon_after,
+                delta=record.delta,
+                accountant=record.accountant,
+                noise_multiplier=record.noise_multiplier,
+                signed=record.signed,
             )
         return {
             "run": {
@@ -126,7 +124,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         if node.get("privacy") == "non-private":
             epsilon, delta, accountant = "NON-PRIVATE", "-", "-"
         else:
-            epsilon = number(node.get("epsilon"))
+            epsilon = number(node.get("epsilon_after"))
             delta = f"{node['delta']:g}" if node.get("delta") else "-"
             accountant = node.get("accountant") or "-"
         lines.append(

@@ -28,7 +28,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtune.coordinator.ledger_check import LedgerCheck, SignedRound
 from fedtune.coordinator.roster import name_problem
-from fedtune.platform.wire.messages import ARRAYS, DECLINE, METRICS, NODE, NUM_EXAMPLES
+from fedtune.platform.wire.messages import (
+    ARRAYS,
+    DECLINE,
+    METRICS,
+    NODE,
+    NUM_EXAMPLES,
+    ProtocolMismatchError,
+    check_protocol,
+)
 
 OutcomeKind = Literal["accepted", "rejected", "declined", "failed"]
 EnrolledName = Callable[[int], str | None]  # a SuperNode id -> its enrolled name
@@ -98,6 +106,16 @@ def _node_name(message: Message) -> str | None:
     return None
 
 
+def protocol_problem(message: Message, name: str | None) -> str | None:
+    """Why a reply in another fedtune protocol is refused (None: it speaks this one)."""
+    identity = message.content.config_records.get(NODE, ConfigRecord())
+    try:
+        check_protocol(identity, who=f"node {name}")
+    except ProtocolMismatchError as exc:
+        return str(exc)
+    return None
+
+
 def attributed_name(
     message: Message, enrolled: EnrolledName | None
 ) -> tuple[str | None, str | None]:
@@ -133,6 +151,10 @@ def sort_train_replies(
         if DECLINE in message.content.config_records:
             reason = str(message.content.config_records[DECLINE].get("reason", "no reason given"))
             outcomes.append(ReplyOutcome("declined", node_id, name, reason))
+            continue
+        mismatch = protocol_problem(message, name)
+        if mismatch is not None:
+            outcomes.append(ReplyOutcome("rejected", node_id, name, mismatch))
             continue
         signed, problem = None, None
         if ledger_check is not None:

@@ -39,7 +39,8 @@ from fedtune.platform.config import (
     load_coordinator_config,
     load_run_config,
 )
-from fedtune.platform.db.storage import EpsilonReport, Run, open_database
+from fedtune.platform.db.privacy_records import privacy_records
+from fedtune.platform.db.storage import Run, open_database
 from fedtune.platform.runtime.processes import end_process_tree
 from fedtune.platform.security.encryption import generate_key_file
 from fedtune.platform.security.enrollment_certificates import certify_enrollment_file
@@ -310,12 +311,11 @@ def protections_of(coordinator: CoordinatorConfig, run_id: str) -> dict[str, str
         if run is None:
             return protections
         config = RunConfig.model_validate(run.config)
-        reports = session.scalars(
-            select(EpsilonReport)
-            .where(EpsilonReport.run_id == run_id)
-            .order_by(EpsilonReport.round)
-        )
-        epsilons = {r.node_name: r.epsilon for r in reports if r.mode == "dp"}
+        epsilons = {
+            r.node: r.epsilon_after
+            for r in privacy_records(session, run_id)
+            if r.mode == "dp" and r.signed
+        }
         copies = session.scalars(
             select(LedgerEntryRow.id).where(LedgerEntryRow.run_id == run_id)
         ).all()

@@ -1,5 +1,7 @@
-"""The coordinator's database: runs, rounds, per-node metrics, epsilon reports, adapter
-checkpoints and rejected updates (SQLAlchemy 2.x; SQLite by default, any SQLAlchemy URL).
+"""The coordinator's database: runs, rounds, per-node metrics, adapter checkpoints and
+rejected updates (SQLAlchemy 2.x; SQLite by default, any SQLAlchemy URL). Each round's privacy
+record is the node's signed ledger entry, whose copies live in the ledger tables of
+:mod:`fedtune.privacy.ledger_store` in the same database.
 
 The schema comes from Alembic migrations (:mod:`fedtune.platform.db.migrations`): a change to
 the models here needs a new revision. Flower's run and node ids are unsigned 64-bit integers,
@@ -90,10 +92,13 @@ class NodeMetric(Base):
     metrics: Mapped[dict[str, Any]]
 
 
-class EpsilonReport(Base):
-    """What one node reported its data set has spent, after one round."""
+class UnsignedEpsilonReport(Base):
+    """What nodes reported of a round's epsilon beside the signed ledger entry, up to fedtune
+    0.1 (migration 0004 kept every row). Read only: a round's privacy record is its signed
+    ledger entry (:mod:`fedtune.platform.db.privacy_records`); these rows are shown, marked
+    unsigned, only for rounds that have no signed copy."""
 
-    __tablename__ = "epsilon_reports"
+    __tablename__ = "unsigned_epsilon_reports"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)

@@ -4,8 +4,15 @@ The coordinator never imports the node and the node never imports the coordinato
 and read messages through this module. A train message carries the global adapter (``arrays``)
 and :class:`TrainInstructions` (``config``); a train reply carries the node's adapter, its
 ``metrics`` (``num-examples`` weighs it in FedAvg), who it is (``node``) and what the round cost
-(``privacy``) with the signed ledger entry of the round and the signed head of the node's
-ledger (``ledger``), or a ``decline`` with the reason. Only metrics leave a node in evaluation.
+with the signed ledger entry of the round and the signed head of the node's ledger
+(``ledger``) — the round's only privacy record — and the node's plan for its budget
+(``budget``: target and planned rounds), or a ``decline`` with the reason. Only metrics leave
+a node in evaluation.
+
+Both sides state the protocol they speak (:data:`PROTOCOL`): a node refuses instructions in
+another one before it trains (it declines, saying why), and the coordinator refuses replies in
+another one, so a node and a coordinator of different fedtune versions never half-understand
+each other.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import LoraSettings
 from fedtune.privacy.ledger import Checkpoint, LedgerEntry, LedgerFormatError
 
@@ -25,7 +33,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NODE = "node"
-PRIVACY = "privacy"
+BUDGET = "budget"
 DECLINE = "decline"
 LEDGER = "ledger"
 ABTEST = "abtest"  # an A/B test's instructions, and the node's note on what it shared
@@ -35,6 +43,28 @@ DESCRIBE_MESSAGE_TYPE = "query.describe"  # a node's identity and training-set s
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 SECURE_AGGREGATION = "secure-aggregation"  # set in a train config that came through SecAgg+
+# What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
+# unsigned privacy report beside the ledger entry.
+PROTOCOL = "fedtune-wire/2"
+PROTOCOL_KEY = "protocol"
+
+
+class ProtocolMismatchError(FedtuneError, ValueError):
+    """The other side speaks another fedtune protocol (another fedtune version)."""
+
+
+def _stated(value: object) -> str:
+    return str(value) if value is not None else "fedtune-wire/1 (fedtune 0.1: none stated)"
+
+
+def check_protocol(record: ConfigRecord, *, who: str) -> None:
+    """Refuse ``record`` (from ``who``) unless it states this version's protocol."""
+    stated = record.get(PROTOCOL_KEY)
+    if stated != PROTOCOL:
+        raise ProtocolMismatchError(
+            f"{who} speaks {_stated(stated)}, this side {PROTOCOL}: run the same fedtune "
+            "version on the coordinator and every node"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,6 +84,7 @@ class TrainInstructions:
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
             {
+                PROTOCOL_KEY: PROTOCOL,
                 "run-id": self.run_id,
                 "base-model-fingerprint": self.base_model_fingerprint,
                 "steps": self.steps,
@@ -72,6 +103,9 @@ class TrainInstructions:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> TrainInstructions:
+        """The instructions in ``record``; :class:`ProtocolMismatchError` when a coordinator
+        of another fedtune version sent them."""
+        check_protocol(record, who="the coordinator")
         try:
             return cls(
                 run_id=str(record["run-id"]),
@@ -106,16 +140,18 @@ def node_identity(*, name: str, base_model_fingerprint: str, data_fingerprint: s
     return ConfigRecord(
         {
             "name": name,
+            PROTOCOL_KEY: PROTOCOL,
             "base-model-fingerprint": base_model_fingerprint,
             "data-fingerprint": data_fingerprint,
         }
     )
 
 
-def privacy_record(report: Mapping[str, Any]) -> ConfigRecord:
-    """A node's privacy report as a ConfigRecord (absent figures are left out, never None)."""
+def budget_record(budget: Mapping[str, Any]) -> ConfigRecord:
+    """A node's plan for its budget (target epsilon, planned rounds, private rounds on the
+    data set so far) as a ConfigRecord; absent figures are left out, never None."""
     return ConfigRecord(
-        {key: value for key, value in report.items() if isinstance(value, (str, int, float, bool))}
+        {key: value for key, value in budget.items() if isinstance(value, (str, int, float, bool))}
     )
 
 
@@ -124,7 +160,7 @@ def train_reply_content(
     arrays: Mapping[str, np.ndarray],
     metrics: Mapping[str, int | float],
     identity: ConfigRecord,
-    privacy: Mapping[str, Any],
+    budget: Mapping[str, Any],
     ledger: tuple[LedgerEntry, Checkpoint],
 ) -> RecordDict:
     entry, checkpoint = ledger
@@ -133,7 +169,7 @@ def train_reply_content(
             ARRAYS: arrays_to_record(arrays),
             METRICS: MetricRecord(dict(metrics)),
             NODE: identity,
-            PRIVACY: privacy_record(privacy),
+            BUDGET: budget_record(budget),
             LEDGER: ConfigRecord(
                 {
                     "entry": json.dumps(entry.to_dict()),
