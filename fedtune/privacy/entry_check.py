@@ -1,0 +1,64 @@
+"""Whether a node's new ledger entry, as it reaches the coordinator, may be kept: it is for
+this run and round, signed by the key enrolled for the node, internally consistent (content
+matches its hash, the signed head covers the entry) and extends — or at least does not
+contradict — the copy of the node's ledger the coordinator already holds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy.engine import Engine
+
+from fedtune.common.database import transaction
+from fedtune.privacy.ledger import CONTENT_REASON, SIGNATURE_REASON, Checkpoint, LedgerEntry
+from fedtune.privacy.ledger_store import ledger_head
+from fedtune.privacy.signing import verify_signature
+
+
+class EntryCheck:
+    """Checks new entries of run ``run_id`` against the ``enrolled`` keys and the copies
+    stored in ``engine``'s ledger tables."""
+
+    def __init__(self, *, engine: Engine, run_id: str, enrolled: Mapping[str, Ed25519PublicKey]):
+        self.engine = engine
+        self.run_id = run_id
+        self.enrolled = dict(enrolled)
+
+    def problem(
+        self, server_round: int, node_name: str, entry: LedgerEntry, checkpoint: Checkpoint
+    ) -> str | None:
+        """Why ``entry`` of ``node_name`` (an enrolled name) cannot be kept; None: it can."""
+        key = self.enrolled[node_name]
+        if entry.node != node_name or checkpoint.node != node_name:
+            return f"it belongs to node {entry.node!r}, not {node_name!r}"
+        if (entry.run_id, entry.round) != (self.run_id, server_round):
+            return (
+                f"it records run {entry.run_id} round {entry.round}, not run {self.run_id} "
+                f"round {server_round}"
+            )
+        if not entry.content_matches():
+            return CONTENT_REASON
+        if not verify_signature(key, signature=entry.signature, message=bytes.fromhex(entry.hash)):
+            return SIGNATURE_REASON
+        if (checkpoint.seq, checkpoint.head_hash) != (entry.seq, entry.hash):
+            return "the signed ledger head does not cover this entry"
+        if not verify_signature(
+            key, signature=checkpoint.signature, message=checkpoint.signed_message()
+        ):
+            return "the ledger head's signature does not match the enrolled key"
+        return self._continuity_problem(entry)
+
+    def _continuity_problem(self, entry: LedgerEntry) -> str | None:
+        with transaction(self.engine) as session:
+            head = ledger_head(session, entry.node)
+        if head is None:
+            return None
+        if entry.seq <= head.seq:
+            return (
+                f"entry {entry.seq} does not come after entry {head.seq}, which the "
+                "coordinator already holds (a replayed or forked ledger)"
+            )
+        if entry.seq == head.seq + 1 and entry.prev_hash != head.hash:
+            return f"entry {entry.seq} does not chain to entry {head.seq} held here"
+        return None
