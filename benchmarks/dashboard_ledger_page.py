@@ -37,8 +37,7 @@ from streamlit.testing.v1 import AppTest
 from fedtune.common.database import transaction
 from fedtune.dashboard import common
 from fedtune.dashboard.launch import APP
-from fedtune.platform.db.storage import EpsilonReport, Round, Run, open_database
-from fedtune.privacy.accounting import accountant_label
+from fedtune.platform.db.storage import Round, Run, open_database
 from fedtune.privacy.ledger import LedgerEntry, seal_entry, sign_checkpoint
 from fedtune.privacy.ledger_store import add_public_key, checkpoint_row, entry_row
 from fedtune.privacy.signing import NodeKey
@@ -151,24 +150,6 @@ def rounds_and_reports(entries: list[LedgerEntry]) -> list[object]:
                 train_loss=2.5,
                 held_out_loss=2.4,
                 seconds=60.0,
-            )
-        )
-        rows.append(
-            EpsilonReport(
-                run_id=entry.run_id,
-                round=entry.round,
-                node_name=entry.node,
-                data_fingerprint=entry.data_fingerprint,
-                mode="dp",
-                epsilon=entry.epsilon_after,
-                epsilon_round=entry.epsilon_round,
-                delta=entry.delta,
-                noise_multiplier=entry.noise_multiplier,
-                sample_rate=entry.sample_rate,
-                max_grad_norm=entry.max_grad_norm,
-                steps=entry.steps,
-                accountant=accountant_label("rdp"),
-                epsilon_cap=entry.epsilon_cap,
             )
         )
     return rows

@@ -1,6 +1,6 @@
 """A small but realistic coordinator database for the dashboard's tests, written with the
 real models and the real ledger API: one finished run of 3 rounds with two nodes (the bank
-declines round 3 for lack of budget), metrics, epsilon reports with caps, signed ledger
+declines round 3 for lack of budget), metrics, signed ledger
 copies, an A/B test with results, health signals (update norms hidden by secure aggregation)
 and alerts. Also how the tests open a page (Streamlit's AppTest) and read what it shows."""
 
@@ -26,7 +26,6 @@ from fedtune.platform.db.storage import (
     AbTest,
     AbTestResult,
     AdapterCheckpoint,
-    EpsilonReport,
     HealthAlert,
     HealthSignal,
     NodeMetric,
@@ -35,7 +34,7 @@ from fedtune.platform.db.storage import (
     Run,
     open_database,
 )
-from fedtune.privacy.accounting import accountant_label, accountant_version, epsilon_of
+from fedtune.privacy.accounting import accountant_version, epsilon_of
 from fedtune.privacy.ledger import LedgerEntry, seal_entry, sign_checkpoint
 from fedtune.privacy.ledger_store import (
     add_public_key,
@@ -128,7 +127,7 @@ def build_coordinator_database(
             )
             for offset, node in enumerate(nodes):
                 loss = train_loss + 0.2 * offset - 0.05 * number
-                session.add_all(_node_rows(node, number, loss, epsilons[node][number - 1]))
+                session.add_all(_node_rows(node, number, loss))
                 _append_ledger(session, node, keys[node], number, epsilons[node])
         session.add(
             RejectedUpdate(
@@ -154,7 +153,7 @@ def round_epsilon() -> float:
     return epsilon_of([ROUND_PLAN], delta=DELTA, accountant="rdp")
 
 
-def _node_rows(node: str, number: int, loss: float, epsilon: float) -> list[object]:
+def _node_rows(node: str, number: int, loss: float) -> list[object]:
     return [
         NodeMetric(
             run_id=RUN_ID,
@@ -179,22 +178,6 @@ def _node_rows(node: str, number: int, loss: float, epsilon: float) -> list[obje
             flower_node_id=f"{node}-id",
             num_examples=48,
             metrics={"held-out-loss": loss, "held-out-perplexity": 2.718**loss},
-        ),
-        EpsilonReport(
-            run_id=RUN_ID,
-            round=number,
-            node_name=node,
-            data_fingerprint=DATA[node],
-            mode="dp",
-            epsilon=epsilon,
-            epsilon_round=round_epsilon(),
-            delta=DELTA,
-            noise_multiplier=ROUND_PLAN[0],
-            sample_rate=ROUND_PLAN[1],
-            max_grad_norm=1.0,
-            steps=ROUND_PLAN[2],
-            accountant=accountant_label("rdp"),
-            epsilon_cap=CAPS[node],
         ),
     ]
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import streamlit as st
-from sqlalchemy import text
+from alembic import command
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError
 from streamlit.testing.v1 import AppTest
 
@@ -45,8 +46,31 @@ from fedtune.dashboard import common
 from fedtune.dashboard.database import DashboardError, check_database, open_read_only
 from fedtune.dashboard.launch import APP
 from fedtune.dashboard.ledger_checks import AuditFiles, check_copy
-from fedtune.platform.db.storage import Base, open_database
+from fedtune.platform.db.migrations import alembic_config
+from fedtune.platform.db.storage import open_database
 from fedtune.privacy.ledger_file import verify_ledger_file
+
+
+def migrate(url: str, revision: str) -> None:
+    """``alembic downgrade REVISION`` on ``url``, as an admin's older database would be."""
+    engine = open_database(url, create=False)
+    with engine.begin() as connection:
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+    engine.dispose()
+
+
+def database_snapshot(url: str) -> dict[str, list[tuple]]:
+    """Every row of every table, to show that nothing changed."""
+    engine = open_database(url, create=False)
+    with engine.connect() as connection:
+        snapshot = {
+            name: sorted(map(tuple, connection.execute(text(f"SELECT * FROM {name}"))), key=repr)
+            for name in sorted(inspect(connection).get_table_names())
+        }
+    engine.dispose()
+    return snapshot
 
 
 @pytest.fixture
@@ -99,7 +123,7 @@ def test_privacy_page_shows_each_nodes_epsilon_against_its_cap_and_what_remains(
         CAPS["hospital"] - coordinator.epsilons["hospital"][-1]
     )
     assert table.loc["hospital", "delta"] == 1e-5
-    assert table.loc["hospital", "accountant"].startswith("opacus-rdp")
+    assert table.loc["hospital", "accountant"] == "rdp"  # the signed entry's own words
 
 
 def test_privacy_chart_draws_each_cap_as_a_dashed_line(coordinator, monkeypatch):
@@ -110,7 +134,7 @@ def test_privacy_chart_draws_each_cap_as_a_dashed_line(coordinator, monkeypatch)
     assert len(cap_layers) == 1 and cap_layers[0]["mark"]["strokeDash"]
     data = chart_data(app)
     assert dict(zip(data["node_name"], data["epsilon_cap"], strict=True)) == CAPS
-    assert sorted(data.loc[data["node_name"] == "bank", "epsilon"]) == pytest.approx(
+    assert sorted(data.loc[data["node_name"] == "bank", "epsilon_after"]) == pytest.approx(
         coordinator.epsilons["bank"]
     )
 
@@ -353,18 +377,40 @@ def test_an_empty_database_gives_a_clear_note_on_every_page(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_a_database_older_than_the_ledger_and_health_tables_is_shown(tmp_path, monkeypatch, page):
-    old = f"sqlite:///{tmp_path / 'old.db'}"
-    tables = ["runs", "rounds", "node_metrics", "epsilon_reports", "rejected_updates"]
-    Base.metadata.create_all(
-        open_database(old, create=False), tables=[Base.metadata.tables[t] for t in tables]
-    )
+def test_a_database_behind_the_newest_migration_is_refused_and_left_as_it_is(
+    coordinator, monkeypatch, page
+):
+    migrate(coordinator.url, "0003")  # before the one privacy record
+    before = database_snapshot(coordinator.url)
 
-    app = open_page(old, page, monkeypatch)
+    app = open_page(coordinator.url, page, monkeypatch)
 
-    assert not app.error
-    if page in ("views/ab_tests.py", "views/audit.py"):
-        assert "This database has no" in app.info[0].value
+    assert len(app.error) == 1
+    message = app.error[0].value
+    assert "at revision '0003'" in message and "behind" in message
+    assert "`fedtune db upgrade --database" in message
+    assert database_snapshot(coordinator.url) == before  # the dashboard changed nothing
+
+
+def test_a_database_made_before_migrations_is_refused_with_the_upgrade_command(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = open_database(url, create=False)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE runs (id VARCHAR(64) PRIMARY KEY)"))
+    engine.dispose()
+
+    with pytest.raises(DashboardError, match=r"made before migrations.*fedtune db upgrade"):
+        check_database(url)
+
+
+def test_a_database_of_a_newer_fedtune_is_refused_saying_so(coordinator):
+    engine = open_database(coordinator.url, create=False)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+
+    with pytest.raises(DashboardError, match=r"revision '9999'.*newer fedtune"):
+        check_database(coordinator.url)
 
 
 def test_the_database_comes_from_the_db_argument_after_the_double_dash(coordinator, monkeypatch):

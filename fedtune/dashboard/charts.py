@@ -16,14 +16,14 @@ def epsilon_chart(series: pd.DataFrame, *, x: str, x_title: str) -> alt.LayerCha
         alt.Tooltip("series:N", title="node · data set"),
         alt.Tooltip("run_name:N", title="run"),
         alt.Tooltip("round:Q", title="round"),
-        alt.Tooltip("epsilon:Q", title="epsilon", format=".3f"),
+        alt.Tooltip("epsilon_after:Q", title="epsilon", format=".3f"),
         alt.Tooltip("epsilon_cap:Q", title="cap"),
         alt.Tooltip("delta:Q", title="delta", format="g"),
         alt.Tooltip("accountant:N"),
     ]
     base = alt.Chart(series).encode(x=alt.X(f"{x}:Q", title=x_title, axis=alt.Axis(tickMinStep=1)))
     spent = base.mark_line(point=True).encode(
-        y=alt.Y("epsilon:Q", title="epsilon"), color=color, tooltip=tooltip
+        y=alt.Y("epsilon_after:Q", title="epsilon"), color=color, tooltip=tooltip
     )
     cap = (
         base.transform_filter("isValid(datum.epsilon_cap)")

@@ -3,11 +3,14 @@
 A SQLite file is opened as ``file:PATH?mode=ro`` (SQLite itself refuses every write) with
 ``PRAGMA query_only`` on top; any other database gets read-only sessions
 (``SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY``) on every connection.
+
+The dashboard reads the schema through fedtune's SQLAlchemy models alone, so the database must
+be at this fedtune's newest migration: an older one is refused with the command that upgrades
+it (the dashboard never changes the database), a newer one with "upgrade fedtune".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -18,25 +21,15 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from fedtune.common.database import database_url
 from fedtune.common.errors import FedtuneError
-
-# Tables every fedtune coordinator database has had since its first version.
-REQUIRED_TABLES = ("runs", "rounds")
+from fedtune.platform.db.migrations import (
+    DatabaseBehindError,
+    DatabaseVersionError,
+    check_current,
+)
 
 
 class DashboardError(FedtuneError, ValueError):
     """The dashboard cannot open the database as asked (missing file, not fedtune's, ...)."""
-
-
-@dataclass(frozen=True)
-class Schema:
-    """The tables (and their columns) a database holds: older databases lack newer ones."""
-
-    columns: dict[str, frozenset[str]]
-
-    def has(self, table: str, column: str | None = None) -> bool:
-        if table not in self.columns:
-            return False
-        return column is None or column in self.columns[table]
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -73,17 +66,6 @@ def open_read_only(url: str) -> Engine:
     return engine
 
 
-def read_schema(engine: Engine) -> Schema:
-    """The tables and columns of the database behind ``engine``."""
-    inspector = inspect(engine)
-    return Schema(
-        {
-            table: frozenset(column["name"] for column in inspector.get_columns(table))
-            for table in inspector.get_table_names()
-        }
-    )
-
-
 def check_database(url: str) -> None:
     """Raise :class:`DashboardError` with a plain message unless ``url`` is a readable fedtune
     coordinator database."""
@@ -96,19 +78,21 @@ def check_database(url: str) -> None:
     except (ArgumentError, SQLAlchemyError, ImportError) as error:
         raise DashboardError(f"cannot open database {describe_database(url)}: {error}") from None
     try:
-        schema = read_schema(engine)
+        with engine.connect() as connection:
+            if not inspect(connection).has_table("runs"):
+                raise DashboardError(
+                    f"{describe_database(url)} is not a fedtune coordinator database: it has "
+                    "no runs table (start a run with `fedtune coordinator start` or "
+                    "`fedtune demo` to create one)"
+                )
+            check_current(connection, url)
+    except (DatabaseBehindError, DatabaseVersionError) as error:
+        raise DashboardError(str(error)) from None
     except SQLAlchemyError as error:
         reason = str(getattr(error, "orig", None) or error).strip()
         raise DashboardError(f"cannot read database {describe_database(url)}: {reason}") from None
     finally:
         engine.dispose()
-    missing = [table for table in REQUIRED_TABLES if not schema.has(table)]
-    if missing:
-        raise DashboardError(
-            f"{describe_database(url)} is not a fedtune coordinator database: it has no "
-            f"{' or '.join(missing)} table (start a run with `fedtune coordinator start` or "
-            "`fedtune demo` to create one)"
-        )
 
 
 def _parse(url: str) -> URL:

@@ -1,8 +1,9 @@
 """Every read of the coordinator's database the dashboard makes, as pandas DataFrames.
 
-Older databases lack newer tables and columns (A/B tests, health signals, ledger copies,
-epsilon caps): a missing table reads as an empty frame and a missing column as nulls, so
-that a page can say what is absent instead of failing. Times are UTC.
+Reads go through fedtune's SQLAlchemy models alone: the database is at this fedtune's newest
+migration (:func:`fedtune.dashboard.database.check_database` refuses any other). A round's
+privacy record is the node's signed ledger entry (:mod:`fedtune.platform.db.privacy_records`).
+Times are UTC.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import JSON, ColumnElement, Table, cast, func, null, select, type_coerce
+from sqlalchemy import JSON, ColumnElement, Select, Table, cast, func, select, type_coerce
 from sqlalchemy.engine import Connection, Engine
 
-from fedtune.dashboard.database import Schema, read_schema
+from fedtune.common.database import transaction
+from fedtune.platform.db.privacy_records import PrivacyRecord, privacy_records
 from fedtune.platform.db.storage import Base
 from fedtune.privacy.ledger_store import LedgerBase
 
@@ -41,22 +43,7 @@ ROUND_COLUMNS = (
     "seconds",
     "finished_at",
 )
-EPSILON_COLUMNS = (
-    "run_id",
-    "round",
-    "node_name",
-    "data_fingerprint",
-    "mode",
-    "epsilon",
-    "epsilon_round",
-    "delta",
-    "noise_multiplier",
-    "sample_rate",
-    "max_grad_norm",
-    "steps",
-    "accountant",
-    "epsilon_cap",
-)
+PRIVACY_COLUMNS = tuple(PrivacyRecord.__dataclass_fields__)
 REJECTION_COLUMNS = ("run_id", "round", "phase", "node_name", "kind", "reason", "created_at")
 SIGNAL_COLUMNS = ("run_id", "round", "node_name", "signal", "value", "unavailable")
 ALERT_COLUMNS = ("run_id", "round", "node_name", "kind", "message", "created_at")
@@ -95,36 +82,30 @@ TIME_COLUMNS = ("started_at", "finished_at", "created_at", "promoted_at")
 
 
 def _table(name: str) -> Table:
+    """The model's table ``name`` (the coordinator's tables or the ledger's)."""
     if name in Base.metadata.tables:
         return Base.metadata.tables[name]
     return LedgerBase.metadata.tables[name]
 
 
-def _read(
-    connection: Connection,
-    schema: Schema,
+def _select(
     table_name: str,
     names: Sequence[str],
     *,
     where: Sequence[tuple[str, Any]] = (),
     order_by: Sequence[str] = (),
-    distinct: bool = False,
-) -> pd.DataFrame:
-    """``names`` of ``table_name`` (nulls for columns this database lacks), filtered by
-    ``column == value`` pairs (a None value: no filter); an empty frame when the table itself
-    is missing."""
-    if not schema.has(table_name):
-        return pd.DataFrame(columns=list(names))
+) -> Select[Any]:
+    """``names`` of ``table_name``, filtered by ``column == value`` pairs (a None value: no
+    filter)."""
     table = _table(table_name)
-    present = schema.columns[table_name]
-    columns = [table.c[name] if name in present else null().label(name) for name in names]
     conditions: list[ColumnElement[bool]] = [
         table.c[name] == value for name, value in where if value is not None
     ]
-    statement = select(*columns).where(*conditions)
-    if distinct:
-        statement = statement.distinct()
-    statement = statement.order_by(*(table.c[name] for name in order_by if name in present))
+    statement = select(*(table.c[name] for name in names)).where(*conditions)
+    return statement.order_by(*(table.c[name] for name in order_by))
+
+
+def _read(connection: Connection, statement: Select[Any], names: Sequence[str]) -> pd.DataFrame:
     rows = connection.execute(statement).all()
     return _with_times(pd.DataFrame([tuple(row) for row in rows], columns=list(names)))
 
@@ -139,14 +120,21 @@ def _with_times(frame: pd.DataFrame) -> pd.DataFrame:
 def runs(engine: Engine) -> pd.DataFrame:
     """One row per run, newest first: its state, rounds done, the nodes that took part and
     the latest global held-out loss (counted by the database: a run may have many rounds)."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
-        frame = _read(connection, schema, "runs", RUN_COLUMNS)
-        done, losses = _rounds_done(connection, schema)
+        frame = _read(connection, _select("runs", RUN_COLUMNS), RUN_COLUMNS)
+        done, losses = _rounds_done(connection)
+        pairs = ("run_id", "node_name")
         taking_part = pd.concat(
             [
-                _read(connection, schema, table, ("run_id", "node_name"), distinct=True)
-                for table in ("node_metrics", "epsilon_reports", "rejected_updates")
+                _read(connection, _select(table, pairs).distinct(), pairs)
+                for table in ("node_metrics", "rejected_updates")
+            ]
+        )
+        copies = _table("ledger_entries")
+        taking_part = pd.concat(
+            [
+                taking_part,
+                _read(connection, select(copies.c.run_id, copies.c.node).distinct(), pairs),
             ]
         ).dropna()
     frame = frame.rename(columns={"id": "run_id"})
@@ -159,14 +147,12 @@ def runs(engine: Engine) -> pd.DataFrame:
     return frame.sort_values("started_at", ascending=False, ignore_index=True)
 
 
-def _rounds_done(connection: Connection, schema: Schema) -> tuple[dict[str, int], dict[str, float]]:
+def _rounds_done(connection: Connection) -> tuple[dict[str, int], dict[str, float]]:
     """Per run: how many rounds finished, and the global held-out loss of the latest round
     that has one."""
     table = _table("rounds")
     counted = select(table.c.run_id, func.count()).group_by(table.c.run_id)
     done = {str(run): int(count) for run, count in connection.execute(counted)}
-    if not schema.has("rounds", "held_out_loss"):
-        return done, {}
     known = table.c.held_out_loss.is_not(None)
     latest = (
         select(table.c.run_id, func.max(table.c.number).label("number"))
@@ -185,30 +171,21 @@ def _rounds_done(connection: Connection, schema: Schema) -> tuple[dict[str, int]
 
 def rounds(engine: Engine, run_id: str) -> pd.DataFrame:
     """The rounds of ``run_id``, in order."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
-        return _read(
-            connection,
-            schema,
-            "rounds",
-            ROUND_COLUMNS,
-            where=[("run_id", run_id)],
-            order_by=["number"],
+        statement = _select(
+            "rounds", ROUND_COLUMNS, where=[("run_id", run_id)], order_by=["number"]
         )
+        return _read(connection, statement, ROUND_COLUMNS)
 
 
 def node_metrics(engine: Engine, run_id: str) -> pd.DataFrame:
     """Each node's figures of ``run_id``, long: round, phase, node_name, metric, value."""
-    schema = read_schema(engine)
+    names = ("round", "phase", "node_name", "metrics")
     with engine.connect() as connection:
-        frame = _read(
-            connection,
-            schema,
-            "node_metrics",
-            ("round", "phase", "node_name", "metrics"),
-            where=[("run_id", run_id)],
-            order_by=["round", "id"],
+        statement = _select(
+            "node_metrics", names, where=[("run_id", run_id)], order_by=["round", "id"]
         )
+        frame = _read(connection, statement, names)
     rows = [
         {
             "round": row.round,
@@ -224,49 +201,25 @@ def node_metrics(engine: Engine, run_id: str) -> pd.DataFrame:
 
 
 def epsilon_reports(engine: Engine, run_id: str | None = None) -> pd.DataFrame:
-    """Every epsilon report (of ``run_id``, or of all runs), oldest first, with the run's
-    name and start time."""
-    schema = read_schema(engine)
+    """Each node's privacy record per round (of ``run_id``, or of all runs), oldest run
+    first, with the run's name and start time: the signed ledger copies, and the unsigned
+    reports of fedtune 0.1 only for rounds without one (``signed`` False)."""
+    with transaction(engine) as session:
+        records = privacy_records(session, run_id)
     with engine.connect() as connection:
-        frame = _read(
-            connection,
-            schema,
-            "epsilon_reports",
-            EPSILON_COLUMNS,
-            where=[("run_id", run_id)],
-            order_by=["id"],
+        started = _read(
+            connection, _select("runs", ("id", "name", "started_at")), ("id", "name", "started_at")
         )
-        started = _read(connection, schema, "runs", ("id", "name", "started_at"))
-        frame["epsilon_cap"] = frame["epsilon_cap"].astype(float)
-        uncapped = sorted(set(frame.loc[frame["epsilon_cap"].isna(), "node_name"].dropna()))
-        caps = _ledger_caps(connection, schema, uncapped)
+    frame = pd.DataFrame(
+        [[getattr(r, name) for name in PRIVACY_COLUMNS] for r in records],
+        columns=list(PRIVACY_COLUMNS),
+    )
+    frame = frame.rename(columns={"node": "node_name"})
+    for name in ("epsilon_after", "epsilon_round", "epsilon_cap", "delta"):
+        frame[name] = frame[name].astype(float)
     started = started.rename(columns={"id": "run_id", "name": "run_name"})
     frame = frame.merge(started, on="run_id", how="left")
-    frame = frame.merge(caps, on=["node_name", "run_id", "round", "data_fingerprint"], how="left")
-    frame["epsilon_cap"] = frame["epsilon_cap"].fillna(frame["ledger_cap"])
-    frame = frame.drop(columns="ledger_cap")
     return frame.sort_values(["started_at", "round"], kind="stable", ignore_index=True)
-
-
-def _ledger_caps(connection: Connection, schema: Schema, nodes: Sequence[str]) -> pd.DataFrame:
-    """The cap the signed ledger entries of ``nodes`` record, for reports stored without one
-    (databases older than the reports' ``epsilon_cap`` column); read by the database from
-    each entry's JSON, never the whole entries."""
-    keys = ["node_name", "run_id", "round", "data_fingerprint"]
-    if not nodes or not schema.has("ledger_entries"):
-        return pd.DataFrame(columns=[*keys, "ledger_cap"])
-    table = _table("ledger_entries")
-    statement = select(
-        table.c.node.label("node_name"),
-        table.c.run_id,
-        table.c.round,
-        table.c.data_fingerprint,
-        entry_field(connection.dialect.name, table, "epsilon_cap").as_float().label("ledger_cap"),
-    ).where(table.c.node.in_(nodes))
-    rows = connection.execute(statement).all()
-    frame = pd.DataFrame([tuple(row) for row in rows], columns=[*keys, "ledger_cap"])
-    frame["ledger_cap"] = frame["ledger_cap"].astype(float)
-    return frame.drop_duplicates(keys)
 
 
 def entry_field(dialect: str, table: Table, name: str) -> Any:
@@ -280,86 +233,75 @@ def entry_field(dialect: str, table: Table, name: str) -> Any:
 
 def rejected_updates(engine: Engine, run_id: str | None = None) -> pd.DataFrame:
     """Replies that were not aggregated (rejected, declined or failed), oldest first."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
         return _read(
             connection,
-            schema,
-            "rejected_updates",
+            _select(
+                "rejected_updates", REJECTION_COLUMNS, where=[("run_id", run_id)], order_by=["id"]
+            ),
             REJECTION_COLUMNS,
-            where=[("run_id", run_id)],
-            order_by=["id"],
         )
 
 
 def health_signals(engine: Engine, run_id: str) -> pd.DataFrame:
     """The health signals of ``run_id`` (node_name None: the global model)."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
         return _read(
             connection,
-            schema,
-            "health_signals",
+            _select(
+                "health_signals",
+                SIGNAL_COLUMNS,
+                where=[("run_id", run_id)],
+                order_by=["round", "id"],
+            ),
             SIGNAL_COLUMNS,
-            where=[("run_id", run_id)],
-            order_by=["round", "id"],
         )
 
 
 def health_alerts(engine: Engine, run_id: str | None = None) -> pd.DataFrame:
     """Health alerts (of ``run_id``, or of all runs), newest first."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
         frame = _read(
             connection,
-            schema,
-            "health_alerts",
+            _select("health_alerts", ALERT_COLUMNS, where=[("run_id", run_id)], order_by=["id"]),
             ALERT_COLUMNS,
-            where=[("run_id", run_id)],
-            order_by=["id"],
         )
     return frame.iloc[::-1].reset_index(drop=True)
 
 
 def ab_tests(engine: Engine) -> pd.DataFrame:
     """A/B tests, newest first."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
-        frame = _read(connection, schema, "ab_tests", AB_TEST_COLUMNS)
+        frame = _read(connection, _select("ab_tests", AB_TEST_COLUMNS), AB_TEST_COLUMNS)
     return frame.sort_values("started_at", ascending=False, ignore_index=True)
 
 
 def ab_results(engine: Engine, test_id: str) -> pd.DataFrame:
     """The results of A/B test ``test_id``: one row per metric and scope (``overall`` or a
     node's name)."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
         return _read(
             connection,
-            schema,
-            "ab_test_results",
+            _select(
+                "ab_test_results", AB_RESULT_COLUMNS, where=[("test_id", test_id)], order_by=["id"]
+            ),
             AB_RESULT_COLUMNS,
-            where=[("test_id", test_id)],
-            order_by=["id"],
         )
 
 
 def latest_promotion(engine: Engine) -> dict[str, Any] | None:
     """The model version in production (the latest promotion), or None."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
         frame = _read(
-            connection, schema, "model_promotions", PROMOTION_COLUMNS, order_by=["promoted_at"]
+            connection,
+            _select("model_promotions", PROMOTION_COLUMNS, order_by=["promoted_at"]),
+            PROMOTION_COLUMNS,
         )
     return None if frame.empty else dict(frame.iloc[-1])
 
 
-def ledger_copy_nodes(engine: Engine) -> list[str] | None:
-    """Nodes with a ledger copy or an enrolled key in this database; None when it has no
-    ledger tables (it predates the epsilon ledger)."""
-    schema = read_schema(engine)
-    if not schema.has("ledger_entries") or not schema.has("ledger_keys"):
-        return None
+def ledger_copy_nodes(engine: Engine) -> list[str]:
+    """Nodes with a ledger copy or an enrolled key in this database."""
     entries, keys = _table("ledger_entries"), _table("ledger_keys")
     with engine.connect() as connection:
         nodes = connection.scalars(
@@ -381,15 +323,12 @@ class CopyHead:
     keys: tuple[str, ...]
 
 
-def ledger_heads(engine: Engine) -> list[CopyHead] | None:
+def ledger_heads(engine: Engine) -> list[CopyHead]:
     """The state of every node's ledger copy (nodes with only a key: no entries), without
-    reading the entries; None when the database has no ledger tables."""
+    reading the entries."""
     nodes = ledger_copy_nodes(engine)
-    if nodes is None:
-        return None
-    schema = read_schema(engine)
     entries, keys = _table("ledger_entries"), _table("ledger_keys")
-    checkpoints = _table("ledger_checkpoints") if schema.has("ledger_checkpoints") else None
+    checkpoints = _table("ledger_checkpoints")
     heads = []
     with engine.connect() as connection:
         grouped = select(entries.c.node, func.count()).group_by(entries.c.node)
@@ -401,14 +340,12 @@ def ledger_heads(engine: Engine) -> list[CopyHead] | None:
                 .order_by(entries.c.seq.desc())
                 .limit(1)
             ).first()
-            checkpoint = None
-            if checkpoints is not None:
-                checkpoint = connection.scalars(
-                    select(checkpoints.c.checkpoint)
-                    .where(checkpoints.c.node == node)
-                    .order_by(checkpoints.c.seq.desc(), checkpoints.c.id.desc())
-                    .limit(1)
-                ).first()
+            checkpoint = connection.scalars(
+                select(checkpoints.c.checkpoint)
+                .where(checkpoints.c.node == node)
+                .order_by(checkpoints.c.seq.desc(), checkpoints.c.id.desc())
+                .limit(1)
+            ).first()
             public_keys = connection.scalars(
                 select(keys.c.public_key).where(keys.c.node == node).order_by(keys.c.id)
             ).all()
@@ -454,9 +391,6 @@ class LedgerFacets:
 def ledger_facets(engine: Engine, node: str) -> LedgerFacets:
     """The size, runs, data sets and recording days of ``node``'s ledger copy, counted by
     the database."""
-    schema = read_schema(engine)
-    if not schema.has("ledger_entries"):
-        return LedgerFacets(0, (), (), None, None)
     table = _table("ledger_entries")
     mine = table.c.node == node
     with engine.connect() as connection:
@@ -511,9 +445,6 @@ def _ledger_conditions(
 
 def ledger_count(engine: Engine, wanted: LedgerFilter) -> int:
     """How many of the node's ledger entries ``wanted`` keeps."""
-    schema = read_schema(engine)
-    if not schema.has("ledger_entries"):
-        return 0
     table = _table("ledger_entries")
     with engine.connect() as connection:
         statement = select(func.count()).where(*_ledger_conditions(connection, table, wanted))
@@ -524,9 +455,6 @@ def ledger_page(engine: Engine, wanted: LedgerFilter, *, offset: int, limit: int
     """Entries ``offset`` to ``offset + limit`` (in seq order) of those ``wanted`` keeps, one
     row per entry, with the entry's fields (mode, steps, epsilon, cap, delta, accountant,
     recorded_at) spread into columns. Only that page is read from the database."""
-    schema = read_schema(engine)
-    if not schema.has("ledger_entries"):
-        return pd.DataFrame(columns=["seq", "recorded_at"])
     table = _table("ledger_entries")
     with engine.connect() as connection:
         statement = (
@@ -543,15 +471,11 @@ def ledger_page(engine: Engine, wanted: LedgerFilter, *, offset: int, limit: int
 def ledger_rows(engine: Engine, node: str) -> pd.DataFrame:
     """The whole ledger copy of ``node``, one row per entry in seq order, with the entry's
     fields spread into columns (see :func:`ledger_page`, which reads one page of it)."""
-    schema = read_schema(engine)
     with engine.connect() as connection:
         frame = _read(
             connection,
-            schema,
-            "ledger_entries",
+            _select("ledger_entries", ("seq", "entry"), where=[("node", node)], order_by=["seq"]),
             ("seq", "entry"),
-            where=[("node", node)],
-            order_by=["seq"],
         )
     return _entry_frame(list(frame["entry"]))
 

@@ -56,15 +56,15 @@ def budget_summary(reports: pd.DataFrame) -> pd.DataFrame:
         ["node_name", "data_fingerprint"], sort=True
     ):
         last = group.iloc[-1]
-        known = group[group["epsilon"].notna()]
-        epsilon = float(known["epsilon"].iloc[-1]) if not known.empty else None
+        known = group[group["epsilon_after"].notna()]
+        epsilon = float(known["epsilon_after"].iloc[-1]) if not known.empty else None
         cap = _number(last["epsilon_cap"])
         rows.append(
             {
                 "series": series_label(str(node), str(fingerprint)),
                 "node_name": node,
                 "data_fingerprint": fingerprint,
-                "epsilon": epsilon,
+                "epsilon_after": epsilon,
                 "epsilon_cap": cap,
                 "remaining": None if cap is None or epsilon is None else cap - epsilon,
                 "share_used": None if not cap or epsilon is None else epsilon / cap,
@@ -72,6 +72,7 @@ def budget_summary(reports: pd.DataFrame) -> pd.DataFrame:
                 "accountant": known["accountant"].iloc[-1] if not known.empty else None,
                 "rounds": len(group),
                 "non_private_rounds": int((group["mode"] == "non-private").sum()),
+                "unsigned_rounds": int((~group["signed"].astype(bool)).sum()),
                 "last_run": last["run_id"],
                 "last_round": int(last["round"]),
             }

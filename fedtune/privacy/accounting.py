@@ -23,11 +23,6 @@ AccountantName = Literal["rdp", "prv"]
 HistoryEntry = tuple[float, float, int]
 
 
-def accountant_label(name: AccountantName) -> str:
-    """What is recorded with every epsilon: the accountant's name and the library version."""
-    return f"opacus-{name}-{opacus.__version__}"
-
-
 def accountant_version() -> str:
     """The library that computed a ledger entry's epsilon, with its version."""
     return f"opacus-{opacus.__version__}"

@@ -7,7 +7,6 @@ import pandas as pd
 import streamlit as st
 
 from fedtune.dashboard import charts, common, queries
-from fedtune.dashboard.database import read_schema
 
 
 def test_label(row: pd.Series) -> str:
@@ -99,12 +98,6 @@ def show_test(test: pd.Series) -> None:
 
 
 st.title("A/B tests")
-if not common.fetch(read_schema).has("ab_tests"):
-    common.note_absent(
-        "This database has no A/B test tables.",
-        why="It was created by a fedtune version without A/B tests.",
-    )
-    st.stop()
 tests = common.fetch(queries.ab_tests)
 if tests.empty:
     common.note_absent(

@@ -181,13 +181,6 @@ def downloads_section(node: str) -> None:
 
 st.title("Audit")
 nodes = common.fetch(queries.ledger_copy_nodes)
-if nodes is None:
-    common.note_absent(
-        "This database has no ledger tables: it predates the epsilon ledger.",
-        why="Export a node's own ledger with "
-        "`fedtune audit export --db STATE_DIR/ledger.db --node NAME --out FILE`.",
-    )
-    st.stop()
 if not nodes:
     common.note_absent("No ledger copies yet: nodes send a signed entry with every round.")
     st.stop()

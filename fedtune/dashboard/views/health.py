@@ -8,7 +8,6 @@ import pandas as pd
 import streamlit as st
 
 from fedtune.dashboard import charts, common, queries
-from fedtune.dashboard.database import read_schema
 from fedtune.dashboard.summaries import (
     node_label,
     node_outcomes,
@@ -70,12 +69,6 @@ def loss_section(rounds: pd.DataFrame, metrics: pd.DataFrame) -> None:
 
 def signals_section(run: str, alerts: pd.DataFrame) -> None:
     st.subheader("Updates")
-    if not common.fetch(read_schema).has("health_signals"):
-        common.note_absent(
-            "This database has no health signals table.",
-            why="It was created by a fedtune version without health checks.",
-        )
-        return
     signals = common.fetch(queries.health_signals, run)
     signals = signals[~signals["signal"].isin(LOSS_SIGNALS)]
     if signals.empty:
@@ -147,9 +140,6 @@ def participation_section(run: str, rounds: pd.DataFrame, metrics: pd.DataFrame)
 
 def alerts_section(alerts: pd.DataFrame) -> None:
     st.subheader("Alerts")
-    if not common.fetch(read_schema).has("health_alerts"):
-        common.note_absent("This database has no health alerts table.")
-        return
     if alerts.empty:
         st.success("No alerts in this run.", icon=":material/check_circle:")
         return

@@ -7,7 +7,6 @@ import pandas as pd
 import streamlit as st
 
 from fedtune.dashboard import common, queries
-from fedtune.dashboard.database import read_schema
 from fedtune.dashboard.summaries import node_label
 
 ALERTS_SHOWN = 50
@@ -62,8 +61,6 @@ def runs_section() -> None:
 
 def promotion_section() -> None:
     promotion = common.fetch(queries.latest_promotion)
-    if not common.fetch(read_schema).has("model_promotions"):
-        return
     if promotion is None:
         st.caption("No model version has been promoted to production yet.")
         return
@@ -77,12 +74,6 @@ def promotion_section() -> None:
 
 def alerts_section() -> None:
     st.subheader("Alerts")
-    if not common.fetch(read_schema).has("health_alerts"):
-        common.note_absent(
-            "This database has no health alerts table.",
-            why="It was created by a fedtune version without health checks.",
-        )
-        return
     alerts = common.fetch(queries.health_alerts)
     if alerts.empty:
         st.success("No alerts.", icon=":material/check_circle:")

@@ -10,7 +10,6 @@ import pandas as pd
 import streamlit as st
 
 from fedtune.dashboard import charts, common, queries
-from fedtune.dashboard.database import read_schema
 from fedtune.dashboard.summaries import (
     budget_declines,
     budget_series,
@@ -33,8 +32,9 @@ VERDICT_ICONS = {
 def budget_section(everything: pd.DataFrame) -> None:
     if everything.empty:
         common.note_absent(
-            "No epsilon reports yet.",
-            why="Each node reports the epsilon its data set has spent after every round it trains.",
+            "No privacy records yet.",
+            why="Each node sends a signed ledger entry of what its data set has spent after "
+            "every round it trains.",
         )
         return
     st.subheader("Budget now")
@@ -46,7 +46,7 @@ def budget_section(everything: pd.DataFrame) -> None:
     columns = st.columns(min(len(summary), 4))
     for index, (_, row) in enumerate(summary.iterrows()):
         column = columns[index % len(columns)]
-        epsilon = common.number(row["epsilon"])
+        epsilon = common.number(row["epsilon_after"])
         if pd.isna(row["epsilon_cap"]):
             column.metric(
                 row["series"], f"ε {epsilon}", "no cap recorded", delta_color="off", border=True
@@ -61,6 +61,11 @@ def budget_section(everything: pd.DataFrame) -> None:
                 help=f"delta {common.number(row['delta'], 'g')}, "
                 f"accountant {row['accountant'] or '—'}",
             )
+        if row["unsigned_rounds"]:
+            column.info(
+                f"{row['unsigned_rounds']} round(s) recorded by fedtune 0.1 without a signed "
+                "ledger entry: shown as reported, not verified."
+            )
         if row["non_private_rounds"]:
             column.warning(
                 f"{row['non_private_rounds']} round(s) trained without DP: no privacy "
@@ -71,7 +76,7 @@ def budget_section(everything: pd.DataFrame) -> None:
             {
                 "node": summary["node_name"],
                 "data set": summary["data_fingerprint"],
-                "epsilon": summary["epsilon"],
+                "epsilon": summary["epsilon_after"],
                 "cap": summary["epsilon_cap"],
                 "remaining": summary["remaining"],
                 "used": summary["share_used"],
@@ -91,11 +96,6 @@ def budget_section(everything: pd.DataFrame) -> None:
     )
     if summary["epsilon_cap"].isna().all():
         common.note_absent("No epsilon cap is recorded for any data set, so none is drawn.")
-    elif not common.fetch(read_schema).has("epsilon_reports", "epsilon_cap"):
-        st.caption(
-            "This database's epsilon reports predate caps: the caps shown are those the "
-            "nodes' signed ledger entries record."
-        )
 
 
 def chart_section(everything: pd.DataFrame) -> None:
@@ -109,7 +109,7 @@ def chart_section(everything: pd.DataFrame) -> None:
     else:
         x, title = "step", "rounds trained on the data set (all runs, in order)"
     if series.empty:
-        common.note_absent("No epsilon reports for this run.")
+        common.note_absent("No privacy records for this run.")
         return
     drawn = thinned(series, most=CHART_POINTS)
     st.altair_chart(charts.epsilon_chart(drawn, x=x, x_title=title), width="stretch")
@@ -147,12 +147,6 @@ def declines_section() -> None:
 def ledger_section() -> None:
     st.subheader("Ledger copies")
     heads = common.fetch(queries.ledger_heads)
-    if heads is None:
-        common.note_absent(
-            "This database has no ledger tables: it predates the epsilon ledger, so there is "
-            "nothing to verify."
-        )
-        return
     if not heads:
         common.note_absent("No ledger copies yet: nodes send a signed entry with every round.")
         return

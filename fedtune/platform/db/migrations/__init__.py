@@ -59,6 +59,37 @@ def database_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+class DatabaseBehindError(FedtuneError, RuntimeError):
+    """The database is at an older revision than this fedtune's: `fedtune db upgrade` it."""
+
+
+def _refuse_unknown(current: str, url: str) -> None:
+    try:
+        _scripts().get_revision(current)
+    except CommandError:
+        raise DatabaseVersionError(
+            f"{_shown(url)}: the database is at revision {current!r}, which this fedtune "
+            f"does not know (it knows up to {head_revision()!r}): it was made or upgraded by a "
+            "newer fedtune; upgrade fedtune"
+        ) from None
+
+
+def check_current(connection: Connection, url: str) -> None:
+    """Refuse, without changing anything, a database that is not at this fedtune's newest
+    revision: :class:`DatabaseBehindError` (with the command that upgrades it) or
+    :class:`DatabaseVersionError` (a newer fedtune's)."""
+    current = database_revision(connection)
+    if current == head_revision():
+        return
+    if current is not None:
+        _refuse_unknown(current, url)
+    at = "made before migrations" if current is None else f"at revision {current!r}"
+    raise DatabaseBehindError(
+        f"{_shown(url)} is {at}, behind this fedtune's {head_revision()!r}: run "
+        f"`fedtune db upgrade --database {_shown(url)}` first"
+    )
+
+
 def upgrade(connection: Connection, url: str) -> str:
     """Bring the database behind ``connection`` (``url``, for messages) to the newest
     revision; returns it. The caller commits."""
@@ -67,14 +98,7 @@ def upgrade(connection: Connection, url: str) -> str:
     if current == head:
         return head
     if current is not None:
-        try:
-            _scripts().get_revision(current)
-        except CommandError:
-            raise DatabaseVersionError(
-                f"{_shown(url)}: the database is at revision {current!r}, which this fedtune "
-                f"does not know (it knows up to {head!r}): it was made or upgraded by a newer "
-                "fedtune; upgrade fedtune"
-            ) from None
+        _refuse_unknown(current, url)
     config = alembic_config(url)
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
