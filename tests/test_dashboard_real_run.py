@@ -25,7 +25,6 @@ from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import load_run_config
 from fedtune.platform.db.storage import (
     AbTestResult,
-    EpsilonReport,
     HealthAlert,
     NodeMetric,
     RejectedUpdate,
@@ -170,15 +169,15 @@ def test_privacy_page_shows_each_nodes_epsilon_as_its_ledger_records_it(real_run
     assert table.loc["bank", "cap"] == BANK_CAP
 
 
-def test_privacy_chart_draws_every_stored_epsilon_report(real_run, db, monkeypatch):
-    reports = all_rows(db, EpsilonReport)
+def test_privacy_chart_draws_every_signed_ledger_copy(real_run, db, monkeypatch):
+    copies = [row.sealed() for row in all_rows(db, LedgerEntryRow)]
 
     app = open_page(real_run.url, "views/privacy.py", monkeypatch)
 
     drawn = chart_data(app).sort_values(["node_name", "round"])
-    assert drawn[["node_name", "round", "epsilon", "epsilon_cap"]].values.tolist() == [
-        [r.node_name, r.round, r.epsilon, r.epsilon_cap]
-        for r in sorted(reports, key=lambda r: (r.node_name, r.round))
+    assert drawn[["node_name", "round", "epsilon_after", "epsilon_cap"]].values.tolist() == [
+        [e.node, e.round, e.epsilon_after, e.epsilon_cap]
+        for e in sorted(copies, key=lambda e: (e.node, e.round))
     ]
 
 
