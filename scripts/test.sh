@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Set up (if needed), then lint, type-check and run the whole test suite.
+#   bash scripts/test.sh [--fast] [PYTEST ARGS...]
+# --fast: leave out the end-to-end (real processes, browser), simulation (Ray) and
+# integration (real model) tiers: the loop for development. CI runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tier=()
+if [ "${1:-}" = "--fast" ]; then
+    shift
+    tier=(-m "not e2e and not simulation and not integration")
+fi
 bash scripts/setup.sh
 bash scripts/system-deps.sh
 .venv/bin/ruff check fedtune tests benchmarks
@@ -19,4 +27,4 @@ if [ -z "${FEDTUNE_TEST_POSTGRES_URL:-}" ]; then
     trap 'bash scripts/postgres-for-tests.sh stop' EXIT
 fi
 # Exit code 5 (no tests collected) must fail, and does: set -e stops on any non-zero code.
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "${tier[@]}" "$@"

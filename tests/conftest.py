@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fedtune.demo.data import generate_examples
+from fedtune.demo.data import generate_examples, write_demo_data
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -224,3 +225,62 @@ def app_folder(tmp_path: Path, submitted_job: Any) -> Path:
     folder = tmp_path / "app"
     write_app(folder, submitted_job)
     return folder
+
+
+# --- one simulated federated run, shared ----------------------------------------------------
+
+FEDERATED_BANK_CAP = 3.5  # the bank spends about 3.1 in round 1 and would pass 3.5 in round 2
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """A 2-round DP run of the hospital and the bank (the bank declining round 2 at its cap)
+    in Flower's Simulation Engine, then an A/B test of its final adapter against the base
+    model. Tests only read it: the coordinator's database must stay as the run left it."""
+
+    workdir: Path
+    config: Any  # fedtune.platform.config.RunConfig
+    run_id: str
+    test_id: str
+    url: str
+    path: Path  # the coordinator's SQLite file
+
+
+@pytest.fixture(scope="session")
+def federated_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> FederatedRun:
+    from fedtune.coordinator.abtest import AbTestPlan
+    from fedtune.coordinator.versions import resolve_version
+    from fedtune.platform.config import load_run_config
+    from fedtune.platform.db.storage import open_database
+    from fedtune.simulation import simulate, simulate_abtest
+
+    workdir = tmp_path_factory.mktemp("federated-run")
+    write_demo_data(workdir / "data", domain="hospital", train=48, held_out=8)
+    write_demo_data(workdir / "data", domain="bank", train=48, held_out=8)
+    (workdir / "run.toml").write_text(
+        tiny_run_toml(
+            tiny_model_dir,
+            run={"name": "federated-run"},
+            nodes=[
+                {"name": "hospital"},
+                {"name": "bank", "target_epsilon": 4.0, "epsilon_cap": FEDERATED_BANK_CAP},
+            ],
+        )
+    )
+    config = load_run_config(workdir / "run.toml")
+    run_id = simulate(config, progress=lambda line: None)
+    engine = open_database(config.database_url)
+    final = resolve_version(engine, "latest")
+    plan = AbTestPlan(
+        version_a=resolve_version(engine, "base"),
+        version_b=final,
+        base_model_fingerprint=final.base_model_fingerprint or "",
+        metrics=("loss",),
+        max_examples=6,
+        max_new_tokens=8,
+    )
+    test_id = simulate_abtest(config, plan, progress=lambda line: None)
+    engine.dispose()
+    path = config.output.dir / "fedtune.db"
+    assert path.is_file(), f"the run left no database at {path}"
+    return FederatedRun(workdir, config, run_id, test_id, config.database_url, path)

@@ -22,6 +22,8 @@ from fedtune.platform.config import load_run_config
 from fedtune.platform.db.storage import AbTest, AbTestResult, open_database
 from fedtune.simulation import simulate, simulate_abtest
 
+pytestmark = pytest.mark.simulation
+
 
 @pytest.fixture(scope="module")
 def tested(tmp_path_factory, tiny_model_dir):

@@ -3,8 +3,11 @@ import json
 from pathlib import Path
 
 import psutil
+import pytest
 
 from fedtune.cli import main
+
+pytestmark = pytest.mark.simulation
 
 
 def test_data_demo_writes_both_domains(tmp_path, capsys):

@@ -485,6 +485,7 @@ def _output(process: subprocess.Popen[bytes]) -> str:
     return process.stdout.read().decode(errors="replace")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "term"])
 def test_the_dashboard_server_answers_on_loopback_and_stops_on_ctrl_c_or_term(
     coordinator, stop_signal

@@ -41,10 +41,14 @@ CHROMIUM = (
     or shutil.which("chromium")
     or shutil.which("chromium-browser")
 )
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="the browser test needs Chromium: apt-get install chromium (or set FEDTUNE_CHROMIUM)",
-)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="the browser test needs Chromium: apt-get install chromium (or set "
+        "FEDTUNE_CHROMIUM)",
+    ),
+]
 
 CHROMIUM_ARGS = [
     "--headless",

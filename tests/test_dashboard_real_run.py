@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,9 @@ import streamlit as st
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from conftest import tiny_run_toml
+from conftest import FEDERATED_BANK_CAP, FederatedRun
 from dashboard_data import chart_data, frames, open_page, texts
 from fedtune.common.database import transaction
-from fedtune.coordinator.abtest import AbTestPlan
-from fedtune.coordinator.versions import resolve_version
-from fedtune.demo.data import write_demo_data
-from fedtune.platform.config import load_run_config
 from fedtune.platform.db.storage import (
     AbTestResult,
     HealthAlert,
@@ -34,62 +29,21 @@ from fedtune.platform.db.storage import (
 )
 from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.ledger_store import LedgerEntryRow, ledger_entries
-from fedtune.simulation import simulate, simulate_abtest
 
-BANK_CAP = 3.5  # the bank spends about 3.1 in round 1 and would pass 3.5 in round 2
+pytestmark = pytest.mark.simulation
+
+BANK_CAP = FEDERATED_BANK_CAP
 
 PAGES = [None, "views/privacy.py", "views/ab_tests.py", "views/health.py", "views/audit.py"]
 
 
-@dataclass(frozen=True)
-class RealRun:
-    path: Path
-    url: str
-    run_id: str
-    test_id: str
-
-
-def federated_run(workdir: Path, model_dir: Path) -> RealRun:
-    """A 2-round DP run of the hospital and the bank, then an A/B test of its final adapter
-    against the base model; returns where the coordinator's database is."""
-    write_demo_data(workdir / "data", domain="hospital", train=48, held_out=8)
-    write_demo_data(workdir / "data", domain="bank", train=48, held_out=8)
-    (workdir / "run.toml").write_text(
-        tiny_run_toml(
-            model_dir,
-            run={"name": "dashboard-real-run"},
-            nodes=[
-                {"name": "hospital"},
-                {"name": "bank", "target_epsilon": 4.0, "epsilon_cap": BANK_CAP},
-            ],
-        )
-    )
-    config = load_run_config(workdir / "run.toml")
-    run_id = simulate(config, progress=lambda line: None)
-    engine = open_database(config.database_url)
-    final = resolve_version(engine, "latest")
-    plan = AbTestPlan(
-        version_a=resolve_version(engine, "base"),
-        version_b=final,
-        base_model_fingerprint=final.base_model_fingerprint or "",
-        metrics=("loss",),
-        max_examples=6,
-        max_new_tokens=8,
-    )
-    test_id = simulate_abtest(config, plan, progress=lambda line: None)
-    engine.dispose()
-    path = config.output.dir / "fedtune.db"
-    assert path.is_file(), f"the run left no database at {path}"
-    return RealRun(path=path, url=config.database_url, run_id=run_id, test_id=test_id)
+@pytest.fixture(scope="module")
+def real_run(federated_run: FederatedRun) -> FederatedRun:
+    return federated_run
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> RealRun:
-    return federated_run(tmp_path_factory.mktemp("dashboard-real-run"), tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def db(real_run: RealRun) -> Iterator[Engine]:
+def db(real_run: FederatedRun) -> Iterator[Engine]:
     """The coordinator's database as the tests read it, beside the dashboard."""
     engine = open_database(real_run.url, create=False)
     yield engine

@@ -32,6 +32,8 @@ from fedtune.platform.security.encryption import load_key
 from fedtune.privacy.ledger_store import ledger_entries
 from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 
+pytestmark = pytest.mark.e2e
+
 NODES = {"hospital-a": "hospital", "bank-b": "bank", "hospital-c": "hospital"}
 
 NODE_TOML = """\

@@ -59,6 +59,8 @@ from fedtune.platform.wire.messages import METRICS, NODE, SCORES, decline_conten
 from fedtune.privacy.ledger_store import LedgerEntryRow, ledger_entries
 from fedtune.privacy.node_ledger import LEDGER_FILE
 
+pytestmark = pytest.mark.e2e
+
 # -- fast: the roster and the grid, on Flower's in-memory LinkState ---------------------------
 
 

@@ -25,6 +25,8 @@ from fedtune.platform.db.storage import (
 )
 from fedtune.simulation import simulate
 
+pytestmark = pytest.mark.simulation
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir, tiny_tokenizer):

@@ -1,8 +1,9 @@
 """A federated run (Flower's Simulation Engine) whose coordinator stores everything in
-PostgreSQL: the run, its rounds, the nodes' metrics, epsilon reports and ledger copies."""
+PostgreSQL: the run, its rounds, the nodes' metrics and signed ledger copies."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from conftest import tiny_run_toml
@@ -13,6 +14,8 @@ from fedtune.platform.db.privacy_records import privacy_records
 from fedtune.platform.db.storage import Round, Run, open_database
 from fedtune.privacy.ledger_store import ledger_entries
 from fedtune.simulation import simulate
+
+pytestmark = pytest.mark.simulation
 
 
 def test_a_simulated_run_is_recorded_in_postgresql(tmp_path, tiny_model_dir, postgres_url):

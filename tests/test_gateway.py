@@ -36,6 +36,8 @@ from fedtune.demo.data import write_demo_data
 from fedtune.demo.local_deployment import LocalDeployment
 from fedtune.platform.runtime.flower_tools import flower_command, tool_path_environment
 
+pytestmark = pytest.mark.e2e
+
 NODE_BODY = """\
 [data]
 train = "{data}/train.jsonl"

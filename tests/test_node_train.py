@@ -14,6 +14,8 @@ from fedtune.demo.data import write_demo_data
 from fedtune.privacy.accounting import epsilon_of
 from fedtune.privacy.node_ledger import NodeLedger
 
+pytestmark = pytest.mark.e2e
+
 CONFIG = """
 [node]
 name = "hospital"

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import ErrorCode
@@ -29,6 +30,8 @@ from fedtune.platform.runtime.flower_tools import flower_command, tool_path_envi
 from fedtune.platform.runtime.processes import end_process_tree
 from fedtune.platform.security.tls import init_certificates
 from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
+
+pytestmark = pytest.mark.e2e
 
 
 def _renamed_clientapp(folder: Path, reference: str) -> Path:

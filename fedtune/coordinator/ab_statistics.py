@@ -362,29 +362,20 @@ def _t_test_from_moments(
 def _bootstrap_mean_ci(
     d: np.ndarray, *, resamples: int, confidence: float, rng: np.random.Generator
 ) -> tuple[float, float]:
-    """Paired bootstrap percentile interval of mean(d): resample whole pairs (Efron &
-    Tibshirani 1993, ch. 13), vectorised in blocks to bound memory."""
-    n = d.size
-    block = max(1, _BOOTSTRAP_BLOCK // n)
-    means = np.empty(resamples)
-    for start in range(0, resamples, block):
-        stop = min(start + block, resamples)
-        means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return float(low), float(high)
-
-
-def _sign_flip_p(d: np.ndarray, *, resamples: int, rng: np.random.Generator) -> float:
-    """Two-sided Monte Carlo p-value of Pratt's signed-rank statistic: under H0 the signs of the
-    non-zero differences are independent fair coins, whatever the ties (Pratt 1959)."""
-    nonzero = d != 0
-    ranks = stats.rankdata(np.abs(d))[nonzero]  # zeros take part in the ranking, then drop
-    centre = ranks.sum() / 2.0  # ranks are multiples of 1/2: these sums are exact
-    observed = abs(ranks[d[nonzero] > 0].sum() - centre)
-    flips = rng.integers(0, 2, size=(resamples, ranks.size)).astype(np.float64)
-    extreme = int(np.sum(np.abs(flips @ ranks - centre) >= observed))
-    return (1 + extreme) / (1 + resamples)
+    """Paired bootstrap percentile interval of mean(d): whole pairs resampled (Efron &
+    Tibshirani 1993, ch. 13), by SciPy's ``bootstrap`` in batches that bound memory."""
+    result = stats.bootstrap(
+        (d,),
+        np.mean,
+        n_resamples=resamples,
+        batch=max(1, _BOOTSTRAP_BLOCK // d.size),
+        confidence_level=confidence,
+        method="percentile",
+        rng=rng,
+        vectorized=True,
+    )
+    interval = result.confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def _wilcoxon(d: np.ndarray, *, rng: np.random.Generator) -> tuple[float, dict[str, Any]]:
@@ -397,9 +388,12 @@ def _wilcoxon(d: np.ndarray, *, rng: np.random.Generator) -> tuple[float, dict[s
     detail: dict[str, Any] = {"zero_method": "pratt"}
     tied = zeros > 0 or np.unique(np.abs(d)).size < d.size
     if tied and 13 < d.size <= _WILCOXON_PERMUTATION_MAX_N:
-        # SciPy would use the normal approximation here, which is poor with ties at small n.
+        # SciPy's default here is the normal approximation, poor with ties at small n: its
+        # random sign flips instead (the signs of the non-zero differences are fair coins
+        # under H0, whatever the ties; Pratt 1959).
         detail["p_value_method"] = f"sign-flip permutation ({_WILCOXON_PERMUTATIONS})"
-        return _sign_flip_p(d, resamples=_WILCOXON_PERMUTATIONS, rng=rng), detail
+        method = stats.PermutationMethod(n_resamples=_WILCOXON_PERMUTATIONS, rng=rng)
+        return float(stats.wilcoxon(d, zero_method="pratt", method=method).pvalue), detail
     exact = d.size <= 13 or (not tied and d.size <= _WILCOXON_PERMUTATION_MAX_N)
     detail["p_value_method"] = "exact" if exact else "normal approximation"
     result = stats.wilcoxon(d, zero_method="pratt")
