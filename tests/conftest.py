@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import tomli_w
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -96,14 +97,6 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value if not isinstance(value, Path) else str(value))
-
-
 def tiny_run_toml(
     model: Path | str,
     *,
@@ -131,24 +124,35 @@ def tiny_run_toml(
         },
         "privacy": {"target_epsilon": 8.0, **(privacy or {})},
     }
-    lines = []
-    for section, keys in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
-        lines.append("")
-    for node in nodes:
-        extra = {k: v for k, v in node.items() if k not in ("name", "domain")}
-        domain = node.get("domain", node["name"])
-        lines += [
-            "[[nodes]]",
-            f"name = {_toml_value(node['name'])}",
-            f'train = "data/{domain}/train.jsonl"',
-            f'eval = "data/{domain}/held_out.jsonl"',
-        ]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in extra.items()]
-        lines.append("")
-    lines += ["[output]", 'dir = "out"', ""]
-    return "\n".join(lines)
+    document: dict[str, Any] = {
+        **sections,
+        "nodes": [
+            {
+                "name": node["name"],
+                "train": f"data/{node.get('domain', node['name'])}/train.jsonl",
+                "eval": f"data/{node.get('domain', node['name'])}/held_out.jsonl",
+                **{k: v for k, v in node.items() if k not in ("name", "domain")},
+            }
+            for node in nodes
+        ],
+        "output": {"dir": "out"},
+    }
+    return tomli_w.dumps(document)
+
+
+def tiny_node_sections(model: Path | str, data: Path) -> dict[str, dict[str, Any]]:
+    """A deployed test node's node.toml tables other than [node] and [coordinator]: the tiny
+    model, its data in ``data``, one thread, a seed, and a target high enough for any test."""
+    return {
+        "model": {"spec": str(model)},
+        "data": {
+            "train": str(data / "train.jsonl"),
+            "eval": str(data / "held_out.jsonl"),
+            "max_length": 160,
+        },
+        "training": {"physical_batch_size": 8, "torch_threads": 1, "seed": 0},
+        "privacy": {"target_epsilon": 1000.0, "noise_multiplier": 1.0},
+    }
 
 
 # --- databases -------------------------------------------------------------------------------

@@ -45,9 +45,10 @@ from dashboard_data import (
 from fedtune.dashboard import common
 from fedtune.dashboard.database import DashboardError, check_database, open_read_only
 from fedtune.dashboard.launch import APP
-from fedtune.dashboard.ledger_checks import AuditFiles, check_copy
+from fedtune.dashboard.ledger_checks import AuditFiles
 from fedtune.platform.db.migrations import alembic_config
 from fedtune.platform.db.storage import open_database
+from fedtune.privacy.ledger_copies import check_copy
 from fedtune.privacy.ledger_file import verify_ledger_file
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from safetensors.numpy import load
 from sqlalchemy import select
 
+from conftest import tiny_node_sections
 from fedtune.cli import main
 from fedtune.common.database import transaction
 from fedtune.coordinator.checkpoints import ENCRYPTED_WEIGHTS_FILE, WEIGHTS_FILE, checkpoint_weights
@@ -35,25 +36,6 @@ from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 pytestmark = pytest.mark.e2e
 
 NODES = {"hospital-a": "hospital", "bank-b": "bank", "hospital-c": "hospital"}
-
-NODE_TOML = """\
-[model]
-spec = "{model}"
-
-[data]
-train = "{data}/{domain}/train.jsonl"
-eval = "{data}/{domain}/held_out.jsonl"
-max_length = 160
-
-[training]
-physical_batch_size = 8
-torch_threads = 1
-seed = 0
-
-[privacy]
-target_epsilon = 1000.0
-noise_multiplier = 1.0
-"""
 
 RUN_TOML = """\
 [run]
@@ -89,11 +71,14 @@ def deployment(
         local.init_coordinator()
         local.start_coordinator()
         for name, domain in NODES.items():
-            body = NODE_TOML.format(model=tiny_model_dir, data=workdir / "data", domain=domain)
-            # Rounds go on with two nodes when one is killed: accepted knowingly here.
-            toml = local.add_node(name, node_toml_body=body, min_secure_peers=2)
-            # This test compares a secure run with a plain one on the same nodes.
-            toml.write_text(toml.read_text() + "require_secure_aggregation = false\n")
+            local.add_node(
+                name,
+                sections=tiny_node_sections(tiny_model_dir, workdir / "data" / domain),
+                # This test compares a secure run with a plain one on the same nodes.
+                coordinator={"require_secure_aggregation": False},
+                # Rounds go on with two nodes when one is killed: accepted knowingly here.
+                min_secure_peers=2,
+            )
             local.enroll(name)
             local.start_node(name)
         yield local
@@ -249,9 +234,11 @@ def test_a_node_level_dp_run_keeps_the_coordinator_s_signed_epsilon(
 
 
 def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):
-    body = NODE_TOML.format(model=tiny_model_dir, data=deployment.workdir / "data", domain="bank")
-    toml = deployment.add_node("stranger", node_toml_body=body)
-    toml.write_text(toml.read_text() + "refused_retry_s = 1.0\n")
+    toml = deployment.add_node(
+        "stranger",
+        sections=tiny_node_sections(tiny_model_dir, deployment.workdir / "data" / "bank"),
+        coordinator={"refused_retry_s": 1.0},
+    )
 
     result = subprocess.run(
         fedtune_command("node", "start", "--config", str(toml)),

@@ -30,6 +30,7 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 from sqlalchemy import select
 
+from conftest import tiny_node_sections
 from fedtune.common.database import transaction
 from fedtune.coordinator.abtest import parse_reply
 from fedtune.coordinator.enrollment import superlink_nodes
@@ -262,25 +263,6 @@ def test_an_ab_test_reply_naming_another_node_is_left_out():
 
 # -- deployment: a real coordinator, two honest nodes and a rogue one -------------------------
 
-NODE_TOML = """\
-[model]
-spec = "{model}"
-
-[data]
-train = "{data}/{domain}/train.jsonl"
-eval = "{data}/{domain}/held_out.jsonl"
-max_length = 160
-
-[training]
-physical_batch_size = 8
-torch_threads = 1
-seed = 0
-
-[privacy]
-target_epsilon = 1000.0
-noise_multiplier = 1.0
-"""
-
 RUN_TOML = """\
 [run]
 rounds = 1
@@ -346,12 +328,16 @@ def consortium(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         local.init_coordinator()
         local.start_coordinator()
         for name, domain in (("hospital", "hospital"), ("bank", "bank"), ("clinic", "bank")):
-            body = NODE_TOML.format(model=tiny_model_dir, data=workdir / "data", domain=domain)
             # Rounds of two honest nodes here: they accept a secure mean of two knowingly.
-            local.add_node(name, node_toml_body=body, min_secure_peers=2)
+            local.add_node(
+                name,
+                sections=tiny_node_sections(tiny_model_dir, workdir / "data" / domain),
+                min_secure_peers=2,
+            )
             local.enroll(name)
-        body = NODE_TOML.format(model=tiny_model_dir, data=workdir / "data", domain="hospital")
-        rogue_toml = local.add_node("rogue", node_toml_body=body)
+        rogue_toml = local.add_node(
+            "rogue", sections=tiny_node_sections(tiny_model_dir, workdir / "data" / "hospital")
+        )
         rogue_toml.write_text(rogue_toml.read_text().replace('name = "rogue"', 'name = "hospital"'))
         answer = flwr(
             local.coordinator,

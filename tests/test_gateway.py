@@ -38,12 +38,6 @@ from fedtune.platform.runtime.flower_tools import flower_command, tool_path_envi
 
 pytestmark = pytest.mark.e2e
 
-NODE_BODY = """\
-[data]
-train = "{data}/train.jsonl"
-eval = "{data}/held_out.jsonl"
-"""
-
 CONTROL_PATHS = [
     "/v1/control/list-runs",
     "/v1/control/start-run",
@@ -96,7 +90,13 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeplo
     with LocalDeployment(workdir, encrypt_checkpoints=False) as local:
         local.init_coordinator()
         local.start_coordinator()
-        local.add_node("hospital", node_toml_body=NODE_BODY.format(data=workdir / "data"))
+        data = workdir / "data"
+        local.add_node(
+            "hospital",
+            sections={
+                "data": {"train": str(data / "train.jsonl"), "eval": str(data / "held_out.jsonl")}
+            },
+        )
         local.enroll("hospital")
         yield local
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import tomli_w
+
 from fedtune.common.errors import FedtuneError
 from fedtune.coordinator import gateway
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
@@ -114,11 +116,12 @@ def prepare(config: CoordinatorConfig) -> None:
             (state / name).chmod(0o600)
     home = flwr_home(config)
     home.mkdir(parents=True, exist_ok=True)
+    connection = {
+        "address": config.superlink_address,
+        "root-certificates": str(config.tls.ca_certificate),
+    }
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f"[superlink.{CONNECTION}]\n"
-        f'address = "{config.superlink_address}"\n'
-        f"root-certificates = {json.dumps(str(config.tls.ca_certificate))}\n",
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}),
         encoding="utf-8",
     )
     ensure_secret(superexec_secret(config))
@@ -268,25 +271,23 @@ def write_app(folder: Path, job: DeploymentJob) -> None:
     coordinator and the nodes refuse any other bundle: platform/wire/run_bundle.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SUBMISSION_FILE).unlink(missing_ok=True)  # from an earlier submission
-    (folder / "pyproject.toml").write_text(
-        "[build-system]\n"
-        'requires = ["hatchling"]\n'
-        'build-backend = "hatchling.build"\n\n'
-        "[project]\n"
-        'name = "fedtune-run"\n'
-        'version = "1.0.0"\n'
-        'description = "A fedtune federated DP-LoRA run"\n'
-        'license = "Apache-2.0"\n'
-        "dependencies = []\n\n"
-        "[tool.flwr.app]\n"
-        'publisher = "fedtune"\n\n'
-        "[tool.flwr.app.components]\n"
-        f'serverapp = "{SERVER_APP}"\n'
-        f'clientapp = "{CLIENT_APP}"\n\n'
-        "[tool.flwr.app.config]\n"
-        f"{JOB_KEY} = {json.dumps(job.model_dump_json())}\n",
-        encoding="utf-8",
-    )
+    app = {
+        "publisher": "fedtune",
+        "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+        "config": {JOB_KEY: job.model_dump_json()},
+    }
+    document = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": "fedtune-run",
+            "version": "1.0.0",
+            "description": "A fedtune federated DP-LoRA run",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {"flwr": {"app": app}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(document), encoding="utf-8")
 
 
 def deployment_job(

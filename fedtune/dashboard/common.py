@@ -26,8 +26,8 @@ from fedtune.dashboard.database import (
     describe_database,
     open_read_only,
 )
-from fedtune.dashboard.ledger_checks import CopyCheck, check_copy
 from fedtune.dashboard.queries import CopyHead
+from fedtune.privacy.ledger_copies import CopyCheck, check_copy
 
 ENV_VAR = "FEDTUNE_DASHBOARD_DB"  # where the database URL is read when no --db is given
 CACHE_SECONDS = 5

@@ -15,10 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from sqlalchemy import select
 
 from fedtune.common.database import transaction
@@ -81,22 +82,22 @@ class LocalDeployment:
     def init_coordinator(self) -> CoordinatorConfig:
         """Certificates, checkpoint key and coordinator.toml (a free port on 127.0.0.1)."""
         certs = init_certificates(self.workdir / "certs")
-        key_line = ""
+        coordinator: dict[str, Any] = {
+            "state_dir": "coordinator",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "superlink_port": free_port(),
+        }
         if self.encrypt_checkpoints:
             generate_key_file(self.workdir / "secrets" / "checkpoint.key")
-            key_line = 'encryption_key_file = "secrets/checkpoint.key"\n'
+            coordinator["encryption_key_file"] = "secrets/checkpoint.key"
+        tls = {
+            "ca_certificate": str(certs.ca_cert.relative_to(self.workdir)),
+            "certificate": str(certs.server_cert.relative_to(self.workdir)),
+            "private_key": str(certs.server_key.relative_to(self.workdir)),
+        }
         self.coordinator_toml.write_text(
-            "[coordinator]\n"
-            'state_dir = "coordinator"\n'
-            'host = "127.0.0.1"\n'
-            f"port = {free_port()}\n"
-            f"superlink_port = {free_port()}\n"
-            f"{key_line}\n"
-            "[tls]\n"
-            f'ca_certificate = "{certs.ca_cert.relative_to(self.workdir)}"\n'
-            f'certificate = "{certs.server_cert.relative_to(self.workdir)}"\n'
-            f'private_key = "{certs.server_key.relative_to(self.workdir)}"\n',
-            encoding="utf-8",
+            tomli_w.dumps({"coordinator": coordinator, "tls": tls}), encoding="utf-8"
         )
         return self.coordinator
 
@@ -116,11 +117,16 @@ class LocalDeployment:
                     ) from None
 
     def add_node(
-        self, name: str, *, node_toml_body: str, min_secure_peers: int | None = None
+        self,
+        name: str,
+        *,
+        sections: Mapping[str, Mapping[str, Any]],
+        coordinator: Mapping[str, Any] | None = None,
+        min_secure_peers: int | None = None,
     ) -> Path:
-        """Keys for node ``name`` and its node.toml (``node_toml_body``: the sections other
-        than [node] and [coordinator]; ``min_secure_peers``: its [coordinator] setting, e.g. 2
-        for a federation of two); returns the node.toml."""
+        """Keys for node ``name`` and its node.toml: ``sections`` are the tables other than
+        [node] and [coordinator], ``coordinator`` adds keys to that one, ``min_secure_peers``
+        is its setting (e.g. 2 for a federation of two); returns the node.toml."""
         folder = self.workdir / "nodes" / name
         subprocess.run(
             fedtune_command("node", "keygen", "--out", str(folder / "state")),
@@ -129,16 +135,19 @@ class LocalDeployment:
         )
         config = self.coordinator
         node_toml = folder / "node.toml"
-        node_toml.write_text(
-            f'[node]\nname = "{name}"\nstate_dir = "state"\n\n'
-            f"{node_toml_body.strip()}\n\n"
-            "[coordinator]\n"
-            f'address = "{config.public_address}"\n'
-            f"root_certificates = {json.dumps(str(config.tls.ca_certificate))}\n"
-            'auth_key = "state/auth_key"\n'
-            + (f"min_secure_peers = {min_secure_peers}\n" if min_secure_peers else ""),
-            encoding="utf-8",
-        )
+        connection: dict[str, Any] = {
+            "address": config.public_address,
+            "root_certificates": str(config.tls.ca_certificate),
+            "auth_key": "state/auth_key",
+            **({"min_secure_peers": min_secure_peers} if min_secure_peers else {}),
+            **(coordinator or {}),
+        }
+        document = {
+            "node": {"name": name, "state_dir": "state"},
+            **sections,
+            "coordinator": connection,
+        }
+        node_toml.write_text(tomli_w.dumps(document), encoding="utf-8")
         return node_toml
 
     def enroll(self, name: str) -> str:
@@ -237,53 +246,32 @@ class LocalDeployment:
         self.processes.clear()
 
 
-_DEMO_NODE_TOML = """\
-[model]
-spec = "{model}"
+def demo_node_sections(*, model: str, data: Path, name: str) -> dict[str, dict[str, Any]]:
+    """A deployment demo node's node.toml tables other than [node] and [coordinator]."""
+    return {
+        "model": {"spec": model},
+        "data": {
+            "train": str(data / name / "train.jsonl"),
+            "eval": str(data / name / "held_out.jsonl"),
+            "max_length": 128,
+            "max_eval_examples": 48,
+        },
+        # torch_threads: the two nodes train at the same time on this machine
+        "training": {"physical_batch_size": 16, "torch_threads": 1},
+        "privacy": {"mode": "dp", "target_epsilon": 8.0, "delta": 1e-5},
+    }
 
-[data]
-train = "{data}/{name}/train.jsonl"
-eval = "{data}/{name}/held_out.jsonl"
-max_length = 128
-max_eval_examples = 48
 
-[training]
-physical_batch_size = 16
-torch_threads = 1  # the two nodes train at the same time on this machine
-
-[privacy]
-mode = "dp"
-target_epsilon = 8.0
-delta = 1e-5
-"""
-
-_DEMO_RUN_TOML = """\
-# The deployment demo's run: `fedtune run start --config run.toml --coordinator coordinator.toml`
-[run]
-name = "demo-deployment"
-rounds = {rounds}
-min_nodes = 2
-
-[model]
-spec = "{model}"
-
-[training]
-steps = {steps}
-batch_size = 32
-learning_rate = 0.01
-
-[aggregation]
-secure = true
-
-[[nodes]]
-name = "hospital"
-
-[[nodes]]
-name = "bank"
-
-[output]
-dir = "coordinator/run"
-"""
+def demo_run(*, rounds: int, steps: int, model: str) -> dict[str, Any]:
+    """The deployment demo's run.toml, as data."""
+    return {
+        "run": {"name": "demo-deployment", "rounds": rounds, "min_nodes": 2},
+        "model": {"spec": model},
+        "training": {"steps": steps, "batch_size": 32, "learning_rate": 0.01},
+        "aggregation": {"secure": True},
+        "nodes": [{"name": name} for name in DEMO_NODES],
+        "output": {"dir": "coordinator/run"},
+    }
 
 
 def protections_of(coordinator: CoordinatorConfig, run_id: str) -> dict[str, str]:
@@ -358,7 +346,7 @@ def run_deployment_demo(
         for name in DEMO_NODES:
             deployment.add_node(
                 name,
-                node_toml_body=_DEMO_NODE_TOML.format(model=model, data=data, name=name),
+                sections=demo_node_sections(model=model, data=data, name=name),
                 # Two nodes: each learns the other's (DP-noised) update from the secure mean,
                 # which a demo accepts knowingly; a consortium keeps the default of 3.
                 min_secure_peers=len(DEMO_NODES),
@@ -369,7 +357,12 @@ def run_deployment_demo(
                 f"node {name}: keys made, enrolled, started (log {deployment.log('node-' + name)})"
             )
         run_toml = workdir / "run.toml"
-        run_toml.write_text(_DEMO_RUN_TOML.format(rounds=rounds, steps=steps, model=model))
+        run_toml.write_text(
+            "# The deployment demo's run: `fedtune run start --config run.toml --coordinator "
+            "coordinator.toml`\n"
+            + tomli_w.dumps(demo_run(rounds=rounds, steps=steps, model=model)),
+            encoding="utf-8",
+        )
         run_id = deployment.submit(run_toml)
         progress(f"run {run_id} submitted: {rounds} rounds of {steps} DP-SGD steps, SecAgg+")
         status = deployment.wait_for_run(run_id, timeout_s=3600, progress=progress)

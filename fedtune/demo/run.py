@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedtune.coordinator.run_summary import format_summary, run_summary
 from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import ConfigError, load_run_config
@@ -21,42 +23,31 @@ from fedtune.simulation import simulate
 
 DEMO_NODES = ("hospital", "bank")
 
+
 # Chosen to finish in under 10 minutes on a 2-core CPU with SmolLM2-135M (see README).
-_RUN_TOML = """\
-# The demo's run: `fedtune simulate --config run.toml` repeats it (with a new output dir).
-[run]
-name = "demo"
-rounds = {rounds}
-
-[model]
-spec = "{model}"
-
-[data]
-max_length = 128
-max_eval_examples = 48
-
-[training]
-steps = {steps}
-batch_size = 32
-physical_batch_size = 16
-learning_rate = 0.01
-
-[privacy]
-mode = "dp"
-target_epsilon = 8.0
-delta = 1e-5
-
-{nodes}
-[output]
-dir = "."
-"""
-
-_NODE_TOML = """\
-[[nodes]]
-name = "{name}"
-train = "data/{name}/train.jsonl"
-eval = "data/{name}/held_out.jsonl"
-"""
+def demo_run_config(*, rounds: int, steps: int, model: str) -> dict[str, Any]:
+    """The simulated demo's run.toml, as data."""
+    return {
+        "run": {"name": "demo", "rounds": rounds},
+        "model": {"spec": model},
+        "data": {"max_length": 128, "max_eval_examples": 48},
+        "training": {
+            "steps": steps,
+            "batch_size": 32,
+            "physical_batch_size": 16,
+            "learning_rate": 0.01,
+        },
+        "privacy": {"mode": "dp", "target_epsilon": 8.0, "delta": 1e-5},
+        "nodes": [
+            {
+                "name": name,
+                "train": f"data/{name}/train.jsonl",
+                "eval": f"data/{name}/held_out.jsonl",
+            }
+            for name in DEMO_NODES
+        ],
+        "output": {"dir": "."},
+    }
 
 
 def prepare_demo_folder(workdir: Path, *, rounds: int, steps: int, model: str) -> str:
@@ -86,12 +77,9 @@ def run_demo(
     model = prepare_demo_folder(workdir, rounds=rounds, steps=steps, model=model)
     run_toml = workdir / "run.toml"
     run_toml.write_text(
-        _RUN_TOML.format(
-            rounds=rounds,
-            steps=steps,
-            model=model,
-            nodes="\n".join(_NODE_TOML.format(name=name) for name in DEMO_NODES),
-        )
+        "# The demo's run: `fedtune simulate --config run.toml` repeats it (with a new output "
+        "dir).\n" + tomli_w.dumps(demo_run_config(rounds=rounds, steps=steps, model=model)),
+        encoding="utf-8",
     )
     config = load_run_config(run_toml)
     progress(
