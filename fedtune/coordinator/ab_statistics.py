@@ -378,6 +378,23 @@ def _bootstrap_mean_ci(
     return float(interval.low), float(interval.high)
 
 
+def _sign_flip_p(d: np.ndarray, *, resamples: int, rng: np.random.Generator) -> float:
+    """Two-sided Monte Carlo p-value of Pratt's signed-rank statistic: under H0 the signs of the
+    non-zero differences are independent fair coins, whatever the ties (Pratt 1959).
+
+    Not SciPy's ``wilcoxon(method=PermutationMethod(...))``, which computes the same p-value
+    but recomputes the statistic per resample: measured at n = 30 and 9,999 sign flips, 1.18 s
+    per call against 1.9 ms for this one matrix product (a node's A/B test scores several
+    metrics; the test suite's false-positive checks run a thousand tests)."""
+    nonzero = d != 0
+    ranks = stats.rankdata(np.abs(d))[nonzero]  # zeros take part in the ranking, then drop
+    centre = ranks.sum() / 2.0  # ranks are multiples of 1/2: these sums are exact
+    observed = abs(ranks[d[nonzero] > 0].sum() - centre)
+    flips = rng.integers(0, 2, size=(resamples, ranks.size)).astype(np.float64)
+    extreme = int(np.sum(np.abs(flips @ ranks - centre) >= observed))
+    return (1 + extreme) / (1 + resamples)
+
+
 def _wilcoxon(d: np.ndarray, *, rng: np.random.Generator) -> tuple[float, dict[str, Any]]:
     """Two-sided Wilcoxon signed-rank test of d (Wilcoxon 1945). Zero differences (A and B tie
     on an example) are ranked and then dropped, after Pratt (1959), so that they shift the
@@ -388,12 +405,9 @@ def _wilcoxon(d: np.ndarray, *, rng: np.random.Generator) -> tuple[float, dict[s
     detail: dict[str, Any] = {"zero_method": "pratt"}
     tied = zeros > 0 or np.unique(np.abs(d)).size < d.size
     if tied and 13 < d.size <= _WILCOXON_PERMUTATION_MAX_N:
-        # SciPy's default here is the normal approximation, poor with ties at small n: its
-        # random sign flips instead (the signs of the non-zero differences are fair coins
-        # under H0, whatever the ties; Pratt 1959).
+        # SciPy would use the normal approximation here, which is poor with ties at small n.
         detail["p_value_method"] = f"sign-flip permutation ({_WILCOXON_PERMUTATIONS})"
-        method = stats.PermutationMethod(n_resamples=_WILCOXON_PERMUTATIONS, rng=rng)
-        return float(stats.wilcoxon(d, zero_method="pratt", method=method).pvalue), detail
+        return _sign_flip_p(d, resamples=_WILCOXON_PERMUTATIONS, rng=rng), detail
     exact = d.size <= 13 or (not tied and d.size <= _WILCOXON_PERMUTATION_MAX_N)
     detail["p_value_method"] = "exact" if exact else "normal approximation"
     result = stats.wilcoxon(d, zero_method="pratt")
