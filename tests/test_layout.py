@@ -22,7 +22,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fedtune"
 ROLES = ("client_node", "coordinator", "dashboard")
-ENTRY_POINTS = ("demo", "cli", "cli_deployment", "simulation")
+ENTRY_POINTS = ("demo", "cli", "simulation")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,73 @@
+"""`fedtune audit`: export, verify and report on a node's epsilon ledger."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(commands: Any) -> None:
+    """Add this group's commands to ``commands`` (the top level's subparsers)."""
+    audit = commands.add_parser(
+        "audit", help="export, verify and report on a node's epsilon ledger"
+    ).add_subparsers(title="audit commands")
+    export = audit.add_parser("export", help="write a node's ledger as auditor-facing JSONL")
+    export.add_argument(
+        "--db",
+        required=True,
+        help="database URL, or the path of a SQLite file (a node's "
+        "STATE_DIR/ledger.db or the coordinator's fedtune.db)",
+    )
+    export.add_argument("--node", required=True, help="node name")
+    export.add_argument("--out", required=True, type=Path, help="a new .jsonl file")
+    export.set_defaults(handler=_audit_export)
+    verify = audit.add_parser("verify", help="verify an exported ledger (exit 0: it holds)")
+    verify.add_argument("ledger", type=Path)
+    verify.add_argument(
+        "--public-key", required=True, help="the node's public key (PEM file or base64)"
+    )
+    verify.set_defaults(handler=_audit_verify)
+    report = audit.add_parser(
+        "report",
+        help="an HTML report: epsilon per data set against its cap, every entry, "
+        "verification, independent recomputation",
+    )
+    report.add_argument("ledger", type=Path)
+    report.add_argument("--out", required=True, type=Path, help="a new .html file")
+    report.add_argument(
+        "--public-key", default=None, help="the node's public key (default: the file's own)"
+    )
+    report.set_defaults(handler=_audit_report)
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from fedtune.privacy.ledger_export import export_ledger
+
+    count = export_ledger(args.db, node=args.node, out=args.out)
+    print(f"{args.out}: {count} ledger entries of node {args.node}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from fedtune.privacy.ledger_file import format_verification, verify_ledger_file
+    from fedtune.privacy.signing import load_public_key
+
+    result = verify_ledger_file(args.ledger, public_key=load_public_key(args.public_key))
+    print(format_verification(result))
+    return 0 if result.ok else 1
+
+
+def _audit_report(args: argparse.Namespace) -> int:
+    from fedtune.privacy.audit.verify import audit_ledger, write_audit_report
+
+    outcome = audit_ledger(args.ledger, public_key=args.public_key)
+    path = write_audit_report(outcome, out=args.out)
+    verdict = "verified" if outcome.verification.ok else f"FAILED: {outcome.verification.problem}"
+    checked = [r for r in outcome.recomputations if not r.skipped]
+    print(f"{path}: ledger {verdict}")
+    print(
+        f"  independent recomputation: {len(checked) - len(outcome.disagreements)} of "
+        f"{len(checked)} private entries agree"
+    )
+    return 0 if outcome.ok else 1

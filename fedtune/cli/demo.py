@@ -1,0 +1,71 @@
+"""`fedtune demo` and `fedtune simulate`: federated runs on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtune.cli.options import config_option
+from fedtune.platform.config import (
+    ConfigError,
+    load_run_config,
+)
+
+
+def register(commands: Any) -> None:
+    """Add this group's commands to ``commands`` (the top level's subparsers)."""
+    demo = commands.add_parser(
+        "demo",
+        help="two nodes (a hospital and a bank) train the default model together with DP-LoRA",
+    )
+    demo.add_argument(
+        "--workdir", type=Path, default=None, help="a new folder (default: runs/demo-<time>)"
+    )
+    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    demo.add_argument("--steps", type=int, default=4, help="DP-SGD steps per round (default 4)")
+    demo.add_argument("--model", default="smollm2-135m", help="model spec")
+    demo.add_argument(
+        "--deployment",
+        action="store_true",
+        help="real processes on 127.0.0.1: a coordinator and two nodes over TLS with node "
+        "authentication and secure aggregation",
+    )
+    demo.set_defaults(handler=_demo)
+
+    sim = commands.add_parser(
+        "simulate", help="a federated run with any number of nodes (Flower Simulation Engine)"
+    )
+    config_option(sim, "run")
+    sim.set_defaults(handler=_simulate)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fedtune.demo.run import run_demo
+
+    workdir: Path = args.workdir or Path("runs") / time.strftime("demo-%Y%m%dT%H%M%S")
+    if args.deployment:
+        from fedtune.demo.local_deployment import run_deployment_demo
+
+        run_deployment_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
+        return 0
+    run_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.run_summary import format_summary, run_summary
+    from fedtune.platform.db.storage import open_database
+    from fedtune.simulation import simulate
+
+    config = load_run_config(args.config)
+    adapters = config.output.dir / "adapters"
+    if adapters.exists() and any(adapters.iterdir()):
+        raise ConfigError(
+            f"{args.config}: output.dir {config.output.dir} already holds a run's "
+            "adapters; choose a new output.dir"
+        )
+    run_id = simulate(config)
+    print(format_summary(run_summary(open_database(config.database_url), run_id)))
+    return 0
