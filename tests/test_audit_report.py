@@ -1,5 +1,8 @@
 import re
+import tomllib
 import xml.etree.ElementTree as ET
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
@@ -140,7 +143,30 @@ def test_values_from_the_ledger_are_escaped():
 
     assert "<script" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "run&quot;&gt;&lt;script&gt;x()&lt;/script&gt;" in html
+    assert "run&#34;&gt;&lt;script&gt;x()&lt;/script&gt;" in html  # markupsafe's &#34;
+
+
+def test_a_hostile_value_cannot_leave_its_attribute_or_add_one():
+    hostile = 'sha256:x" onmouseover="alert(1)'
+    entries = [{**entry, "data_fingerprint": hostile} for entry in ledger()]
+    entries[0]["recorded_at"] = "<img src=x onerror=alert(1)>"  # a text cell and a tooltip
+
+    html = render(entries)
+
+    assert 'onmouseover="' not in html and "<img" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert 'title="sha256:x&#34; onmouseover=&#34;alert(1)"' in html
+
+
+def test_the_template_ships_with_the_package():
+    """A wheel carries it (package data), and it has no script of its own."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    template = files("fedtune.privacy.audit").joinpath("templates/report.html.j2")
+
+    assert (
+        "templates/*.j2" in pyproject["tool"]["setuptools"]["package-data"]["fedtune.privacy.audit"]
+    )
+    assert template.is_file() and "<script" not in template.read_text(encoding="utf-8")
 
 
 def test_write_report_refuses_to_overwrite(tmp_path):

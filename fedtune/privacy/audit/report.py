@@ -3,7 +3,9 @@
 One page, no external assets and no JavaScript: the verification verdict, per data set a chart
 of epsilon over the ledger against its cap (inline SVG) with the totals, and a table of every
 entry beside its independent recomputation (:mod:`fedtune.privacy.audit.independent_accounting`).
-Every value from the ledger is escaped: a ledger is input, and may be hostile.
+The page is a jinja2 template (``templates/report.html.j2``) with autoescaping on: every value
+from the ledger is escaped there, since a ledger is input and may be hostile. This module only
+works out what the page shows (texts and the chart's geometry).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from html import escape
 from pathlib import Path
 from typing import Any, TypeGuard
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from fedtune.common.errors import AlreadyExistsError
 from fedtune.privacy.audit.independent_accounting import Recomputation
@@ -54,15 +57,41 @@ svg{max-width:100%;height:auto;background:#fff}
 """
 
 
-class _Text(str):
-    """Escaped HTML for a left-aligned (text) table cell."""
-
-
 @dataclass
 class _DataSet:
     node: str
     fingerprint: str
     rows: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+_TEMPLATES = Environment(
+    loader=PackageLoader("fedtune.privacy.audit", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=StrictUndefined,
+)
+_HEADERS = (
+    "seq",
+    "recorded at",
+    "node",
+    "run",
+    "round",
+    "data set",
+    "mode",
+    "steps",
+    "q",
+    "σ",
+    "clip",
+    "δ",
+    "ε round",
+    "ε after",
+    "cap",
+    "accountant",
+    "recomputed ε",
+    "agrees",
+    "note",
+)
 
 
 def render_report(
@@ -87,27 +116,26 @@ def render_report(
     for entry in ordered:
         key = (_text(entry.get("node")), _text(entry.get("data_fingerprint")))
         data_sets.setdefault(key, _DataSet(*key)).rows.append(entry)
-
-    out: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta http-equiv="Content-Security-Policy" '
-        "content=\"default-src 'none'; style-src 'unsafe-inline'\">",
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-    ]
-    _header(out, ordered, verification, generated_at)
-    _verdict(out, verification)
-    out.append(f"<p>{_recomputation_sentence(ordered, checks)}</p>")
-    out.append("<h2>Data sets</h2>")
-    if not data_sets:
-        out.append('<p class="muted">The ledger holds no entries.</p>')
-    for data_set in data_sets.values():
-        _data_set_section(out, data_set, checks)
-    _entry_table(out, ordered, checks)
-    out.append("</body></html>")
-    return "\n".join(out)
+    summary = verification.get("summary")
+    summary = summary if isinstance(summary, Mapping) else {}
+    times = [str(e["recorded_at"]) for e in ordered if e.get("recorded_at") is not None]
+    return _TEMPLATES.get_template("report.html.j2").render(
+        title=title,
+        style=_STYLE,
+        nodes=sorted({_text(e.get("node")) for e in ordered}),
+        public_key=verification.get("public_key") or summary.get("public_key"),
+        entry_count=len(ordered),
+        first_recorded=min(times) if times else None,
+        last_recorded=max(times) if times else None,
+        generated_at=generated_at,
+        verification_ok=verification.get("ok") is True,
+        problem=verification.get("problem") or "the verification result is missing or not ok",
+        summary=[(key, _plain(value)) for key, value in summary.items()],
+        recomputed=_recomputation(ordered, checks),
+        data_sets=[_data_set(data_set, checks) for data_set in data_sets.values()],
+        headers=_HEADERS,
+        rows=[_row(entry, checks.get(_key(entry))) for entry in ordered],
+    )
 
 
 def write_report(path: str | os.PathLike[str], html: str, *, overwrite: bool = False) -> Path:
@@ -124,41 +152,10 @@ def write_report(path: str | os.PathLike[str], html: str, *, overwrite: bool = F
 # ------------------------------------------------------------------------------ sections
 
 
-def _header(
-    out: list[str],
-    entries: Sequence[Mapping[str, Any]],
-    verification: Mapping[str, Any],
-    generated_at: str,
-) -> None:
-    summary = verification.get("summary")
-    summary = summary if isinstance(summary, Mapping) else {}
-    nodes = sorted({_text(e.get("node")) for e in entries})
-    public_key = verification.get("public_key") or summary.get("public_key")
-    times = [str(e["recorded_at"]) for e in entries if e.get("recorded_at") is not None]
-    facts: list[tuple[str, str]] = [
-        ("Node" if len(nodes) == 1 else "Nodes", ", ".join(_e(n) for n in nodes) or "—"),
-        ("Public key", f"<code>{_e(public_key)}</code>" if public_key else "not given"),
-        ("Entries", _e(len(entries))),
-        ("Recorded", f"{_e(min(times))} to {_e(max(times))}" if times else "—"),
-        ("Report generated", _e(generated_at)),
-    ]
-    _facts(out, facts)
-
-
-def _verdict(out: list[str], verification: Mapping[str, Any]) -> None:
-    summary = verification.get("summary")
-    if verification.get("ok") is True:
-        out.append('<div class="verdict ok">✓ Ledger verified: OK</div>')
-    else:
-        problem = verification.get("problem") or "the verification result is missing or not ok"
-        out.append(f'<div class="verdict fail">✗ Ledger verification FAILED: {_e(problem)}</div>')
-    if isinstance(summary, Mapping) and summary:
-        _facts(out, [(_e(key), _e(_plain(value))) for key, value in summary.items()])
-
-
-def _recomputation_sentence(
+def _recomputation(
     entries: Sequence[Mapping[str, Any]], checks: Mapping[tuple[str, str], Recomputation]
-) -> str:
+) -> dict[str, Any]:
+    """What the sentence on the independent recomputation says."""
     found = [checks.get(_key(entry)) for entry in entries]
     done = [r for r in found if r is not None and not r.skipped]
     agree = sum(1 for r in done if r.agrees)
@@ -167,35 +164,24 @@ def _recomputation_sentence(
     methods = sorted(
         {f"{r.method} (tolerance {r.tolerance.describe()})" for r in done if r.tolerance}
     )
-    sentence = (
-        f"<strong>{agree} of {len(done)}</strong> differentially private entries agree with an "
-        "independent recomputation of their epsilon from their recorded parameters"
-    )
-    sentence += f" by {_e('; '.join(methods))}." if methods else "."
-    if len(done) > agree:
-        wrong = _count(len(done) - agree, "entry disagrees", "entries disagree")
-        sentence += f' <span class="warn">{wrong} (highlighted below).</span>'
-    if skipped:
-        sentence += (
-            f" {_count(skipped, 'non-private entry was', 'non-private entries were')} skipped: "
-            "no DP guarantee, no epsilon to recompute."
-        )
-    if missing:
-        sentence += (
-            f' <span class="warn">{_count(missing, "entry was", "entries were")} not '
-            "recomputed.</span>"
-        )
-    if any(r.method.endswith(" rdp") for r in done):
-        sentence += (
-            " At fractional RDP orders dp-accounting bounds the RDP from above, so its epsilon"
-            " may exceed the one recorded by up to the upper tolerance."
-        )
-    return sentence
+    return {
+        "agree": agree,
+        "done": len(done),
+        "methods": "; ".join(methods),
+        "wrong": _count(len(done) - agree, "entry disagrees", "entries disagree")
+        if len(done) > agree
+        else "",
+        "skipped": _count(skipped, "non-private entry was", "non-private entries were")
+        if skipped
+        else "",
+        "missing": _count(missing, "entry was", "entries were") if missing else "",
+        "rdp": any(r.method.endswith(" rdp") for r in done),
+    }
 
 
-def _data_set_section(
-    out: list[str], data_set: _DataSet, checks: Mapping[tuple[str, str], Recomputation]
-) -> None:
+def _data_set(
+    data_set: _DataSet, checks: Mapping[tuple[str, str], Recomputation]
+) -> dict[str, Any]:
     rows = data_set.rows
     dp = [e for e in rows if e.get("mode") == "dp"]
     non_private = [e for e in rows if e.get("mode") != "dp"]
@@ -203,149 +189,100 @@ def _data_set_section(
     over_cap = [e for e in dp if _exceeds(e.get("epsilon_after"), e.get("epsilon_cap"))]
     disagreeing = [e for e in rows if _disagrees(checks.get(_key(e)))]
     last_check = checks.get(_key(last)) if last else None
-
-    out.append(
-        f"<h3>Data set <code>{_e(_short(data_set.fingerprint))}</code> "
-        f'<span class="muted">on node {_e(data_set.node)}</span></h3>'
-    )
+    banners = []
     if non_private:
-        out.append(
-            f'<div class="banner">No DP guarantee for this data set: {len(non_private)} '
-            f"non-private round(s) (seq {_e(_seq_list(non_private))}). The epsilon below covers "
-            "only the private rounds.</div>"
+        banners.append(
+            f"No DP guarantee for this data set: {len(non_private)} non-private round(s) "
+            f"(seq {_seq_list(non_private)}). The epsilon below covers only the private rounds."
         )
     if over_cap:
-        out.append(
-            f'<div class="banner">Epsilon exceeds the cap in {len(over_cap)} entries '
-            f"(seq {_e(_seq_list(over_cap))}).</div>"
+        banners.append(
+            f"Epsilon exceeds the cap in {len(over_cap)} entries (seq {_seq_list(over_cap)})."
         )
     if disagreeing:
-        out.append(
-            f'<div class="banner">{len(disagreeing)} entries disagree with the independent '
-            f"recomputation (seq {_e(_seq_list(disagreeing))}).</div>"
+        banners.append(
+            f"{len(disagreeing)} entries disagree with the independent recomputation "
+            f"(seq {_seq_list(disagreeing)})."
         )
-    accountants = sorted(
-        {
-            f"{_text(e.get('accountant'))} ({_text(e.get('accountant_version'))})"
-            if e.get("accountant_version")
-            else _text(e.get("accountant"))
-            for e in dp
-        }
-    )
     cap = last.get("epsilon_cap")
     total = last.get("epsilon_after")
-    share = (
-        f" ({_e(f'{total / cap:.0%}')} of the cap)"
+    label = f"Epsilon of data set {_short(data_set.fingerprint)} on node {data_set.node}"
+    return {
+        "node": data_set.node,
+        "fingerprint": data_set.fingerprint,
+        "short": _short(data_set.fingerprint),
+        "label": label,
+        "banners": banners,
+        "total": _eps(total) if dp else "",
+        "share": f" ({total / cap:.0%} of the cap)"
         if _finite(total) and _finite(cap) and cap > 0
-        else ""
-    )
-    recomputed = (
-        _eps(last_check.recomputed_epsilon)
+        else "",
+        "recomputed": _eps(last_check.recomputed_epsilon)
         if last_check is not None and not last_check.skipped
-        else "—"
-    )
-    _facts(
-        out,
-        [
-            ("Fingerprint", f"<code>{_e(data_set.fingerprint)}</code>"),
-            ("Total epsilon", f"<strong>{_eps(total)}</strong>{share}" if dp else "—"),
-            ("Recomputed total", recomputed),
-            ("Delta", _num(last.get("delta")) if dp else "—"),
-            ("Cap", _eps(cap)),
-            ("Accountant", ", ".join(_e(a) for a in accountants) or "—"),
-            (
-                "Rounds",
-                f"{len(rows)} ({len(dp)} private, "
-                + (
-                    f'<span class="warn">{len(non_private)} non-private</span>'
-                    if non_private
-                    else "0 non-private"
-                )
-                + f") in {len({_text(e.get('run_id')) for e in rows})} run(s)",
-            ),
-        ],
-    )
-    out.append(_chart(data_set, checks))
+        else "—",
+        "delta": _num(last.get("delta")) if dp else "—",
+        "cap": _eps(cap),
+        "accountants": sorted(
+            {
+                f"{_text(e.get('accountant'))} ({_text(e.get('accountant_version'))})"
+                if e.get("accountant_version")
+                else _text(e.get("accountant"))
+                for e in dp
+            }
+        ),
+        "rounds": len(rows),
+        "private": len(dp),
+        "non_private": len(non_private),
+        "runs": len({_text(e.get("run_id")) for e in rows}),
+        "chart": _chart(data_set, checks),
+    }
 
 
-def _entry_table(
-    out: list[str],
-    entries: Sequence[Mapping[str, Any]],
-    checks: Mapping[tuple[str, str], Recomputation],
-) -> None:
-    headers = [
-        "seq",
-        "recorded at",
-        "node",
-        "run",
-        "round",
-        "data set",
-        "mode",
-        "steps",
-        "q",
-        "σ",
-        "clip",
-        "δ",
-        "ε round",
-        "ε after",
-        "cap",
-        "accountant",
-        "recomputed ε",
-        "agrees",
-        "note",
+def _row(entry: Mapping[str, Any], check: Recomputation | None) -> dict[str, Any]:
+    """One entry's table row: its cells, its recomputation and the verdict."""
+    classes = []
+    if entry.get("mode") != "dp":
+        classes.append("nonprivate")
+    if _disagrees(check):
+        classes.append("disagree")
+    fingerprint = _text(entry.get("data_fingerprint"))
+
+    def cell(value: Any, *, text: bool = False, **extra: Any) -> dict[str, Any]:
+        return {"value": value, "text": text, "code": False, "warn": False, **extra}
+
+    cells = [
+        cell(_text(entry.get("seq"))),
+        cell(_text(entry.get("recorded_at")), text=True),
+        cell(_text(entry.get("node")), text=True),
+        cell(_text(entry.get("run_id")), text=True),
+        cell(_text(entry.get("round"))),
+        cell(_short(fingerprint), text=True, code=True, title=fingerprint),
+        cell(_text(entry.get("mode")), text=True, warn=entry.get("mode") != "dp"),
+        cell(_text(entry.get("steps"))),
+        cell(_num(entry.get("sample_rate"))),
+        cell(_num(entry.get("noise_multiplier"))),
+        cell(_num(entry.get("max_grad_norm"))),
+        cell(_num(entry.get("delta"))),
+        cell(_eps(entry.get("epsilon_round"))),
+        cell(_eps(entry.get("epsilon_after"))),
+        cell(_eps(entry.get("epsilon_cap"))),
+        cell(_text(entry.get("accountant")), text=True),
     ]
-    out.append("<h2>Entries</h2>")
-    out.append('<table class="entries"><thead><tr>')
-    out.append("".join(f"<th>{_e(h)}</th>" for h in headers))
-    out.append("</tr></thead><tbody>")
-    for entry in entries:
-        check = checks.get(_key(entry))
-        classes = []
-        if entry.get("mode") != "dp":
-            classes.append("nonprivate")
-        if _disagrees(check):
-            classes.append("disagree")
-        if check is None:
-            recomputed, verdict = "—", '<span class="no" title="not recomputed">?</span>'
-        elif check.skipped:
-            recomputed, verdict = "—", f'<span title="{_e(check.note)}">skipped</span>'
-        else:
-            recomputed = _eps(check.recomputed_epsilon)
-            mark = '<span class="yes">✓</span>' if check.agrees else '<span class="no">✗</span>'
-            verdict = f'<span title="{_e(check.note)}">{mark}</span>'
-        fingerprint = _text(entry.get("data_fingerprint"))
-        mode = _e(_text(entry.get("mode")))
-        cells = [
-            _e(_text(entry.get("seq"))),
-            _Text(_e(_text(entry.get("recorded_at")))),
-            _Text(_e(_text(entry.get("node")))),
-            _Text(_e(_text(entry.get("run_id")))),
-            _e(_text(entry.get("round"))),
-            _Text(f'<code title="{_e(fingerprint)}">{_e(_short(fingerprint))}</code>'),
-            _Text(mode if entry.get("mode") == "dp" else f'<span class="warn">{mode}</span>'),
-            _e(_text(entry.get("steps"))),
-            _num(entry.get("sample_rate")),
-            _num(entry.get("noise_multiplier")),
-            _num(entry.get("max_grad_norm")),
-            _num(entry.get("delta")),
-            _eps(entry.get("epsilon_round")),
-            _eps(entry.get("epsilon_after")),
-            _eps(entry.get("epsilon_cap")),
-            _Text(_e(_text(entry.get("accountant")))),
-            recomputed,
-            verdict,
-            _Text(_e(check.note) if _disagrees(check) and check is not None else ""),
-        ]
-        row_class = f' class="{" ".join(classes)}"' if classes else ""
-        out.append(
-            f"<tr{row_class}>"
-            + "".join(
-                f'<td class="text">{c}</td>' if isinstance(c, _Text) else f"<td>{c}</td>"
-                for c in cells
-            )
-            + "</tr>"
-        )
-    out.append("</tbody></table>")
+    if check is None:
+        verdict, recomputed = "missing", "—"
+    elif check.skipped:
+        verdict, recomputed = "skipped", "—"
+    else:
+        verdict = "agrees" if check.agrees else "disagrees"
+        recomputed = _eps(check.recomputed_epsilon)
+    return {
+        "classes": classes,
+        "cells": cells,
+        "recomputed": recomputed,
+        "verdict": verdict,
+        "note": check.note if check is not None else "",
+        "disagreement": check.note if check is not None and _disagrees(check) else "",
+    }
 
 
 # ---------------------------------------------------------------------------------- chart
@@ -354,9 +291,14 @@ _W, _H = 760, 280
 _LEFT, _RIGHT, _TOP, _BOTTOM = 60, 110, 34, 46
 
 
-def _chart(data_set: _DataSet, checks: Mapping[tuple[str, str], Recomputation]) -> str:
-    """Epsilon after each entry (x: ledger seq) against the cap, as inline SVG."""
+def _chart(
+    data_set: _DataSet, checks: Mapping[tuple[str, str], Recomputation]
+) -> dict[str, Any] | None:
+    """The geometry of epsilon after each entry (x: ledger seq) against the cap, for the
+    template's inline SVG; None without an entry of numeric seq."""
     rows = [e for e in data_set.rows if _finite(e.get("seq"))]
+    if not rows:
+        return None
     points = [
         (float(e["seq"]), float(e["epsilon_after"]), e)
         for e in rows
@@ -365,10 +307,6 @@ def _chart(data_set: _DataSet, checks: Mapping[tuple[str, str], Recomputation]) 
     caps = [
         (float(e["seq"]), float(e["epsilon_cap"])) for e in rows if _finite(e.get("epsilon_cap"))
     ]
-    label = f"Epsilon of data set {_short(data_set.fingerprint)} on node {data_set.node}"
-    if not rows:
-        return f'<p class="muted">No chart: {_e(label)} has no entries with a numeric seq.</p>'
-
     seqs = [float(e["seq"]) for e in rows]
     x_low, x_high = min(seqs), max(seqs)
     if x_high == x_low:
@@ -379,92 +317,67 @@ def _chart(data_set: _DataSet, checks: Mapping[tuple[str, str], Recomputation]) 
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
     def x(value: float) -> float:
-        return _LEFT + (value - x_low) / (x_high - x_low) * plot_w
+        return round(_LEFT + (value - x_low) / (x_high - x_low) * plot_w, 1)
 
     def y(value: float) -> float:
-        return _TOP + plot_h - value / y_top * plot_h
+        return round(_TOP + plot_h - value / y_top * plot_h, 1)
 
-    svg = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {_H}" width="{_W}" '
-        f'height="{_H}" role="img" aria-label="{_e(label)}" class="chart">',
-        f"<title>{_e(label)}</title>",
-    ]
-    for tick in y_ticks:
-        svg.append(
-            f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
-            'stroke="#eaeef2"/>'
-            f'<text x="{_LEFT - 6}" y="{y(tick) + 4:.1f}" text-anchor="end" font-size="11" '
-            f'fill="#57606a">{_e(f"{tick:g}")}</text>'
-        )
-    for tick in _nice_ticks(x_low, x_high, integers=True):
-        if x_low <= tick <= x_high:
-            svg.append(
-                f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{_TOP + plot_h}" '
-                f'y2="{_TOP + plot_h + 4}" stroke="#57606a"/>'
-                f'<text x="{x(tick):.1f}" y="{_TOP + plot_h + 16}" text-anchor="middle" '
-                f'font-size="11" fill="#57606a">{_e(f"{tick:g}")}</text>'
-            )
-    svg.append(
-        f'<line x1="{_LEFT}" x2="{_LEFT}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#57606a"/>'
-        f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{_TOP + plot_h}" y2="{_TOP + plot_h}" '
-        'stroke="#57606a"/>'
-        f'<text x="{_LEFT + plot_w / 2:.1f}" y="{_H - 8}" text-anchor="middle" font-size="12">'
-        "ledger entry (seq)</text>"
-        f'<text transform="translate(16 {_TOP + plot_h / 2:.1f}) rotate(-90)" '
-        'text-anchor="middle" font-size="12">ε after the round</text>'
-    )
-    for entry in rows:
-        if entry.get("mode") != "dp":
-            seq = float(entry["seq"])
-            svg.append(
-                f'<line x1="{x(seq):.1f}" x2="{x(seq):.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" '
-                'stroke="#d4a72c" stroke-width="3" opacity="0.8">'
-                f"<title>seq {_e(_text(entry.get('seq')))}: non-private round, no DP guarantee"
-                "</title></line>"
-            )
+    markers = []
+    for seq, value, entry in points:
+        check = checks.get(_key(entry))
+        tip = f"seq {_text(entry.get('seq'))}, {_text(entry.get('recorded_at'))}: ε {value:.4f}"
+        tip += f" ({check.note})" if check is not None else ""
+        if _disagrees(check) or len(points) <= MAX_MARKERS:
+            markers.append({"x": x(seq), "y": y(value), "tip": tip, "disagrees": _disagrees(check)})
+    cap_path = ""
     if caps:
         # A step line: each cap holds from its entry until the next entry's cap.
-        path = [f"M{x(caps[0][0]):.1f},{y(caps[0][1]):.1f}"]
-        path.extend(f"H{x(seq):.1f}V{y(cap):.1f}" for seq, cap in caps[1:])
-        path.append(f"H{_LEFT + plot_w}")
-        svg.append(
-            f'<path d="{"".join(path)}" fill="none" stroke="#b42318" stroke-width="1.5" '
-            'stroke-dasharray="6 4"/>'
-        )
-    if points:
-        line = " ".join(f"{x(seq):.1f},{y(value):.1f}" for seq, value, _ in points)
-        svg.append(f'<polyline points="{line}" fill="none" stroke="#0969da" stroke-width="2"/>')
-        for seq, value, entry in points:
-            check = checks.get(_key(entry))
-            tip = _e(
-                f"seq {_text(entry.get('seq'))}, {_text(entry.get('recorded_at'))}: "
-                f"ε {value:.4f}" + (f" ({check.note})" if check is not None else "")
-            )
-            if _disagrees(check):
-                svg.append(
-                    f'<path d="M{x(seq) - 5:.1f},{y(value) - 5:.1f}l10,10m0,-10l-10,10" '
-                    f'stroke="#b42318" stroke-width="2.5"><title>{tip}</title></path>'
-                )
-            elif len(points) <= MAX_MARKERS:
-                svg.append(
-                    f'<circle cx="{x(seq):.1f}" cy="{y(value):.1f}" r="2.5" fill="#0969da">'
-                    f"<title>{tip}</title></circle>"
-                )
-    svg.append(_end_labels(points[-1][1] if points else None, caps[-1][1] if caps else None, y))
-    svg.append(
-        _legend(
-            non_private=any(e.get("mode") != "dp" for e in rows),
-            disagreeing=any(_disagrees(checks.get(_key(e))) for e in rows),
-            capped=bool(caps),
-        )
-    )
-    svg.append("</svg>")
-    return "".join(svg)
+        steps = [f"M{x(caps[0][0]):.1f},{y(caps[0][1]):.1f}"]
+        steps.extend(f"H{x(seq):.1f}V{y(cap):.1f}" for seq, cap in caps[1:])
+        steps.append(f"H{_LEFT + plot_w}")
+        cap_path = "".join(steps)
+    legend = [("epsilon", "ε after")]
+    if caps:
+        legend.append(("cap", "cap"))
+    if any(e.get("mode") != "dp" for e in rows):
+        legend.append(("non-private", "non-private round (no DP guarantee)"))
+    if any(_disagrees(checks.get(_key(e))) for e in rows):
+        legend.append(("disagrees", "disagrees with the recomputation"))
+    offsets, offset = [], 0
+    for symbol, text in legend:
+        offsets.append((offset, symbol, text))
+        offset += 34 + 6 * len(text)
+    return {
+        "width": _W,
+        "height": _H,
+        "left": _LEFT,
+        "right": _LEFT + plot_w,
+        "top": _TOP,
+        "bottom": _TOP + plot_h,
+        "middle": round(_LEFT + plot_w / 2, 1),
+        "centre": round(_TOP + plot_h / 2, 1),
+        "labels_x": _W - _RIGHT + 6,
+        "y_ticks": [(y(tick), f"{tick:g}") for tick in y_ticks],
+        "x_ticks": [
+            (x(tick), f"{tick:g}")
+            for tick in _nice_ticks(x_low, x_high, integers=True)
+            if x_low <= tick <= x_high
+        ],
+        "non_private": [
+            (x(float(e["seq"])), _text(e.get("seq"))) for e in rows if e.get("mode") != "dp"
+        ],
+        "cap_path": cap_path,
+        "line": " ".join(f"{x(seq):.1f},{y(value):.1f}" for seq, value, _ in points),
+        "markers": markers,
+        "end_labels": _end_labels(
+            points[-1][1] if points else None, caps[-1][1] if caps else None, y
+        ),
+        "legend": offsets,
+    }
 
 
-def _end_labels(epsilon: float | None, cap: float | None, y: Any) -> str:
+def _end_labels(epsilon: float | None, cap: float | None, y: Any) -> list[tuple[float, str, str]]:
     """The last epsilon and cap, right of the plot; pushed apart when they would overlap."""
-    x0 = _W - _RIGHT + 6
     labels = []
     if epsilon is not None:
         labels.append([y(epsilon) + 4, "#0969da", f"ε = {epsilon:.3f}"])
@@ -474,46 +387,7 @@ def _end_labels(epsilon: float | None, cap: float | None, y: Any) -> str:
         upper, lower = sorted(labels, key=lambda label: label[0])
         middle = (upper[0] + lower[0]) / 2
         upper[0], lower[0] = middle - 7, middle + 7
-    return "".join(
-        f'<text x="{x0}" y="{top:.1f}" font-size="11" fill="{colour}">{_e(text)}</text>'
-        for top, colour, text in labels
-    )
-
-
-def _legend(*, non_private: bool, disagreeing: bool, capped: bool) -> str:
-    items = [('<line x1="0" x2="18" y1="0" y2="0" stroke="#0969da" stroke-width="2"/>', "ε after")]
-    if capped:
-        items.append(
-            (
-                '<line x1="0" x2="18" y1="0" y2="0" stroke="#b42318" stroke-width="1.5" '
-                'stroke-dasharray="6 4"/>',
-                "cap",
-            )
-        )
-    if non_private:
-        items.append(
-            (
-                '<line x1="9" x2="9" y1="-6" y2="6" stroke="#d4a72c" stroke-width="3"/>',
-                "non-private round (no DP guarantee)",
-            )
-        )
-    if disagreeing:
-        items.append(
-            (
-                '<path d="M4,-5l10,10m0,-10l-10,10" stroke="#b42318" stroke-width="2.5"/>',
-                "disagrees with the recomputation",
-            )
-        )
-    parts = [f'<g font-size="11" transform="translate({_LEFT} 14)">']
-    offset = 0
-    for symbol, text in items:
-        parts.append(
-            f'<g transform="translate({offset} 0)">{symbol}'
-            f'<text x="22" y="4" fill="#1f2328">{_e(text)}</text></g>'
-        )
-        offset += 34 + 6 * len(text)
-    parts.append("</g>")
-    return "".join(parts)
+    return [(round(top, 1), colour, text) for top, colour, text in labels]
 
 
 def _nice_ticks(low: float, high: float, *, integers: bool = False, count: int = 5) -> list[float]:
@@ -535,17 +409,6 @@ def _nice_ticks(low: float, high: float, *, integers: bool = False, count: int =
 # ------------------------------------------------------------------------------- helpers
 
 
-def _facts(out: list[str], rows: Iterable[tuple[str, str]]) -> None:
-    """A two-column table; both columns are already escaped HTML."""
-    out.append('<table class="facts">')
-    out.extend(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in rows)
-    out.append("</table>")
-
-
-def _e(value: Any) -> str:
-    return escape(str(value), quote=True)
-
-
 def _text(value: Any) -> str:
     return "—" if value is None else str(value)
 
@@ -563,17 +426,13 @@ def _finite(value: Any) -> TypeGuard[float]:
 def _num(value: Any) -> str:
     if value is None:
         return "—"
-    if _finite(value):
-        return _e(f"{value:.4g}")
-    return _e(value)
+    return f"{value:.4g}" if _finite(value) else str(value)
 
 
 def _eps(value: Any) -> str:
     if value is None:
         return "—"
-    if _finite(value):
-        return _e(f"{value:.4f}")
-    return _e(value)
+    return f"{value:.4f}" if _finite(value) else str(value)
 
 
 def _exceeds(value: Any, cap: Any) -> bool:
