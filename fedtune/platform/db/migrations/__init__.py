@@ -13,6 +13,7 @@ columns (e.g. ``epsilon_reports.epsilon_cap``), keeping every row.
 
 from __future__ import annotations
 
+import shlex
 from functools import cache
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def check_current(connection: Connection, url: str) -> None:
     at = "made before migrations" if current is None else f"at revision {current!r}"
     raise DatabaseBehindError(
         f"{_shown(url)} is {at}, behind this fedtune's {head_revision()!r}: run "
-        f"`fedtune db upgrade --database {_shown(url)}` first"
+        f"`fedtune db upgrade --database {shlex.quote(_shown(url))}` first"
     )
 
 
