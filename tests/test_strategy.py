@@ -1,6 +1,7 @@
 """The coordinator's strategy: weighted FedAvg of the replies it can trust, and a stored
 reason for every reply it leaves out."""
 
+import json
 import time
 
 import numpy as np
@@ -33,7 +34,13 @@ from fedtune.platform.wire.messages import (
     decline_content,
     train_reply_content,
 )
-from fedtune.privacy.ledger import seal_entry, sign_checkpoint
+from fedtune.privacy.ledger import (
+    V1_PAYLOAD_FIELDS,
+    LedgerEntry,
+    entry_hash,
+    seal_entry,
+    sign_checkpoint,
+)
 from fedtune.privacy.ledger_store import LedgerEntryRow
 from fedtune.privacy.signing import NodeKey
 
@@ -244,6 +251,30 @@ def test_a_ledger_entry_not_signed_by_the_enrolled_key_is_refused(setting):
     assert "signature does not match" in reasons["node-2"]
     assert "not enrolled" in reasons["stranger"]
     assert stored == ["hospital"]
+
+
+def test_a_new_entry_in_the_old_format_is_refused(setting):
+    strategy, engine, global_arrays = setting
+    key = KEYS["node-1"]
+    entry, _ = signed_round("node-1", key)
+    payload = {name: value for name, value in entry.payload().items() if name in V1_PAYLOAD_FIELDS}
+    digest = entry_hash(payload)
+    old = LedgerEntry(**payload, hash=digest, signature=key.sign(bytes.fromhex(digest)))
+    message = reply(1, shifted(global_arrays, 0.5), 10, "node-1")
+    message.content.config_records["ledger"] = ConfigRecord(
+        {
+            "entry": json.dumps(old.to_dict()),
+            "checkpoint": json.dumps(sign_checkpoint(node="node-1", head=old, key=key).to_dict()),
+        }
+    )
+
+    aggregate, _ = strategy.aggregate_train(1, [message])
+    strategy.aggregate_evaluate(1, [])
+
+    assert aggregate is None
+    with transaction(engine) as session:
+        reason = session.scalars(select(RejectedUpdate.reason)).one()
+    assert "its format is version 1, not fedtune-entry/2" in reason
 
 
 @pytest.mark.parametrize("stated", [None, "fedtune-wire/1", "fedtune-wire/3"])

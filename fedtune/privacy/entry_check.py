@@ -11,7 +11,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.engine import Engine
 
 from fedtune.common.database import transaction
-from fedtune.privacy.ledger import CONTENT_REASON, SIGNATURE_REASON, Checkpoint, LedgerEntry
+from fedtune.privacy.ledger import (
+    CONTENT_REASON,
+    ENTRY_FORMAT,
+    SIGNATURE_REASON,
+    Checkpoint,
+    LedgerEntry,
+)
 from fedtune.privacy.ledger_store import ledger_head
 from fedtune.privacy.signing import verify_signature
 
@@ -37,6 +43,10 @@ class EntryCheck:
                 f"it records run {entry.run_id} round {entry.round}, not run {self.run_id} "
                 f"round {server_round}"
             )
+        if entry.format != ENTRY_FORMAT:
+            # An older format would leave out what the round was (kind, method, unit): a
+            # node of this protocol seals the current one.
+            return f"its format is {entry.format or 'version 1'}, not {ENTRY_FORMAT}"
         if not entry.content_matches():
             return CONTENT_REASON
         if not verify_signature(key, signature=entry.signature, message=bytes.fromhex(entry.hash)):
