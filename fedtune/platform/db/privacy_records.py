@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedtune.platform.db.storage import UnsignedEpsilonReport
-from fedtune.privacy.ledger_store import LedgerEntryRow
+from fedtune.privacy.ledger_store import LedgerEntryRow, entry_from_json
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,14 @@ class PrivacyRecord:
 
 def privacy_records(session: Session, run_id: str | None = None) -> list[PrivacyRecord]:
     """The records of run ``run_id`` (None: of every run), by run, round and node."""
-    signed = select(LedgerEntryRow).order_by(LedgerEntryRow.id)
+    signed = select(LedgerEntryRow.entry).order_by(LedgerEntryRow.id)
     unsigned = select(UnsignedEpsilonReport).order_by(UnsignedEpsilonReport.id)
     if run_id is not None:
         signed = signed.where(LedgerEntryRow.run_id == run_id)
         unsigned = unsigned.where(UnsignedEpsilonReport.run_id == run_id)
     records = []
-    for row in session.scalars(signed):
-        entry = row.sealed()
+    for text in session.scalars(signed):  # the entries' JSON alone: no ORM object per row
+        entry = entry_from_json(text)
         records.append(
             PrivacyRecord(
                 run_id=entry.run_id,
