@@ -20,11 +20,13 @@ bash scripts/system-deps.sh
 .venv/bin/shellcheck --external-sources docker/*.sh
 .venv/bin/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml \
     docker/compose.gpu.yaml
-# The storage tests run on SQLite and on a throwaway PostgreSQL (unless one is given).
+# The storage tests run on SQLite and on a throwaway PostgreSQL (unless one is given), in a
+# folder of this run's own: a shared one would be stopped by another run's exit.
 if [ -z "${FEDTUNE_TEST_POSTGRES_URL:-}" ]; then
-    FEDTUNE_TEST_POSTGRES_URL=$(bash scripts/postgres-for-tests.sh start)
+    postgres_dir=$(mktemp -d /tmp/fedtune-postgres.XXXXXX)
+    trap 'bash scripts/postgres-for-tests.sh stop "$postgres_dir"' EXIT
+    FEDTUNE_TEST_POSTGRES_URL=$(bash scripts/postgres-for-tests.sh start "$postgres_dir")
     export FEDTUNE_TEST_POSTGRES_URL
-    trap 'bash scripts/postgres-for-tests.sh stop' EXIT
 fi
 # Exit code 5 (no tests collected) must fail, and does: set -e stops on any non-zero code.
 .venv/bin/python -m pytest "${tier[@]}" "$@"
