@@ -94,7 +94,11 @@ def test_a_version_one_ledger_still_verifies_and_version_two_entries_extend_it(
     assert result.ok, result.problem
     assert "format" not in first.to_dict()  # re-read as it was signed
     assert LedgerEntry.from_dict(first.to_dict()) == first
-    assert (first.entry_kind, first.privacy_method) == ("training_round", "dp-sgd")
+    assert (first.entry_kind, first.privacy_method, first.protected_unit) == (
+        "training_round",
+        "dp-sgd",
+        "example",
+    )
 
 
 def test_a_version_one_entry_after_a_version_two_one_is_refused(key: NodeKey) -> None:

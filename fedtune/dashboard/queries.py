@@ -468,18 +468,6 @@ def ledger_page(engine: Engine, wanted: LedgerFilter, *, offset: int, limit: int
     return _entry_frame(texts)
 
 
-def ledger_rows(engine: Engine, node: str) -> pd.DataFrame:
-    """The whole ledger copy of ``node``, one row per entry in seq order, with the entry's
-    fields spread into columns (see :func:`ledger_page`, which reads one page of it)."""
-    with engine.connect() as connection:
-        frame = _read(
-            connection,
-            _select("ledger_entries", ("seq", "entry"), where=[("node", node)], order_by=["seq"]),
-            ("seq", "entry"),
-        )
-    return _entry_frame(list(frame["entry"]))
-
-
 def _entry_frame(texts: Sequence[str]) -> pd.DataFrame:
     fields = pd.json_normalize([_json(text) for text in texts])
     if fields.empty:

@@ -203,9 +203,14 @@ class LedgerEntry:
     @property
     def privacy_method(self) -> str:
         """How the round was made private (inferred for a version-1 entry from its mode)."""
-        if self.method is not None:
+        if self.format is not None and self.method is not None:  # always both in version 2
             return self.method
-        return "dp-sgd" if self.mode == "dp" else "none"
+        return version_one_reading(self.mode)[0]
+
+    @property
+    def protected_unit(self) -> str | None:
+        """Whose privacy the epsilon is about (inferred for a version-1 entry)."""
+        return self.privacy_unit if self.format is not None else version_one_reading(self.mode)[1]
 
     def to_dict(self) -> dict[str, Any]:
         """Payload, ``hash`` and ``signature``: what a ledger file's entry line holds."""
@@ -241,6 +246,13 @@ class LedgerEntry:
     def content_matches(self) -> bool:
         """Whether ``hash`` is the hash of this entry's payload."""
         return entry_hash(self.payload()) == self.hash
+
+
+def version_one_reading(mode: str) -> tuple[str, str | None]:
+    """The method and privacy unit of a round recorded before entries said them (a version-1
+    entry, or a fedtune 0.1 report): fedtune 0.1 trained with DP-SGD over examples, or
+    without DP."""
+    return ("dp-sgd", "example") if mode == "dp" else ("none", None)
 
 
 def entry_hash(payload: Mapping[str, Any]) -> str:
@@ -829,4 +841,5 @@ __all__ = [
     "sign_checkpoint",
     "utc_now_text",
     "verify_chain",
+    "version_one_reading",
 ]

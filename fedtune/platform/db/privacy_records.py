@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedtune.platform.db.storage import UnsignedEpsilonReport
+from fedtune.privacy.ledger import version_one_reading
 from fedtune.privacy.ledger_store import LedgerEntryRow, entry_from_json
 
 
@@ -34,6 +35,23 @@ class PrivacyRecord:
     signed: bool  # False: an unsigned report of fedtune 0.1, for a round with no signed copy
 
 
+# Fields a signed entry and an unsigned report both hold under these names.
+_SHARED = (
+    "run_id",
+    "round",
+    "data_fingerprint",
+    "mode",
+    "steps",
+    "sample_rate",
+    "noise_multiplier",
+    "max_grad_norm",
+    "delta",
+    "epsilon_round",
+    "epsilon_cap",
+    "accountant",
+)
+
+
 def privacy_records(session: Session, run_id: str | None = None) -> list[PrivacyRecord]:
     """The records of run ``run_id`` (None: of every run), by run, round and node."""
     signed = select(LedgerEntryRow.entry).order_by(LedgerEntryRow.id)
@@ -46,22 +64,11 @@ def privacy_records(session: Session, run_id: str | None = None) -> list[Privacy
         entry = entry_from_json(text)
         records.append(
             PrivacyRecord(
-                run_id=entry.run_id,
-                round=entry.round,
+                **{name: getattr(entry, name) for name in _SHARED},
                 node=entry.node,
-                data_fingerprint=entry.data_fingerprint,
-                mode=entry.mode,
-                method=entry.privacy_method,
-                privacy_unit=entry.privacy_unit or ("example" if entry.mode == "dp" else None),
-                steps=entry.steps,
-                sample_rate=entry.sample_rate,
-                noise_multiplier=entry.noise_multiplier,
-                max_grad_norm=entry.max_grad_norm,
-                delta=entry.delta,
-                epsilon_round=entry.epsilon_round,
                 epsilon_after=entry.epsilon_after,
-                epsilon_cap=entry.epsilon_cap,
-                accountant=entry.accountant,
+                method=entry.privacy_method,
+                privacy_unit=entry.protected_unit,
                 signed=True,
             )
         )
@@ -69,25 +76,14 @@ def privacy_records(session: Session, run_id: str | None = None) -> list[Privacy
     for report in session.scalars(unsigned):
         if (report.run_id, report.round, report.node_name) in held:
             continue
-        private = report.mode == "dp"
+        method, unit = version_one_reading(report.mode)
         records.append(
             PrivacyRecord(
-                run_id=report.run_id,
-                round=report.round,
+                **{name: getattr(report, name) for name in _SHARED},
                 node=report.node_name,
-                data_fingerprint=report.data_fingerprint,
-                mode=report.mode,
-                method="dp-sgd" if private else "none",
-                privacy_unit="example" if private else None,
-                steps=report.steps,
-                sample_rate=report.sample_rate,
-                noise_multiplier=report.noise_multiplier,
-                max_grad_norm=report.max_grad_norm,
-                delta=report.delta,
-                epsilon_round=report.epsilon_round,
                 epsilon_after=report.epsilon,
-                epsilon_cap=report.epsilon_cap,
-                accountant=report.accountant,
+                method=method,
+                privacy_unit=unit,
                 signed=False,
             )
         )
