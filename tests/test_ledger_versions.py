@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_ledger import round_fields
 
 from fedtune.privacy.ledger import (
     ENTRY_FORMAT,
     GENESIS_HASH,
     V1_PAYLOAD_FIELDS,
+    VERSIONED_FIELDS,
     LedgerEntry,
     LedgerFormatError,
     entry_hash,
@@ -24,24 +26,8 @@ from fedtune.privacy.ledger import (
 from fedtune.privacy.ledger_file import read_ledger_file, verify_ledger_file, write_ledger_file
 from fedtune.privacy.signing import NodeKey
 
-V1_FIELDS: dict[str, Any] = {
-    "node": "hospital-a",
-    "run_id": "run-1",
-    "round": 1,
-    "base_model_fingerprint": "sha256:" + "b" * 64,
-    "data_fingerprint": "sha256:" + "d" * 64,
-    "mode": "dp",
-    "steps": 20,
-    "sample_rate": 0.01,
-    "noise_multiplier": 1.1,
-    "max_grad_norm": 1.0,
-    "delta": 1e-5,
-    "epsilon_round": 0.5,
-    "epsilon_after": 0.5,
-    "epsilon_cap": 8.0,
-    "accountant": "rdp",
-    "accountant_version": "opacus-1.6.0",
-    "recorded_at": "2026-11-23T19:00:00.123456Z",
+V1_FIELDS: dict[str, Any] = {  # a DP round as fedtune 0.1 sealed it
+    name: value for name, value in round_fields().items() if name not in VERSIONED_FIELDS
 }
 VERSIONED = {"kind": "training_round", "method": "dp-sgd", "privacy_unit": "example"}
 
