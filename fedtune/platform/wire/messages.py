@@ -54,7 +54,12 @@ class ProtocolMismatchError(FedtuneError, ValueError):
 
 
 def _stated(value: object) -> str:
-    return str(value) if value is not None else "fedtune-wire/1 (fedtune 0.1: none stated)"
+    """What the other side stated, for a message that is stored and shown: the other side
+    is not trusted, so its text is quoted and cut short."""
+    if value is None:
+        return "fedtune-wire/1 (fedtune 0.1: none stated)"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_protocol(record: ConfigRecord, *, who: str) -> None:
