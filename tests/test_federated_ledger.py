@@ -3,6 +3,8 @@ the run goes on with the others, the node's ledger and the coordinator's copy ag
 exported ledger verifies and its epsilons agree with an independent accountant."""
 
 import json
+import shutil
+import sqlite3
 
 import pytest
 from sqlalchemy import select
@@ -11,8 +13,9 @@ from conftest import FEDERATED_BANK_CAP, FederatedRun
 from fedtune.cli import main
 from fedtune.common.database import transaction
 from fedtune.platform.db.storage import RejectedUpdate, Round, open_database
-from fedtune.privacy.ledger_store import ledger_entries
+from fedtune.privacy.ledger_store import ledger_entries, ledger_receipts
 from fedtune.privacy.node_ledger import NodeLedger, ledger_url
+from fedtune.privacy.signing import NodeKey
 
 pytestmark = pytest.mark.simulation
 
@@ -113,3 +116,75 @@ def test_a_ledger_edited_in_the_database_file_fails_verification(run, tmp_path, 
 
     assert code == 1
     assert "entry seq 1" in capsys.readouterr().out
+
+
+def test_each_node_keeps_the_coordinators_receipt_for_every_head_it_sent(run):
+    _, config, _, engine = run
+    for name in ("hospital", "bank"):
+        state_dir = config.node_config(name).node.state_dir
+        node = NodeLedger(state_dir, node=name)
+        with transaction(node.engine) as session:
+            kept = ledger_receipts(session, name)
+        with transaction(engine) as session:
+            signed = ledger_receipts(session, name)
+        witness = NodeKey.load(config.witness_key_path).public_key
+        assert [(r.seq, r.head_hash) for r in kept] == [(e.seq, e.hash) for e in node.entries()]
+        assert kept == signed, name
+        assert all(r.signed_by(witness) for r in kept)
+
+
+def _export(db: str, node: str, out) -> str:
+    assert main(["audit", "export", "--db", db, "--node", node, "--out", str(out)]) == 0
+    return json.loads(out.read_text().splitlines()[0])["public_key"]
+
+
+def _rolled_back_copy(state_dir, tmp_path, *, keep_receipts: bool):
+    """The node's ledger.db with its last entry and checkpoint deleted (triggers dropped),
+    as an operator with file access could do; the receipts too unless ``keep_receipts``."""
+    copy = tmp_path / "ledger.db"
+    shutil.copy(state_dir / "ledger.db", copy)
+    with sqlite3.connect(copy) as db:
+        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        last = db.execute("SELECT max(seq) FROM ledger_entries").fetchone()[0]
+        db.execute("DELETE FROM ledger_entries WHERE seq = ?", (last,))
+        db.execute("DELETE FROM ledger_checkpoints WHERE seq = ?", (last,))
+        if not keep_receipts:
+            db.execute("DELETE FROM ledger_receipts WHERE seq = ?", (last,))
+    return f"sqlite:///{copy}", last
+
+
+def test_a_rolled_back_node_ledger_fails_given_the_witness_key_or_the_coordinators_copy(
+    run, tmp_path, capsys
+):
+    workdir, config, _, _ = run
+    state_dir = config.node_config("hospital").node.state_dir
+    witness = NodeKey.load(config.witness_key_path).public_key_text()
+    coordinator_copy = tmp_path / "coordinator.jsonl"
+    _export(str(workdir / "out" / "fedtune.db"), "hospital", coordinator_copy)
+    honest = tmp_path / "honest.jsonl"
+    key = _export(ledger_url(state_dir), "hospital", honest)
+    (tmp_path / "swap").mkdir()
+    (tmp_path / "rewrite").mkdir()
+    swapped_db, last = _rolled_back_copy(state_dir, tmp_path / "swap", keep_receipts=True)
+    rewritten_db, _ = _rolled_back_copy(state_dir, tmp_path / "rewrite", keep_receipts=False)
+    swapped, rewritten = tmp_path / "swapped.jsonl", tmp_path / "rewritten.jsonl"
+    _export(swapped_db, "hospital", swapped)
+    _export(rewritten_db, "hospital", rewritten)
+    capsys.readouterr()
+
+    def verify(path, *options: str) -> tuple[int, str]:
+        code = main(["audit", "verify", str(path), "--public-key", key, *options])
+        return code, capsys.readouterr().out
+
+    with_witness = ("--witness-key", witness)
+    with_copy = ("--coordinator-copy", str(coordinator_copy))
+    honest_code, honest_out = verify(honest, *with_witness, *with_copy)
+    assert honest_code == 0, honest_out
+    assert f"witnessed by the coordinator up to seq {last}" in honest_out
+    assert verify(swapped)[0] == 0  # alone, a prefix of a signed ledger looks whole
+    code, out = verify(swapped, *with_witness)
+    assert code == 1 and f"rolled back: the coordinator witnessed seq {last}" in out
+    assert verify(rewritten, *with_witness)[0] == 0  # the receipt went with the entry...
+    code, out = verify(rewritten, *with_copy)  # ...but the coordinator kept its copy
+    assert code == 1 and f"rolled back: the coordinator's copy holds seq {last}" in out

@@ -139,7 +139,7 @@ def test_seal_entry_asks_for_the_versioned_fields(key: NodeKey) -> None:
         seal_entry(V1_FIELDS, previous=None, key=key)
 
 
-def test_ledger_files_of_both_formats_are_read_and_a_newer_one_is_refused(
+def test_ledger_files_of_every_format_are_read_and_a_newer_one_is_refused(
     key: NodeKey, tmp_path: Path
 ) -> None:
     first = seal_v1(key, None)
@@ -153,8 +153,13 @@ def test_ledger_files_of_both_formats_are_read_and_a_newer_one_is_refused(
         checkpoint=sign_checkpoint(node="hospital-a", head=second, key=key),
     )
     lines = path.read_text().splitlines()
-    assert json.loads(lines[0])["format"] == "fedtune-ledger/2"
+    assert json.loads(lines[0])["format"] == "fedtune-ledger/3"
     assert verify_ledger_file(path, public_key=key.public_key).ok
+    before_receipts = tmp_path / "v2.jsonl"  # fedtune 0.2 wrote /2: no receipts
+    before_receipts.write_text(
+        "\n".join([json.dumps({**json.loads(lines[0]), "format": "fedtune-ledger/2"}), *lines[1:]])
+    )
+    assert verify_ledger_file(before_receipts, public_key=key.public_key).ok
 
     old = tmp_path / "old.jsonl"  # as fedtune 0.1 wrote it: a /1 header, version-1 entries
     write_ledger_file(
@@ -170,6 +175,6 @@ def test_ledger_files_of_both_formats_are_read_and_a_newer_one_is_refused(
     assert verify_ledger_file(old, public_key=key.public_key).ok
 
     newer = tmp_path / "newer.jsonl"
-    newer.write_text("\n".join([json.dumps({**header, "format": "fedtune-ledger/3"}), *lines[1:]]))
-    with pytest.raises(LedgerFormatError, match=r"fedtune-ledger/3.*upgrade fedtune"):
+    newer.write_text("\n".join([json.dumps({**header, "format": "fedtune-ledger/4"}), *lines[1:]]))
+    with pytest.raises(LedgerFormatError, match=r"fedtune-ledger/4.*upgrade fedtune"):
         read_ledger_file(newer)

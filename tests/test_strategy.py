@@ -130,6 +130,7 @@ def setting(tmp_path, tiny_model):
         run_id="r1",
         rounds=1,
         checkpointer=AdapterCheckpointer(model, tmp_path / "adapters"),
+        witness=NodeKey.generate(),
         progress=lambda line: None,
     )
     check = LedgerCheck(

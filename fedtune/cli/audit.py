@@ -27,6 +27,17 @@ def register(commands: Any) -> None:
     verify.add_argument(
         "--public-key", required=True, help="the node's public key (PEM file or base64)"
     )
+    verify.add_argument(
+        "--witness-key",
+        help="the coordinator's witness key (PEM file or base64; `fedtune coordinator "
+        "witness-key`): the ledger must reach every head the coordinator countersigned",
+    )
+    verify.add_argument(
+        "--coordinator-copy",
+        type=Path,
+        help="an export of the coordinator's copy of this node's ledger (`fedtune audit export "
+        "--db fedtune.db`): the ledger must hold every entry and receipt there, unchanged",
+    )
     verify.set_defaults(handler=_audit_verify)
     report = audit.add_parser(
         "report",
@@ -53,7 +64,12 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from fedtune.privacy.ledger_file import format_verification, verify_ledger_file
     from fedtune.privacy.signing import load_public_key
 
-    result = verify_ledger_file(args.ledger, public_key=load_public_key(args.public_key))
+    result = verify_ledger_file(
+        args.ledger,
+        public_key=load_public_key(args.public_key),
+        witness_key=load_public_key(args.witness_key) if args.witness_key else None,
+        coordinator_copy=args.coordinator_copy,
+    )
     print(format_verification(result))
     return 0 if result.ok else 1
 

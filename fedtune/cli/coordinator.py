@@ -40,21 +40,31 @@ def register(commands: Any) -> None:
     )
     key.add_argument("--out", required=True, type=Path, help="a new key file (mode 0600)")
     key.set_defaults(handler=_coordinator_encryption_key)
+    witness = coordinator.add_parser(
+        "witness-key",
+        help="print the public key with which the coordinator countersigns nodes' ledger heads "
+        "(auditors pass it to `fedtune audit verify --witness-key`)",
+    )
+    config_option(witness, "coordinator")
+    witness.set_defaults(handler=_coordinator_witness_key)
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
     from fedtune.coordinator.superlink import CoordinatorSupervisor, prepare
     from fedtune.platform.db.storage import open_database
+    from fedtune.privacy.signing import NodeKey
 
     os.umask(0o077)  # state, databases, logs: the coordinator's account only
     config = load_coordinator_config(args.config)
     prepare(config)
     open_database(config.database_url).dispose()  # created/migrated before any run
+    witness = NodeKey.load_or_create(config.witness_key_path)
     print(
         f"coordinator: nodes connect to {config.coordinator.host}:{config.coordinator.port} "
         f"(gateway: TLS, Fleet API only, node authentication); database {config.database_url}",
         flush=True,
     )
+    print(f"coordinator: ledger receipts signed with witness key {witness.public_key_text()}")
     supervisor = CoordinatorSupervisor(config, say=partial(print, flush=True))
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
@@ -72,6 +82,15 @@ def _coordinator_enroll(args: argparse.Namespace) -> int:
     config = load_coordinator_config(args.config)
     node_id = enroll_node(config, args.enrollment, name=args.name)
     print(f"enrolled node {args.name} (SuperNode {node_id}); it may now connect")
+    return 0
+
+
+def _coordinator_witness_key(args: argparse.Namespace) -> int:
+    from fedtune.privacy.signing import NodeKey
+
+    config = load_coordinator_config(args.config)
+    os.umask(0o077)
+    print(NodeKey.load_or_create(config.witness_key_path).public_key_text())
     return 0
 
 

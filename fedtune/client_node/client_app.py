@@ -7,6 +7,7 @@ a message for a different base model is refused before anything runs.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -42,11 +43,15 @@ from fedtune.platform.wire.messages import (
     TrainInstructions,
     decline_content,
     node_identity,
+    receipt_from_content,
     record_to_arrays,
     train_reply_content,
 )
 from fedtune.privacy.accounting import BudgetExhaustedError
+from fedtune.privacy.ledger import LedgerFormatError
 from fedtune.privacy.node_ledger import NodeLedger
+
+logger = logging.getLogger(__name__)
 
 
 class BaseModelMismatchError(FedtuneError, RuntimeError):
@@ -243,10 +248,13 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
 
 
 def evaluate_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
-    """Held-out loss and perplexity of the global adapter on this node's data."""
+    """Held-out loss and perplexity of the global adapter on this node's data; the
+    coordinator's receipt for this node's ledger head, when the message carries one, is kept
+    beside the entry it covers."""
     started = time.perf_counter()
     runtime = node_runtime(config)
     instructions = TrainInstructions.from_record(content.config_records[CONFIG])
+    _keep_receipt(runtime, content)
     _check_base_model(runtime, instructions.base_model_fingerprint)
     model = runtime.model_with(instructions.lora)
     load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
@@ -262,6 +270,18 @@ def evaluate_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         }
     )
     return RecordDict({METRICS: metrics, NODE: runtime.identity()})
+
+
+def _keep_receipt(runtime: NodeRuntime, content: RecordDict) -> None:
+    """Store the message's receipt; a bad one is logged and left out (it proves nothing, and
+    evaluating does not depend on it)."""
+    try:
+        receipt = receipt_from_content(content)
+        problem = runtime.ledger.keep_receipt(receipt) if receipt is not None else None
+    except (LedgerFormatError, ValueError) as exc:
+        problem = str(exc)
+    if problem is not None:
+        logger.warning("coordinator's ledger receipt not kept: %s", problem)
 
 
 def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:

@@ -199,6 +199,7 @@ def _rounds(
     plain = ValidatingFedAvg(
         observer=setup.recorder,
         ledger_check=setup.ledger_check(),
+        receipts=setup.recorder.receipt_for,
         enrolled=grid.enrolled_name,
         fraction_train=config.run.fraction_train,
         fraction_evaluate=1.0,

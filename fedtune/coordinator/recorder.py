@@ -1,7 +1,8 @@
 """Records each round of a run in the coordinator's database and checkpoints the global
 adapter. A round's writes (its row, the nodes' metrics, the copies of their signed ledger
-entries — the round's only privacy record —, the rejected updates and the checkpoint row)
-commit together once its evaluation is in."""
+entries — the round's only privacy record — with the coordinator's receipt for each, the
+rejected updates and the checkpoint row) commit together once its evaluation is in. Each
+node gets its receipt in the round's evaluate message (:meth:`RunRecorder.receipt_for`)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ from fedtune.platform.wire.messages import (
     NUM_EXAMPLES,
     record_to_arrays,
 )
-from fedtune.privacy.ledger_store import checkpoint_row, entry_row
+from fedtune.privacy.ledger_store import checkpoint_row, entry_row, receipt_row
+from fedtune.privacy.receipts import Receipt, witness_of
+from fedtune.privacy.signing import NodeKey
 
 
 def _finite(value: Any) -> float | None:
@@ -66,6 +69,7 @@ class RunRecorder:
         run_id: str,
         rounds: int,
         checkpointer: AdapterCheckpointer,
+        witness: NodeKey,
         progress: Callable[[str], None] = print,
     ):
         self.engine = engine
@@ -73,12 +77,18 @@ class RunRecorder:
         self.rounds = rounds
         self.checkpointer = checkpointer
         self.progress = progress
+        self.witness = witness
+        self._receipts: dict[str, Receipt] = {}  # Flower node id -> its latest receipt
         # Flower node id -> the name its replies were attributed to (in deployment the
         # enrolled name, see coordinator.roster; in simulation the name the node gave)
         self.node_names: dict[str, str] = {}
         self._pending: _PendingRound | None = None
         self._held_out: list[float | None] = []  # global held-out loss per round
         self._round_started = time.perf_counter()
+
+    def receipt_for(self, flower_node_id: str) -> Receipt | None:
+        """The receipt for the latest ledger head this run received from the node."""
+        return self._receipts.get(flower_node_id)
 
     def _name(self, outcome: ReplyOutcome) -> str | None:
         if outcome.node_name:
@@ -113,9 +123,12 @@ class RunRecorder:
         pending.rows += self._rejections(server_round, "train", outcomes)
         for outcome in outcomes:
             if outcome.ledger is not None:  # stored even when the update was rejected
+                receipt = witness_of(outcome.ledger.entry, self.witness)
+                self._receipts[outcome.flower_node_id] = receipt
                 pending.rows += [
                     entry_row(outcome.ledger.entry),
                     checkpoint_row(outcome.ledger.checkpoint),
+                    receipt_row(receipt),
                 ]
         for outcome in outcomes:
             content = outcome.content

@@ -33,7 +33,7 @@ from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.model.lora import adapter_arrays, attach_lora
 from fedtune.platform.wire.messages import TrainInstructions, arrays_to_record
 from fedtune.privacy.ledger_store import add_public_key
-from fedtune.privacy.signing import load_public_key, public_key_text
+from fedtune.privacy.signing import NodeKey, load_public_key, public_key_text
 
 
 @dataclass
@@ -89,6 +89,7 @@ def prepare_run(
         engine,
         run_id=run_id,
         rounds=config.run.rounds,
+        witness=NodeKey.load_or_create(config.witness_key_path),
         checkpointer=AdapterCheckpointer(model, adapters, key=config.output.checkpoint_key()),
         progress=progress,
     )
@@ -141,6 +142,7 @@ def run_federation(
     strategy = ValidatingFedAvg(
         observer=setup.recorder,
         ledger_check=setup.ledger_check(),
+        receipts=setup.recorder.receipt_for,
         fraction_train=config.run.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=min(min_nodes, max(1, int(config.run.fraction_train * min_nodes))),

@@ -36,7 +36,9 @@ from fedtune.platform.wire.messages import (
     NUM_EXAMPLES,
     ProtocolMismatchError,
     check_protocol,
+    with_receipt,
 )
+from fedtune.privacy.receipts import Receipt
 
 OutcomeKind = Literal["accepted", "rejected", "declined", "failed"]
 EnrolledName = Callable[[int], str | None]  # a SuperNode id -> its enrolled name
@@ -221,12 +223,14 @@ class ValidatingFedAvg(FedAvg):
         observer: RoundObserver,
         ledger_check: LedgerCheck | None = None,
         enrolled: EnrolledName | None = None,
+        receipts: Callable[[str], Receipt | None] | None = None,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.observer = observer
         self.ledger_check = ledger_check
         self.enrolled = enrolled
+        self.receipts = receipts
         # The global arrays sent out this round: replies must match their keys and shapes.
         self.global_arrays: ArrayRecord | None = None
 
@@ -254,6 +258,26 @@ class ValidatingFedAvg(FedAvg):
             arrays, metrics = super().aggregate_train(server_round, accepted)
         self.observer.on_train(server_round, outcomes, arrays, metrics, self.global_arrays)
         return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's evaluate messages, each with the coordinator's receipt for the latest
+        ledger head its node sent (``receipts``), which the node keeps beside its entry."""
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        if self.receipts is None:
+            return messages
+        out = []
+        for message in messages:
+            receipt = self.receipts(str(message.metadata.dst_node_id))
+            if receipt is not None:
+                message = Message(
+                    content=with_receipt(message.content, receipt),
+                    message_type=message.metadata.message_type,
+                    dst_node_id=message.metadata.dst_node_id,
+                )
+            out.append(message)
+        return out
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -300,6 +300,7 @@ def deployment_job(
             "database": coordinator.database_url,
             "encryption_key_file": coordinator.coordinator.encryption_key_file
             or run.output.encryption_key_file,
+            "witness_key_file": coordinator.witness_key_path,
         }
     )
     return DeploymentJob(

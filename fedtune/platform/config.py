@@ -42,6 +42,9 @@ PositiveInt = Annotated[int, Field(gt=0)]
 _ConfigT = TypeVar("_ConfigT", bound=BaseModel)
 
 
+WITNESS_KEY_FILE = "witness_key.pem"
+
+
 class ConfigError(FedtuneError, ValueError):
     """A configuration file is missing, unreadable or invalid."""
 
@@ -300,6 +303,12 @@ class RunOutput(_Section):
     database: DatabaseUrl | None = Field(
         default=None, description="SQLAlchemy URL; default: sqlite:///OUTPUT_DIR/fedtune.db."
     )
+    witness_key_file: ConfigPath | None = Field(
+        default=None,
+        description="The coordinator's Ed25519 witness key, which countersigns every ledger "
+        "head it receives (receipts); created on first use. Default: OUTPUT_DIR/witness_key.pem "
+        "(in deployment, the coordinator's STATE_DIR/witness_key.pem).",
+    )
     encryption_key_file: ConfigPath | None = Field(
         default=None,
         description="Encrypt global adapter checkpoints at rest (AES-256-GCM) with this key "
@@ -405,6 +414,10 @@ class RunConfig(_Section):
     @property
     def database_url(self) -> str:
         return self.output.database or f"sqlite:///{self.output.dir / 'fedtune.db'}"
+
+    @property
+    def witness_key_path(self) -> Path:
+        return self.output.witness_key_file or self.output.dir / WITNESS_KEY_FILE
 
     def node_config(self, name: str) -> NodeConfig:
         """The configuration the simulated node ``name`` runs with; its privacy plan spans the
@@ -517,6 +530,11 @@ class CoordinatorConfig(_Section):
         return self.coordinator.database or (
             f"sqlite:///{self.coordinator.state_dir / 'fedtune.db'}"
         )
+
+    @property
+    def witness_key_path(self) -> Path:
+        """The key that countersigns the ledger heads nodes send (receipts)."""
+        return self.coordinator.state_dir / WITNESS_KEY_FILE
 
     @property
     def public_address(self) -> str:
@@ -641,6 +659,7 @@ def load_run_config(path: str | Path) -> RunConfig:
                 update={
                     "dir": _resolve(base, config.output.dir),
                     "encryption_key_file": _resolve(base, config.output.encryption_key_file),
+                    "witness_key_file": _resolve(base, config.output.witness_key_file),
                 }
             ),
         }

@@ -37,9 +37,10 @@ from fedtune.common.errors import FedtuneError
 from fedtune.privacy.signing import NodeKey, decode_signature, verify_signature
 
 GENESIS_HASH = "0" * 64
-# The ledger file's format: /2 files may hold version-2 entries; /1 files are still read.
-LEDGER_FORMAT = "fedtune-ledger/2"
-LEDGER_FORMATS_READ = ("fedtune-ledger/1", LEDGER_FORMAT)
+# The ledger file's format: /3 files may end with the coordinator's receipts, /2 files may
+# hold version-2 entries; /1 and /2 files are still read.
+LEDGER_FORMAT = "fedtune-ledger/3"
+LEDGER_FORMATS_READ = ("fedtune-ledger/1", "fedtune-ledger/2", LEDGER_FORMAT)
 # The format of the entries sealed now. Entries without a ``format`` field are version 1
 # (fedtune 0.1): they verify as they were sealed and are read as training rounds.
 ENTRY_FORMAT = "fedtune-entry/2"

@@ -2,7 +2,8 @@
 
 It reads either a node's own ledger database (``STATE_DIR/ledger.db``) or the coordinator's
 (which holds the copies that reached it); both have the same ledger tables, and only those are
-read.
+read. The coordinator's receipts go with the entries: those the node received, or those the
+coordinator signed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fedtune.privacy.ledger_store import (
     latest_checkpoint,
     ledger_entries,
     ledger_nodes,
+    ledger_receipts,
     node_public_keys,
 )
 
@@ -32,6 +34,7 @@ def export_ledger(db: str, *, node: str, out: Path) -> int:
         checkpoint = latest_checkpoint(session, node)
         keys = node_public_keys(session, node)
         known = ledger_nodes(session)
+        receipts = ledger_receipts(session, node)
     if not entries:
         raise AuditError(
             f"no ledger entries for node {node!r} in {db}"
@@ -39,5 +42,12 @@ def export_ledger(db: str, *, node: str, out: Path) -> int:
         )
     if checkpoint is None or not keys:
         raise AuditError(f"{db} holds no signed ledger head or no public key for {node!r}")
-    write_ledger_file(out, node=node, public_key=keys[-1], entries=entries, checkpoint=checkpoint)
+    write_ledger_file(
+        out,
+        node=node,
+        public_key=keys[-1],
+        entries=entries,
+        checkpoint=checkpoint,
+        receipts=receipts,
+    )
     return len(entries)

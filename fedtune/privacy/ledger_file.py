@@ -1,10 +1,13 @@
 """The ledger file an auditor verifies offline: JSON Lines, one object per line.
 
-Line 1 is a header ``{"type": "header", "format": "fedtune-ledger/2", "node", "public_key",
-"exported_at"}`` (``/1`` files, from before entries had a format, are read too); then one
-``{"type": "entry", ...}`` line per entry in seq order (payload, ``hash``, ``signature``); the
-last line is the signed ``{"type": "checkpoint", ...}`` of the head. The header's public key
-is a hint only: an auditor verifies against the key the node enrolled, obtained out of band.
+Line 1 is a header ``{"type": "header", "format": "fedtune-ledger/3", "node", "public_key",
+"exported_at"}`` (``/1`` and ``/2`` files, from before entries had a format and before
+receipts, are read too); then one ``{"type": "entry", ...}`` line per entry in seq order
+(payload, ``hash``, ``signature``); then the signed ``{"type": "checkpoint", ...}`` of the
+head; then the coordinator's ``{"type": "receipt", ...}`` lines by seq
+(:mod:`fedtune.privacy.receipts`). The header's public key is a hint only: an auditor verifies
+against the key the node enrolled, obtained out of band, and checks receipts against the
+coordinator's witness key, obtained the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from fedtune.privacy.ledger import (
     utc_now_text,
     verify_chain,
 )
-from fedtune.privacy.signing import load_public_key, public_key_text
+from fedtune.privacy.receipts import Receipt, check_witnessed, head_problem
+from fedtune.privacy.signing import load_public_key, public_key_text, verify_signature
 
 HEADER_FIELDS = ("format", "node", "public_key", "exported_at")
 
@@ -48,6 +52,8 @@ class LedgerFile:
     entry_lines: tuple[int, ...]
     header_line: int = 1
     checkpoint_line: int | None = None
+    receipts: tuple[Receipt, ...] = ()
+    receipt_lines: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,12 @@ def write_ledger_file(
     public_key: Ed25519PublicKey | str,
     entries: Sequence[LedgerEntry],
     checkpoint: Checkpoint,
+    receipts: Sequence[Receipt] = (),
     overwrite: bool = False,
     exported_at: str | None = None,
 ) -> None:
-    """Export ``node``'s ``entries`` and the ``checkpoint`` of their head to ``path``.
+    """Export ``node``'s ``entries``, the ``checkpoint`` of their head and the coordinator's
+    ``receipts`` to ``path``.
 
     ``public_key`` is the node's key (or its base64 text) for the header. The file appears
     whole or not at all; an existing file is refused unless ``overwrite``.
@@ -90,6 +98,9 @@ def write_ledger_file(
             raise ValueError(f"entry seq {entry.seq} belongs to node {entry.node!r}, not {node!r}")
     if checkpoint.node != node:
         raise ValueError(f"the checkpoint belongs to node {checkpoint.node!r}, not {node!r}")
+    for receipt in receipts:
+        if receipt.node != node:
+            raise ValueError(f"a receipt belongs to node {receipt.node!r}, not {node!r}")
     head_seq = entries[-1].seq if entries else 0
     head_hash = entries[-1].hash if entries else GENESIS_HASH
     if (checkpoint.seq, checkpoint.head_hash) != (head_seq, head_hash):
@@ -116,6 +127,8 @@ def write_ledger_file(
             for entry in entries:
                 handle.write(_line({"type": "entry", **entry.to_dict()}))
             handle.write(_line({"type": "checkpoint", **checkpoint.to_dict()}))
+            for receipt in sorted(receipts, key=lambda r: r.seq):
+                handle.write(_line({"type": "receipt", **receipt.to_dict()}))
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)  # an export is for others to read; mkstemp made it 0600
@@ -159,6 +172,8 @@ def read_ledger_file(path: Path) -> LedgerFile:
         entry_lines=tuple(reader.entry_lines),
         header_line=reader.header_line,
         checkpoint_line=reader.checkpoint_line,
+        receipts=tuple(reader.receipts),
+        receipt_lines=tuple(reader.receipt_lines),
     )
 
 
@@ -188,6 +203,8 @@ class _Reader:
         self.entry_lines: list[int] = []
         self.checkpoint: Checkpoint | None = None
         self.checkpoint_line: int | None = None
+        self.receipts: list[Receipt] = []
+        self.receipt_lines: list[int] = []
 
     def add(self, text: str, number: int) -> None:
         record = _parse_line(text)
@@ -211,21 +228,43 @@ class _Reader:
         elif kind == "checkpoint":
             if self.checkpoint is not None:
                 raise _LineError("a second checkpoint line")
+            if self.receipts:
+                raise _LineError("the checkpoint line after a receipt line")
             try:
                 self.checkpoint = Checkpoint.from_dict(record)
             except LedgerFormatError as error:
                 raise _LineError(error.detail) from None
             self.checkpoint_line = number
+        elif kind == "receipt":
+            self._add_receipt(record, number)
         elif kind == "header":
             raise _LineError("a second header line")
         else:
-            raise _LineError(f"unknown line type {kind!r} (expected entry or checkpoint)")
+            raise _LineError(f"unknown line type {kind!r} (expected entry, checkpoint or receipt)")
+
+    def _add_receipt(self, record: dict[str, Any], number: int) -> None:
+        assert self.header is not None
+        if self.header["format"] != LEDGER_FORMAT:
+            raise _LineError(f"a receipt line in a {self.header['format']} file (receipts: /3 on)")
+        if self.checkpoint is None:
+            raise _LineError("a receipt line before the checkpoint line")
+        try:
+            receipt = Receipt.from_dict(record)
+        except LedgerFormatError as error:
+            raise _LineError(str(error)) from None
+        if self.receipts and receipt.seq < self.receipts[-1].seq:
+            before = self.receipts[-1].seq
+            raise _LineError(f"receipt for seq {receipt.seq} after one for seq {before}")
+        self.receipts.append(receipt)
+        self.receipt_lines.append(number)
 
 
 def verify_ledger_file(
     path: Path,
     *,
     public_key: Ed25519PublicKey | str | Path,
+    witness_key: Ed25519PublicKey | str | Path | None = None,
+    coordinator_copy: Path | None = None,
     parallel_threshold: int = PARALLEL_THRESHOLD,
     workers: int | None = None,
 ) -> LedgerVerification:
@@ -233,17 +272,27 @@ def verify_ledger_file(
 
     Every entry must follow the one before it and verify under ``public_key``, and the
     checkpoint must sign the last entry; the first problem found is reported with its line.
-    A malformed file fails too (its first bad line is the problem). ``parallel_threshold``
-    and ``workers`` are passed to :func:`~fedtune.privacy.ledger.verify_chain`.
+    A malformed file fails too (its first bad line is the problem). With ``witness_key`` (the
+    coordinator's), the file's receipts must verify and the ledger must reach every head they
+    countersign; with ``coordinator_copy`` (an export of the coordinator's copy of this node's
+    ledger), every entry and receipt there too: a rolled-back or forked ledger fails.
+    ``parallel_threshold`` and ``workers`` are passed to
+    :func:`~fedtune.privacy.ledger.verify_chain`.
     """
     path = Path(path)
     try:
         ledger = read_ledger_file(path)
+        copy = read_ledger_file(coordinator_copy) if coordinator_copy is not None else None
     except LedgerFormatError as error:
         problem = LedgerProblem(seq=error.seq, position=None, reason=error.detail, line=error.line)
         return LedgerVerification(path=path, ok=False, problem=problem, summary={})
     return verify_ledger(
-        ledger, public_key=public_key, parallel_threshold=parallel_threshold, workers=workers
+        ledger,
+        public_key=public_key,
+        witness_key=witness_key,
+        coordinator_copy=copy,
+        parallel_threshold=parallel_threshold,
+        workers=workers,
     )
 
 
@@ -251,13 +300,17 @@ def verify_ledger(
     ledger: LedgerFile,
     *,
     public_key: Ed25519PublicKey | str | Path,
+    witness_key: Ed25519PublicKey | str | Path | None = None,
+    coordinator_copy: LedgerFile | None = None,
     parallel_threshold: int = PARALLEL_THRESHOLD,
     workers: int | None = None,
 ) -> LedgerVerification:
-    """:func:`verify_ledger_file` on a ledger file already read."""
+    """:func:`verify_ledger_file` on a ledger file (and coordinator's copy) already read."""
     path = ledger.path
     if not isinstance(public_key, Ed25519PublicKey):
         public_key = load_public_key(public_key)
+    if witness_key is not None and not isinstance(witness_key, Ed25519PublicKey):
+        witness_key = load_public_key(witness_key)
     notes = []
     trusted = public_key_text(public_key)
     if ledger.header["public_key"] != trusted:
@@ -279,8 +332,80 @@ def verify_ledger(
         return LedgerVerification(
             path=path, ok=False, problem=problem, summary=summary, notes=tuple(notes)
         )
+    found, witness_notes = _witness_problem(ledger, witness_key, summary)
+    if found is None and coordinator_copy is not None:
+        found = _copy_problem(ledger, coordinator_copy, public_key, witness_key, summary)
+    if found is not None:
+        return LedgerVerification(
+            path=path, ok=False, problem=found, summary=summary, notes=tuple(notes)
+        )
+    notes.extend(witness_notes)
     notes.extend(_content_notes(ledger.entries))
     return LedgerVerification(path=path, ok=True, problem=None, summary=summary, notes=tuple(notes))
+
+
+def _witness_problem(
+    ledger: LedgerFile, witness_key: Ed25519PublicKey | None, summary: dict[str, Any]
+) -> tuple[LedgerProblem | None, list[str]]:
+    """The file's receipts checked against ``witness_key`` (not checked without one)."""
+    if witness_key is None:
+        if ledger.receipts:
+            return None, [
+                f"{len(ledger.receipts)} receipts from the coordinator not checked: give its "
+                "witness key to check them (a rolled-back ledger is caught only then)"
+            ]
+        return None, []
+    check = check_witnessed(
+        ledger.entries, ledger.receipts, node=ledger.header["node"], witness_key=witness_key
+    )
+    summary["witnessed_seq"] = check.witnessed_seq
+    if check.problem is None:
+        return None, list(check.notes)
+    lines = {r.seq: line for r, line in zip(ledger.receipts, ledger.receipt_lines, strict=True)}
+    return LedgerProblem(
+        seq=check.seq, position=None, reason=check.problem, line=lines.get(check.seq or -1)
+    ), []
+
+
+def _copy_problem(
+    ledger: LedgerFile,
+    copy: LedgerFile,
+    public_key: Ed25519PublicKey,
+    witness_key: Ed25519PublicKey | None,
+    summary: dict[str, Any],
+) -> LedgerProblem | None:
+    """Whether ``ledger`` reaches, unchanged, every entry the coordinator's ``copy`` holds
+    (evidence where the node's key signed it) and every receipt there (with ``witness_key``)."""
+    node = ledger.header["node"]
+    if copy.header["node"] != node:
+        return _copy_says(f"it is node {copy.header['node']!r}'s ledger, not {node!r}'s")
+    by_seq = {entry.seq: entry for entry in ledger.entries}
+    last = ledger.entries[-1].seq if ledger.entries else 0
+    for entry in copy.entries:
+        signed = verify_signature(
+            public_key, signature=entry.signature, message=bytes.fromhex(entry.hash)
+        )
+        if not entry.content_matches() or not signed or entry.node != node:
+            return _copy_says(f"seq {entry.seq} there does not verify under the node's key")
+        problem = head_problem(by_seq, last, entry.seq, entry.hash, entry.recorded_at)
+        if problem is not None:
+            return LedgerProblem(seq=entry.seq, position=None, reason=_by_copy(problem))
+    if witness_key is not None:
+        check = check_witnessed(ledger.entries, copy.receipts, node=node, witness_key=witness_key)
+        if check.problem is not None:
+            return LedgerProblem(seq=check.seq, position=None, reason=_by_copy(check.problem))
+    summary["coordinator_copy_entries"] = len(copy.entries)
+    return None
+
+
+def _by_copy(problem: str) -> str:
+    return problem.replace("the coordinator witnessed", "the coordinator's copy holds", 1)
+
+
+def _copy_says(detail: str) -> LedgerProblem:
+    return LedgerProblem(
+        seq=None, position=None, reason=f"the coordinator's copy cannot be compared: {detail}"
+    )
 
 
 def summarize_entries(entries: Sequence[LedgerEntry], *, node: str) -> dict[str, Any]:
@@ -334,7 +459,7 @@ def format_verification(result: LedgerVerification) -> str:
         lines.append(f"VERIFIED  {result.path}")
         lines.append(
             f"  node {summary['node']}: {count} {'entry' if count == 1 else 'entries'}, "
-            "chain intact, every signature valid, head signed"
+            "chain intact, every signature valid, head signed" + _witness_text(summary)
         )
         if count:
             lines.append(
@@ -346,6 +471,18 @@ def format_verification(result: LedgerVerification) -> str:
             lines.append(f"    {_epsilon_text(item)}")
     lines.extend(f"  note: {note}" for note in result.notes)
     return "\n".join(lines)
+
+
+def _witness_text(summary: dict[str, Any]) -> str:
+    parts = []
+    if "witnessed_seq" in summary:
+        parts.append(f", witnessed by the coordinator up to seq {summary['witnessed_seq']}")
+    if "coordinator_copy_entries" in summary:
+        parts.append(
+            f", every one of the coordinator's {summary['coordinator_copy_entries']} copied "
+            "entries present and unchanged"
+        )
+    return "".join(parts)
 
 
 def _epsilon_text(item: dict[str, Any]) -> str:

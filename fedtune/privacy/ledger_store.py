@@ -1,9 +1,10 @@
 """Where epsilon ledgers are kept: the node's own ledger and the coordinator's copies.
 
-Three append-only tables (SQLAlchemy; SQLite or PostgreSQL): ``ledger_entries`` (each sealed
+Four append-only tables (SQLAlchemy; SQLite or PostgreSQL): ``ledger_entries`` (each sealed
 entry as its exact JSON, plus a few columns to query by), ``ledger_checkpoints`` (signed chain
-heads) and ``ledger_keys`` (the public key a node signs with). Database triggers refuse UPDATE
-and DELETE on all three; the hash chain and the signatures detect what gets past them (a
+heads), ``ledger_keys`` (the public key a node signs with) and ``ledger_receipts`` (the
+coordinator's countersigned heads, :mod:`fedtune.privacy.receipts`). Database triggers refuse
+UPDATE and DELETE on all four; the hash chain and the signatures detect what gets past them (a
 file edited outside the database, a dropped trigger).
 
 The coordinator's database gets these tables and triggers from its Alembic migrations
@@ -33,6 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from fedtune.common.errors import FedtuneError
 from fedtune.common.sqltypes import UTCDateTime
 from fedtune.privacy.ledger import Checkpoint, LedgerEntry
+from fedtune.privacy.receipts import Receipt
 
 
 class LedgerBase(DeclarativeBase):
@@ -80,7 +82,21 @@ class LedgerKeyRow(LedgerBase):
     added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
 
 
-_APPEND_ONLY_TABLES = ("ledger_entries", "ledger_checkpoints", "ledger_keys")
+class LedgerReceiptRow(LedgerBase):
+    __tablename__ = "ledger_receipts"
+    __table_args__ = (UniqueConstraint("node", "seq", "witness"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str] = mapped_column(String(200), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    witness: Mapped[str] = mapped_column(String(64))  # base64 of the witness's Ed25519 key
+    receipt: Mapped[str] = mapped_column(Text)  # the signed receipt's JSON
+
+    def signed(self) -> Receipt:
+        return Receipt.from_dict(json.loads(self.receipt))
+
+
+_APPEND_ONLY_TABLES = ("ledger_entries", "ledger_checkpoints", "ledger_keys", "ledger_receipts")
 
 for _table in _APPEND_ONLY_TABLES:
     for _operation in ("UPDATE", "DELETE"):
@@ -165,6 +181,38 @@ def add_public_key(session: Session, node: str, public_key: str) -> None:
         session.add(LedgerKeyRow(node=node, public_key=public_key))
 
 
+def ledger_receipts(session: Session, node: str) -> list[Receipt]:
+    """The receipts stored for ``node``'s ledger, by seq."""
+    rows = session.scalars(
+        select(LedgerReceiptRow)
+        .where(LedgerReceiptRow.node == node)
+        .order_by(LedgerReceiptRow.seq, LedgerReceiptRow.id)
+    )
+    return [row.signed() for row in rows]
+
+
+def receipt_row(receipt: Receipt) -> LedgerReceiptRow:
+    return LedgerReceiptRow(
+        node=receipt.node, seq=receipt.seq, witness=receipt.witness, receipt=_json(receipt)
+    )
+
+
+def add_receipt(session: Session, receipt: Receipt) -> bool:
+    """Store ``receipt`` unless one of the same witness for the same head is stored; whether
+    it was added."""
+    stored = session.scalars(
+        select(LedgerReceiptRow.id).where(
+            LedgerReceiptRow.node == receipt.node,
+            LedgerReceiptRow.seq == receipt.seq,
+            LedgerReceiptRow.witness == receipt.witness,
+        )
+    ).first()
+    if stored is not None:
+        return False
+    session.add(receipt_row(receipt))
+    return True
+
+
 def entry_row(entry: LedgerEntry) -> LedgerEntryRow:
     return LedgerEntryRow(
         node=entry.node,
@@ -222,5 +270,5 @@ def entry_from_json(text: str) -> LedgerEntry:
     return LedgerEntry.from_dict(json.loads(text))
 
 
-def _json(value: LedgerEntry | Checkpoint) -> str:
+def _json(value: LedgerEntry | Checkpoint | Receipt) -> str:
     return json.dumps(value.to_dict(), sort_keys=True)

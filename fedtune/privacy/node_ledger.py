@@ -17,21 +17,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from fedtune.common.database import connect, transaction
 from fedtune.privacy.accounting import HistoryEntry
 from fedtune.privacy.ledger import Checkpoint, LedgerEntry, seal_entry, sign_checkpoint
 from fedtune.privacy.ledger_store import (
+    LedgerEntryRow,
     add_public_key,
+    add_receipt,
     append_entries,
     create_ledger_tables,
     ledger_entries,
     ledger_head,
 )
-from fedtune.privacy.signing import KEY_FILE, NodeKey
+from fedtune.privacy.receipts import Receipt
+from fedtune.privacy.signing import KEY_FILE, NodeKey, public_key_from_text
 
 LEDGER_FILE = "ledger.db"
+
+
+def _stored_hash(session: Session, node: str, seq: int) -> str | None:
+    return session.scalars(
+        select(LedgerEntryRow.hash).where(LedgerEntryRow.node == node, LedgerEntryRow.seq == seq)
+    ).first()
 
 
 def node_key(state_dir: Path) -> NodeKey:
@@ -79,6 +90,24 @@ class NodeLedger:
             checkpoint = sign_checkpoint(node=self.node, head=entry, key=self.key)
             append_entries(session, [entry], checkpoint, contiguous=True)
         return entry, checkpoint
+
+    def keep_receipt(self, receipt: Receipt) -> str | None:
+        """Store the coordinator's ``receipt`` for this ledger's head beside the entry it
+        covers; the reason when it is refused (another node's, not a head this ledger holds,
+        or not signed by the key it names). Storing one twice is a no-op."""
+        if receipt.node != self.node:
+            return f"the receipt is for node {receipt.node!r}, this node is {self.node!r}"
+        witness = public_key_from_text(receipt.witness, source="the receipt's witness key")
+        if not receipt.signed_by(witness):
+            return f"the receipt for seq {receipt.seq} is not signed by the key it names"
+        with self._locked(), transaction(self.engine) as session:
+            if _stored_hash(session, self.node, receipt.seq) != receipt.head_hash:
+                return (
+                    f"the receipt covers seq {receipt.seq} with hash {receipt.head_hash[:12]}, "
+                    "which this ledger does not hold"
+                )
+            add_receipt(session, receipt)
+        return None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

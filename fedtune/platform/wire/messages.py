@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import LoraSettings
 from fedtune.privacy.ledger import Checkpoint, LedgerEntry, LedgerFormatError
+from fedtune.privacy.receipts import Receipt
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -36,6 +37,7 @@ NODE = "node"
 BUDGET = "budget"
 DECLINE = "decline"
 LEDGER = "ledger"
+RECEIPT = "receipt"  # an evaluate message's countersigned head of the receiving node's ledger
 ABTEST = "abtest"  # an A/B test's instructions, and the node's note on what it shared
 SCORES = "scores"  # an A/B test reply's per-example scores or paired statistics
 ABTEST_MESSAGE_TYPE = "evaluate.abtest"  # routed to the ClientApp's @app.evaluate("abtest")
@@ -197,6 +199,24 @@ def ledger_from_content(content: RecordDict) -> tuple[LedgerEntry, Checkpoint]:
     except (KeyError, json.JSONDecodeError) as exc:
         raise LedgerFormatError(f"the reply's ledger record is malformed ({exc})") from None
     return entry, checkpoint
+
+
+def with_receipt(content: RecordDict, receipt: Receipt) -> RecordDict:
+    """``content`` (left as it is) with the coordinator's ``receipt`` for the receiving node."""
+    records: dict[str, Any] = dict(content.items())
+    records[RECEIPT] = ConfigRecord({"receipt": json.dumps(receipt.to_dict())})
+    return RecordDict(records)
+
+
+def receipt_from_content(content: RecordDict) -> Receipt | None:
+    """The coordinator's receipt a message carries (None: none); ``LedgerFormatError`` when
+    it is malformed."""
+    if RECEIPT not in content.config_records:
+        return None
+    try:
+        return Receipt.from_dict(json.loads(str(content.config_records[RECEIPT]["receipt"])))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise LedgerFormatError(f"the message's receipt record is malformed ({exc})") from None
 
 
 def decline_content(*, identity: ConfigRecord, reason: str) -> RecordDict:
