@@ -130,6 +130,7 @@ def test_untampered_file_verifies_with_its_summary(ledger: Path, key: NodeKey) -
             "epsilon_cap": 8.0,
             "rounds": 4,
             "non_private_rounds": 0,
+            "metric_releases": 0,
         },
         DATA_B: {
             "epsilon": 0.6,
@@ -138,6 +139,7 @@ def test_untampered_file_verifies_with_its_summary(ledger: Path, key: NodeKey) -
             "epsilon_cap": 8.0,
             "rounds": 2,
             "non_private_rounds": 1,
+            "metric_releases": 0,
         },
     }
 

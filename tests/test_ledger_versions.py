@@ -107,8 +107,8 @@ def test_an_entry_from_a_newer_fedtune_is_refused_saying_so(key: NodeKey) -> Non
 
     with pytest.raises(LedgerFormatError, match=r"fedtune-entry/3.*upgrade fedtune"):
         LedgerEntry.from_dict({**data, "format": "fedtune-entry/3"})
-    with pytest.raises(LedgerFormatError, match=r"kind 'metric_release'.*upgrade fedtune"):
-        LedgerEntry.from_dict({**data, "kind": "metric_release"})
+    with pytest.raises(LedgerFormatError, match=r"kind 'dp_query'.*upgrade fedtune"):
+        LedgerEntry.from_dict({**data, "kind": "dp_query"})
 
 
 @pytest.mark.parametrize(

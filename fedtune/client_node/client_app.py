@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
@@ -22,6 +22,7 @@ from fedtune.client_node.abtest_eval import score_versions, scores_content
 from fedtune.client_node.data import ChatDataset, load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
+from fedtune.client_node.metric_policy import evaluate_metrics, train_metrics
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import LoraSettings, NodeConfig
 from fedtune.platform.model.base_model import BaseModel, load_base_model
@@ -33,7 +34,6 @@ from fedtune.platform.wire.messages import (
     ARRAYS,
     CONFIG,
     DESCRIBE_MESSAGE_TYPE,
-    METRICS,
     NODE,
     NUM_EXAMPLES,
     SECURE_AGGREGATION,
@@ -42,6 +42,7 @@ from fedtune.platform.wire.messages import (
     ProtocolMismatchError,
     TrainInstructions,
     decline_content,
+    evaluate_reply_content,
     node_identity,
     receipt_from_content,
     record_to_arrays,
@@ -74,6 +75,7 @@ class NodeRuntime:
     train_data: ChatDataset
     held_out: ChatDataset
     data_fingerprint: str
+    held_out_fingerprint: str
     ledger: NodeLedger
 
     @property
@@ -128,6 +130,7 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
         train_data=train_data,
         held_out=held_out,
         data_fingerprint=data_fingerprint,
+        held_out_fingerprint=file_fingerprint(config.data.eval),
         ledger=NodeLedger(config.node.state_dir, node=config.node.name),
     )
     _RUNTIMES[config.node.name] = runtime
@@ -198,7 +201,9 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         return decline_content(identity=runtime.identity(), reason=reason)
     metrics: dict[str, int | float] = {}
     evaluate_seconds = 0.0
-    if instructions.evaluate_local_model and server_round == 1:
+    # Local evaluations feed only figures the node's policy releases ("plain").
+    evaluate_local = instructions.evaluate_local_model and config.privacy.release_metrics == "plain"
+    if evaluate_local and server_round == 1:
         # The first global adapter is the base model's (B = 0): its loss is the baseline.
         baseline = _evaluate(runtime, model)
         metrics["held-out-loss-start"] = baseline.loss
@@ -231,7 +236,7 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     metrics[NUM_EXAMPLES] = len(runtime.train_data)
     metrics["train-loss"] = sum(losses) / len(losses) if losses else math.nan
     metrics["train-seconds"] = local.result.seconds
-    if instructions.evaluate_local_model:
+    if evaluate_local:
         local_model = _evaluate(runtime, model)
         metrics["held-out-loss-local"] = local_model.loss
         evaluate_seconds += local_model.seconds
@@ -240,7 +245,7 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     metrics["node-seconds"] = time.perf_counter() - started
     return train_reply_content(
         arrays=adapter_arrays(model),
-        metrics=metrics,
+        metrics=train_metrics(config, metrics),
         identity=runtime.identity(),
         budget=local.budget,
         ledger=(local.entry, local.checkpoint),
@@ -259,17 +264,18 @@ def evaluate_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     model = runtime.model_with(instructions.lora)
     load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
     result = _evaluate(runtime, model)
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: result.examples,
-            "held-out-loss": result.loss,
-            "held-out-perplexity": result.perplexity,
-            "held-out-tokens": result.tokens,
-            "evaluate-seconds": result.seconds,
-            "node-seconds": time.perf_counter() - started,
-        }
+    server_round = content.config_records[CONFIG].get(SERVER_ROUND)
+    metrics, release = evaluate_metrics(
+        config,
+        result,
+        seconds=time.perf_counter() - started,
+        ledger=runtime.ledger,
+        held_out_fingerprint=runtime.held_out_fingerprint,
+        base_model_fingerprint=runtime.loaded.base.fingerprint,
+        run_id=instructions.run_id,
+        round_number=server_round if isinstance(server_round, int) else 0,
     )
-    return RecordDict({METRICS: metrics, NODE: runtime.identity()})
+    return evaluate_reply_content(metrics=metrics, identity=runtime.identity(), ledger=release)
 
 
 def _keep_receipt(runtime: NodeRuntime, content: RecordDict) -> None:
@@ -285,8 +291,15 @@ def _keep_receipt(runtime: NodeRuntime, content: RecordDict) -> None:
 
 
 def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
-    """Score A/B test versions on this node's held-out data; only scores leave."""
+    """Score A/B test versions on this node's held-out data; only scores leave, and only
+    from a node that releases plain metrics (the others decline, saying why)."""
     runtime = node_runtime(config)
+    if config.privacy.release_metrics != "plain":
+        reason = (
+            f"node {config.node.name} releases {config.privacy.release_metrics!r} metrics "
+            "(privacy.release_metrics): it does not score A/B tests"
+        )
+        return decline_content(identity=runtime.identity(), reason=reason)
     instructions = AbTestInstructions.from_record(content.config_records[ABTEST])
     _check_base_model(runtime, instructions.base_model_fingerprint)
     arrays = {

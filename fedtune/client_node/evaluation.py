@@ -21,6 +21,7 @@ class HeldOutMetrics:
     examples: int
     tokens: int
     seconds: float
+    example_losses: tuple[float, ...] = ()  # each example's mean loss over its own tokens
 
 
 @torch.no_grad()
@@ -38,11 +39,17 @@ def evaluate(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=make_collate(pad_token_id))
     total_loss, total_tokens = 0.0, 0
+    example_losses: list[float] = []
     try:
         for batch in loader:
-            losses, _, _ = labelled_token_losses(model, batch, device)
+            losses, rows, size = labelled_token_losses(model, batch, device)
             total_loss += float(losses.sum())
             total_tokens += losses.numel()
+            sums = torch.zeros(size, dtype=losses.dtype, device=losses.device).index_add(
+                0, rows, losses
+            )
+            counts = torch.bincount(rows, minlength=size).clamp(min=1)
+            example_losses.extend((sums / counts).tolist())
     finally:
         model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
@@ -52,4 +59,5 @@ def evaluate(
         examples=len(dataset),
         tokens=total_tokens,
         seconds=time.perf_counter() - started,
+        example_losses=tuple(example_losses),
     )

@@ -46,6 +46,7 @@ from fedtune.platform.wire.messages import (
     ABTEST,
     ABTEST_MESSAGE_TYPE,
     ARRAYS,
+    DECLINE,
     NODE,
     SCORES,
     SUMMARY_FIELDS,
@@ -143,6 +144,9 @@ def parse_reply(
         if problem is not None:
             raise ValueError(problem)
         name = str(enrolled(source))
+    if DECLINE in content.config_records:
+        reason = content.config_records[DECLINE].get("reason", "no reason given")
+        raise ValueError(f"{name} declined: {str(reason)[:300]}")
     scores = content.metric_records[SCORES]
     per_example, summaries = {}, {}
     for metric in metrics:

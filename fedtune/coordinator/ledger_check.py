@@ -37,17 +37,23 @@ class LedgerCheck:
         self.enrolled = self.entries.enrolled
 
     def __call__(
-        self, server_round: int, node_name: str | None, content: RecordDict
+        self,
+        server_round: int,
+        node_name: str | None,
+        content: RecordDict,
+        *,
+        kind: str = "training_round",
     ) -> tuple[SignedRound | None, str | None]:
         """The verified entry, or None and the reason it was refused. ``node_name`` is whose
-        reply it is: in deployment the sender's enrolled name, never the name it reports."""
+        reply it is: in deployment the sender's enrolled name, never the name it reports;
+        ``kind`` what the entry must record (``metric_release`` in an evaluate reply)."""
         if node_name is None or node_name not in self.enrolled:
             return None, f"node {node_name!r} is not enrolled: no public key to verify its ledger"
         try:
             entry, checkpoint = ledger_from_content(content)
         except LedgerFormatError as exc:
             return None, f"ledger entry refused: {exc}"
-        reason = self.entries.problem(server_round, node_name, entry, checkpoint)
+        reason = self.entries.problem(server_round, node_name, entry, checkpoint, kind=kind)
         if reason is not None:
             return None, f"ledger entry refused: {reason}"
         return SignedRound(entry, checkpoint), None

@@ -86,6 +86,21 @@ class RunRecorder:
         self._held_out: list[float | None] = []  # global held-out loss per round
         self._round_started = time.perf_counter()
 
+    def _ledger_rows(self, outcomes: list[ReplyOutcome]) -> list[Any]:
+        """Each verified ledger entry (kept even when its update was rejected: the epsilon
+        was spent), the node's signed head, and the coordinator's receipt for it."""
+        rows: list[Any] = []
+        for outcome in outcomes:
+            if outcome.ledger is not None:
+                receipt = witness_of(outcome.ledger.entry, self.witness)
+                self._receipts[outcome.flower_node_id] = receipt
+                rows += [
+                    entry_row(outcome.ledger.entry),
+                    checkpoint_row(outcome.ledger.checkpoint),
+                    receipt_row(receipt),
+                ]
+        return rows
+
     def receipt_for(self, flower_node_id: str) -> Receipt | None:
         """The receipt for the latest ledger head this run received from the node."""
         return self._receipts.get(flower_node_id)
@@ -121,15 +136,7 @@ class RunRecorder:
         pending = _PendingRound(started=self._round_started, sampled=len(outcomes))
         pending.rows += self._train_health(server_round, outcomes, aggregate, metrics, sent)
         pending.rows += self._rejections(server_round, "train", outcomes)
-        for outcome in outcomes:
-            if outcome.ledger is not None:  # stored even when the update was rejected
-                receipt = witness_of(outcome.ledger.entry, self.witness)
-                self._receipts[outcome.flower_node_id] = receipt
-                pending.rows += [
-                    entry_row(outcome.ledger.entry),
-                    checkpoint_row(outcome.ledger.checkpoint),
-                    receipt_row(receipt),
-                ]
+        pending.rows += self._ledger_rows(outcomes)
         for outcome in outcomes:
             content = outcome.content
             if content is None:
@@ -243,6 +250,7 @@ class RunRecorder:
         pending = self._pending or _PendingRound(started=self._round_started)
         self._pending = None
         rows = pending.rows + self._rejections(server_round, "evaluate", outcomes)
+        rows += self._ledger_rows(outcomes)  # metrics released under DP
         for outcome in outcomes:
             if outcome.content is None:
                 continue

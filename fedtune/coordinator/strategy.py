@@ -16,10 +16,9 @@ node; in simulation, which has no enrollment, to the name it reports.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -31,6 +30,7 @@ from fedtune.coordinator.roster import name_problem
 from fedtune.platform.wire.messages import (
     ARRAYS,
     DECLINE,
+    LEDGER,
     METRICS,
     NODE,
     NUM_EXAMPLES,
@@ -166,37 +166,36 @@ def sort_train_replies(
             outcomes.append(ReplyOutcome("rejected", node_id, name, problem, ledger=signed))
         else:
             outcomes.append(ReplyOutcome("accepted", node_id, name, message=message, ledger=signed))
-    return _same_metric_keys(outcomes)
+    return outcomes
 
 
-def _same_metric_keys(outcomes: list[ReplyOutcome]) -> list[ReplyOutcome]:
-    """Flower's FedAvg needs every aggregated reply to carry the same metric names; a reply
-    that differs from the most common set is rejected instead of failing the round."""
-    keys = {
-        id(o): frozenset(o.content.metric_records[METRICS].keys())
-        for o in outcomes
-        if o.content is not None
-    }
-    if len(set(keys.values())) <= 1:
-        return outcomes
-    common, _ = Counter(keys.values()).most_common(1)[0]
-    return [
-        ReplyOutcome(
-            "rejected",
-            o.flower_node_id,
-            o.node_name,
-            f"metric names {sorted(keys[id(o)])} differ",
-            ledger=o.ledger,
+def common_metrics(messages: list[Message]) -> list[Message]:
+    """``messages`` with their metrics cut to the names every one of them carries, for
+    Flower's FedAvg, which averages only identical sets: nodes that release different
+    metrics (``privacy.release_metrics``) still count. The originals are left as they are
+    (the recorder stores each node's own)."""
+    if not messages:
+        return messages
+    common = set.intersection(*(set(m.content.metric_records[METRICS].keys()) for m in messages))
+    trimmed = []
+    for message in messages:
+        records: dict[str, Any] = dict(message.content.items())
+        records[METRICS] = MetricRecord(
+            {k: v for k, v in message.content.metric_records[METRICS].items() if k in common}
         )
-        if o.content is not None and keys[id(o)] != common
-        else o
-        for o in outcomes
-    ]
+        trimmed.append(Message(content=RecordDict(records), metadata=message.metadata))
+    return trimmed
 
 
 def sort_evaluate_replies(
-    replies: Iterable[Message], *, enrolled: EnrolledName | None = None
+    replies: Iterable[Message],
+    *,
+    server_round: int = 0,
+    ledger_check: LedgerCheck | None = None,
+    enrolled: EnrolledName | None = None,
 ) -> list[ReplyOutcome]:
+    """Evaluate replies sorted; metrics released under DP come with the signed ledger entry
+    of the release, which must verify (``ledger_check``) for the metrics to be used."""
     outcomes = []
     for message in replies:
         node_id = str(message.metadata.src_node_id)
@@ -208,6 +207,19 @@ def sort_evaluate_replies(
             outcomes.append(ReplyOutcome("rejected", node_id, name, wrong))
         elif METRICS not in message.content.metric_records:
             outcomes.append(ReplyOutcome("rejected", node_id, name, "no metrics in reply"))
+        elif NUM_EXAMPLES not in message.content.metric_records[METRICS]:
+            reason = "released no evaluation metrics (the node's privacy.release_metrics)"
+            outcomes.append(ReplyOutcome("declined", node_id, name, reason))
+        elif LEDGER in message.content.config_records and ledger_check is not None:
+            signed, problem = ledger_check(
+                server_round, name, message.content, kind="metric_release"
+            )
+            if problem is not None:
+                outcomes.append(ReplyOutcome("rejected", node_id, name, problem))
+            else:
+                outcomes.append(
+                    ReplyOutcome("accepted", node_id, name, message=message, ledger=signed)
+                )
         else:
             outcomes.append(ReplyOutcome("accepted", node_id, name, message=message))
     return outcomes
@@ -255,7 +267,7 @@ class ValidatingFedAvg(FedAvg):
         accepted = [o.message for o in outcomes if o.message is not None]
         arrays, metrics = None, None
         if accepted:
-            arrays, metrics = super().aggregate_train(server_round, accepted)
+            arrays, metrics = super().aggregate_train(server_round, common_metrics(accepted))
         self.observer.on_train(server_round, outcomes, arrays, metrics, self.global_arrays)
         return arrays, metrics
 
@@ -282,8 +294,15 @@ class ValidatingFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        outcomes = sort_evaluate_replies(replies, enrolled=self.enrolled)
+        outcomes = sort_evaluate_replies(
+            replies,
+            server_round=server_round,
+            ledger_check=self.ledger_check,
+            enrolled=self.enrolled,
+        )
         accepted = [o.message for o in outcomes if o.message is not None]
-        metrics = super().aggregate_evaluate(server_round, accepted) if accepted else None
+        metrics = (
+            super().aggregate_evaluate(server_round, common_metrics(accepted)) if accepted else None
+        )
         self.observer.on_evaluate(server_round, outcomes, metrics)
         return metrics

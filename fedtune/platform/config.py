@@ -157,6 +157,23 @@ class PrivacySettings(_Section):
         description='With mode = "non-private", a federated node declines to train unless '
         "this is true: an update trained without DP carries no privacy guarantee.",
     )
+    release_metrics: Literal["none", "dp", "plain"] = Field(
+        default="plain",
+        description='What the node says about its data besides its update: "plain" (losses, '
+        'timings, A/B test scores as computed), "dp" (the held-out loss and count through a '
+        'Gaussian mechanism, accounted in the ledger; nothing else) or "none" (no metric; '
+        "the update's weight only). `fedtune audit egress` lists what each choice sends.",
+    )
+    metric_loss_bound: PositiveFloat = Field(
+        default=5.0,
+        description='With release_metrics = "dp": each held-out example\'s loss (nats per '
+        "token) is clipped to [0, bound] before release.",
+    )
+    metric_noise_multiplier: PositiveFloat = Field(
+        default=5.0,
+        description='With release_metrics = "dp": the Gaussian noise of a release, in units of '
+        "its sensitivity (larger: less epsilon per release, noisier figures).",
+    )
 
     @property
     def cap(self) -> float:
@@ -290,6 +307,9 @@ class RunNode(_Section):
     target_epsilon: PositiveFloat | None = None
     epsilon_cap: PositiveFloat | None = None
     delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    release_metrics: Literal["none", "dp", "plain"] | None = Field(
+        default=None, description="This node's privacy.release_metrics (default: the run's)."
+    )
     share_per_example_scores: bool = True
     public_key: str | None = Field(
         default=None,
@@ -434,6 +454,8 @@ class RunConfig(_Section):
             privacy_updates["epsilon_cap"] = node.epsilon_cap
         if node.delta is not None:
             privacy_updates["delta"] = node.delta
+        if node.release_metrics is not None:
+            privacy_updates["release_metrics"] = node.release_metrics
         return NodeConfig(
             node=NodeSettings(
                 name=node.name,

@@ -32,12 +32,22 @@ class EntryCheck:
         self.enrolled = dict(enrolled)
 
     def problem(
-        self, server_round: int, node_name: str, entry: LedgerEntry, checkpoint: Checkpoint
+        self,
+        server_round: int,
+        node_name: str,
+        entry: LedgerEntry,
+        checkpoint: Checkpoint,
+        *,
+        kind: str = "training_round",
     ) -> str | None:
-        """Why ``entry`` of ``node_name`` (an enrolled name) cannot be kept; None: it can."""
+        """Why ``entry`` of ``node_name`` (an enrolled name) cannot be kept; None: it can.
+        ``kind`` is what the reply it came in records (a train reply: a training round; an
+        evaluate reply: a metric release), so one cannot pass for the other."""
         key = self.enrolled[node_name]
         if entry.node != node_name or checkpoint.node != node_name:
             return f"it belongs to node {entry.node!r}, not {node_name!r}"
+        if entry.entry_kind != kind:
+            return f"it records a {entry.entry_kind}, and this reply a {kind}"
         if (entry.run_id, entry.round) != (self.run_id, server_round):
             return (
                 f"it records run {entry.run_id} round {entry.round}, not run {self.run_id} "

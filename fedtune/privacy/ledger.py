@@ -44,11 +44,13 @@ LEDGER_FORMATS_READ = ("fedtune-ledger/1", "fedtune-ledger/2", LEDGER_FORMAT)
 # The format of the entries sealed now. Entries without a ``format`` field are version 1
 # (fedtune 0.1): they verify as they were sealed and are read as training rounds.
 ENTRY_FORMAT = "fedtune-entry/2"
-# What an entry records. Later versions add kinds (metric releases, receipts): a reader that
-# meets a kind it does not know says so instead of misreading the entry.
-KINDS = ("training_round",)
-# How the round was made private, and whose privacy its epsilon is about.
-METHODS = ("dp-sgd", "dp-sgd-seeded-noise", "node-level-dp", "none")
+# What an entry records: a training round, or metrics released under DP
+# (:mod:`fedtune.privacy.metric_release`). A reader that meets a kind it does not know says
+# so instead of misreading the entry.
+KINDS = ("training_round", "metric_release")
+# How the round was made private (``gaussian``: a metric release's Gaussian mechanism), and
+# whose privacy its epsilon is about.
+METHODS = ("dp-sgd", "dp-sgd-seeded-noise", "node-level-dp", "gaussian", "none")
 PRIVACY_UNITS = ("example", "node")
 V1_PAYLOAD_FIELDS: tuple[str, ...] = (
     "seq",
@@ -704,6 +706,10 @@ def _check_versioned(out: Mapping[str, Any]) -> None:
         )
     if out["method"] not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {out['method']!r}")
+    if (out["kind"] == "metric_release") != (out["method"] == "gaussian"):
+        raise ValueError("a metric_release is made private by the 'gaussian' method, and only it")
+    if out["kind"] == "metric_release" and (out["mode"], out["privacy_unit"]) != ("dp", "example"):
+        raise ValueError("a metric_release is a dp release about examples")
     private = out["mode"] == "dp"
     if private and out["method"] == "none":
         raise ValueError("a dp round needs a method other than 'none'")

@@ -426,9 +426,13 @@ def summarize_entries(entries: Sequence[LedgerEntry], *, node: str) -> dict[str,
                 "epsilon_cap": None,
                 "rounds": 0,
                 "non_private_rounds": 0,
+                "metric_releases": 0,
             },
         )
-        item["rounds"] += 1
+        if entry.entry_kind == "metric_release":
+            item["metric_releases"] += 1
+        else:
+            item["rounds"] += 1
         if entry.mode == "non-private":
             item["non_private_rounds"] += 1
         if entry.epsilon_after is not None:
@@ -495,6 +499,8 @@ def _epsilon_text(item: dict[str, Any]) -> str:
         )
     if item["epsilon_cap"] is not None:
         parts.append(f"cap {item['epsilon_cap']:g}")
+    if item.get("metric_releases"):
+        parts.append(f"{item['metric_releases']} metric releases")
     if item["non_private_rounds"]:
         parts.append(f"{item['non_private_rounds']} non-private: no differential-privacy guarantee")
     return ", ".join(parts)

@@ -170,20 +170,37 @@ def train_reply_content(
     budget: Mapping[str, Any],
     ledger: tuple[LedgerEntry, Checkpoint],
 ) -> RecordDict:
-    entry, checkpoint = ledger
     return RecordDict(
         {
             ARRAYS: arrays_to_record(arrays),
             METRICS: MetricRecord(dict(metrics)),
             NODE: identity,
             BUDGET: budget_record(budget),
-            LEDGER: ConfigRecord(
-                {
-                    "entry": json.dumps(entry.to_dict()),
-                    "checkpoint": json.dumps(checkpoint.to_dict()),
-                }
-            ),
+            LEDGER: ledger_record(ledger),
         }
+    )
+
+
+def evaluate_reply_content(
+    *,
+    metrics: Mapping[str, int | float],
+    identity: ConfigRecord,
+    ledger: tuple[LedgerEntry, Checkpoint] | None = None,
+) -> RecordDict:
+    """An evaluate reply: the node's released metrics (none at all with
+    ``privacy.release_metrics = "none"``) and, for metrics released under DP, the signed
+    ledger entry of the release."""
+    records: dict[str, Any] = {METRICS: MetricRecord(dict(metrics)), NODE: identity}
+    if ledger is not None:
+        records[LEDGER] = ledger_record(ledger)
+    return RecordDict(records)
+
+
+def ledger_record(ledger: tuple[LedgerEntry, Checkpoint]) -> ConfigRecord:
+    """A signed ledger entry and the node's signed head after it."""
+    entry, checkpoint = ledger
+    return ConfigRecord(
+        {"entry": json.dumps(entry.to_dict()), "checkpoint": json.dumps(checkpoint.to_dict())}
     )
 
 
