@@ -228,6 +228,22 @@ def test_reordered_entries_are_reported_out_of_order(ledger: Path, key: NodeKey)
     assert "out of order" in result.problem.reason
 
 
+@pytest.mark.parametrize("seq", [2**40, 2**53 - 1])
+def test_a_huge_seq_out_of_order_is_reported_without_listing_every_missing_seq(
+    ledger: Path, key: NodeKey, seq: int
+) -> None:
+    """Found by differential fuzzing against the independent verifier: a seq near 2**53 in
+    the middle of a ledger made verification list every missing seq (memory without end)."""
+    lines = read_lines(ledger)
+    lines[2]["seq"] = seq  # entry 2 claims a far-away seq; entries 3-6 follow it
+    write_lines(ledger, lines)
+
+    result = verify_ledger_file(ledger, public_key=key.public_key)
+
+    assert result.problem is not None and result.problem.seq == seq
+    assert "more" in result.problem.reason and "missing" in result.problem.reason
+
+
 def test_contents_swapped_under_kept_hashes_are_reported_edited(ledger: Path, key: NodeKey) -> None:
     lines = read_lines(ledger)
     for name in CONTENT_FIELDS:  # seq 3 and seq 4 trade contents, keep chain and signatures

@@ -60,8 +60,9 @@ def test_values_are_clipped_and_the_noise_is_the_sensitivity_times_the_multiplie
 
     # clipped to [0, 4]: 1 + 2 + 4 + 0 + 4 (a non-finite value counts as the bound) over 5
     assert released.mean == pytest.approx(11.0 / 5) and released.count == 5
-    # sum and count each get noise: sensitivity sqrt(bound^2 + bound^2) = 4 * sqrt(2)
-    assert asked == [pytest.approx(5.0 * 4.0 * math.sqrt(2.0))] * 2
+    # the row (value / bound, 1) has L2 norm <= sqrt(2): each sum gets 5 * sqrt(2), which is
+    # 5 * 4 * sqrt(2) on the unscaled sum
+    assert asked == [pytest.approx(5.0 * math.sqrt(2.0))] * 2
     assert released.noise_std == noise_std(bound=4.0, noise_multiplier=5.0)
 
 
@@ -75,7 +76,8 @@ def test_the_ledger_entry_accounts_one_gaussian_mechanism_with_that_multiplier(l
         "example",
     )
     assert (entry.steps, entry.sample_rate, entry.noise_multiplier) == (1, 1.0, 5.0)
-    assert entry.data_fingerprint == HELD_OUT and entry.max_grad_norm == 4.0
+    assert entry.data_fingerprint == HELD_OUT
+    assert entry.max_grad_norm == pytest.approx(math.sqrt(2.0))  # one example's row, in L2
     independent = RdpAccountant()
     independent.compose(GaussianDpEvent(5.0))
     assert entry.epsilon_round == pytest.approx(independent.get_epsilon(1e-5), rel=0.02)

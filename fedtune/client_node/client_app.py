@@ -22,7 +22,11 @@ from fedtune.client_node.abtest_eval import score_versions, scores_content
 from fedtune.client_node.data import ChatDataset, load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
-from fedtune.client_node.metric_policy import evaluate_metrics, train_metrics
+from fedtune.client_node.metric_policy import (
+    dp_scores_content,
+    evaluate_metrics,
+    train_metrics,
+)
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import LoraSettings, NodeConfig
 from fedtune.platform.model.base_model import BaseModel, load_base_model
@@ -294,10 +298,10 @@ def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     """Score A/B test versions on this node's held-out data; only scores leave, and only
     from a node that releases plain metrics (the others decline, saying why)."""
     runtime = node_runtime(config)
-    if config.privacy.release_metrics != "plain":
+    if config.privacy.release_metrics == "none":
         reason = (
-            f"node {config.node.name} releases {config.privacy.release_metrics!r} metrics "
-            "(privacy.release_metrics): it does not score A/B tests"
+            f"node {config.node.name} releases no metrics (privacy.release_metrics = "
+            '"none"): it does not score A/B tests'
         )
         return decline_content(identity=runtime.identity(), reason=reason)
     instructions = AbTestInstructions.from_record(content.config_records[ABTEST])
@@ -309,6 +313,19 @@ def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         for side in ("a", "b")
     }
     scores = score_versions(runtime, instructions, arrays)
+    if config.privacy.release_metrics == "dp":
+        try:
+            return dp_scores_content(
+                config,
+                scores,
+                identity=runtime.identity(),
+                ledger=runtime.ledger,
+                held_out_fingerprint=runtime.held_out_fingerprint,
+                base_model_fingerprint=runtime.loaded.base.fingerprint,
+                test_id=instructions.test_id,
+            )
+        except BudgetExhaustedError as exc:
+            return decline_content(identity=runtime.identity(), reason=str(exc))
     return scores_content(
         scores,
         per_example=config.evaluation.share_per_example_scores,

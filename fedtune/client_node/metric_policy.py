@@ -8,21 +8,32 @@
   are computed from the release). Past the cap, nothing.
 - ``"none"``: the weight of a train reply only; an evaluate reply carries no figure.
 
-A/B tests answer only with ``"plain"`` (see :mod:`fedtune.client_node.abtest_eval`).
+An A/B test is answered with scores (``"plain"``, :mod:`fedtune.client_node.abtest_eval`),
+with paired statistics released under DP (``"dp"``, :func:`dp_scores_content`), or declined
+(``"none"``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.client_node.evaluation import HeldOutMetrics
 from fedtune.platform.config import NodeConfig
-from fedtune.platform.wire.messages import NUM_EXAMPLES
+from fedtune.platform.wire.messages import (
+    ABTEST,
+    LEDGER,
+    NODE,
+    NUM_EXAMPLES,
+    SCORES,
+    ledger_record,
+)
 from fedtune.privacy.accounting import BudgetExhaustedError
 from fedtune.privacy.ledger import Checkpoint, LedgerEntry
-from fedtune.privacy.metric_release import release_mean
+from fedtune.privacy.metric_release import release_mean, release_sums
 from fedtune.privacy.node_ledger import NodeLedger
 
 logger = logging.getLogger(__name__)
@@ -93,3 +104,74 @@ def evaluate_metrics(
         "held-out-loss-noise": released.noise_std / released.count,
     }
     return metrics, (released.entry, released.checkpoint)
+
+
+def dp_scores_content(
+    config: NodeConfig,
+    scores: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    identity: ConfigRecord,
+    ledger: NodeLedger,
+    held_out_fingerprint: str,
+    base_model_fingerprint: str,
+    test_id: str,
+) -> RecordDict:
+    """An A/B test reply under ``"dp"``: per metric, the paired statistics ``n``, ``sum_a``,
+    ``sum_b`` and ``sum_d2`` released in one Gaussian mechanism (each example's row: 1, and
+    per metric a / B, b / B, ((b - a) / B)^2 with scores clipped to [0, B]; B is the loss
+    bound for the loss, 1 for the other metrics, which lie in [0, 1]), with the noise's
+    standard deviation on each sum and the signed ledger entry of the release.
+    :class:`~fedtune.privacy.accounting.BudgetExhaustedError` past the cap."""
+    metrics = list(scores)
+    bounds = {m: config.privacy.metric_loss_bound if m == "loss" else 1.0 for m in metrics}
+    examples = len(scores[metrics[0]]["a"]) if metrics else 0
+    rows = []
+    for index in range(examples):
+        row = [1.0]
+        for metric in metrics:
+            bound = bounds[metric]
+            a = _clipped(scores[metric]["a"][index], bound) / bound
+            b = _clipped(scores[metric]["b"][index], bound) / bound
+            row += [a, b, (b - a) ** 2]
+        rows.append(row)
+    privacy = config.privacy
+    released = release_sums(
+        rows,
+        columns=1 + 3 * len(metrics),
+        noise_multiplier=privacy.metric_noise_multiplier,
+        ledger=ledger,
+        data_fingerprint=held_out_fingerprint,
+        base_model_fingerprint=base_model_fingerprint,
+        run_id=test_id,
+        round_number=0,
+        cap=privacy.cap,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+    )
+    sums, record = released.sums, {}
+    for position, metric in enumerate(metrics):
+        bound = bounds[metric]
+        sum_a, sum_b, sum_d2 = sums[1 + 3 * position : 4 + 3 * position]
+        record.update(
+            {
+                f"{metric}/n": sums[0],
+                f"{metric}/sum_a": sum_a * bound,
+                f"{metric}/sum_b": sum_b * bound,
+                f"{metric}/sum_d2": sum_d2 * bound * bound,
+                f"{metric}/noise-sd": released.noise_std * bound,
+            }
+        )
+    return RecordDict(
+        {
+            SCORES: MetricRecord(record),
+            ABTEST: ConfigRecord(
+                {"per-example": False, "examples": max(0, round(sums[0])), "dp": True}
+            ),
+            NODE: identity,
+            LEDGER: ledger_record((released.entry, released.checkpoint)),
+        }
+    )
+
+
+def _clipped(value: float, bound: float) -> float:
+    return min(max(float(value), 0.0), bound) if math.isfinite(value) else bound

@@ -138,8 +138,18 @@ class PairedSummary:
     sum_d2: float
     b_only: int | None = None
     a_only: int | None = None
+    # The variance of differential-privacy noise on sum_d (0: exact statistics). A node that
+    # releases its metrics under DP sends noisy sums (see from_noisy); the tests then widen
+    # their intervals by this noise.
+    noise_var_sum_d: float = 0.0
 
     def __post_init__(self) -> None:
+        noise = float(self.noise_var_sum_d)
+        if not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"noise_var_sum_d must be finite and >= 0, got {noise!r}")
+        object.__setattr__(self, "noise_var_sum_d", noise)
+        if noise > 0 and self.b_only is not None:
+            raise ValueError("a summary with DP noise carries no discordant counts")
         if isinstance(self.n, bool) or not isinstance(self.n, int | np.integer) or self.n < 0:
             raise ValueError(f"n must be a non-negative integer, got {self.n!r}")
         object.__setattr__(self, "n", int(self.n))
@@ -189,6 +199,45 @@ class PairedSummary:
     def binary(self) -> bool:
         """Whether the summary carries McNemar's discordant counts."""
         return self.b_only is not None
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the statistics were released under DP (noisy)."""
+        return self.noise_var_sum_d > 0
+
+    @classmethod
+    def from_noisy(
+        cls, *, n: float, sum_a: float, sum_b: float, sum_d2: float, noise_sd_sum: float
+    ) -> PairedSummary:
+        """The summary of statistics released under DP, made consistent (post-processing,
+        which costs no privacy): ``n`` rounded and at least 0 (the sums 0 with it), ``sum_d`` = ``sum_b - sum_a``,
+        ``sum_d2`` raised to what Cauchy-Schwarz allows. ``noise_sd_sum`` is the noise's
+        standard deviation on ``sum_a`` and on ``sum_b`` (independent), so ``sum_d`` carries
+        twice its variance."""
+        count = max(0, round(n))
+        if count == 0:  # nothing left to compare
+            sum_a = sum_b = sum_d2 = 0.0
+        sum_d = sum_b - sum_a
+        floor = sum_d * sum_d / count if count else 0.0
+        return cls(
+            n=count,
+            sum_a=sum_a,
+            sum_b=sum_b,
+            sum_d=sum_d,
+            sum_d2=max(sum_d2, floor * (1 + 1e-9), 0.0),
+            noise_var_sum_d=2.0 * noise_sd_sum * noise_sd_sum,
+        )
+
+    def without_counts(self) -> PairedSummary:
+        """The same statistics without McNemar's counts (to pool with noisy summaries)."""
+        return PairedSummary(
+            n=self.n,
+            sum_a=self.sum_a,
+            sum_b=self.sum_b,
+            sum_d=self.sum_d,
+            sum_d2=self.sum_d2,
+            noise_var_sum_d=self.noise_var_sum_d,
+        )
 
     @classmethod
     def of(cls, a: Scores, b: Scores, *, binary: bool) -> PairedSummary:
@@ -257,6 +306,8 @@ def combine_summaries(summaries: Sequence[PairedSummary]) -> PairedSummary:
     """Pool node summaries into the summary of all their examples together."""
     if not summaries:
         raise ValueError("no summaries to combine")
+    if any(summary.noisy for summary in summaries):  # DP: no exact counts to pool
+        summaries = [summary.without_counts() for summary in summaries]
     kinds = {summary.binary for summary in summaries}
     if len(kinds) > 1:
         raise ValueError("cannot combine binary summaries with continuous ones")
@@ -274,6 +325,7 @@ def combine_summaries(summaries: Sequence[PairedSummary]) -> PairedSummary:
         sum_d=total("sum_d"),
         sum_d2=total("sum_d2"),
         **counts,
+        noise_var_sum_d=total("noise_var_sum_d"),
     )
 
 
@@ -582,6 +634,8 @@ def compare_summary(metric: str, summary: PairedSummary, *, alpha: float = 0.05)
     _check_alpha(alpha)
     if not isinstance(summary, PairedSummary):
         raise ValueError(f"summary must be a PairedSummary, got {type(summary).__name__}")
+    if summary.noisy:
+        return _noisy_t_test(metric, summary, alpha=alpha)
     if (spec.kind == "binary") != summary.binary:
         has = "has" if summary.binary else "lacks"
         raise ValueError(
@@ -611,6 +665,42 @@ def compare_summary(metric: str, summary: PairedSummary, *, alpha: float = 0.05)
         p=p,
         alpha=alpha,
         test="paired t-test",
+        detail=detail,
+    )
+
+
+def _noisy_t_test(metric: str, summary: PairedSummary, *, alpha: float) -> Comparison:
+    """The paired t-test on statistics released under DP: the variance of the mean difference
+    is the data's (var(d) / n) plus the noise's (noise_var_sum_d / n^2), so the interval is
+    wider than without DP. The same for a binary metric (d in {-1, 0, 1}): the exact McNemar
+    test needs exact counts."""
+    detail: dict[str, Any] = {
+        "per_example": False,
+        "note": "statistics released under differential privacy: the interval includes the "
+        "noise, and is wider than without it",
+    }
+    n = summary.n
+    if n < 2:
+        return _too_few(metric, summary, alpha=alpha, test="paired t-test (DP)", detail=detail)
+    mean = summary.sum_d / n
+    variance = max(summary.sum_d2 - summary.sum_d * mean, 0.0) / (n - 1)
+    widened = variance + summary.noise_var_sum_d / n
+    p, ci, extra = _t_test_from_moments(n, mean, widened, alpha)
+    detail.update(
+        extra,
+        ci_method="t-interval with DP noise",
+        dp_noise_sd_mean=math.sqrt(summary.noise_var_sum_d) / n,
+    )
+    return _result(
+        metric,
+        n=n,
+        sum_a=summary.sum_a,
+        sum_b=summary.sum_b,
+        difference=mean,
+        ci=ci,
+        p=p,
+        alpha=alpha,
+        test="paired t-test (DP)",
         detail=detail,
     )
 

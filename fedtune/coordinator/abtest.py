@@ -38,6 +38,7 @@ from fedtune.coordinator.ab_statistics import (
     compare_summary,
 )
 from fedtune.coordinator.checkpoints import read_checkpoint
+from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.roster import EnrolledGrid, name_problem, reported_name
 from fedtune.coordinator.versions import ModelVersion
 from fedtune.platform.config import LoraSettings
@@ -47,12 +48,15 @@ from fedtune.platform.wire.messages import (
     ABTEST_MESSAGE_TYPE,
     ARRAYS,
     DECLINE,
+    LEDGER,
     NODE,
     SCORES,
     SUMMARY_FIELDS,
     AbTestInstructions,
     arrays_to_record,
 )
+from fedtune.privacy.ledger_store import checkpoint_row, entry_row, node_public_keys
+from fedtune.privacy.signing import load_public_key
 
 OVERALL = "overall"
 DEFAULT_METRICS = ("loss", "rouge-l")
@@ -149,9 +153,18 @@ def parse_reply(
         raise ValueError(f"{name} declined: {str(reason)[:300]}")
     scores = content.metric_records[SCORES]
     per_example, summaries = {}, {}
+    noisy = bool(content.config_records[ABTEST].get("dp", False))
     for metric in metrics:
         binary = METRICS[metric].kind == "binary"
-        if f"{metric}/a" in scores:
+        if noisy:
+            summaries[metric] = PairedSummary.from_noisy(
+                n=float(scores[f"{metric}/n"]),  # type: ignore[arg-type]
+                sum_a=float(scores[f"{metric}/sum_a"]),  # type: ignore[arg-type]
+                sum_b=float(scores[f"{metric}/sum_b"]),  # type: ignore[arg-type]
+                sum_d2=float(scores[f"{metric}/sum_d2"]),  # type: ignore[arg-type]
+                noise_sd_sum=float(scores[f"{metric}/noise-sd"]),  # type: ignore[arg-type]
+            )
+        elif f"{metric}/a" in scores:
             a = np.asarray(scores[f"{metric}/a"], dtype=np.float64)
             b = np.asarray(scores[f"{metric}/b"], dtype=np.float64)
             if a.shape != b.shape or a.ndim != 1:
@@ -226,7 +239,7 @@ def run_abtest(
             )
         )
     try:
-        results, answered = _run(grid, plan, test_id, timeout, progress, on_reply)
+        results, answered = _run(grid, engine, plan, test_id, timeout, progress, on_reply)
     except BaseException as exc:
         _finish(engine, test_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -241,13 +254,15 @@ def run_abtest(
 
 def _run(
     grid: Grid,
+    engine: Engine,
     plan: AbTestPlan,
     test_id: str,
     timeout: float,
     progress: Callable[[str], None],
     on_reply: Callable[[Message], None] | None,
-) -> tuple[list[AbTestResult], list[str]]:
+) -> tuple[list[Any], list[str]]:
     enrolled = grid.enrolled_name if isinstance(grid, EnrolledGrid) else None
+    released: list[Any] = []  # ledger rows of scores released under DP
     node_ids = list(grid.get_node_ids())
     if not node_ids:
         raise RuntimeError("no enrolled node is connected" if enrolled else "no node is connected")
@@ -266,6 +281,7 @@ def _run(
             on_reply(reply)
         try:
             node = parse_reply(reply, plan.metrics, enrolled=enrolled)
+            released += _release_rows(engine, test_id, node.node, reply.content)
         except (ValueError, KeyError) as exc:
             problems.append(str(exc))
             continue
@@ -276,12 +292,30 @@ def _run(
     if not scores:
         raise RuntimeError("no node returned usable scores: " + "; ".join(problems))
     scopes = [(s.node, [s]) for s in sorted(scores, key=lambda s: s.node)] + [(OVERALL, scores)]
-    results = [
+    results: list[Any] = [
         _result_row(test_id, scope, comparison, members)
         for scope, members in scopes
         for comparison in compare_scope(members, plan.metrics, alpha=plan.alpha)
     ]
-    return results, [s.node for s in scores]
+    return results + released, [s.node for s in scores]
+
+
+def _release_rows(engine: Engine, test_id: str, node: str, content: RecordDict) -> list[Any]:
+    """The coordinator's copy of the ledger entry with which a node released its scores under
+    DP (none for plain scores); ``ValueError`` when it does not verify under the node's key."""
+    if LEDGER not in content.config_records:
+        if content.config_records[ABTEST].get("dp"):
+            raise ValueError(f"{node}: DP scores without the ledger entry of their release")
+        return []
+    with transaction(engine) as session:
+        keys = node_public_keys(session, node)
+    if not keys:
+        raise ValueError(f"{node}: no public key stored to verify its release")
+    check = LedgerCheck(engine=engine, run_id=test_id, enrolled={node: load_public_key(keys[-1])})
+    signed, problem = check(0, node, content, kind="metric_release")
+    if problem is not None or signed is None:
+        raise ValueError(f"{node}: {problem}")
+    return [entry_row(signed.entry), checkpoint_row(signed.checkpoint)]
 
 
 def _result_row(

@@ -18,6 +18,7 @@ while the chain is hashed in this one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import multiprocessing
 import os
@@ -522,18 +523,24 @@ def _seq_reason_in_context(entries: Sequence[LedgerEntry], position: int) -> str
             f"seq {entry.seq} stands where seq {expected} belongs, and seq {expected} comes "
             "later: entries out of order"
         )
-    absent = [seq for seq in range(expected, entry.seq) if seq not in later]
-    if len(absent) == entry.seq - expected:
+    # Counted, not listed: a forged seq near 2**53 must not make a list that long.
+    present = sum(1 for seq in later if expected <= seq < entry.seq)
+    absent_count = entry.seq - expected - present
+    if present == 0:
         return _seq_reason(entry, previous)
+    absent = list(
+        itertools.islice((seq for seq in range(expected, entry.seq) if seq not in later), 5)
+    )
     return (
         f"seq {entry.seq} stands where seq {expected} belongs: entries out of order, and "
-        f"seq {_listed(absent)} missing (deleted?)"
+        f"seq {_listed(absent, absent_count)} missing (deleted?)"
     )
 
 
-def _listed(numbers: Sequence[int], *, most: int = 5) -> str:
-    shown = ", ".join(map(str, numbers[:most]))
-    return shown if len(numbers) <= most else f"{shown} and {len(numbers) - most} more"
+def _listed(shown_numbers: Sequence[int], total: int) -> str:
+    shown = ", ".join(map(str, shown_numbers))
+    more = total - len(shown_numbers)
+    return shown if more <= 0 else f"{shown} and {more} more"
 
 
 def _missing(first: int, last: int) -> str:

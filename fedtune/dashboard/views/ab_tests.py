@@ -64,6 +64,12 @@ def show_test(test: pd.Series) -> None:
         return
     overall = results[results["scope"] == "overall"]
     per_node = results[results["scope"] != "overall"]
+    if results["test"].astype(str).str.contains("(DP)", regex=False).any():
+        st.info(
+            "Some nodes released their statistics under differential privacy "
+            '(privacy.release_metrics = "dp"): tests marked (DP) include that noise, so their '
+            "intervals are wider than the data alone would give."
+        )
     st.subheader("Overall")
     if overall.empty:
         common.note_absent("No overall result: only per-node results were recorded.")
