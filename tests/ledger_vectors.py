@@ -8,7 +8,6 @@ receipt module is not on this branch).
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
