@@ -104,6 +104,7 @@ RULES = {  # field: (rule, what it must be)
     "witness": (lambda v: raw_base64(v, 32) is not None, "base64 of a 32-byte key"),
     "kind": (lambda v: v == "training_round", "a known kind (training_round)"),
     "method": (lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
+    "privacy_unit": (lambda v: v in ("example", "node", None), "example, node or null"),
     "format": (lambda v: True, ""),
     **{name: (optional(is_number), "a finite number >= 0 or null") for name in OPTIONAL_NUMBERS},
     **{name: (is_text, "a non-empty string") for name in ("node", "run_id",
@@ -119,7 +120,7 @@ def check_fields(record: dict, fields: tuple, what: str, exact: bool = True, **r
     need(not missing, f"{what}: missing fields: {', '.join(missing)}")
     need(not unknown, f"{what}: unknown fields: {', '.join(unknown)}")
     for name in fields:
-        rule, must = rules.get(name, RULES[name])
+        rule, must = rules.get(name) or RULES[name]
         need(rule(record[name]), f"{what}: {name} must be {must}")
 
 def check_entry(record: dict) -> None:
