@@ -499,6 +499,8 @@ def fedtune_agrees(path: Path, key: NodeKey, verdict: Verdict, **options: Any) -
         return
     result = verify_ledger_file(path, public_key=key.public_key, **options)
     assert result.ok == verdict.ok, (verdict, result.problem)
+    if verdict.kind == "receipt":
+        assert result.problem is not None and "receipt for seq" in result.problem.reason
     if verdict.kind in ("rollback", "fork"):
         assert result.problem is not None
         assert result.problem.reason.startswith(
