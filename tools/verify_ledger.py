@@ -66,8 +66,8 @@ def is_int(v: object, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_INT
 
 def is_number(v: object) -> bool:  # finite, >= 0, an integer within 2**53 - 1
-    return (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            and (isinstance(v, float) or abs(v) <= MAX_INT) and v >= 0)
+    return ((isinstance(v, float) and math.isfinite(v) and v >= 0)
+            or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT))
 
 def is_text(v: object) -> bool:
     return isinstance(v, str) and v != ""
