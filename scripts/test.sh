@@ -12,8 +12,8 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 bash scripts/setup.sh
 bash scripts/system-deps.sh
-.venv/bin/ruff check fedtune tests benchmarks
-.venv/bin/ruff format --check fedtune tests benchmarks
+.venv/bin/ruff check fedtune tests benchmarks tools
+.venv/bin/ruff format --check fedtune tests benchmarks tools
 .venv/bin/mypy
 # Container files (tests/test_docker_files.py checks them too, and runs the entrypoints)
 .venv/bin/hadolint --failure-threshold warning docker/Dockerfile

@@ -115,7 +115,12 @@ def test_an_entry_from_a_newer_fedtune_is_refused_saying_so(key: NodeKey) -> Non
     ("overrides", "message"),
     [
         ({"method": "none"}, "needs a method other than 'none'"),
-        ({"privacy_unit": None}, "privacy_unit must be one of"),
+        ({"privacy_unit": None}, "privacy_unit of a dp-sgd entry must be 'example'"),
+        (
+            {"method": "node-level-dp", "privacy_unit": "example"},
+            "privacy_unit of a node-level-dp entry must be 'node'",
+        ),
+        ({"kind": "metric_release"}, "made private by the 'gaussian' method"),
         ({"method": "magic"}, "method must be one of"),
         (
             {"mode": "non-private", "epsilon_round": None, "method": "dp-sgd"},

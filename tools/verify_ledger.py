@@ -30,22 +30,60 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 GENESIS = "0" * 64
 FILE_FORMATS = ("fedtune-ledger/1", "fedtune-ledger/2", "fedtune-ledger/3")
-V1_FIELDS = ("seq", "node", "run_id", "round", "base_model_fingerprint", "data_fingerprint",
-             "mode", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "delta",
-             "epsilon_round", "epsilon_after", "epsilon_cap", "accountant",
-             "accountant_version", "recorded_at", "prev_hash")
+V1_FIELDS = (
+    "seq",
+    "node",
+    "run_id",
+    "round",
+    "base_model_fingerprint",
+    "data_fingerprint",
+    "mode",
+    "steps",
+    "sample_rate",
+    "noise_multiplier",
+    "max_grad_norm",
+    "delta",
+    "epsilon_round",
+    "epsilon_after",
+    "epsilon_cap",
+    "accountant",
+    "accountant_version",
+    "recorded_at",
+    "prev_hash",
+)
 V2_FIELDS = (*V1_FIELDS, "format", "kind", "method", "privacy_unit")
-OPTIONAL_NUMBERS = ("noise_multiplier", "max_grad_norm", "delta", "epsilon_round",
-                    "epsilon_after", "epsilon_cap")
-DP_REQUIRED = ("noise_multiplier", "max_grad_norm", "delta", "epsilon_round", "epsilon_after",
-               "accountant")
-METHODS = ("dp-sgd", "dp-sgd-seeded-noise", "node-level-dp", "none")
+OPTIONAL_NUMBERS = (
+    "noise_multiplier",
+    "max_grad_norm",
+    "delta",
+    "epsilon_round",
+    "epsilon_after",
+    "epsilon_cap",
+)
+DP_REQUIRED = (
+    "noise_multiplier",
+    "max_grad_norm",
+    "delta",
+    "epsilon_round",
+    "epsilon_after",
+    "accountant",
+)
+METHODS = ("dp-sgd", "dp-sgd-seeded-noise", "node-level-dp", "gaussian", "none")
+UNIT_OF_METHOD = {
+    "dp-sgd": "example",
+    "dp-sgd-seeded-noise": "example",
+    "gaussian": "example",
+    "node-level-dp": "node",
+}
 CHECKPOINT_FIELDS = ("node", "seq", "head_hash", "signed_at", "signature")
 RECEIPT_FIELDS = ("format", "node", "seq", "head_hash", "witness", "witnessed_at", "signature")
 HEX = re.compile(r"[0-9a-f]{64}")
-TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
-                  r"(\.[0-9]{1,6})?Z")
+TIME = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(\.[0-9]{1,6})?Z"
+)
 MAX_INT = 2**53 - 1
+
 
 class Failed(Exception):
     """Verification failed: ``kind`` is the failure class of the doc's section 6."""
@@ -53,27 +91,36 @@ class Failed(Exception):
     def __init__(self, kind: str, detail: str):
         super().__init__(f"{kind}: {detail}")
 
+
 class Unusable(Exception):
     """The input cannot be used at all (exit 2)."""
 
+
 # --- form (sections 2 and 3) ----------------------------------------------------------------
+
 
 def need(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
 
+
 def is_int(v: object, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_INT
 
+
 def is_number(v: object) -> bool:  # finite, >= 0, an integer within 2**53 - 1
-    return ((isinstance(v, float) and math.isfinite(v) and v >= 0)
-            or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT))
+    return (isinstance(v, float) and math.isfinite(v) and v >= 0) or (
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT
+    )
+
 
 def is_text(v: object) -> bool:
     return isinstance(v, str) and v != ""
 
+
 def is_hash(v: object) -> bool:
     return isinstance(v, str) and HEX.fullmatch(v) is not None
+
 
 def is_time(v: object) -> bool:
     match = TIME.fullmatch(v) if isinstance(v, str) else None
@@ -82,6 +129,7 @@ def is_time(v: object) -> bool:
     except ValueError:  # not a real date and time
         return False
 
+
 def raw_base64(value: object, size: int) -> bytes | None:
     try:
         raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
@@ -89,8 +137,10 @@ def raw_base64(value: object, size: int) -> bytes | None:
         return None
     return raw if len(raw) == size else None
 
+
 def optional(rule):  # type: ignore[no-untyped-def]
     return lambda v: v is None or rule(v)
+
 
 RULES = {  # field: (rule, what it must be)
     "seq": (lambda v: is_int(v, 1), "an integer >= 1"),
@@ -102,17 +152,32 @@ RULES = {  # field: (rule, what it must be)
     "accountant_version": (optional(is_text), "a non-empty string or null"),
     "signature": (lambda v: raw_base64(v, 64) is not None, "base64 of 64 bytes"),
     "witness": (lambda v: raw_base64(v, 32) is not None, "base64 of a 32-byte key"),
-    "kind": (lambda v: v == "training_round", "a known kind (training_round)"),
+    "kind": (
+        lambda v: v in ("training_round", "metric_release"),
+        "a known kind (training_round, metric_release)",
+    ),
     "method": (lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
     "privacy_unit": (lambda v: v in ("example", "node", None), "example, node or null"),
     "format": (lambda v: True, ""),
     **{name: (optional(is_number), "a finite number >= 0 or null") for name in OPTIONAL_NUMBERS},
-    **{name: (is_text, "a non-empty string") for name in ("node", "run_id",
-       "base_model_fingerprint", "data_fingerprint", "public_key", "exported_at")},
+    **{
+        name: (is_text, "a non-empty string")
+        for name in (
+            "node",
+            "run_id",
+            "base_model_fingerprint",
+            "data_fingerprint",
+            "public_key",
+            "exported_at",
+        )
+    },
     **{name: (is_hash, "64 lowercase hex digits") for name in ("prev_hash", "hash", "head_hash")},
-    **{name: (is_time, "a UTC time like 2026-12-01T10:00:00.000000Z")
-       for name in ("recorded_at", "signed_at", "witnessed_at")},
+    **{
+        name: (is_time, "a UTC time like 2026-12-01T10:00:00.000000Z")
+        for name in ("recorded_at", "signed_at", "witnessed_at")
+    },
 }
+
 
 def check_fields(record: dict, fields: tuple, what: str, exact: bool = True, **rules) -> None:
     missing = [name for name in fields if name not in record]
@@ -123,27 +188,41 @@ def check_fields(record: dict, fields: tuple, what: str, exact: bool = True, **r
         rule, must = rules.get(name) or RULES[name]
         need(rule(record[name]), f"{what}: {name} must be {must}")
 
+
 def check_entry(record: dict) -> None:
     if "format" in record:
-        need(record["format"] == "fedtune-entry/2",
-             f"entry format {record['format']!r} is not known: written by another version")
+        need(
+            record["format"] == "fedtune-entry/2",
+            f"entry format {record['format']!r} is not known: written by another version",
+        )
     v2 = "format" in record
     check_fields(record, (V2_FIELDS if v2 else V1_FIELDS) + ("hash", "signature"), "entry")
     dp = record["mode"] == "dp"
     need(not dp or record["sample_rate"] <= 1, "sample_rate of a dp round must be at most 1")
     need(record["delta"] is None or 0 < record["delta"] < 1, "delta must be in (0, 1)")
-    need(not dp or all(record[name] is not None for name in DP_REQUIRED),
-         f"a dp round needs {', '.join(DP_REQUIRED)}")
+    need(
+        not dp or all(record[name] is not None for name in DP_REQUIRED),
+        f"a dp round needs {', '.join(DP_REQUIRED)}",
+    )
     need(dp or record["epsilon_round"] is None, "a non-private round's epsilon_round is null")
     if v2:
         need(dp == (record["method"] != "none"), "method is 'none' exactly when non-private")
-        need(record["privacy_unit"] in (("example", "node") if dp else (None,)),
-             "privacy_unit must be example or node for dp, null when non-private")
+        need(
+            record["privacy_unit"] == (UNIT_OF_METHOD.get(record["method"]) if dp else None),
+            "privacy_unit must be node for node-level-dp, example for the other dp methods, "
+            "null when non-private",
+        )
+        need(
+            (record["kind"] == "metric_release") == (record["method"] == "gaussian"),
+            "a metric_release is made private by the gaussian method, and only it",
+        )
+
 
 def unique_keys(pairs: list) -> dict:
     keys = [key for key, _ in pairs]
     need(len(set(keys)) == len(keys), "a key appears twice")
     return dict(pairs)
+
 
 def read_ledger(path: Path, label: str = "") -> dict:
     """Section 3: the header, entries, checkpoint and receipts, or Failed("malformed")."""
@@ -165,6 +244,7 @@ def read_ledger(path: Path, label: str = "") -> dict:
     if ledger["header"] is None:
         raise Failed("malformed", f"{label}{path}: empty, no header line")
     return ledger
+
 
 def add_line(ledger: dict, line: str) -> None:
     try:
@@ -192,14 +272,18 @@ def add_line(ledger: dict, line: str) -> None:
         need(ledger["checkpoint"] is not None, "a receipt before the checkpoint")
         check_fields(record, RECEIPT_FIELDS, "receipt")
         need(record["format"] == "fedtune-receipt/1", "receipt: format must be fedtune-receipt/1")
-        need(not ledger["receipts"] or record["seq"] >= ledger["receipts"][-1]["seq"],
-             "receipts out of seq order")
+        need(
+            not ledger["receipts"] or record["seq"] >= ledger["receipts"][-1]["seq"],
+            "receipts out of seq order",
+        )
         ledger["receipts"].append(record)
     else:
         need(kind != "header", "a second header")
         raise ValueError(f"unknown line type {kind!r}")
 
+
 # --- signatures and chain (sections 5 and 7) --------------------------------------------------
+
 
 def signed(key: Ed25519PublicKey, signature: str, message: bytes) -> bool:
     try:
@@ -208,10 +292,12 @@ def signed(key: Ed25519PublicKey, signature: str, message: bytes) -> bool:
         return False
     return True
 
+
 def entry_hash(entry: dict) -> str:
     payload = {name: entry[name] for name in (V2_FIELDS if "format" in entry else V1_FIELDS)}
     canonical = rfc8785.dumps(payload)
     return hashlib.sha256(bytes.fromhex(entry["prev_hash"]) + canonical).hexdigest()
+
 
 def seq_detail(entries: list, index: int, expected: int) -> str:
     seq = entries[index]["seq"]
@@ -220,9 +306,10 @@ def seq_detail(entries: list, index: int, expected: int) -> str:
     if earlier:
         same = earlier[0]["hash"] == entries[index]["hash"]
         return f"{where}: seq {seq} a second time ({'duplicated' if same else 'inserted'})"
-    if seq > expected and all(e["seq"] != expected for e in entries[index + 1:]):
+    if seq > expected and all(e["seq"] != expected for e in entries[index + 1 :]):
         return f"{where}: seq {expected}-{seq - 1} missing (deleted)"
     return f"{where}: entries reordered (or inserted)"
+
 
 def verify_chain(ledger: dict, key: Ed25519PublicKey) -> None:
     entries, previous = ledger["entries"], None
@@ -252,28 +339,40 @@ def verify_chain(ledger: dict, key: Ed25519PublicKey) -> None:
     if previous is not None and point["node"] != previous["node"]:
         raise Failed("checkpoint", f"it names node {point['node']!r}, the entries another")
     if point["seq"] > last_seq:
-        raise Failed("checkpoint", f"tail cut: the ledger ends at seq {last_seq} but the "
-                     f"checkpoint signs seq {point['seq']}")
+        raise Failed(
+            "checkpoint",
+            f"tail cut: the ledger ends at seq {last_seq} but the "
+            f"checkpoint signs seq {point['seq']}",
+        )
     if point["seq"] < last_seq:
-        raise Failed("checkpoint", f"stale: it signs seq {point['seq']} but the ledger goes "
-                     f"on to seq {last_seq}")
+        raise Failed(
+            "checkpoint",
+            f"stale: it signs seq {point['seq']} but the ledger goes on to seq {last_seq}",
+        )
     if point["head_hash"] != (previous["hash"] if previous else GENESIS):
         raise Failed("checkpoint", f"head replaced: seq {last_seq} is not the signed head")
     node = ledger["header"]["node"]
     if (entries and entries[0]["node"] != node) or point["node"] != node:
         raise Failed("malformed", f"the header names node {node!r}, the entries another")
 
+
 def check_head(ledger: dict, seq: int, head_hash: str, when: str, who: str) -> None:
     """Sections 7.3 and 7.4: the ledger must reach head (seq, head_hash) unchanged."""
     entries = ledger["entries"]
     last = entries[-1]["seq"] if entries else 0
     if seq > last:
-        raise Failed("rollback", f"rolled back: {who} seq {seq} (at {when}) but the ledger "
-                     f"ends at seq {last}")
+        raise Failed(
+            "rollback",
+            f"rolled back: {who} seq {seq} (at {when}) but the ledger ends at seq {last}",
+        )
     ours = entries[seq - 1]["hash"]  # the chain is verified: entries[i] has seq i + 1
     if ours != head_hash:
-        raise Failed("fork", f"forked: {who} seq {seq} with hash {head_hash[:12]}, the "
-                     f"ledger's seq {seq} has hash {ours[:12]}")
+        raise Failed(
+            "fork",
+            f"forked: {who} seq {seq} with hash {head_hash[:12]}, the "
+            f"ledger's seq {seq} has hash {ours[:12]}",
+        )
+
 
 def check_receipts(ledger: dict, receipts: list, witness: Ed25519PublicKey, who: str) -> int:
     node, w_text = ledger["header"]["node"], key_text(witness)
@@ -285,14 +384,17 @@ def check_receipts(ledger: dict, receipts: list, witness: Ed25519PublicKey, who:
             raise Failed("receipt", f"receipt for seq {s} is from another witness")
         message = rfc8785.dumps({name: receipt[name] for name in RECEIPT_FIELDS[:6]})
         if not signed(witness, receipt["signature"], message):
-            raise Failed("receipt", f"receipt for seq {s}: signature does not match the "
-                         "witness key")
+            raise Failed(
+                "receipt", f"receipt for seq {s}: signature does not match the witness key"
+            )
     for receipt in sorted(receipts, key=lambda r: r["seq"]):
         check_head(ledger, receipt["seq"], receipt["head_hash"], receipt["witnessed_at"], who)
     return max((r["seq"] for r in receipts), default=0)
 
-def check_copy(ledger: dict, copy: dict, key: Ed25519PublicKey,
-               witness: Ed25519PublicKey | None) -> int:
+
+def check_copy(
+    ledger: dict, copy: dict, key: Ed25519PublicKey, witness: Ed25519PublicKey | None
+) -> int:
     node, who = ledger["header"]["node"], "the coordinator's copy holds"
     if copy["header"]["node"] != node:
         raise Failed("malformed", f"coordinator copy: it is node {copy['header']['node']!r}'s")
@@ -309,10 +411,13 @@ def check_copy(ledger: dict, copy: dict, key: Ed25519PublicKey,
         check_receipts(ledger, copy["receipts"], witness, who)
     return len(copy["entries"])
 
+
 # --- keys and the command ---------------------------------------------------------------------
+
 
 def key_text(key: Ed25519PublicKey) -> str:
     return base64.b64encode(key.public_bytes_raw()).decode("ascii")
+
 
 def load_key(value: str, what: str) -> Ed25519PublicKey:
     try:
@@ -333,16 +438,19 @@ def load_key(value: str, what: str) -> Ed25519PublicKey:
         raise Unusable(f"the {what} key is neither a PEM file nor base64 of 32 bytes")
     return Ed25519PublicKey.from_public_bytes(raw)
 
+
 def verify(args: argparse.Namespace) -> tuple[str, list[str]]:
     key = load_key(args.public_key, "public")
     witness = load_key(args.witness_key, "witness") if args.witness_key else None
     ledger = read_ledger(args.ledger)
-    copy = read_ledger(args.coordinator_copy, "coordinator copy ") if args.coordinator_copy \
-        else None
+    copy = (
+        read_ledger(args.coordinator_copy, "coordinator copy ") if args.coordinator_copy else None
+    )
     header, entries, notes = ledger["header"], ledger["entries"], []
     if header["public_key"] != key_text(key):
-        notes.append("the header names another public key than the one given; the given one "
-                     "was used")
+        notes.append(
+            "the header names another public key than the one given; the given one was used"
+        )
     try:
         verify_chain(ledger, key)
         last = entries[-1]["seq"] if entries else 0
@@ -356,14 +464,18 @@ def verify(args: argparse.Namespace) -> tuple[str, list[str]]:
             if not ledger["receipts"]:
                 notes.append("no receipt: nothing in the file shows the coordinator saw it")
             elif seen < last:
-                notes.append(f"seq {seen + 1}-{last} not witnessed (trained alone, or receipts "
-                             "removed)")
+                notes.append(
+                    f"seq {seen + 1}-{last} not witnessed (trained alone, or receipts removed)"
+                )
         if copy is not None:
-            done += f", {check_copy(ledger, copy, key, witness)} entries of the coordinator's "\
-                    "copy matched"
+            done += (
+                f", {check_copy(ledger, copy, key, witness)} entries of the coordinator's "
+                "copy matched"
+            )
     except (rfc8785.CanonicalizationError, UnicodeError) as error:  # unreachable after reading
         raise Failed("malformed", f"cannot canonicalize: {error}") from None
     return f"VERIFIED node {header['node']}: {done}", notes
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -384,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -104,6 +104,13 @@ _DP_REQUIRED_FIELDS = (
     "accountant",
 )
 _MAX_JSON_INT = 2**53 - 1  # RFC 8785 (I-JSON) integers
+# Whose privacy each private method protects.
+_UNIT_OF_METHOD = {
+    "dp-sgd": "example",
+    "dp-sgd-seeded-noise": "example",
+    "gaussian": "example",
+    "node-level-dp": "node",
+}
 _HEX_HASH = re.compile(r"[0-9a-f]{64}")
 _UTC_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 _CHECKPOINT_FIELDS = ("node", "seq", "head_hash", "signed_at", "signature")
@@ -722,9 +729,10 @@ def _check_versioned(out: Mapping[str, Any]) -> None:
         raise ValueError("a dp round needs a method other than 'none'")
     if not private and out["method"] != "none":
         raise ValueError(f"a non-private round's method is 'none', got {out['method']!r}")
-    if private and out["privacy_unit"] not in PRIVACY_UNITS:
+    if private and out["privacy_unit"] != _UNIT_OF_METHOD[out["method"]]:
         raise ValueError(
-            f"privacy_unit must be one of {', '.join(PRIVACY_UNITS)}, got {out['privacy_unit']!r}"
+            f"privacy_unit of a {out['method']} entry must be "
+            f"{_UNIT_OF_METHOD[out['method']]!r}, got {out['privacy_unit']!r}"
         )
     if not private and out["privacy_unit"] is not None:
         raise ValueError("a non-private round protects nobody: privacy_unit must be null")
@@ -794,6 +802,10 @@ def _check_number(name: str, value: object) -> float:
 def _check_text(name: str, value: object) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string, got {_kind(value)}")
+    try:  # JSON can spell a lone surrogate (\ud800), which RFC 8785 cannot canonicalise
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid Unicode text (a lone surrogate)") from None
 
 
 def _check_hex_hash(name: str, value: object) -> None:
