@@ -148,7 +148,8 @@ def dp_scores_content(
         delta=privacy.delta,
         accountant=privacy.accountant,
     )
-    sums, record = released.sums, {}
+    sums = released.sums
+    record: dict[str, int | float | list[int] | list[float]] = {}
     for position, metric in enumerate(metrics):
         bound = bounds[metric]
         sum_a, sum_b, sum_d2 = sums[1 + 3 * position : 4 + 3 * position]

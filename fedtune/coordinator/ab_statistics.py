@@ -210,10 +210,10 @@ class PairedSummary:
         cls, *, n: float, sum_a: float, sum_b: float, sum_d2: float, noise_sd_sum: float
     ) -> PairedSummary:
         """The summary of statistics released under DP, made consistent (post-processing,
-        which costs no privacy): ``n`` rounded and at least 0 (the sums 0 with it), ``sum_d`` = ``sum_b - sum_a``,
-        ``sum_d2`` raised to what Cauchy-Schwarz allows. ``noise_sd_sum`` is the noise's
-        standard deviation on ``sum_a`` and on ``sum_b`` (independent), so ``sum_d`` carries
-        twice its variance."""
+        which costs no privacy): ``n`` rounded and at least 0 (the sums 0 with it),
+        ``sum_d`` = ``sum_b - sum_a``, ``sum_d2`` raised to what Cauchy-Schwarz allows.
+        ``noise_sd_sum`` is the noise's standard deviation on ``sum_a`` and on ``sum_b``
+        (independent), so ``sum_d`` carries twice its variance."""
         count = max(0, round(n))
         if count == 0:  # nothing left to compare
             sum_a = sum_b = sum_d2 = 0.0
@@ -253,7 +253,8 @@ class PairedSummary:
             sum_b=_fsum(y),
             sum_d=_fsum(d),
             sum_d2=_fsum(d * d),
-            **counts,
+            b_only=counts["b_only"],
+            a_only=counts["a_only"],
         )
 
     def combine(self, others: Iterable[PairedSummary]) -> PairedSummary:

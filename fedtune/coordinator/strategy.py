@@ -183,7 +183,8 @@ def common_metrics(messages: list[Message]) -> list[Message]:
         records[METRICS] = MetricRecord(
             {k: v for k, v in message.content.metric_records[METRICS].items() if k in common}
         )
-        trimmed.append(Message(content=RecordDict(records), metadata=message.metadata))
+        # For aggregation only, never sent: the reply's metadata as it came.
+        trimmed.append(Message(content=RecordDict(records), metadata=message.metadata))  # type: ignore[call-overload]
     return trimmed
 
 

@@ -94,7 +94,7 @@ def sign_receipt(
     *, node: str, seq: int, head_hash: str, witness: NodeKey, witnessed_at: str | None = None
 ) -> Receipt:
     """``witness``'s receipt for ``node``'s ledger head ``seq`` / ``head_hash``."""
-    fields = {
+    fields: dict[str, Any] = {
         "format": RECEIPT_FORMAT,
         "node": node,
         "seq": seq,
