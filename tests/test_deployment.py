@@ -30,8 +30,9 @@ from fedtune.demo.data import write_demo_data
 from fedtune.demo.local_deployment import LocalDeployment, fedtune_command, protections_of
 from fedtune.platform.db.storage import AdapterCheckpoint, RejectedUpdate, Round, Run, open_database
 from fedtune.platform.security.encryption import load_key
-from fedtune.privacy.ledger_store import ledger_entries
+from fedtune.privacy.ledger_store import ledger_entries, ledger_receipts
 from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
+from fedtune.privacy.signing import NodeKey
 
 pytestmark = pytest.mark.e2e
 
@@ -169,12 +170,17 @@ def test_secure_run_over_tls_with_enrolled_nodes_completes(deployment, tiny_mode
         for name in NODES:
             copies = [e for e in ledger_entries(session, name) if e.run_id == run_id]
             assert [e.round for e in copies] == [1, 2]
+    witness = NodeKey.load(deployment.coordinator.witness_key_path).public_key
     for name in NODES:
         node_ledger = open_database(
             f"sqlite:///{deployment.workdir / 'nodes' / name / 'state' / LEDGER_FILE}"
         )
         with transaction(node_ledger) as session:
-            assert [e.round for e in ledger_entries(session, name) if e.run_id == run_id] == [1, 2]
+            own = [e for e in ledger_entries(session, name) if e.run_id == run_id]
+            receipts = {(r.seq, r.head_hash): r for r in ledger_receipts(session, name)}
+        assert [e.round for e in own] == [1, 2]
+        # The coordinator countersigned each head it stored; the node kept the receipts.
+        assert all(receipts[(e.seq, e.hash)].signed_by(witness) for e in own), name
 
 
 def test_secure_mean_equals_the_plain_weighted_mean(deployment, tiny_model_dir):

@@ -24,12 +24,13 @@ from fedtune.cli import (
     demo,
     model,
     node,
+    privacy,
     run,
 )
 from fedtune.common.errors import FedtuneError
 
 # In the order `fedtune --help` lists them.
-GROUPS = (node, certs, coordinator, run, data, model, demo, abtest, dashboard, audit, db)
+GROUPS = (node, certs, coordinator, run, data, model, demo, abtest, dashboard, privacy, audit, db)
 
 
 def main(argv: list[str] | None = None) -> int:

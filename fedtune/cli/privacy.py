@@ -1,0 +1,79 @@
+"""`fedtune privacy`: plan a node's privacy budget before training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+def register(commands: Any) -> None:
+    """Add this group's commands to ``commands`` (the top level's subparsers)."""
+    privacy = commands.add_parser(
+        "privacy", help="plan a node's privacy budget (batch, steps, noise, epsilon per round)"
+    ).add_subparsers(title="privacy commands")
+    plan = privacy.add_parser(
+        "plan",
+        help="the logical batch, steps per round, noise multiplier and epsilon after each "
+        "round for N examples and a target epsilon; writes nothing",
+    )
+    plan.add_argument("--examples", type=int, help="training examples N (default: --config's)")
+    plan.add_argument("--epsilon", type=float, help="target epsilon (default: --config's)")
+    plan.add_argument("--delta", type=float, help="delta (default: --config's, else 1e-5)")
+    plan.add_argument("--rounds", type=int, help="rounds (default: --config's planned_rounds, 1)")
+    plan.add_argument("--epochs", type=float, default=None, help="passes over the data (3)")
+    plan.add_argument("--batch-size", type=int, help="logical batch (default: planned from N)")
+    plan.add_argument(
+        "--config",
+        type=Path,
+        help="a node.toml: N from its training data, epsilon, delta and rounds from its "
+        "[privacy]; the data set's earlier spending from its ledger",
+    )
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=_privacy_plan)
+
+
+def _privacy_plan(args: argparse.Namespace) -> int:
+    from fedtune.privacy.accounting import AccountantName, HistoryEntry
+    from fedtune.privacy.planner import DEFAULT_EPOCHS, PlanError, format_plan, make_plan
+
+    examples, epsilon, delta, rounds = args.examples, args.epsilon, args.delta, args.rounds
+    accountant: AccountantName = "rdp"
+    history: list[HistoryEntry] = []
+    if args.config is not None:
+        from fedtune.client_node.data import load_conversations
+        from fedtune.platform.config import load_node_config
+        from fedtune.platform.model.fingerprint import file_fingerprint
+        from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
+
+        config = load_node_config(args.config)
+        if examples is None:
+            examples = len(load_conversations(config.data.train))
+        epsilon = config.privacy.target_epsilon if epsilon is None else epsilon
+        delta = config.privacy.delta if delta is None else delta
+        rounds = config.privacy.planned_rounds if rounds is None else rounds
+        accountant = config.privacy.accountant
+        if (config.node.state_dir / LEDGER_FILE).is_file():  # reading never creates one
+            ledger = NodeLedger(config.node.state_dir, node=config.node.name)
+            history = ledger.dp_history(file_fingerprint(config.data.train))
+    if examples is None or epsilon is None:
+        raise PlanError("give --examples and --epsilon, or --config node.toml")
+    result = make_plan(
+        examples,
+        epsilon=epsilon,
+        delta=delta if delta is not None else 1e-5,
+        rounds=1 if rounds is None else rounds,
+        epochs=args.epochs if args.epochs is not None else DEFAULT_EPOCHS,
+        batch_size=args.batch_size,
+        accountant=accountant,
+        history=history,
+    )
+    if args.json:
+        print(json.dumps({**asdict(result), "total_steps": result.total_steps}, indent=2))
+    else:
+        if history:
+            print(f"the data set has already spent {len(history)} private rounds (counted)")
+        print(format_plan(result))
+    return 0
