@@ -218,7 +218,9 @@ def test_a_train_reply_sends_only_what_the_manifest_declares(tmp_path, tiny_mode
     assert "decline" not in reply.config_records
     assert_declared(reply, egress_manifest(release_metrics=policy), "train", "update")
     if policy == "plain":  # the round-1 baseline and the local evaluation both ran
-        assert {"held-out-loss-start", "held-out-loss-local"} <= set(reply.metric_records["metrics"])
+        assert {"held-out-loss-start", "held-out-loss-local"} <= set(
+            reply.metric_records["metrics"]
+        )
 
 
 def test_a_decline_sends_only_what_the_manifest_declares(tmp_path, tiny_model_dir):
@@ -383,7 +385,11 @@ def test_the_dp_evaluate_metrics_are_the_node_policys():
     metrics = egress_manifest(release_metrics="dp").reply("evaluate", "metrics").record("metrics")
 
     assert {f.name for f in metrics.fields if f.sent} == set(DP_EVALUATE_METRICS)
-    assert all(f.protection == ("dp",) and "metric_release" in f.accounting for f in metrics.fields if f.sent)
+    assert all(
+        f.protection == ("dp",) and "metric_release" in f.accounting
+        for f in metrics.fields
+        if f.sent
+    )
 
 
 def test_flowers_metadata_and_upload_fields_are_all_declared():
@@ -426,3 +432,70 @@ def test_a_node_config_gives_its_manifest(tmp_path, tiny_model_dir):
     text = format_manifest(manifest)
     assert "metric_release" in text and "SendNodeHeartbeat" in text
     assert json.loads(json.dumps(manifest.to_dict()))["settings"] == manifest.settings
+
+
+def test_the_manifests_defaults_are_a_nodes_defaults():
+    from fedtune.platform.config import EvaluationPolicy, PrivacySettings
+
+    settings = egress_manifest().settings
+
+    assert settings["release_metrics"] == PrivacySettings().release_metrics
+    assert settings["metric_loss_bound"] == PrivacySettings().metric_loss_bound
+    assert settings["share_per_example_scores"] == EvaluationPolicy().share_per_example_scores
+
+
+# --- the command and the auditor's report -----------------------------------------------------
+
+
+def test_audit_egress_prints_the_manifest_for_a_nodes_settings(tmp_path, tiny_model_dir, capsys):
+    from fedtune.cli import main
+
+    path = write_node(tmp_path, tiny_model_dir, release_metrics="none")
+
+    code = main(["audit", "egress", "--config", str(path)])
+
+    text = capsys.readouterr().out
+    assert code == 0
+    assert text.startswith("What leaves node hospital (release_metrics = none")
+    assert "train-loss: float, not-sent" in text and "clientapp_runtime" in text
+
+
+def test_audit_egress_json_is_the_manifests_data(capsys):
+    from fedtune.cli import main
+
+    code = main(["audit", "egress", "--json"])
+
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert data == json.loads(json.dumps(egress_manifest().to_dict()))
+    assert data["node"] is None
+
+
+def test_the_audit_report_shows_what_leaves_the_node(tmp_path, tiny_model_dir, capsys):
+    from test_ledger import round_fields
+
+    from fedtune.cli import main
+    from fedtune.privacy.node_ledger import NodeLedger
+
+    path = write_node(tmp_path, tiny_model_dir, release_metrics="dp")
+    ledger = NodeLedger(tmp_path / "state", node="hospital")
+    from fedtune.privacy.accounting import epsilon_of
+
+    epsilon = epsilon_of([(1.1, 0.01, 20)], delta=1e-5, accountant="rdp")
+    fields = round_fields(epsilon_round=epsilon, epsilon_after=epsilon)
+    for name in ("node", "recorded_at"):
+        fields.pop(name)
+    ledger.append(fields)
+    exported, report = tmp_path / "ledger.jsonl", tmp_path / "report.html"
+    db = str(tmp_path / "state" / "ledger.db")
+    assert main(["audit", "export", "--db", db, "--node", "hospital", "--out", str(exported)]) == 0
+
+    code = main(
+        ["audit", "report", str(exported), "--out", str(report), "--node-config", str(path)]
+    )
+
+    html = report.read_text()
+    assert code == 0
+    assert "What leaves a node" in html and "node <strong>hospital</strong>" in html
+    assert "metric_release" in html and "SendNodeHeartbeat" in html
+    assert "fitres.metrics" not in html  # this node sends no update through SecAgg+

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
@@ -87,7 +87,9 @@ class Field:
     def __post_init__(self) -> None:
         unknown = [p for p in self.protection if p not in PROTECTIONS]
         if not self.protection or unknown:
-            raise ValueError(f"field {self.name}: protection {self.protection} (known {PROTECTIONS})")
+            raise ValueError(
+                f"field {self.name}: protection {self.protection} (known {PROTECTIONS})"
+            )
 
     @property
     def sent(self) -> bool:
@@ -191,6 +193,7 @@ class EgressManifest:
     replies: tuple[Reply, ...]
     flower: tuple[FlowerItem, ...]
     notes: tuple[str, ...] = field(default=())
+    node: str | None = None  # the node whose settings these are (None: fedtune's defaults)
 
     def replies_to(self, message_type: str) -> tuple[Reply, ...]:
         return tuple(r for r in self.replies if r.message_type == message_type)
@@ -209,6 +212,7 @@ class EgressManifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "node": self.node,
             "settings": dict(self.settings),
             "message_types": {name: meaning for name, meaning in MESSAGE_TYPES.items()},
             "replies": [r.to_dict() for r in self.replies],
@@ -284,9 +288,7 @@ def _identity_record(*, describe: bool = False) -> Record:
     fields = [
         Field("name", "str", PLAIN, "the node's enrolled name"),
         Field(PROTOCOL_KEY, "str", PLAIN, "the fedtune wire protocol the node speaks"),
-        Field(
-            "base-model-fingerprint", "str", PLAIN, "SHA-256 of the base model the node holds"
-        ),
+        Field("base-model-fingerprint", "str", PLAIN, "SHA-256 of the base model the node holds"),
         Field(
             "data-fingerprint",
             "str",
@@ -415,9 +417,7 @@ def _adapter_field(settings: _Settings, protection: tuple[str, ...]) -> Field:
     else:
         accounting = DP_SGD
         meaning = "a LoRA tensor after the round's DP-SGD (every adapter tensor, trained or not)"
-    return Field(
-        "{adapter-parameter}", "float32 array", protection, meaning, accounting=accounting
-    )
+    return Field("{adapter-parameter}", "float32 array", protection, meaning, accounting=accounting)
 
 
 def _train_replies(settings: _Settings) -> tuple[Reply, ...]:
@@ -679,7 +679,7 @@ def _abtest_replies(settings: _Settings) -> tuple[Reply, ...]:
     if settings.release_metrics == "dp":
         dp = ("dp",)
         accounting = _metric_release(settings.metric_loss_bound)
-        fields = tuple(
+        noisy = [
             Field(
                 f"{{metric}}/{name}",
                 "float",
@@ -688,15 +688,15 @@ def _abtest_replies(settings: _Settings) -> tuple[Reply, ...]:
                 accounting=accounting,
             )
             for name in DP_SUMMARY_FIELDS
-        ) + (
-            Field(
-                "{metric}/noise-sd",
-                "float",
-                dp,
-                "the noise's standard deviation on each sum (from the settings)",
-                accounting=accounting,
-            ),
+        ]
+        noise = Field(
+            "{metric}/noise-sd",
+            "float",
+            dp,
+            "the noise's standard deviation on each sum (from the settings)",
+            accounting=accounting,
         )
+        fields = (*noisy, noise)
         return (
             Reply(
                 ABTEST_MESSAGE_TYPE,
@@ -728,7 +728,12 @@ def _abtest_replies(settings: _Settings) -> tuple[Reply, ...]:
             "metrics",
             "paired statistics per metric (evaluation.share_per_example_scores = false)",
             tuple(
-                Field(f"{{metric}}/{name}", SUMMARY_MEANINGS[name][0], PLAIN, SUMMARY_MEANINGS[name][1])
+                Field(
+                    f"{{metric}}/{name}",
+                    SUMMARY_MEANINGS[name][0],
+                    PLAIN,
+                    SUMMARY_MEANINGS[name][1],
+                )
                 for name in SUMMARY_FIELDS
             ),
         )
@@ -759,7 +764,12 @@ def _error_reply() -> Reply:
                 "config",
                 "Flower's Error (no records: the message's error field)",
                 (
-                    Field("code", "int", PLAIN, "Flower's ErrorCode (e.g. CLIENT_APP_RAISED_EXCEPTION)"),
+                    Field(
+                        "code",
+                        "int",
+                        PLAIN,
+                        "Flower's ErrorCode (e.g. CLIENT_APP_RAISED_EXCEPTION)",
+                    ),
                     Field(
                         "reason",
                         "str",
@@ -867,9 +877,11 @@ def egress_manifest(
     "non-private" with allow_non_private_updates) and ``metric_loss_bound``
     (privacy.metric_loss_bound)."""
     if release_metrics not in RELEASE_METRICS:
-        raise ValueError(f"release_metrics must be one of {RELEASE_METRICS}, not {release_metrics!r}")
+        raise ValueError(
+            f"release_metrics must be one of {RELEASE_METRICS}, not {release_metrics!r}"
+        )
     settings = _Settings(
-        release_metrics=release_metrics,  # type: ignore[arg-type]
+        release_metrics=release_metrics,
         secure_aggregation=secure_aggregation,
         share_per_example_scores=share_per_example_scores,
         non_private_updates=non_private_updates,
@@ -914,13 +926,14 @@ def node_manifest(config: Any) -> EgressManifest:
     """The manifest of the node a :class:`~fedtune.platform.config.NodeConfig` describes."""
     privacy = config.privacy
     connection = config.coordinator
-    return egress_manifest(
+    manifest = egress_manifest(
         release_metrics=privacy.release_metrics,
         secure_aggregation=connection is not None and connection.require_secure_aggregation,
         share_per_example_scores=config.evaluation.share_per_example_scores,
         non_private_updates=privacy.mode == "non-private" and privacy.allow_non_private_updates,
         metric_loss_bound=privacy.metric_loss_bound,
     )
+    return replace(manifest, node=config.node.name)
 
 
 # --- text -------------------------------------------------------------------------------------
@@ -930,7 +943,8 @@ def format_manifest(manifest: EgressManifest | dict[str, Any]) -> str:
     """The manifest as text for a terminal (from the manifest or its :meth:`to_dict`)."""
     data = manifest.to_dict() if isinstance(manifest, EgressManifest) else manifest
     settings = ", ".join(f"{key} = {value}" for key, value in data["settings"].items())
-    lines = [f"What leaves a node ({settings})", ""]
+    who = f"node {data['node']}" if data.get("node") else "a node with fedtune's default settings"
+    lines = [f"What leaves {who} ({settings})", ""]
     for reply in data["replies"]:
         title = reply["message_type"]
         lines.append(f"{title} — {reply['variant']}: {reply['meaning']}")
