@@ -936,7 +936,32 @@ def node_manifest(config: Any) -> EgressManifest:
     return replace(manifest, node=config.node.name)
 
 
-# --- text -------------------------------------------------------------------------------------
+# --- tables and text --------------------------------------------------------------------------
+
+
+def field_rows(records: Any, *, prefix: str = "") -> list[dict[str, str]]:
+    """One row per field of ``records`` (a reply's or a Flower item's, as :meth:`to_dict`
+    gives them): record, kind, field, type, protection, meaning, when / accounting; a field
+    that carries records is followed by theirs, named ``RECORD.FIELD > INNER``."""
+    rows = []
+    for record in records:
+        for item in record.get("fields", ()):
+            notes = [f"when: {item['when']}"] if item.get("when") else []
+            notes += [f"accounting: {item['accounting']}"] if item.get("accounting") else []
+            rows.append(
+                {
+                    "record": f"{prefix}{record.get('name', '')}",
+                    "kind": str(record.get("kind", "")),
+                    "field": str(item["name"]),
+                    "type": str(item["type"]),
+                    "protection": " + ".join(item["protection"]),
+                    "meaning": str(item["meaning"]),
+                    "when / accounting": "; ".join(notes),
+                }
+            )
+            inner = f"{prefix}{record.get('name')}.{item['name']} > "
+            rows += field_rows(item.get("contains", ()), prefix=inner)
+    return rows
 
 
 def format_manifest(manifest: EgressManifest | dict[str, Any]) -> str:
