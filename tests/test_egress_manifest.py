@@ -499,3 +499,25 @@ def test_the_audit_report_shows_what_leaves_the_node(tmp_path, tiny_model_dir, c
     assert "What leaves a node" in html and "node <strong>hospital</strong>" in html
     assert "metric_release" in html and "SendNodeHeartbeat" in html
     assert "fitres.metrics" not in html  # this node sends no update through SecAgg+
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_a_deployed_nodes_manifest_lists_the_secagg_stages_and_clear_updates_unless_required(
+    tmp_path, tiny_model_dir, required
+):
+    from fedtune.platform.config import CoordinatorConnection
+
+    connection = CoordinatorConnection(
+        address="127.0.0.1:9092",
+        root_certificates=Path("ca.pem"),
+        auth_key=Path("auth_key"),
+        require_secure_aggregation=required,
+    )
+    config = node(tmp_path, tiny_model_dir).model_copy(update={"coordinator": connection})
+
+    variants = [reply.variant for reply in node_manifest(config).replies_to("train")]
+
+    assert [v for v in variants if v.startswith("SecAgg+")] == [
+        f"SecAgg+ stage {stage}" for stage in Stage.all()
+    ]
+    assert ("update" in variants) is not required

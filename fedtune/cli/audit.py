@@ -13,7 +13,8 @@ from fedtune.cli.options import config_option
 def register(commands: Any) -> None:
     """Add this group's commands to ``commands`` (the top level's subparsers)."""
     audit = commands.add_parser(
-        "audit", help="export, verify and report on a node's epsilon ledger"
+        "audit",
+        help="export, verify and report on a node's epsilon ledger; list what leaves a node",
     ).add_subparsers(title="audit commands")
     export = audit.add_parser("export", help="write a node's ledger as auditor-facing JSONL")
     export.add_argument(

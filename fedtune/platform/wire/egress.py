@@ -271,6 +271,7 @@ def _metric_release(bound: float) -> str:
 class _Settings:
     release_metrics: ReleaseMetrics
     secure_aggregation: bool
+    clear_updates: bool
     share_per_example_scores: bool
     non_private_updates: bool
     metric_loss_bound: float
@@ -429,22 +430,23 @@ def _train_replies(settings: _Settings) -> tuple[Reply, ...]:
         "aggregation declines a train message in the clear)",
         (_identity_record(), _decline_record()),
     )
-    if not settings.secure_aggregation:
-        update = Reply(
-            "train",
-            "update",
-            "the adapter after one private round, in the clear (no secure aggregation)",
-            (
-                Record(
-                    ARRAYS,
-                    "arrays",
-                    "the adapter's tensors by name",
-                    (_adapter_field(settings, update_protection),),
-                ),
-                *_train_records(settings),
+    update = Reply(
+        "train",
+        "update",
+        "the adapter after one private round, in the clear (no secure aggregation)",
+        (
+            Record(
+                ARRAYS,
+                "arrays",
+                "the adapter's tensors by name",
+                (_adapter_field(settings, update_protection),),
             ),
-        )
-        return (update, decline)
+            *_train_records(settings),
+        ),
+    )
+    clear = (update,) if settings.clear_updates else ()
+    if not settings.secure_aggregation:
+        return (*clear, decline)
     masked = ("masked", *(() if settings.non_private_updates else ("dp",)))
     stage = "SecAgg+ stage"
     configs = RECORD_KEY_CONFIGS
@@ -582,6 +584,7 @@ def _train_replies(settings: _Settings) -> tuple[Reply, ...]:
                 ),
             ),
         ),
+        *clear,
         decline,
     )
 
@@ -866,13 +869,16 @@ def egress_manifest(
     *,
     release_metrics: str = "plain",
     secure_aggregation: bool = False,
+    clear_updates: bool | None = None,
     share_per_example_scores: bool = True,
     non_private_updates: bool = False,
     metric_loss_bound: float = 5.0,
 ) -> EgressManifest:
     """What a node with these settings sends: ``release_metrics`` (privacy.release_metrics),
-    ``secure_aggregation`` (train updates only through SecAgg+, as a deployed node with
-    coordinator.require_secure_aggregation), ``share_per_example_scores``
+    ``secure_aggregation`` (the node answers SecAgg+ rounds: a deployed node),
+    ``clear_updates`` (it also sends updates in the clear; default: without secure
+    aggregation only, as a deployed node with coordinator.require_secure_aggregation),
+    ``share_per_example_scores``
     (evaluation.share_per_example_scores), ``non_private_updates`` (privacy.mode =
     "non-private" with allow_non_private_updates) and ``metric_loss_bound``
     (privacy.metric_loss_bound)."""
@@ -883,6 +889,7 @@ def egress_manifest(
     settings = _Settings(
         release_metrics=release_metrics,
         secure_aggregation=secure_aggregation,
+        clear_updates=not secure_aggregation if clear_updates is None else clear_updates,
         share_per_example_scores=share_per_example_scores,
         non_private_updates=non_private_updates,
         metric_loss_bound=metric_loss_bound,
@@ -906,6 +913,7 @@ def egress_manifest(
         settings={
             "release_metrics": release_metrics,
             "secure_aggregation": secure_aggregation,
+            "clear_updates": settings.clear_updates,
             "share_per_example_scores": share_per_example_scores,
             "non_private_updates": non_private_updates,
             "metric_loss_bound": metric_loss_bound,
@@ -928,7 +936,8 @@ def node_manifest(config: Any) -> EgressManifest:
     connection = config.coordinator
     manifest = egress_manifest(
         release_metrics=privacy.release_metrics,
-        secure_aggregation=connection is not None and connection.require_secure_aggregation,
+        secure_aggregation=connection is not None,  # a deployed node answers SecAgg+ rounds
+        clear_updates=connection is None or not connection.require_secure_aggregation,
         share_per_example_scores=config.evaluation.share_per_example_scores,
         non_private_updates=privacy.mode == "non-private" and privacy.allow_non_private_updates,
         metric_loss_bound=privacy.metric_loss_bound,
