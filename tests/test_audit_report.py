@@ -186,3 +186,45 @@ def test_write_report_replaces_a_file_when_asked(tmp_path):
     write_report(target, "<html>new</html>", overwrite=True)
 
     assert target.read_text(encoding="utf-8") == "<html>new</html>"
+
+
+def test_the_egress_manifest_is_shown_when_given_and_escaped():
+    manifest = {
+        "node": "<b>hospital</b>",
+        "settings": {"release_metrics": "plain"},
+        "replies": [
+            {
+                "message_type": "train",
+                "variant": "update",
+                "meaning": "the adapter",
+                "records": [
+                    {
+                        "name": "metrics",
+                        "kind": "metrics",
+                        "meaning": "figures",
+                        "fields": [
+                            {
+                                "name": "train-loss",
+                                "type": "float",
+                                "protection": ["plain"],
+                                "meaning": "<script>x</script>",
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+        "flower": [
+            {"name": "SendNodeHeartbeat", "when": "every 30 s", "meaning": "alive", "fields": []}
+        ],
+        "notes": ["a note"],
+    }
+
+    shown = render_report(
+        ledger(), verification=OK, recomputations=[], generated_at="x", egress=manifest
+    )
+    without = render(ledger())
+
+    assert "What leaves a node" in shown and "What leaves a node" not in without
+    assert "<code>train-loss</code>" in shown and "SendNodeHeartbeat" in shown
+    assert "<script>x</script>" not in shown and "&lt;b&gt;hospital&lt;/b&gt;" in shown

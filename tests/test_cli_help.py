@@ -27,7 +27,11 @@ def groups() -> list[str]:
     return [group.__name__.rsplit(".", 1)[-1] for group in GROUPS]
 
 
-@pytest.mark.parametrize("args", [["--help"], *[[name, "--help"] for name in groups()]])
+# Commands whose own help is checked too (their handlers import Flower).
+COMMANDS = [["audit", "egress", "--help"]]
+
+
+@pytest.mark.parametrize("args", [["--help"], *[[name, "--help"] for name in groups()], *COMMANDS])
 def test_help_imports_no_heavy_library(args: list[str]) -> None:
     done = subprocess.run(
         [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=True

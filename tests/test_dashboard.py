@@ -14,6 +14,7 @@ import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import streamlit as st
 from alembic import command
@@ -291,6 +292,24 @@ def test_audit_files_hold_a_ledger_that_verifies_offline_and_a_report(
     result = verify_ledger_file(exported, public_key=coordinator.keys["bank"].public_key)
     assert result.ok and result.summary["entries"] == 2
     assert files.html.startswith(b"<!DOCTYPE html>")
+
+
+def test_audit_page_shows_what_leaves_a_node_for_the_chosen_settings(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/audit.py", monkeypatch)
+
+    shown = pd.concat(frames(app)[1:], ignore_index=True)  # the entries' table comes first
+    app.selectbox(key="egress-release-metrics").set_value("none").run()
+    restricted = pd.concat(frames(app)[1:], ignore_index=True)
+
+    assert "What leaves a node" in [header.value for header in app.subheader]
+    labels = [expander.label for expander in app.expander]
+    assert "train — SecAgg+ stage collect_masked_vectors" in labels
+    assert "Sent by Flower beside the replies" in labels
+    loss = shown[shown["field"] == "train-loss"]
+    assert set(loss["protection"]) == {"plain"}  # inside the SecAgg+ reply, in the clear
+    assert "fitres.metrics.fedtune-reply > metrics" in set(loss["record"])
+    assert set(restricted[restricted["field"] == "train-loss"]["protection"]) == {"not-sent"}
+    assert "clientapp_runtime" in set(restricted["field"])
 
 
 def test_audit_page_shows_a_long_copy_a_page_at_a_time(coordinator, monkeypatch):

@@ -6,9 +6,11 @@ import argparse
 from pathlib import Path
 
 
-def config_option(parser: argparse.ArgumentParser, kind: str) -> None:
+def config_option(
+    parser: argparse.ArgumentParser, kind: str, *, required: bool = True, help: str | None = None
+) -> None:
     """``--config``: the command's TOML file (``kind``: node, run or coordinator)."""
-    parser.add_argument("--config", required=True, type=Path, help=f"{kind} TOML file")
+    parser.add_argument("--config", required=required, type=Path, help=help or f"{kind} TOML file")
 
 
 def coordinator_option(parser: argparse.ArgumentParser) -> None:

@@ -201,8 +201,16 @@ class ClientAppWorker:
             return Message(error, reply_to=message), str(refusal)
         try:
             return self.app(message, context), ""
-        except Exception as exc:  # the reason goes back to the coordinator, as Flower's
-            reason = f"{type(exc)}:<'{exc}'>"
+        except Exception as exc:
             self.say(f"run {run.run_id}: the ClientApp raised {type(exc).__name__}: {exc}")
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-            return Message(error, reply_to=message), reason
+            return error_reply(message, exc)
+
+
+def error_reply(message: Message, exc: Exception) -> tuple[Message, str]:
+    """The error reply to ``message`` when the ClientApp raised ``exc``, and its reason: the
+    exception's type and text go back to the coordinator, as in Flower's own ClientApp runner
+    (the egress manifest's error reply; fedtune's texts name files and lines, never a data
+    row)."""
+    reason = f"{type(exc)}:<'{exc}'>"
+    error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+    return Message(error, reply_to=message), reason

@@ -73,9 +73,10 @@ def _conversation(record: Any, where: str) -> list[Message]:
                 if not isinstance(message.get(field), str):
                     raise DataError(f"{where}: messages[{index}] is missing field '{field}'")
             if message["role"] not in _ROLES:
+                # The role is not quoted: an error goes to the coordinator, and a row's
+                # text (any of it) may be private.
                 raise DataError(
-                    f"{where}: messages[{index}] has role {message['role']!r}; "
-                    f"expected one of {sorted(_ROLES)}"
+                    f"{where}: messages[{index}] has a role other than {sorted(_ROLES)}"
                 )
         if not any(message["role"] == "assistant" for message in messages):
             raise DataError(f"{where}: no assistant message to learn from")

@@ -1,7 +1,9 @@
 """Audit: a node's ledger entries as the coordinator holds them, filtered by run, data set
 and date and shown a page at a time (the database filters and pages: a copy of 100,000
-entries opens as fast as one of ten); a button that verifies the copy; and the files an
-auditor takes away (the ledger JSONL for `fedtune audit verify` and the HTML report)."""
+entries opens as fast as one of ten); a button that verifies the copy; the files an
+auditor takes away (the ledger JSONL for `fedtune audit verify` and the HTML report); and
+what leaves a node (the egress manifest, for the settings chosen here: the coordinator's
+database does not hold a node's settings)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from fedtune.dashboard import common, queries
 from fedtune.dashboard.database import DashboardError
 from fedtune.dashboard.ledger_checks import AuditFiles, audit_files
 from fedtune.dashboard.summaries import short_fingerprint
+from fedtune.platform.wire.egress import RELEASE_METRICS, egress_manifest, field_rows
 
 FILES_KEY = "audit-files"
 PAGE_KEY = "audit-page"
@@ -179,13 +182,55 @@ def downloads_section(node: str) -> None:
     )
 
 
+def egress_section() -> None:
+    """The egress manifest for the node settings chosen here."""
+    st.subheader("What leaves a node")
+    st.caption(
+        "Every field of every reply a node sends, generated from the reply builders "
+        "(`fedtune audit egress --config node.toml` prints a node's own): masked by secure "
+        "aggregation, dp with its accounting in the node's ledger, signed-public (the ledger "
+        "record), plain, or not-sent under these settings; then what Flower sends beside them."
+    )
+    left, middle, right = st.columns(3)
+    release = left.selectbox(
+        "privacy.release_metrics",
+        RELEASE_METRICS,
+        index=RELEASE_METRICS.index("plain"),
+        key="egress-release-metrics",
+    )
+    secure = middle.checkbox(
+        "Updates through secure aggregation", value=True, key="egress-secure-aggregation"
+    )
+    per_example = right.checkbox("Per-example A/B scores", value=True, key="egress-per-example")
+    manifest = egress_manifest(
+        release_metrics=str(release),
+        secure_aggregation=secure,
+        share_per_example_scores=per_example,
+    ).to_dict()
+    for reply in manifest["replies"]:
+        with st.expander(f"{reply['message_type']} — {reply['variant']}"):
+            st.caption(reply["meaning"])
+            st.dataframe(field_rows(reply["records"]), hide_index=True)
+    with st.expander("Sent by Flower beside the replies"):
+        for item in manifest["flower"]:
+            st.markdown(f"**{item['name']}** ({item['when']}): {item['meaning']}")
+            rows = field_rows([{"fields": item["fields"]}])
+            st.dataframe(
+                [{k: v for k, v in row.items() if k not in ("record", "kind")} for row in rows],
+                hide_index=True,
+            )
+    for note in manifest["notes"]:
+        st.caption(note)
+
+
 st.title("Audit")
 nodes = common.fetch(queries.ledger_copy_nodes)
 if not nodes:
     common.note_absent("No ledger copies yet: nodes send a signed entry with every round.")
-    st.stop()
-chosen = st.selectbox("Node", nodes, key="audit-node", on_change=forget_filters)
-assert chosen is not None
-entries_section(chosen)
-verify_section(chosen)
-downloads_section(chosen)
+else:
+    chosen = st.selectbox("Node", nodes, key="audit-node", on_change=forget_filters)
+    assert chosen is not None
+    entries_section(chosen)
+    verify_section(chosen)
+    downloads_section(chosen)
+egress_section()

@@ -2,7 +2,8 @@
 
 One page, no external assets and no JavaScript: the verification verdict, per data set a chart
 of epsilon over the ledger against its cap (inline SVG) with the totals, and a table of every
-entry beside its independent recomputation (:mod:`fedtune.privacy.audit.independent_accounting`).
+entry beside its independent recomputation (:mod:`fedtune.privacy.audit.independent_accounting`);
+and, when the caller passes it, the egress manifest: what leaves a node.
 The page is a jinja2 template (``templates/report.html.j2``) with autoescaping on: every value
 from the ledger is escaped there, since a ledger is input and may be hostile. This module only
 works out what the page shows (texts and the chart's geometry).
@@ -54,6 +55,8 @@ tr.disagree td{background:#fde2e1;font-weight:600}
 margin:6px 0;font-weight:600}
 svg{max-width:100%;height:auto;background:#fff}
 .muted{color:#57606a}
+table.egress td{white-space:normal}
+.plainfield{color:#9a6700;font-weight:600}
 """
 
 
@@ -101,8 +104,13 @@ def render_report(
     recomputations: Sequence[Recomputation],
     title: str = DEFAULT_TITLE,
     generated_at: str | None = None,
+    egress: Mapping[str, Any] | None = None,
 ) -> str:
     """The report as one HTML page.
+
+    ``egress`` is the egress manifest as plain data (``EgressManifest.to_dict()`` of
+    :mod:`fedtune.platform.wire.egress`, which the auditor's code does not import: the caller
+    builds it): shown as "What leaves a node" when given.
 
     ``verification`` is ``{"ok": bool, "problem": str | None, "summary": {...}}``, optionally
     with ``"public_key"`` (also looked up in ``summary``). ``recomputations`` are matched to
@@ -135,7 +143,61 @@ def render_report(
         data_sets=[_data_set(data_set, checks) for data_set in data_sets.values()],
         headers=_HEADERS,
         rows=[_row(entry, checks.get(_key(entry))) for entry in ordered],
+        egress=_egress(egress) if egress is not None else None,
     )
+
+
+def _egress(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The egress manifest's tables: one row per field (a field that carries records is
+    followed by theirs, named ``FIELD > RECORD``)."""
+
+    def rows(records: Any, prefix: str = "") -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for record in records:
+            for item in record.get("fields", ()):
+                notes = [f"when: {item['when']}"] if item.get("when") else []
+                notes += [f"accounting: {item['accounting']}"] if item.get("accounting") else []
+                protection = [str(p) for p in item.get("protection", ())]
+                out.append(
+                    {
+                        "record": f"{prefix}{record.get('name', '')}",
+                        "kind": _text(record.get("kind")),
+                        "field": _text(item.get("name")),
+                        "type": _text(item.get("type")),
+                        "protection": " + ".join(protection),
+                        "warn": "plain" in protection,
+                        "meaning": _text(item.get("meaning")),
+                        "notes": "; ".join(notes),
+                    }
+                )
+                out += rows(
+                    item.get("contains", ()), f"{prefix}{record.get('name')}.{item['name']} > "
+                )
+        return out
+
+    settings = manifest.get("settings") or {}
+    return {
+        "node": manifest.get("node"),
+        "settings": [(key, _plain(value)) for key, value in settings.items()],
+        "replies": [
+            {
+                "title": f"{reply.get('message_type')} — {reply.get('variant')}",
+                "meaning": _text(reply.get("meaning")),
+                "rows": rows(reply.get("records", ())),
+            }
+            for reply in manifest.get("replies", ())
+        ],
+        "flower": [
+            {
+                "title": _text(item.get("name")),
+                "when": _text(item.get("when")),
+                "meaning": _text(item.get("meaning")),
+                "rows": rows([{"name": "", "kind": "", "fields": item.get("fields", ())}]),
+            }
+            for item in manifest.get("flower", ())
+        ],
+        "notes": [_text(note) for note in manifest.get("notes", ())],
+    }
 
 
 def write_report(path: str | os.PathLike[str], html: str, *, overwrite: bool = False) -> Path:

@@ -7,8 +7,10 @@ The file comes from :mod:`fedtune.privacy.ledger_export`; nothing here opens a d
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -65,7 +67,11 @@ def audit_ledger(ledger: Path, *, public_key: str | Path | None) -> AuditOutcome
     )
 
 
-def write_audit_report(outcome: AuditOutcome, *, out: Path) -> Path:
+def write_audit_report(
+    outcome: AuditOutcome, *, out: Path, egress: Mapping[str, Any] | None = None
+) -> Path:
+    """The report of ``outcome`` written to ``out``; ``egress``: the node's egress manifest as
+    plain data, for its section "What leaves a node"."""
     parsed = outcome.ledger
     verification = outcome.verification
     problem = str(verification.problem) if verification.problem is not None else None
@@ -84,5 +90,6 @@ def write_audit_report(outcome: AuditOutcome, *, out: Path) -> Path:
             "public_key": parsed.header.get("public_key"),
         },
         recomputations=outcome.recomputations,
+        egress=egress,
     )
     return write_report(out, html)
