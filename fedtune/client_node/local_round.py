@@ -101,6 +101,39 @@ class LocalRound:
     checkpoint: Checkpoint  # the node's signature over its ledger's new head
 
 
+def planned_epsilon(
+    privacy: PrivacySettings,
+    *,
+    before_run: list[HistoryEntry],
+    sample_rate: float,
+    steps: int,
+    rounds_done: int | None,
+) -> float | None:
+    """The epsilon the run's plan expects after ``rounds_done`` of its ``planned_rounds``
+    rounds: the noise that ends the plan at the target (given what the data set spent
+    before the run), composed ``rounds_done`` times. The coordinator alarms a node that spent
+    more (ahead of plan), not one on its plan. None outside a federated run, or when no plan
+    fits."""
+    if rounds_done is None or rounds_done < 1:
+        return None
+    try:
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            sample_rate=sample_rate,
+            steps=steps * privacy.planned_rounds,
+            accountant=privacy.accountant,
+            history=before_run,
+        )
+    except (BudgetExhaustedError, ValueError):
+        return None
+    return epsilon_of(
+        [*before_run, *[(sigma, sample_rate, steps)] * rounds_done],
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+    )
+
+
 def train_local_round(
     model: PeftModel,
     train_data: ChatDataset,
@@ -197,6 +230,17 @@ def train_local_round(
             "target_epsilon": privacy.target_epsilon,
             "planned_rounds": privacy.planned_rounds,
             "private_rounds_on_data_set": len(history) + 1,
+            "planned_epsilon": planned_epsilon(
+                privacy,
+                before_run=[
+                    (e.noise_multiplier, e.sample_rate, e.steps)
+                    for e in ledger.entries(data_fingerprint)
+                    if e.mode == "dp" and e.noise_multiplier is not None and e.run_id != run_id
+                ],
+                sample_rate=result.sample_rate,
+                steps=result.steps,
+                rounds_done=server_round,
+            ),
         }
         if dp is not None
         else {}

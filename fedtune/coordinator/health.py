@@ -22,6 +22,7 @@ import numpy as np
 LOSS_RISING_ROUNDS = 2
 OUTLIER_RATIO = 5.0
 NEAR_CAP_SHARE = 0.9
+PLAN_TOLERANCE = 0.01  # spending this much above the plan's epsilon is still on plan
 DIVERGENCE_SHARE = 0.25
 
 Arrays = Mapping[str, np.ndarray]
@@ -102,11 +103,32 @@ def rejection_alerts(rejections: Sequence[tuple[str | None, str, str]]) -> list[
     return alerts
 
 
-def budget_alerts(spent: Mapping[str, tuple[float | None, float | None]]) -> list[Alert]:
-    """``{node: (epsilon, cap)}``: a node past ``NEAR_CAP_SHARE`` of its cap."""
+def budget_alerts(
+    spent: Mapping[str, tuple[float | None, float | None, float | None]],
+) -> list[Alert]:
+    """``{node: (epsilon, cap, planned)}``: a node ahead of its plan (``planned``: the epsilon
+    its plan expected by this round), and a node past ``NEAR_CAP_SHARE`` of its cap unless it
+    is on plan. A plan that ends at the cap passes 90% of it on the way (epsilon grows fast in
+    the first rounds): that is the plan, not an alarm."""
     alerts = []
-    for node, (epsilon, cap) in spent.items():
-        if epsilon is not None and cap and epsilon >= NEAR_CAP_SHARE * cap:
+    for node, (epsilon, cap, planned) in spent.items():
+        ahead = (
+            epsilon is not None
+            and planned is not None
+            and epsilon > planned * (1 + PLAN_TOLERANCE) + 1e-9
+        )
+        if ahead:
+            assert epsilon is not None and planned is not None
+            alerts.append(
+                Alert(
+                    "ahead-of-plan",
+                    node,
+                    f"{node} has spent epsilon {epsilon:.2f}, its plan expected {planned:.2f} "
+                    "by this round: at this pace it reaches its cap before its planned rounds end",
+                )
+            )
+        on_plan = planned is not None and not ahead
+        if epsilon is not None and cap and epsilon >= NEAR_CAP_SHARE * cap and not on_plan:
             alerts.append(
                 Alert(
                     "near-cap",

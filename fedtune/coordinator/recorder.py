@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from sqlalchemy.engine import Engine
 
 from fedtune.common.database import transaction
@@ -36,6 +36,7 @@ from fedtune.platform.db.storage import (
 )
 from fedtune.platform.wire.messages import (
     ARRAYS,
+    BUDGET,
     METRICS,
     NUM_EXAMPLES,
     record_to_arrays,
@@ -43,6 +44,13 @@ from fedtune.platform.wire.messages import (
 from fedtune.privacy.ledger_store import checkpoint_row, entry_row, receipt_row
 from fedtune.privacy.receipts import Receipt, witness_of
 from fedtune.privacy.signing import NodeKey
+
+
+def _planned_epsilon(content: RecordDict | None) -> float | None:
+    """The epsilon a node's plan expected by this round, as its budget record states it."""
+    if content is None or BUDGET not in content.config_records:
+        return None
+    return _finite(content.config_records[BUDGET].get("planned_epsilon"))
 
 
 def _finite(value: Any) -> float | None:
@@ -212,7 +220,11 @@ class RunRecorder:
         for o in outcomes:
             privacy = o.ledger.entry if o.ledger is not None else None
             if privacy is not None and privacy.mode == "dp":
-                spent[privacy.node] = (privacy.epsilon_after, privacy.epsilon_cap)
+                spent[privacy.node] = (
+                    privacy.epsilon_after,
+                    privacy.epsilon_cap,
+                    _planned_epsilon(o.content),
+                )
         alerts += budget_alerts(spent)
         return self._health_rows(server_round, signals, alerts)
 
