@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
+from fedtune.client_node.data import load_conversations
 from fedtune.common.database import transaction
 from fedtune.common.errors import FedtuneError
 from fedtune.coordinator.abtest import AbTestPlan, new_test_id, run_abtest
@@ -126,9 +127,20 @@ def simulate(
 ) -> str:
     """Run ``config`` to the end; returns the run id under which the database holds it."""
     run_id = run_id or new_run_id()
+    examples = None
+    if config.training.is_planned:  # "auto": planned for the smallest node
+        examples = min(
+            len(load_conversations(node.train)) for node in config.nodes if node.train is not None
+        )
     _run_simulation(
         config,
-        build_server_app(config, run_id=run_id, enrolled=enroll_nodes(config), progress=progress),
+        build_server_app(
+            config,
+            run_id=run_id,
+            enrolled=enroll_nodes(config),
+            examples=examples,
+            progress=progress,
+        ),
     )
     with transaction(open_database(config.database_url)) as session:
         run = session.get(Run, run_id)

@@ -9,10 +9,22 @@ import pytest
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
 
+from conftest import tiny_run_toml
 from fedtune.cli import main
+from fedtune.common.database import transaction
 from fedtune.demo.data import write_demo_data
+from fedtune.platform.config import (
+    ConfigError,
+    PrivacySettings,
+    TrainingSettings,
+    load_node_config,
+    load_run_config,
+)
+from fedtune.platform.db.storage import Run, open_database
 from fedtune.privacy.audit.independent_accounting import OPACUS_RDP_ORDERS
+from fedtune.privacy.ledger_store import ledger_entries
 from fedtune.privacy.planner import PlanError, default_batch_size, make_plan
+from fedtune.simulation import simulate
 
 # RDP at the same orders. At fractional orders dp-accounting sums the series' terms in absolute
 # value (conservative; see independent_accounting): the planner's epsilon is at most its, and
@@ -104,3 +116,63 @@ def test_a_plan_from_a_node_config_reads_n_from_its_data(tmp_path, capsys):
     assert (plan["examples"], plan["target_epsilon"], plan["rounds"]) == (120, 4.0, 2)
     assert plan["epsilon_after"][-1] <= 4.0
     assert not (tmp_path / "state").exists()  # planning writes nothing
+
+
+def test_auto_training_settings_take_the_planners_choice():
+    privacy = PrivacySettings(target_epsilon=8.0, delta=1e-5, planned_rounds=3)
+    auto = TrainingSettings(steps="auto", batch_size="auto", physical_batch_size=8)
+    plan = make_plan(800, epsilon=8.0, delta=1e-5, rounds=3)
+
+    chosen = auto.planned(800, privacy=privacy, rounds=3)
+
+    assert (chosen.batch_size, chosen.steps) == (plan.batch_size, plan.steps_per_round)
+    assert TrainingSettings(steps=7).planned(800, privacy=privacy, rounds=3).steps == 7
+    fixed_batch = TrainingSettings(steps="auto", batch_size=32).planned(
+        800, privacy=privacy, rounds=3
+    )
+    assert fixed_batch.batch_size == 32
+
+
+def test_a_misspelt_auto_is_refused_naming_the_key(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nname = "n"\n[data]\ntrain = "t.jsonl"\neval = "e.jsonl"\n'
+        '[training]\nsteps = "automatic"\n'
+    )
+    with pytest.raises(ConfigError, match=r"node.toml: training.steps"):
+        load_node_config(config)
+
+
+@pytest.mark.simulation
+def test_a_run_with_auto_training_is_planned_for_its_smallest_node_and_records_it(
+    tmp_path, tiny_model_dir
+):
+    write_demo_data(tmp_path / "data", domain="hospital", train=48, held_out=6)
+    write_demo_data(tmp_path / "data", domain="bank", train=32, held_out=6)
+    (tmp_path / "run.toml").write_text(
+        tiny_run_toml(
+            tiny_model_dir,
+            run={"name": "auto"},
+            nodes=[{"name": "hospital"}, {"name": "bank"}],
+            training={"steps": "auto", "batch_size": "auto"},
+        )
+    )
+    config = load_run_config(tmp_path / "run.toml")
+    lines: list[str] = []
+
+    run_id = simulate(config, progress=lines.append)
+
+    plan = make_plan(32, epsilon=8.0, delta=1e-5, rounds=2)
+    engine = open_database(config.database_url, create=False)
+    with transaction(engine) as session:
+        recorded = session.get(Run, run_id).config["planned_training"]
+        entries = ledger_entries(session, "bank")
+    engine.dispose()
+    assert (recorded["examples"], recorded["batch_size"], recorded["steps"]) == (
+        32,
+        plan.batch_size,
+        plan.steps_per_round,
+    )
+    assert any("planned training" in line for line in lines)
+    assert [e.steps for e in entries] == [plan.steps_per_round] * 2
+    assert entries[0].sample_rate == pytest.approx(plan.sample_rate)

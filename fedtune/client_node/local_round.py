@@ -155,6 +155,8 @@ def train_local_round(
     Raises :class:`BudgetExhaustedError` before any training when the round would pass the
     data set's target epsilon or its cap.
     """
+    if training.steps == "auto" or training.batch_size == "auto":
+        raise ValueError("plan the training first (TrainingSettings.planned)")
     history = ledger.dp_history(data_fingerprint)
     sample_rate = sample_rate_for(len(train_data), training.batch_size)
     dp = None

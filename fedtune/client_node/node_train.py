@@ -47,6 +47,15 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     ledger = NodeLedger(config.node.state_dir, node=config.node.name)
     before = evaluate(base.model, held_out, pad_token_id=pad_id, device=base.device)
     model = attach_lora(base.model, config.lora)
+    training = config.training.planned(
+        len(train_data), privacy=config.privacy, rounds=config.privacy.planned_rounds
+    )
+    if config.training.is_planned and progress:
+        print(
+            f"planned training (privacy planner, {len(train_data)} examples): logical batch "
+            f"{training.batch_size}, {training.steps} steps per round"
+        )
+    config = config.model_copy(update={"training": training})  # recorded in metrics.json
     local = train_local_round(
         model,
         train_data,

@@ -194,6 +194,10 @@ def _rounds(
     minimum = config.run.min_nodes or len(config.nodes)
     nodes = _wait_for_nodes(grid, minimum, aggregation.node_wait_s)
     sizes = _describe_nodes(grid, nodes, aggregation.reply_timeout_s, progress)
+    if setup.training.is_planned:  # "auto": planned for the smallest node that answered
+        if not sizes:
+            raise NotEnoughNodesError('training "auto" needs the nodes\' sizes; none answered')
+        setup.plan_training(min(sizes.values()), progress=progress)
     # Evaluation (and plain training) go through fedtune's validating FedAvg; its own node
     # sampling would wait without a limit, so its minimums are 1 and this loop waits instead.
     plain = ValidatingFedAvg(

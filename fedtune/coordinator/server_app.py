@@ -27,7 +27,7 @@ from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.coordinator.versions import list_versions, production_version, resolve_version
-from fedtune.platform.config import RunConfig
+from fedtune.platform.config import RunConfig, TrainingSettings
 from fedtune.platform.db.storage import Run, open_database
 from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.model.lora import adapter_arrays, attach_lora
@@ -46,10 +46,53 @@ class RunSetup:
     fingerprint: str
     initial: dict[str, np.ndarray]  # the initial global adapter
     recorder: RunRecorder
-    instructions: TrainInstructions
+    config: RunConfig
+    training: TrainingSettings  # the run's, "auto" until plan_training resolves it
 
     def ledger_check(self) -> LedgerCheck:
         return LedgerCheck(engine=self.engine, run_id=self.run_id, enrolled=self.keys)
+
+    @property
+    def instructions(self) -> TrainInstructions:
+        """The round's plan every node gets."""
+        steps, batch_size = self.training.steps, self.training.batch_size
+        if steps == "auto" or batch_size == "auto":
+            raise RuntimeError("the run's training is planned from the nodes' data sizes first")
+        return TrainInstructions(
+            run_id=self.run_id,
+            base_model_fingerprint=self.fingerprint,
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=self.training.learning_rate,
+            optimizer=self.training.optimizer,
+            planned_rounds=self.config.run.rounds,
+            lora=self.config.lora,
+            evaluate_local_model=self.config.run.evaluate_local_model,
+        )
+
+    def plan_training(self, examples: int, *, progress: Callable[[str], None] = print) -> None:
+        """Resolve ``"auto"`` training settings for the smallest node's ``examples`` (one
+        plan for every node: a larger node then samples less of its data per step), print the
+        choice and record it with the run (``Run.config["planned_training"]``)."""
+        if not self.training.is_planned:
+            return
+        self.training = self.training.planned(
+            examples, privacy=self.config.privacy, rounds=self.config.run.rounds
+        )
+        chosen = {
+            "examples": examples,
+            "batch_size": self.training.batch_size,
+            "steps": self.training.steps,
+            "physical_batch_size": self.training.physical_batch_size,
+        }
+        progress(
+            f"planned training (privacy planner, smallest node {examples} examples): logical "
+            f"batch {chosen['batch_size']}, {chosen['steps']} steps per round"
+        )
+        with transaction(self.engine) as session:
+            run = session.get(Run, self.run_id)
+            if run is not None:
+                run.config = {**run.config, "planned_training": chosen}
 
 
 def prepare_run(
@@ -93,17 +136,6 @@ def prepare_run(
         checkpointer=AdapterCheckpointer(model, adapters, key=config.output.checkpoint_key()),
         progress=progress,
     )
-    instructions = TrainInstructions(
-        run_id=run_id,
-        base_model_fingerprint=base.fingerprint,
-        steps=config.training.steps,
-        batch_size=config.training.batch_size,
-        learning_rate=config.training.learning_rate,
-        optimizer=config.training.optimizer,
-        planned_rounds=config.run.rounds,
-        lora=config.lora,
-        evaluate_local_model=config.run.evaluate_local_model,
-    )
     return RunSetup(
         engine=engine,
         run_id=run_id,
@@ -111,7 +143,8 @@ def prepare_run(
         fingerprint=base.fingerprint,
         initial=initial,
         recorder=recorder,
-        instructions=instructions,
+        config=config,
+        training=config.training,
     )
 
 
@@ -122,6 +155,7 @@ def run_federation(
     run_id: str,
     flower_run_id: str | None = None,
     enrolled: Mapping[str, str] | None = None,
+    examples: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> None:
     """Run ``config``'s rounds over the nodes reachable through ``grid`` with Flower's
@@ -130,6 +164,7 @@ def run_federation(
 
     ``enrolled`` maps node names to their Ed25519 public keys (base64 or key files); default:
     each ``[[nodes]]`` entry's ``public_key``. A node without one cannot contribute.
+    ``examples``: the smallest node's training-set size, for ``"auto"`` training settings.
     """
     setup = prepare_run(
         config,
@@ -138,6 +173,10 @@ def run_federation(
         enrolled=enrolled if enrolled is not None else _configured_keys(config),
         progress=progress,
     )
+    if setup.training.is_planned:
+        if examples is None:
+            raise ValueError('training "auto" needs the nodes\' training-set sizes')
+        setup.plan_training(examples, progress=progress)
     min_nodes = config.run.min_nodes or len(config.nodes)
     strategy = ValidatingFedAvg(
         observer=setup.recorder,
@@ -249,6 +288,7 @@ def build_server_app(
     *,
     run_id: str,
     enrolled: Mapping[str, str] | None = None,
+    examples: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> ServerApp:
     app = ServerApp()
@@ -261,6 +301,7 @@ def build_server_app(
             run_id=run_id,
             flower_run_id=str(context.run_id),
             enrolled=enrolled,
+            examples=examples,
             progress=progress,
         )
 

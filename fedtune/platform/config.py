@@ -105,10 +105,11 @@ class LoraSettings(_Section):
 class TrainingSettings(_Section):
     """One round of local training. A round is ``steps`` optimizer steps over logical batches
     of ``batch_size`` examples (expected size under Poisson sampling), computed in physical
-    micro-batches of at most ``physical_batch_size``."""
+    micro-batches of at most ``physical_batch_size``. ``"auto"`` takes the privacy planner's
+    choice for the data size (`fedtune privacy plan`; :meth:`planned`)."""
 
-    steps: PositiveInt = 20
-    batch_size: PositiveInt = 32
+    steps: PositiveInt | Literal["auto"] = 20
+    batch_size: PositiveInt | Literal["auto"] = 32
     physical_batch_size: PositiveInt = 8
     learning_rate: PositiveFloat = 1e-2
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -119,9 +120,38 @@ class TrainingSettings(_Section):
     )
     torch_threads: PositiveInt | None = None
 
+    @property
+    def is_planned(self) -> bool:
+        """Whether the planner chooses the steps or the logical batch."""
+        return self.steps == "auto" or self.batch_size == "auto"
+
+    def planned(self, examples: int, *, privacy: PrivacySettings, rounds: int) -> TrainingSettings:
+        """These settings with ``"auto"`` replaced by the planner's choice for ``examples``
+        training examples, ``privacy``'s target and ``rounds`` rounds (unchanged without
+        ``"auto"``); the physical batch is cut to the logical one."""
+        if not self.is_planned:
+            return self
+        from fedtune.privacy.planner import make_plan
+
+        plan = make_plan(
+            examples,
+            epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            rounds=rounds,
+            batch_size=None if self.batch_size == "auto" else self.batch_size,
+            accountant=privacy.accountant,
+        )
+        return self.model_copy(
+            update={
+                "batch_size": plan.batch_size,
+                "steps": plan.steps_per_round if self.steps == "auto" else self.steps,
+                "physical_batch_size": min(self.physical_batch_size, plan.batch_size),
+            }
+        )
+
     @model_validator(mode="after")
     def _physical_not_larger(self) -> Self:
-        if self.physical_batch_size > self.batch_size:
+        if isinstance(self.batch_size, int) and self.physical_batch_size > self.batch_size:
             raise ValueError(
                 f"physical_batch_size ({self.physical_batch_size}) must not exceed "
                 f"batch_size ({self.batch_size})"
