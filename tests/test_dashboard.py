@@ -43,12 +43,13 @@ from dashboard_data import (
     open_page,
     texts,
 )
+from fedtune.common.database import transaction
 from fedtune.dashboard import common
 from fedtune.dashboard.database import DashboardError, check_database, open_read_only
 from fedtune.dashboard.launch import APP
 from fedtune.dashboard.ledger_checks import AuditFiles
 from fedtune.platform.db.migrations import alembic_config
-from fedtune.platform.db.storage import open_database
+from fedtune.platform.db.storage import HealthAlert, open_database
 from fedtune.privacy.ledger_copies import check_copy
 from fedtune.privacy.ledger_file import verify_ledger_file
 
@@ -146,6 +147,28 @@ def test_privacy_page_lists_the_round_declined_for_lack_of_budget(coordinator, m
 
     declined = frames(app)[1]
     assert declined[["round", "node", "reason"]].values.tolist() == [[3, "bank", BUDGET_REASON]]
+
+
+def test_privacy_page_lists_a_node_ahead_of_its_plan_and_not_one_on_it(coordinator, monkeypatch):
+    on_plan = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+    assert "No node has spent ahead of its plan." in texts(on_plan)
+    message = "hospital has spent epsilon 7.30, its plan expected 5.80 by this round"
+    engine = open_database(coordinator.url, create=False)
+    with transaction(engine) as session:
+        session.add(
+            HealthAlert(
+                run_id=RUN_ID, round=1, node_name="hospital", kind="ahead-of-plan", message=message
+            )
+        )
+    engine.dispose()
+    st.cache_data.clear()  # the page caches its queries for a few seconds
+
+    ahead = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    listed = [f for f in frames(ahead) if "message" in f.columns]
+    assert listed and listed[0][["round", "node", "message"]].values.tolist() == [
+        [1, "hospital", message]
+    ]
 
 
 def test_an_intact_ledger_copy_verifies(coordinator, monkeypatch):

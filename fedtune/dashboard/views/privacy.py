@@ -215,10 +215,32 @@ def _verdict_detail(head: queries.CopyHead, verdict: common.Verdict | None) -> s
     )
 
 
+def plan_section() -> None:
+    """Nodes that spent faster than the plan they stated (the coordinator's ahead-of-plan
+    alerts); a node on its plan is not listed, however near its cap."""
+    st.subheader("Against the plan")
+    alerts = common.fetch(queries.health_alerts)
+    ahead = alerts[alerts["kind"] == "ahead-of-plan"] if not alerts.empty else alerts
+    if ahead.empty:
+        common.note_absent(
+            "No node has spent ahead of its plan.",
+            why="Each node states the epsilon its plan expects by each round; one that spends "
+            "more is listed here. A plan that ends at the cap passes 90% of it on the way.",
+        )
+        return
+    st.dataframe(
+        ahead[["run_id", "round", "node_name", "message"]].rename(
+            columns={"run_id": "run", "node_name": "node"}
+        ),
+        hide_index=True,
+    )
+
+
 st.title("Privacy budget")
 reports = common.fetch(queries.epsilon_reports)
 budget_section(reports)
 if not reports.empty:
     chart_section(reports)
+plan_section()
 declines_section()
 ledger_section()
