@@ -153,7 +153,8 @@ def parse_reply(
         raise ValueError(f"{name} declined: {str(reason)[:300]}")
     scores = content.metric_records[SCORES]
     per_example, summaries = {}, {}
-    noisy = bool(content.config_records[ABTEST].get("dp", False))
+    stated = content.config_records.get(ABTEST)
+    noisy = bool(stated.get("dp", False)) if stated is not None else False
     for metric in metrics:
         binary = METRICS[metric].kind == "binary"
         if noisy:
@@ -304,7 +305,8 @@ def _release_rows(engine: Engine, test_id: str, node: str, content: RecordDict) 
     """The coordinator's copy of the ledger entry with which a node released its scores under
     DP (none for plain scores); ``ValueError`` when it does not verify under the node's key."""
     if LEDGER not in content.config_records:
-        if content.config_records[ABTEST].get("dp"):
+        stated = content.config_records.get(ABTEST)
+        if stated is not None and stated.get("dp"):
             raise ValueError(f"{node}: DP scores without the ledger entry of their release")
         return []
     with transaction(engine) as session:
