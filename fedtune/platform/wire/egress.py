@@ -402,6 +402,13 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
                     PLAIN,
                     "private rounds trained on this data set so far, this one included",
                 ),
+                Field(
+                    "planned_epsilon",
+                    "float",
+                    PLAIN,
+                    "the epsilon the run's plan expects by this round (for the coordinator's "
+                    "ahead-of-plan alert; a function of the target and the round's noise)",
+                ),
             ),
         ),
         _ledger_record("round (kind training_round)"),
