@@ -635,9 +635,7 @@ def compare_summary(metric: str, summary: PairedSummary, *, alpha: float = 0.05)
     _check_alpha(alpha)
     if not isinstance(summary, PairedSummary):
         raise ValueError(f"summary must be a PairedSummary, got {type(summary).__name__}")
-    if summary.noisy:
-        return _noisy_t_test(metric, summary, alpha=alpha)
-    if (spec.kind == "binary") != summary.binary:
+    if not summary.noisy and (spec.kind == "binary") != summary.binary:
         has = "has" if summary.binary else "lacks"
         raise ValueError(
             f"metric {metric!r} is {spec.kind} but the summary {has} the discordant counts "
@@ -647,15 +645,26 @@ def compare_summary(metric: str, summary: PairedSummary, *, alpha: float = 0.05)
         "per_example": False,
         "note": "only sufficient statistics were shared: no rank test or bootstrap",
     }
-    if spec.kind == "binary":
+    test = "paired t-test"
+    if summary.noisy:  # released under DP: McNemar's exact test needs exact counts
+        test = "paired t-test (DP)"
+        detail["note"] = (
+            "statistics released under differential privacy: the interval includes the "
+            "noise, and is wider than without it"
+        )
+    elif spec.kind == "binary":
         return _mcnemar(metric, summary, alpha=alpha, detail=detail)
     n = summary.n
     if n < 2:
-        return _too_few(metric, summary, alpha=alpha, test="paired t-test", detail=detail)
+        return _too_few(metric, summary, alpha=alpha, test=test, detail=detail)
     mean = summary.sum_d / n
     variance = max(summary.sum_d2 - summary.sum_d * mean, 0.0) / (n - 1)
-    p, ci, extra = _t_test_from_moments(n, mean, variance, alpha)
-    detail.update(extra, ci_method="t-interval")
+    # The mean difference's variance: the data's (var(d) / n) plus the DP noise's
+    # (noise_var_sum_d / n^2; 0 for exact statistics).
+    p, ci, extra = _t_test_from_moments(n, mean, variance + summary.noise_var_sum_d / n, alpha)
+    detail.update(extra, ci_method="t-interval with DP noise" if summary.noisy else "t-interval")
+    if summary.noisy:
+        detail["dp_noise_sd_mean"] = math.sqrt(summary.noise_var_sum_d) / n
     return _result(
         metric,
         n=n,
@@ -665,43 +674,7 @@ def compare_summary(metric: str, summary: PairedSummary, *, alpha: float = 0.05)
         ci=ci,
         p=p,
         alpha=alpha,
-        test="paired t-test",
-        detail=detail,
-    )
-
-
-def _noisy_t_test(metric: str, summary: PairedSummary, *, alpha: float) -> Comparison:
-    """The paired t-test on statistics released under DP: the variance of the mean difference
-    is the data's (var(d) / n) plus the noise's (noise_var_sum_d / n^2), so the interval is
-    wider than without DP. The same for a binary metric (d in {-1, 0, 1}): the exact McNemar
-    test needs exact counts."""
-    detail: dict[str, Any] = {
-        "per_example": False,
-        "note": "statistics released under differential privacy: the interval includes the "
-        "noise, and is wider than without it",
-    }
-    n = summary.n
-    if n < 2:
-        return _too_few(metric, summary, alpha=alpha, test="paired t-test (DP)", detail=detail)
-    mean = summary.sum_d / n
-    variance = max(summary.sum_d2 - summary.sum_d * mean, 0.0) / (n - 1)
-    widened = variance + summary.noise_var_sum_d / n
-    p, ci, extra = _t_test_from_moments(n, mean, widened, alpha)
-    detail.update(
-        extra,
-        ci_method="t-interval with DP noise",
-        dp_noise_sd_mean=math.sqrt(summary.noise_var_sum_d) / n,
-    )
-    return _result(
-        metric,
-        n=n,
-        sum_a=summary.sum_a,
-        sum_b=summary.sum_b,
-        difference=mean,
-        ci=ci,
-        p=p,
-        alpha=alpha,
-        test="paired t-test (DP)",
+        test=test,
         detail=detail,
     )
 
