@@ -13,8 +13,15 @@ held-out set of the domain:
   the example-weighted mean); the global model's gain at each epsilon per node, against one
   node alone (K = 1) and against non-private federated training with the same K.
 
+- **sweep** (``--parts sweep``, run first when asked): the learning rate and the clip norm at
+  ``--sweep-examples`` examples and the largest ``--epsilons``, and the learning rate without
+  DP; the data-size and consortium points then train with the best of each (DP points with
+  the best DP pair, non-private points with the best non-private rate), so a ratio compares
+  each side at its own best setting.
+
 Points that do not fit in ``--budget-minutes`` are written as ``"not measured"``, never
-extrapolated. Writes ``benchmarks/results/dp_utility_study.json`` and a plot beside it.
+extrapolated. The JSON is rewritten after every point (a run cut short keeps what it
+measured). Writes ``benchmarks/results/dp_utility_study.json`` and a plot beside it.
 
     .venv/bin/python benchmarks/dp_utility_study.py --sizes 800 --nodes 1 2 --budget-minutes 60
 """
@@ -26,6 +33,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +72,33 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=60.0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=["sizes", "consortium"], help="in this order"
+    )
+    parser.add_argument("--sweep-examples", type=int, default=800)
+    parser.add_argument("--sweep-learning-rates", type=float, nargs="+", default=SWEEP_RATES)
+    parser.add_argument("--sweep-clips", type=float, nargs="+", default=[0.1, 1.0])
+    parser.add_argument(
+        "--tf32", action="store_true", help="TensorFloat-32 matrix products on CUDA (faster)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "dp_utility_study.json")
     args = parser.parse_args()
-    report = run_study(args)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = run_study(args, save=lambda report: save(report, args.out))
+    save(report, args.out)
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
+
+
+PARTS = ("sweep", "sizes", "consortium")
+SWEEP_RATES = [3e-3, 1e-2, 3e-2, 1e-1]
+
+
+def save(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 class Study:
@@ -87,6 +115,10 @@ class Study:
         self.held_out = self.dataset("held-out", args.held_out, seed=HELD_OUT_SEED)
         self.base_loss = self.loss()
         self.deadline = time.monotonic() + 60.0 * args.budget_minutes
+        # (learning rate, clip) for DP points and the rate for non-private ones; the sweep
+        # replaces them with the best it measured.
+        self.dp_setting = (args.learning_rate, 1.0)
+        self.plain_rate = args.learning_rate
 
     def dataset(self, name: str, examples: int, *, seed: int) -> ChatDataset:
         path = self.folder / f"{name}.jsonl"
@@ -101,11 +133,27 @@ class Study:
         return held_out.loss
 
     def train(
-        self, data: ChatDataset, *, batch: int, steps: int, sigma: float | None
+        self,
+        data: ChatDataset,
+        *,
+        batch: int,
+        steps: int,
+        sigma: float | None,
+        learning_rate: float | None = None,
+        clip: float | None = None,
     ) -> tuple[dict[str, np.ndarray], float]:
-        """Train the adapter loaded now; its arrays after, and the seconds it took."""
+        """Train the adapter loaded now; its arrays after, and the seconds it took. The
+        learning rate and clip default to the study's current best for the DP or the
+        non-private side."""
+        dp_rate, dp_clip = self.dp_setting
+        if learning_rate is None:
+            learning_rate = dp_rate if sigma else self.plain_rate
         dp = (
-            DPSettings(noise_multiplier=sigma, max_grad_norm=1.0, accountant="rdp")
+            DPSettings(
+                noise_multiplier=sigma,
+                max_grad_norm=dp_clip if clip is None else clip,
+                accountant="rdp",
+            )
             if sigma
             else None
         )
@@ -115,7 +163,7 @@ class Study:
             steps=steps,
             batch_size=batch,
             physical_batch_size=min(self.args.physical_batch_size, batch),
-            learning_rate=self.args.learning_rate,
+            learning_rate=learning_rate,
             pad_token_id=self.pad_id,
             device=self.base.device,
             dp=dp,
@@ -128,18 +176,50 @@ class Study:
         return time.monotonic() > self.deadline
 
 
-def run_study(args: argparse.Namespace) -> dict[str, Any]:
+def run_study(
+    args: argparse.Namespace, *, save: Callable[[dict[str, Any]], None] = lambda _: None
+) -> dict[str, Any]:
+    """Every part asked for, in order; ``save`` gets the report so far after each point."""
     with tempfile.TemporaryDirectory() as tmp:
         study = Study(args, Path(tmp))
         print(f"base held-out loss {study.base_loss:.4f}", flush=True)
-        sizes = [
-            data_size_point(study, n, eps) for n in args.sizes for eps in [None, *args.epsilons]
-        ]
-        consortium = [
-            consortium_point(study, k, eps) for k in args.nodes for eps in [None, *args.epsilons]
-        ]
-    add_ratios(sizes, key="examples")
-    add_ratios(consortium, key="nodes")
+        report = header(study)
+        for part in args.parts:
+            points: list[dict[str, Any]] = report.setdefault(PART_KEYS[part], [])
+            for point in part_points(study, part):
+                points.append(point)
+                save(report)
+            if part == "sweep":
+                report["chosen"] = choose_settings(study, points)
+        add_ratios(report.get("data_size", []), key="examples")
+        add_ratios(report.get("consortium", []), key="nodes")
+    return report
+
+
+PART_KEYS = {"sweep": "sweep", "sizes": "data_size", "consortium": "consortium"}
+
+
+def part_points(study: Study, part: str) -> Iterator[dict[str, Any]]:
+    args = study.args
+    if part == "sweep":
+        epsilon = max(args.epsilons)
+        data = study.dataset("sweep", args.sweep_examples, seed=args.seed)
+        for rate in args.sweep_learning_rates:
+            yield sweep_point(study, data, None, rate, None)
+            for clip in args.sweep_clips:
+                yield sweep_point(study, data, epsilon, rate, clip)
+    elif part == "sizes":
+        for n in args.sizes:
+            for eps in [None, *args.epsilons]:
+                yield data_size_point(study, n, eps)
+    else:
+        for k in args.nodes:
+            for eps in [None, *args.epsilons]:
+                yield consortium_point(study, k, eps)
+
+
+def header(study: Study) -> dict[str, Any]:
+    args = study.args
     return {
         "benchmark": "dp_utility_study",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -152,8 +232,60 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "base_model_fingerprint": study.base.fingerprint,
         "base_held_out_loss": study.base_loss,
-        "data_size": sizes,
-        "consortium": consortium,
+    }
+
+
+def sweep_point(
+    study: Study, data: ChatDataset, epsilon: float | None, rate: float, clip: float | None
+) -> dict[str, Any]:
+    point: dict[str, Any] = {
+        "examples": len(data),
+        "target_epsilon": epsilon,
+        "learning_rate": rate,
+        "clip": clip,
+    }
+    if study.out_of_time():
+        return {**point, "status": "not measured", "why": "past --budget-minutes"}
+    args = study.args
+    plan = make_plan(len(data), epsilon=epsilon or 8.0, delta=args.delta, epochs=args.epochs)
+    load_adapter_arrays(study.model, study.initial)
+    sigma = plan.noise_multiplier if epsilon is not None else None
+    _, seconds = study.train(
+        data,
+        batch=plan.batch_size,
+        steps=plan.steps_per_round,
+        sigma=sigma,
+        learning_rate=rate,
+        clip=clip,
+    )
+    after = study.loss()
+    point.update(
+        status="measured",
+        batch_size=plan.batch_size,
+        steps=plan.steps_per_round,
+        noise_multiplier=sigma,
+        held_out_loss_after=after,
+        gain=study.base_loss - after,
+        seconds=seconds,
+    )
+    print(json.dumps(point), flush=True)
+    return point
+
+
+def choose_settings(study: Study, sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best measured (rate, clip) with DP and rate without; the study uses them next."""
+    measured = [p for p in sweep if p["status"] == "measured"]
+    private = [p for p in measured if p["target_epsilon"] is not None]
+    plain = [p for p in measured if p["target_epsilon"] is None]
+    if private:
+        best = max(private, key=lambda p: p["gain"])
+        study.dp_setting = (best["learning_rate"], best["clip"])
+    if plain:
+        study.plain_rate = max(plain, key=lambda p: p["gain"])["learning_rate"]
+    return {
+        "dp_learning_rate": study.dp_setting[0],
+        "dp_clip": study.dp_setting[1],
+        "non_private_learning_rate": study.plain_rate,
     }
 
 
@@ -172,6 +304,8 @@ def data_size_point(study: Study, examples: int, epsilon: float | None) -> dict[
         status="measured",
         batch_size=plan.batch_size,
         steps=plan.steps_per_round,
+        learning_rate=study.dp_setting[0] if sigma else study.plain_rate,
+        clip=study.dp_setting[1] if sigma else None,
         noise_multiplier=sigma,
         epsilon=epsilon_of(
             [(sigma, plan.sample_rate, plan.steps_per_round)], delta=args.delta, accountant="rdp"
@@ -225,6 +359,8 @@ def consortium_point(study: Study, nodes: int, epsilon: float | None) -> dict[st
         rounds=args.rounds,
         batch_size=plan.batch_size,
         steps_per_round=plan.steps_per_round,
+        learning_rate=study.dp_setting[0] if sigma else study.plain_rate,
+        clip=study.dp_setting[1] if sigma else None,
         noise_multiplier=sigma,
         epsilon_per_node=plan.epsilon_after[-1] if sigma else None,
         held_out_loss_after=after,
@@ -272,7 +408,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for epsilon in report["settings"]["epsilons"]:
             points = sorted(
                 (p[key], p.get("ratio_to_non_private") or 0.0)
-                for p in report[part]
+                for p in report.get(part, [])
                 if p["target_epsilon"] == epsilon and p["status"] == "measured"
             )
             if points:
