@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from fedtune.platform.config import ModelConfig
 from fedtune.platform.model.devices import select_device
 from fedtune.platform.model.fingerprint import model_dir_fingerprint
+from fedtune.platform.model.hub_code import NO_HUB_CODE
 from fedtune.platform.model.model_store import resolve_model_dir
 
 
@@ -52,7 +53,9 @@ def load_base_model(config: ModelConfig) -> BaseModel:
 
 def _load_weights(model_dir: Path, quantization: str, device: torch.device) -> PreTrainedModel:
     if quantization == "none":
-        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, **NO_HUB_CODE
+        )
         return model.to(device)
     try:
         import bitsandbytes  # noqa: F401
@@ -72,6 +75,6 @@ def _load_weights(model_dir: Path, quantization: str, device: torch.device) -> P
     else:
         bnb = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=bnb, device_map={"": device.index or 0}
+        model_dir, quantization_config=bnb, device_map={"": device.index or 0}, **NO_HUB_CODE
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -20,6 +20,7 @@ from typing import Any
 
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.model.fingerprint import file_fingerprint
+from fedtune.platform.model.hub_code import NO_HUB_CODE
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
     print(f"converting {gguf_path.name} to safetensors in {target} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, **NO_HUB_CODE
+    )
     # The weights are already dequantised; without this, save_pretrained refuses a model
     # "quantized with gguf".
     model.hf_quantizer = None
