@@ -49,6 +49,7 @@ from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.model.lora import adapter_arrays, attach_lora, load_adapter_arrays
 from fedtune.privacy.accounting import epsilon_of
 from fedtune.privacy.planner import make_plan
+from fedtune.privacy.training_defaults import DP_LEARNING_RATE, DP_MAX_GRAD_NORM
 
 RESULTS = Path(__file__).parent / "results"
 HELD_OUT_SEED = 10_000
@@ -65,7 +66,8 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0, 8.0])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--learning-rate", type=float, default=DP_LEARNING_RATE)
+    parser.add_argument("--clip", type=float, default=DP_MAX_GRAD_NORM)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--physical-batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
@@ -117,7 +119,7 @@ class Study:
         self.deadline = time.monotonic() + 60.0 * args.budget_minutes
         # (learning rate, clip) for DP points and the rate for non-private ones; the sweep
         # replaces them with the best it measured.
-        self.dp_setting = (args.learning_rate, 1.0)
+        self.dp_setting = (args.learning_rate, args.clip)
         self.plain_rate = args.learning_rate
 
     def dataset(self, name: str, examples: int, *, seed: int) -> ChatDataset:

@@ -24,6 +24,7 @@ from fedtune.platform.db.storage import Run, open_database
 from fedtune.privacy.audit.independent_accounting import OPACUS_RDP_ORDERS
 from fedtune.privacy.ledger_store import ledger_entries
 from fedtune.privacy.planner import PlanError, default_batch_size, make_plan
+from fedtune.privacy.training_defaults import DP_LEARNING_RATE, DP_MAX_GRAD_NORM
 from fedtune.simulation import simulate
 
 # RDP at the same orders. At fractional orders dp-accounting sums the series' terms in absolute
@@ -176,3 +177,61 @@ def test_a_run_with_auto_training_is_planned_for_its_smallest_node_and_records_i
     assert any("planned training" in line for line in lines)
     assert [e.steps for e in entries] == [plan.steps_per_round] * 2
     assert entries[0].sample_rate == pytest.approx(plan.sample_rate)
+
+
+def node_config(tmp_path):
+    write_demo_data(tmp_path / "data", domain="hospital", train=120, held_out=10)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        "# the operator's comment\n"
+        '[node]\nname = "hospital"\nstate_dir = "state"\n'
+        '[data]\ntrain = "data/hospital/train.jsonl"\neval = "data/hospital/held_out.jsonl"\n'
+        "[training]\nbatch_size = 32\nphysical_batch_size = 32\n"
+        "[privacy]\ntarget_epsilon = 4.0\ndelta = 1e-4\nplanned_rounds = 2\n"
+    )
+    return config
+
+
+def test_the_plan_prints_the_measured_learning_rate_and_clip(capsys):
+    assert main(["privacy", "plan", "--examples", "800", "--epsilon", "8"]) == 0
+    out = capsys.readouterr().out
+
+    assert f"learning rate      {DP_LEARNING_RATE:g} (AdamW), clip norm {DP_MAX_GRAD_NORM:g}" in out
+    # The configuration's defaults are the measured ones (privacy/training_defaults.py).
+    assert TrainingSettings().learning_rate == DP_LEARNING_RATE
+    assert PrivacySettings(target_epsilon=8.0).max_grad_norm == DP_MAX_GRAD_NORM
+
+
+def test_write_puts_the_plan_in_a_new_config_beside_the_original(tmp_path, capsys):
+    config = node_config(tmp_path)
+    original = config.read_bytes()
+
+    assert main(["privacy", "plan", "--config", str(config), "--write", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+
+    assert plan["written"] == str(tmp_path / "node.planned.toml")
+    planned = load_node_config(tmp_path / "node.planned.toml")
+    assert (planned.training.steps, planned.training.batch_size) == (
+        plan["steps_per_round"],
+        plan["batch_size"],
+    )
+    assert planned.training.physical_batch_size == min(32, plan["batch_size"]) < 32
+    assert planned.training.learning_rate == plan["learning_rate"] == DP_LEARNING_RATE
+    assert planned.privacy.max_grad_norm == plan["max_grad_norm"]
+    assert planned.privacy.target_epsilon == 4.0 and planned.node.name == "hospital"
+    assert config.read_bytes() == original  # the original, comments and all, stays
+
+
+def test_write_never_overwrites_and_needs_a_config(tmp_path, capsys):
+    config = node_config(tmp_path)
+    existing = tmp_path / "node.planned.toml"
+    existing.write_text("# mine\n")
+
+    assert main(["privacy", "plan", "--config", str(config), "--write"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists" in err
+    assert existing.read_text() == "# mine\n"
+
+    assert main(["privacy", "plan", "--examples", "800", "--epsilon", "8", "--write"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--write needs --config" in err

@@ -6,7 +6,10 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedtune.privacy.planner import Plan
 
 
 def register(commands: Any) -> None:
@@ -16,8 +19,8 @@ def register(commands: Any) -> None:
     ).add_subparsers(title="privacy commands")
     plan = privacy.add_parser(
         "plan",
-        help="the logical batch, steps per round, noise multiplier and epsilon after each "
-        "round for N examples and a target epsilon; writes nothing",
+        help="the logical batch, steps per round, noise multiplier, learning rate and epsilon "
+        "after each round for N examples and a target epsilon; writes nothing unless --write",
     )
     plan.add_argument("--examples", type=int, help="training examples N (default: --config's)")
     plan.add_argument("--epsilon", type=float, help="target epsilon (default: --config's)")
@@ -30,6 +33,12 @@ def register(commands: Any) -> None:
         type=Path,
         help="a node.toml: N from its training data, epsilon, delta and rounds from its "
         "[privacy]; the data set's earlier spending from its ledger",
+    )
+    plan.add_argument(
+        "--write",
+        action="store_true",
+        help="with --config: write the node config with the plan's choices as NAME.planned.toml "
+        "beside it (never overwrites; the original stays as it is)",
     )
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=_privacy_plan)
@@ -60,6 +69,8 @@ def _privacy_plan(args: argparse.Namespace) -> int:
             history = ledger.dp_history(file_fingerprint(config.data.train))
     if examples is None or epsilon is None:
         raise PlanError("give --examples and --epsilon, or --config node.toml")
+    if args.write and args.config is None:
+        raise PlanError("--write needs --config node.toml (it writes the planned config beside it)")
     result = make_plan(
         examples,
         epsilon=epsilon,
@@ -70,10 +81,48 @@ def _privacy_plan(args: argparse.Namespace) -> int:
         accountant=accountant,
         history=history,
     )
+    written = _write_planned_config(args.config, result) if args.write else None
     if args.json:
-        print(json.dumps({**asdict(result), "total_steps": result.total_steps}, indent=2))
+        summary = {**asdict(result), "total_steps": result.total_steps}
+        print(json.dumps({**summary, "written": str(written) if written else None}, indent=2))
     else:
         if history:
             print(f"the data set has already spent {len(history)} private rounds (counted)")
         print(format_plan(result))
+        if written:
+            print(f"wrote {written} (the plan's batch, steps, learning rate and clip norm)")
     return 0
+
+
+def _write_planned_config(config: Path, plan: Plan) -> Path:
+    """``config`` with the plan's choices, as ``NAME.planned.toml`` beside it, checked by
+    loading it back; never overwrites a file."""
+    import tomllib
+
+    import tomli_w
+
+    from fedtune.platform.config import load_node_config
+    from fedtune.privacy.planner import PlanError
+
+    target = config.with_name(f"{config.stem}.planned.toml")
+    document = tomllib.loads(config.read_text(encoding="utf-8"))
+    training = document.setdefault("training", {})
+    physical = training.get("physical_batch_size", 8)
+    training.update(
+        steps=plan.steps_per_round,
+        batch_size=plan.batch_size,
+        physical_batch_size=min(physical, plan.batch_size),
+        learning_rate=plan.learning_rate,
+    )
+    document.setdefault("privacy", {})["max_grad_norm"] = plan.max_grad_norm
+    try:
+        with target.open("x", encoding="utf-8") as out:  # "x": an existing file stays
+            out.write(tomli_w.dumps(document))
+    except FileExistsError:
+        raise PlanError(f"--write: {target} exists; remove it first (nothing written)") from None
+    try:
+        load_node_config(target)
+    except Exception:
+        target.unlink()
+        raise
+    return target

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Self, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedtune.common.errors import FedtuneError, unreadable
+from fedtune.privacy.training_defaults import DP_LEARNING_RATE, DP_MAX_GRAD_NORM
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 # Configuration is strict (a string "8" is no number; see _Section), but TOML has no path
@@ -111,7 +112,7 @@ class TrainingSettings(_Section):
     steps: PositiveInt | Literal["auto"] = 20
     batch_size: PositiveInt | Literal["auto"] = 32
     physical_batch_size: PositiveInt = 8
-    learning_rate: PositiveFloat = 1e-2
+    learning_rate: PositiveFloat = DP_LEARNING_RATE  # measured: privacy/training_defaults.py
     optimizer: Literal["adamw", "sgd"] = "adamw"
     seed: int | None = Field(
         default=None,
@@ -175,7 +176,7 @@ class PrivacySettings(_Section):
         "budget guard declines a round that would pass it. Default: target_epsilon.",
     )
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    max_grad_norm: PositiveFloat = 1.0
+    max_grad_norm: PositiveFloat = DP_MAX_GRAD_NORM  # measured: privacy/training_defaults.py
     planned_rounds: PositiveInt = 1
     accountant: Literal["rdp", "prv"] = "rdp"
     noise_multiplier: PositiveFloat | None = Field(

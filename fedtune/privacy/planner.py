@@ -8,9 +8,14 @@ What it chooses, and why:
   the signal (the noise of an averaged step is ``sigma * C / B``); the field's advice is
   ``B ~ sqrt(N)`` (dp-transformers) to thousands (Li et al. 2022), and our own measurement
   (``benchmarks/dp_utility.py``, 800 examples, epsilon 8) kept 0.34 of the non-private gain
-  at B = 64 against 0.29 at B = 32, the ``sqrt(N)`` choice.
+  at B = 64 against 0.29 at B = 32, the ``sqrt(N)`` choice. With it (and the two settings
+  below) the study on a GPU kept 0.51, 0.81 and 0.95 of the non-private gain at 800, 3,200
+  and 12,800 examples at epsilon 8, and 0.41, 0.74 and 0.92 at epsilon 3
+  (``benchmarks/results/dp_utility_study_gpu.json``).
 - **Passes over the data**: 3 epochs over the planned rounds (dp-transformers' setting; Li
-  et al. use 3-18). Not yet chosen by a measurement of ours.
+  et al. use 3-18); the figures above are with it, other counts are not measured.
+- **Learning rate and clip norm**: :data:`DP_LEARNING_RATE` and :data:`DP_MAX_GRAD_NORM`
+  (``privacy/training_defaults.py`` says how they were measured).
 - **Noise**: the smallest noise multiplier with which the planned rounds end at the target
   (Opacus' RDP or PRV accountant, counting what the data set already spent).
 
@@ -31,6 +36,7 @@ from fedtune.privacy.accounting import (
     calibrate_noise_multiplier,
     epsilon_of,
 )
+from fedtune.privacy.training_defaults import DP_LEARNING_RATE, DP_MAX_GRAD_NORM
 
 DEFAULT_EPOCHS = 3.0
 MIN_BATCH, MAX_BATCH = 16, 1024
@@ -59,6 +65,8 @@ class Plan:
     epsilon_after: tuple[float, ...]
     accountant: AccountantName
     warnings: tuple[str, ...]
+    learning_rate: float = DP_LEARNING_RATE
+    max_grad_norm: float = DP_MAX_GRAD_NORM
 
     @property
     def total_steps(self) -> int:
@@ -170,6 +178,7 @@ def format_plan(plan: Plan) -> str:
         f"  steps per round    {plan.steps_per_round} ({plan.total_steps} in all, "
         f"{plan.total_steps * plan.sample_rate:.1f} passes over the data)",
         f"  noise multiplier   {plan.noise_multiplier:.3f}",
+        f"  learning rate      {plan.learning_rate:g} (AdamW), clip norm {plan.max_grad_norm:g}",
         f"  cost               ~{plan.expected_examples_processed} per-example gradients",
         "  epsilon after each round: " + ", ".join(f"{value:.3f}" for value in plan.epsilon_after),
     ]
@@ -177,4 +186,13 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_EPOCHS", "Plan", "PlanError", "default_batch_size", "format_plan", "make_plan"]
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "DP_LEARNING_RATE",
+    "DP_MAX_GRAD_NORM",
+    "Plan",
+    "PlanError",
+    "default_batch_size",
+    "format_plan",
+    "make_plan",
+]
