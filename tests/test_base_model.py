@@ -52,3 +52,19 @@ def test_directory_without_config_is_refused(tmp_path):
 def test_quantized_loading_is_refused_on_cpu(tiny_model_dir):
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         load_base_model(ModelConfig(spec=str(tiny_model_dir), quantization="4bit"))
+
+
+def test_a_loaded_model_runs_no_kernels_from_the_hub(tiny_model_dir, monkeypatch):
+    """transformers 5.2x kernelizes by default, and on CUDA that fetches code from the
+    Hugging Face hub (seen on an H200); a node's model must never do that."""
+    import kernels
+
+    fetched = []
+    monkeypatch.setattr(kernels, "kernelize", lambda *a, **k: fetched.append(a))
+    base = load_base_model(ModelConfig(spec=str(tiny_model_dir), device="cpu"))
+    base.model.train()
+    base.model.eval()
+
+    assert base.model.use_kernels is False
+    assert base.model.kernels_mode is None
+    assert fetched == []
