@@ -75,11 +75,17 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """The node's local data set: JSONL in chat or prompt/response form."""
+    """The node's local data set: JSONL, CSV or Parquet (chosen by the file's suffix) in chat
+    or prompt/response form; see fedtune/client_node/data.py."""
 
     train: ConfigPath
     eval: ConfigPath
     max_length: Annotated[int, Field(ge=8)] = 128
+    loss_on_thinking: bool = Field(
+        default=True,
+        description="Whether an answer's <think>...</think> reasoning (DeepSeek-R1 style) "
+        "counts in the loss; false trains on the answer after it, the reasoning as context.",
+    )
     max_eval_examples: PositiveInt | None = Field(
         default=None, description="Evaluate on at most this many held-out examples."
     )
@@ -326,6 +332,7 @@ class RunSettings(_Section):
 class RunDataSettings(_Section):
     max_length: Annotated[int, Field(ge=8)] = 128
     max_eval_examples: PositiveInt | None = None
+    loss_on_thinking: bool = True  # as DataConfig.loss_on_thinking
 
 
 class RunNode(_Section):
@@ -506,6 +513,7 @@ class RunConfig(_Section):
                 eval=node.eval,
                 max_length=self.data.max_length,
                 max_eval_examples=self.data.max_eval_examples,
+                loss_on_thinking=self.data.loss_on_thinking,
             ),
             lora=self.lora,
             training=self.training,
