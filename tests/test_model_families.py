@@ -344,3 +344,30 @@ def test_lora_targets_config_defaults_to_the_family_and_refuses_an_empty_list():
         LoraSettings(target_modules=[])
     with pytest.raises(ValueError, match="at least 1 character"):
         LoraSettings(target_modules=[""])
+
+
+@pytest.mark.parametrize("targets", [None, ["q_b_proj", "kv_b_proj"]])
+def test_lora_targets_travel_to_the_nodes_as_configured(targets):
+    """Unset targets reach the node unset (it resolves the same family default on the same
+    fingerprinted model); set ones as they are."""
+    from flwr.common.serde import config_record_from_proto, config_record_to_proto
+
+    from fedtune.platform.wire.messages import TrainInstructions
+
+    sent = TrainInstructions(
+        run_id="r",
+        base_model_fingerprint="sha256:0",
+        steps=1,
+        batch_size=2,
+        learning_rate=0.1,
+        optimizer="sgd",
+        planned_rounds=1,
+        lora=LoraSettings(target_modules=targets),
+        evaluate_local_model=False,
+    )
+
+    received = TrainInstructions.from_record(
+        config_record_from_proto(config_record_to_proto(sent.to_record()))
+    )
+
+    assert received.lora == sent.lora
