@@ -371,3 +371,19 @@ def test_lora_targets_travel_to_the_nodes_as_configured(targets):
     )
 
     assert received.lora == sent.lora
+
+
+def test_a_redirect_peft_makes_unannounced_is_caught_after_attaching(tiny_tokenizer, monkeypatch):
+    """Were PEFT's table of redirected names moved (another PEFT version), the adapter PEFT
+    builds is still checked: fused expert weights adapted as parameters are refused, and the
+    base model is left without LoRA layers."""
+    from fedtune.platform.model import families
+
+    monkeypatch.setattr(families, "_peft_redirects", lambda model: {})
+    model = build_family("deepseek_v3", len(tiny_tokenizer))
+
+    message = one_line_error(model, ["q_b_proj", "down_proj"])
+
+    assert "PEFT adapted the parameters down_proj" in message
+    assert "stay frozen under DP" in message
+    assert not any("lora_" in name for name, _ in model.named_parameters())
