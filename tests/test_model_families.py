@@ -178,6 +178,7 @@ def test_a_dp_step_adds_each_examples_own_gradient_clipped_to_the_norm(
     assert float((after - before).norm()) <= clip * (1 + 1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_trained_adapter_loads_with_plain_peft(family, model_dirs, tmp_path, examples):
     base = load_base_model(ModelConfig(spec=str(model_dirs[family]), device="cpu"))
