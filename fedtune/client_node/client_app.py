@@ -120,12 +120,18 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
     if loaded is None:
         loaded = _MODELS[key] = _LoadedModel(base=load_base_model(config.model))
     tokenizer = loaded.base.tokenizer
-    train_data = load_chat_dataset(config.data.train, tokenizer, max_length=config.data.max_length)
+    train_data = load_chat_dataset(
+        config.data.train,
+        tokenizer,
+        max_length=config.data.max_length,
+        loss_on_thinking=config.data.loss_on_thinking,
+    )
     held_out = load_chat_dataset(
         config.data.eval,
         tokenizer,
         max_length=config.data.max_length,
         limit=config.data.max_eval_examples,
+        loss_on_thinking=config.data.loss_on_thinking,
     )
     data_fingerprint = file_fingerprint(config.data.train)
     runtime = NodeRuntime(

@@ -1,16 +1,19 @@
-"""The node's local data: JSONL files rendered with the model's chat template.
+"""The node's local data: JSONL, CSV or Parquet files rendered with the model's chat template.
 
-Two line forms are accepted::
+Two record forms are accepted (:mod:`fedtune.client_node.data_files` reads the files; the
+suffix chooses the format)::
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-    {"prompt": "...", "response": "...", "system": "..." (optional)}
+    {"prompt": "...", "response": "...", "system": "..." (optional), "reasoning": "..." (optional)}
 
-Only assistant tokens count in the loss. Problems are reported as ``FILE:LINE: what``.
+Reasoning in the DeepSeek-R1 style is an assistant message that starts with
+``<think>...</think>`` before the answer; ``reasoning`` in the prompt/response form becomes
+exactly that. Only assistant tokens count in the loss, the thinking too unless
+``loss_on_thinking`` is false. Problems are reported as ``FILE:ROW: what``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,44 +22,43 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from fedtune.common.errors import FedtuneError, unreadable
+from fedtune.client_node.data_files import DataError, read_records
+
+__all__ = ["DataError"]
 
 IGNORE_INDEX = -100
 _ROLES = {"system", "user", "assistant"}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 Message = dict[str, str]
 
 
-class DataError(FedtuneError, ValueError):
-    """A data file is missing, malformed, or too small for the configured training."""
-
-
 def load_conversations(path: Path) -> list[list[Message]]:
-    """Parse a JSONL data file into conversations; blank lines are skipped. Errors name the
-    file and line, never a line's text (it may be private)."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a data file")
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    conversations: list[list[Message]] = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
-                conversations.append(_conversation(record, f"{path}:{number}"))
-    except UnicodeDecodeError:
-        # Decoding runs ahead of the lines: the line number would not be exact.
-        raise DataError(f"{path}: not UTF-8 text (a binary file?)") from None
-    except OSError as exc:
-        raise DataError(unreadable(path, exc)) from None
+    """Parse a data file (JSONL, CSV or Parquet) into conversations; blank lines are skipped.
+    Errors name the file and row, never a row's text (it may be private)."""
+    conversations = [_conversation(record, where) for where, record in read_records(path)]
     if not conversations:
         raise DataError(f"{path}: the data set is empty (no examples)")
     return conversations
+
+
+def _text(record: dict[str, Any], field: str, where: str) -> str:
+    if field not in record:
+        raise DataError(f"{where}: missing field '{field}' (a string)")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{field}' must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def _optional_text(record: dict[str, Any], field: str, where: str) -> str | None:
+    """An optional field: absent, null or blank count as not given."""
+    value = record.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _text(record, field, where)
 
 
 def _conversation(record: Any, where: str) -> list[Message]:
@@ -78,18 +80,23 @@ def _conversation(record: Any, where: str) -> list[Message]:
                 raise DataError(
                     f"{where}: messages[{index}] has a role other than {sorted(_ROLES)}"
                 )
+            if message["role"] == "assistant" and not message["content"].strip():
+                raise DataError(f"{where}: messages[{index}] is an empty assistant message")
         if not any(message["role"] == "assistant" for message in messages):
             raise DataError(f"{where}: no assistant message to learn from")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "prompt" in record or "response" in record:
-        for field in ("prompt", "response"):
-            if not isinstance(record.get(field), str):
-                raise DataError(f"{where}: missing field '{field}' (a string)")
+        prompt = _text(record, "prompt", where)
+        response = _text(record, "response", where)
         conversation: list[Message] = []
-        if isinstance(record.get("system"), str):
-            conversation.append({"role": "system", "content": record["system"]})
-        conversation.append({"role": "user", "content": record["prompt"]})
-        conversation.append({"role": "assistant", "content": record["response"]})
+        system = _optional_text(record, "system", where)
+        if system is not None:
+            conversation.append({"role": "system", "content": system})
+        conversation.append({"role": "user", "content": prompt})
+        reasoning = _optional_text(record, "reasoning", where)
+        if reasoning is not None:
+            response = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{response}"
+        conversation.append({"role": "assistant", "content": response})
         return conversation
     raise DataError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
 
@@ -127,30 +134,26 @@ class TokenizedExample:
 
 
 def tokenize_conversation(
-    conversation: Sequence[Message], tokenizer: Any, *, max_length: int
+    conversation: Sequence[Message],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    loss_on_thinking: bool = True,
 ) -> TokenizedExample:
     """Render with the chat template and label only the assistant turns (their text and the
-    end-of-turn marker the template puts after it), truncated to ``max_length`` tokens.
+    end-of-turn marker the template puts after it), truncated to ``max_length`` tokens. With
+    ``loss_on_thinking`` false, an assistant turn's ``<think>...</think>`` block is context,
+    not target: only the answer after it is labelled.
 
     The work is bounded whatever the row: only the first ``max_chars(max_length)`` characters
     of the conversation are rendered and tokenized (:func:`bounded_conversation`)."""
     limit = max_chars(max_length)
     conversation = bounded_conversation(conversation, limit)
-    text = tokenizer.apply_chat_template(list(conversation), tokenize=False)[:limit]
-    spans = []
-    for index, message in enumerate(conversation):
-        if message["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(
-            list(conversation[:index]), tokenize=False, add_generation_prompt=True
-        )
-        upto = tokenizer.apply_chat_template(list(conversation[: index + 1]), tokenize=False)
-        if not text.startswith(upto[:limit]) or not upto.startswith(prefix):
-            raise DataError(
-                "the tokenizer's chat template does not render conversations prefix by prefix; "
-                "assistant tokens cannot be located"
-            )
-        spans.append((min(len(prefix), limit), min(len(upto), limit)))
+    text, spans = render_conversation(conversation, tokenizer)
+    if not loss_on_thinking:
+        spans = [_after_thinking(text, start, stop) for start, stop in spans]
+    text = text[:limit]
+    spans = [(min(start, limit), min(stop, limit)) for start, stop in spans]
     encoded = tokenizer(
         text, add_special_tokens=False, return_offsets_mapping=True, truncation=False
     )
@@ -163,6 +166,94 @@ def tokenize_conversation(
         for token, (begin, end) in zip(input_ids, offsets, strict=True)
     ]
     return TokenizedExample(input_ids=input_ids, labels=labels)
+
+
+def render_conversation(
+    conversation: Sequence[Message], tokenizer: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the chat template renders it, with the character spans of the
+    assistant turns to learn.
+
+    Most templates render a conversation prefix by prefix: every assistant turn is learnt.
+    Reasoning templates in the DeepSeek-R1 style do not: they drop the thinking of every
+    assistant turn they render and open the generation prompt with ``<think>``. For those,
+    as at inference, the history is what the template renders and only the final assistant
+    turn is learnt, written after the generation prompt with its thinking and the end
+    marker the template puts after an answer."""
+    template = tokenizer.apply_chat_template
+    text: str = template(list(conversation), tokenize=False)
+    spans: list[tuple[int, int]] = []
+    for index, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        prefix = template(list(conversation[:index]), tokenize=False, add_generation_prompt=True)
+        upto = template(list(conversation[: index + 1]), tokenize=False)
+        if not text.startswith(upto) or not upto.startswith(prefix):
+            break
+        spans.append((len(prefix), len(upto)))
+    else:
+        if all(_thinking_kept(message, text) for message in conversation):
+            return text, spans
+    return _render_final_turn(conversation, tokenizer)
+
+
+def _thinking_kept(message: Message, text: str) -> bool:
+    """Whether the thinking of an assistant ``message`` (if any) is in the rendered text."""
+    thinking = _thinking(message)
+    return thinking is None or thinking in text
+
+
+def _thinking(message: Message) -> str | None:
+    content = message["content"]
+    if message["role"] != "assistant" or not content.lstrip().startswith(THINK_OPEN):
+        return None
+    if THINK_CLOSE not in content:
+        return None  # cut by the length bound before the thinking ended
+    return content.lstrip()[len(THINK_OPEN) :].split(THINK_CLOSE, 1)[0].strip() or None
+
+
+def _render_final_turn(
+    conversation: Sequence[Message], tokenizer: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    if conversation[-1]["role"] != "assistant":
+        raise DataError(
+            "the tokenizer's chat template does not render conversations prefix by prefix, "
+            "and the conversation does not end with an assistant turn to learn"
+        )
+    prefix: str = tokenizer.apply_chat_template(
+        list(conversation[:-1]), tokenize=False, add_generation_prompt=True
+    )
+    content = conversation[-1]["content"]
+    # The generation prompt may already open the thinking ("<think>\n"): do not repeat it.
+    if content.startswith(THINK_OPEN):
+        for size in range(min(len(content), len(THINK_OPEN) + 4), len(THINK_OPEN) - 1, -1):
+            if prefix.endswith(content[:size]):
+                content = content[size:]
+                break
+    completion = content + _end_marker(conversation, tokenizer)
+    return prefix + completion, [(len(prefix), len(prefix) + len(completion))]
+
+
+def _end_marker(conversation: Sequence[Message], tokenizer: Any) -> str:
+    """What the template writes after a final answer (e.g. the end-of-sentence token)."""
+    rendered: str = tokenizer.apply_chat_template(list(conversation), tokenize=False)
+    answer = conversation[-1]["content"].rsplit(THINK_CLOSE, 1)[-1]
+    at = rendered.rfind(answer) if answer else -1
+    if at >= 0:
+        return rendered[at + len(answer) :]
+    return str(getattr(tokenizer, "eos_token", None) or "")
+
+
+def _after_thinking(text: str, start: int, stop: int) -> tuple[int, int]:
+    """The part of the span ``text[start:stop]`` after its ``</think>`` and the blank space
+    that follows (the whole span when it holds no thinking)."""
+    close = text.find(THINK_CLOSE, start, stop)
+    if close < 0:
+        return start, stop
+    answer = close + len(THINK_CLOSE)
+    while answer < stop and text[answer].isspace():
+        answer += 1
+    return answer, stop
 
 
 class ChatDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -182,14 +273,24 @@ class ChatDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def load_chat_dataset(
-    path: Path, tokenizer: Any, *, max_length: int, limit: int | None = None
+    path: Path,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    limit: int | None = None,
+    loss_on_thinking: bool = True,
 ) -> ChatDataset:
-    """Load, render and tokenize a JSONL file. Examples whose assistant part falls wholly
+    """Load, render and tokenize a data file. Examples whose assistant part falls wholly
     beyond ``max_length`` teach nothing and are left out (counted in ``dropped``)."""
     conversations = load_conversations(path)
     if limit is not None:
         conversations = conversations[:limit]
-    examples = [tokenize_conversation(c, tokenizer, max_length=max_length) for c in conversations]
+    examples = [
+        tokenize_conversation(
+            c, tokenizer, max_length=max_length, loss_on_thinking=loss_on_thinking
+        )
+        for c in conversations
+    ]
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
     if not kept:
         raise DataError(

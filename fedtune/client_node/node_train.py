@@ -36,12 +36,18 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     base = load_base_model(config.model)
     tokenizer = base.tokenizer
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    train_data = load_chat_dataset(config.data.train, tokenizer, max_length=config.data.max_length)
+    train_data = load_chat_dataset(
+        config.data.train,
+        tokenizer,
+        max_length=config.data.max_length,
+        loss_on_thinking=config.data.loss_on_thinking,
+    )
     held_out = load_chat_dataset(
         config.data.eval,
         tokenizer,
         max_length=config.data.max_length,
         limit=config.data.max_eval_examples,
+        loss_on_thinking=config.data.loss_on_thinking,
     )
     data_fingerprint = file_fingerprint(config.data.train)
     ledger = NodeLedger(config.node.state_dir, node=config.node.name)

@@ -76,11 +76,17 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """The node's local data set: JSONL in chat or prompt/response form."""
+    """The node's local data set: JSONL, CSV or Parquet (chosen by the file's suffix) in chat
+    or prompt/response form; see fedtune/client_node/data.py."""
 
     train: ConfigPath
     eval: ConfigPath
     max_length: Annotated[int, Field(ge=8)] = 128
+    loss_on_thinking: bool = Field(
+        default=True,
+        description="Whether an answer's <think>...</think> reasoning (DeepSeek-R1 style) "
+        "counts in the loss; false trains on the answer after it, the reasoning as context.",
+    )
     max_eval_examples: PositiveInt | None = Field(
         default=None, description="Evaluate on at most this many held-out examples."
     )
@@ -88,14 +94,23 @@ class DataConfig(_Section):
 
 class LoraSettings(_Section):
     """LoRA adapter shape. DP noise is added to every trainable value, so the defaults keep
-    them few: the attention query and value projections only, and only the B matrices
-    (FFA-LoRA). Measured on the demo data at epsilon 8 (benchmarks/dp_utility.py): B-only at
-    lr 1e-2 gained 0.65 in held-out loss where A+B at lr 3e-3 gained 0.45."""
+    them few: the attention query and value projections only (per model family, see
+    fedtune/platform/model/families.py), and only the B matrices (FFA-LoRA). Measured on the
+    demo data at epsilon 8 (benchmarks/dp_utility.py): B-only at lr 1e-2 gained 0.65 in
+    held-out loss where A+B at lr 3e-3 gained 0.45."""
 
     r: PositiveInt = 8
     alpha: PositiveInt = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None
+    ) = Field(
+        default=None,
+        description="Layer names LoRA adapts, matched as PEFT does (a full module name or its "
+        "last dotted parts), or ['all-linear']. Unset: the model family's default (Llama, "
+        "Qwen2: q_proj, v_proj; DeepSeek-V2/V3: q_proj or q_b_proj, kv_b_proj). Each name "
+        "must match a linear layer; the router and routed experts of an MoE stay frozen.",
+    )
     train_a: bool = Field(
         default=False,
         description="False freezes the random A matrices and trains only B (FFA-LoRA), "
@@ -318,6 +333,7 @@ class RunSettings(_Section):
 class RunDataSettings(_Section):
     max_length: Annotated[int, Field(ge=8)] = 128
     max_eval_examples: PositiveInt | None = None
+    loss_on_thinking: bool = True  # as DataConfig.loss_on_thinking
 
 
 class RunNode(_Section):
@@ -498,6 +514,7 @@ class RunConfig(_Section):
                 eval=node.eval,
                 max_length=self.data.max_length,
                 max_eval_examples=self.data.max_eval_examples,
+                loss_on_thinking=self.data.loss_on_thinking,
             ),
             lora=self.lora,
             training=self.training,

@@ -23,18 +23,25 @@ from transformers import PreTrainedModel
 
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import LoraSettings
+from fedtune.platform.model.families import (
+    LoraTargetError,
+    check_routing_frozen,
+    check_targets_adapted,
+    exclude_router_outputs,
+    resolve_target_modules,
+)
 
 
 class AdapterMismatchError(FedtuneError, ValueError):
     """Adapter arrays do not fit the model's adapter (keys, shapes or values)."""
 
 
-def lora_config(settings: LoraSettings) -> LoraConfig:
+def lora_config(settings: LoraSettings, *, target_modules: list[str]) -> LoraConfig:
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -43,17 +50,29 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
 def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap ``model`` with a fresh LoRA adapter; only the adapter's parameters train.
 
+    The targets are ``settings.target_modules`` or, when unset, the model family's default
+    (:mod:`fedtune.platform.model.families`); :class:`LoraTargetError` when a target matches
+    nothing, or the router or routed experts of a mixture-of-experts model.
+
     With ``settings.train_a`` false the A matrices keep their random initialisation and only
     B trains (FFA-LoRA, Sun et al. 2024), which halves the parameters that DP noise touches.
     """
+    targets = resolve_target_modules(model, settings.target_modules)
+    exclude_router_outputs(model)
     with warnings.catch_warnings():
         # PEFT reads transformers' deprecated `is_gradient_checkpointing`; nothing to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        peft_model = get_peft_model(model, lora_config(settings))
+        peft_model = get_peft_model(model, lora_config(settings, target_modules=targets))
     if not settings.train_a:
         for name, parameter in peft_model.named_parameters():
             if "lora_A" in name:
                 parameter.requires_grad_(False)
+    try:
+        check_targets_adapted(peft_model, targets)
+        check_routing_frozen(peft_model)
+    except LoraTargetError:
+        peft_model.unload()  # leave the base model as it was
+        raise
     return peft_model
 
 

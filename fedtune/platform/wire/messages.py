@@ -102,7 +102,8 @@ class TrainInstructions:
                 "lora-r": self.lora.r,
                 "lora-alpha": self.lora.alpha,
                 "lora-dropout": self.lora.dropout,
-                "lora-target-modules": list(self.lora.target_modules),
+                # [] on the wire: the model family's default (unset in the run config).
+                "lora-target-modules": list(self.lora.target_modules or []),
                 "lora-train-a": self.lora.train_a,
                 "evaluate-local-model": self.evaluate_local_model,
             }
@@ -126,7 +127,7 @@ class TrainInstructions:
                     r=int(record["lora-r"]),  # type: ignore[arg-type]
                     alpha=int(record["lora-alpha"]),  # type: ignore[arg-type]
                     dropout=float(record["lora-dropout"]),  # type: ignore[arg-type]
-                    target_modules=[str(m) for m in record["lora-target-modules"]],  # type: ignore[union-attr]
+                    target_modules=[str(m) for m in record["lora-target-modules"]] or None,  # type: ignore[union-attr]
                     train_a=bool(record["lora-train-a"]),
                 ),
                 evaluate_local_model=bool(record["evaluate-local-model"]),
