@@ -235,3 +235,38 @@ def test_write_never_overwrites_and_needs_a_config(tmp_path, capsys):
     assert main(["privacy", "plan", "--examples", "800", "--epsilon", "8", "--write"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--write needs --config" in err
+
+
+def test_a_time_budget_cuts_the_passes_and_keeps_the_target():
+    full = make_plan(800, epsilon=8.0, delta=1e-5, rounds=3)
+    seconds_per_step = 0.33 * full.sample_rate * 800  # the expected Poisson batch
+    budget = 20 * seconds_per_step  # room for 6 steps per round, not 13
+
+    cut = make_plan(
+        800, epsilon=8.0, delta=1e-5, rounds=3, time_budget_s=budget, seconds_per_example=0.33
+    )
+
+    assert cut.steps_per_round == 6 < full.steps_per_round
+    assert cut.expected_seconds == pytest.approx(18 * seconds_per_step)
+    assert cut.expected_seconds <= budget
+    assert cut.epsilon_after[-1] <= 8.0
+    assert cut.noise_multiplier < full.noise_multiplier  # fewer steps: less noise per step
+    assert any("time budget" in warning for warning in cut.warnings)
+    roomy = make_plan(
+        800, epsilon=8.0, delta=1e-5, rounds=3, time_budget_s=1e6, seconds_per_example=0.33
+    )
+    assert roomy.steps_per_round == full.steps_per_round and not roomy.warnings
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--time-budget", "0.1"], "--time-budget"),
+        (["--time-budget", "-3"], "--time-budget"),
+        (["--time-budget", "30", "--seconds-per-example", "0"], "--seconds-per-example"),
+    ],
+)
+def test_an_impossible_time_budget_gets_one_line(capsys, argv, named):
+    assert main(["privacy", "plan", "--examples", "800", "--epsilon", "8", *argv]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err

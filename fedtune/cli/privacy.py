@@ -12,6 +12,12 @@ if TYPE_CHECKING:
     from fedtune.privacy.planner import Plan
 
 
+# Measured: a DP step of 64 examples x 128 tokens takes about 21 s with SmolLM2-135M on this
+# project's 2-core CI machine (benchmarks/results/dp_utility_study.json), 0.20 s on an H200
+# (gpu_check.json).
+CPU_SECONDS_PER_EXAMPLE = 0.33
+
+
 def register(commands: Any) -> None:
     """Add this group's commands to ``commands`` (the top level's subparsers)."""
     privacy = commands.add_parser(
@@ -28,6 +34,19 @@ def register(commands: Any) -> None:
     plan.add_argument("--rounds", type=int, help="rounds (default: --config's planned_rounds, 1)")
     plan.add_argument("--epochs", type=float, default=None, help="passes over the data (3)")
     plan.add_argument("--batch-size", type=int, help="logical batch (default: planned from N)")
+    plan.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="training time the plan must fit in (fewer passes over the data if needed)",
+    )
+    plan.add_argument(
+        "--seconds-per-example",
+        type=float,
+        default=CPU_SECONDS_PER_EXAMPLE,
+        help="one example's DP gradient on this machine, for --time-budget (default "
+        f"{CPU_SECONDS_PER_EXAMPLE}: SmolLM2-135M on 2 CPU cores; an H200: 0.0032)",
+    )
     plan.add_argument(
         "--config",
         type=Path,
@@ -80,6 +99,8 @@ def _privacy_plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         accountant=accountant,
         history=history,
+        time_budget_s=None if args.time_budget is None else 60.0 * args.time_budget,
+        seconds_per_example=args.seconds_per_example,
     )
     written = _write_planned_config(args.config, result) if args.write else None
     if args.json:

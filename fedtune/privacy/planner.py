@@ -67,6 +67,7 @@ class Plan:
     warnings: tuple[str, ...]
     learning_rate: float = DP_LEARNING_RATE
     max_grad_norm: float = DP_MAX_GRAD_NORM
+    expected_seconds: float | None = None  # with a time budget: at its seconds per example
 
     @property
     def total_steps(self) -> int:
@@ -96,9 +97,14 @@ def make_plan(
     batch_size: int | None = None,
     accountant: AccountantName = "rdp",
     history: Sequence[HistoryEntry] = (),
+    time_budget_s: float | None = None,
+    seconds_per_example: float | None = None,
 ) -> Plan:
     """The plan for ``examples`` training examples to end at ``epsilon`` (at ``delta``) after
     ``rounds`` rounds, ``history`` (the data set's earlier private rounds) counted.
+
+    With ``time_budget_s`` (and the measured ``seconds_per_example`` of one example's
+    gradient on the node's machine) the passes over the data are cut until the plan fits.
 
     Raises :class:`PlanError` naming the option for input no plan can have.
     """
@@ -110,6 +116,28 @@ def make_plan(
         )
     sample_rate = 1.0 / math.ceil(examples / batch)  # as Opacus' Poisson loader derives it
     steps = max(1, math.ceil(epochs * examples / batch / rounds))
+    warnings = []
+    expected_seconds = None
+    if time_budget_s is not None:
+        if seconds_per_example is None or not seconds_per_example > 0:
+            raise PlanError("--seconds-per-example: a time budget needs a positive figure")
+        if not (math.isfinite(time_budget_s) and time_budget_s > 0):
+            raise PlanError("--time-budget: must be a positive number of minutes")
+        step_seconds = seconds_per_example * sample_rate * examples  # the expected batch
+        fitting = math.floor(time_budget_s / step_seconds / rounds)
+        if fitting < 1:
+            raise PlanError(
+                f"--time-budget: one step per round (a batch of about {batch}) takes "
+                f"{step_seconds * rounds / 60:.1f} min over {rounds} rounds, more than the budget"
+            )
+        if fitting < steps:
+            warnings.append(
+                f"cut from {steps} to {fitting} steps per round to fit the time budget "
+                f"({fitting * rounds * batch / examples:.2f} passes over the data instead of "
+                f"{epochs:g}); the model gains less"
+            )
+            steps = fitting
+        expected_seconds = steps * rounds * step_seconds
     try:
         sigma = calibrate_noise_multiplier(
             target_epsilon=epsilon,
@@ -127,7 +155,6 @@ def make_plan(
         )
         for done in range(1, rounds + 1)
     ]
-    warnings = []
     if sample_rate > HIGH_SAMPLE_RATE:
         warnings.append(
             f"sample rate {sample_rate:.2f} is high: sampling amplifies privacy little; "
@@ -149,6 +176,7 @@ def make_plan(
         epsilon_after=tuple(trajectory),
         accountant=accountant,
         warnings=tuple(warnings),
+        expected_seconds=expected_seconds,
     )
 
 
@@ -179,7 +207,8 @@ def format_plan(plan: Plan) -> str:
         f"{plan.total_steps * plan.sample_rate:.1f} passes over the data)",
         f"  noise multiplier   {plan.noise_multiplier:.3f}",
         f"  learning rate      {plan.learning_rate:g} (AdamW), clip norm {plan.max_grad_norm:g}",
-        f"  cost               ~{plan.expected_examples_processed} per-example gradients",
+        f"  cost               ~{plan.expected_examples_processed} per-example gradients"
+        + (f", ~{plan.expected_seconds / 60:.1f} min" if plan.expected_seconds is not None else ""),
         "  epsilon after each round: " + ", ".join(f"{value:.3f}" for value in plan.epsilon_after),
     ]
     lines += [f"  warning: {warning}" for warning in plan.warnings]
