@@ -260,6 +260,26 @@ def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):
     assert "No SuperNode found with the given public key" in coordinator_log
 
 
+def test_every_node_announces_the_shortest_heartbeat(deployment):
+    """The SuperLink's own record: each node's interval is 10 s, so it takes a node for dead
+    after 2 x 10 s of silence (supernode_entry.py); Flower's default was 30 s (60 s)."""
+    from flwr.supercore.state.schema.linkstate_models import Node
+    from sqlalchemy import create_engine
+
+    superlink = create_engine(
+        f"sqlite:///{deployment.coordinator.coordinator.state_dir / 'superlink.db'}"
+    )
+    try:
+        with superlink.connect() as connection:  # Flower's database: read with its own model
+            online = connection.execute(
+                select(Node.heartbeat_interval).where(Node.status == "online")
+            ).all()
+    finally:
+        superlink.dispose()
+    assert len(online) == len(NODES)
+    assert {interval for (interval,) in online} == {10.0}
+
+
 def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny_model_dir):
     run_id = deployment.submit(
         write_run(deployment, tiny_model_dir, name="killed", rounds=2, secure=True, min_nodes=2)
@@ -272,6 +292,18 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny
         time.sleep(0.2)
 
     deployment.kill("node-hospital-c")
+    killed_at = time.monotonic()
+    database = open_database(deployment.coordinator.database_url)
+    while True:  # the round gives up on the dead node and records it (timing: printed)
+        with transaction(database) as session:
+            noticed = session.scalars(
+                select(RejectedUpdate).where(RejectedUpdate.run_id == run_id)
+            ).first()
+        if noticed is not None:
+            print(f"killed node recorded after {time.monotonic() - killed_at:.1f} s")
+            break
+        assert time.monotonic() - killed_at < 600
+        time.sleep(0.5)
     status = deployment.wait_for_run(run_id, timeout_s=900)
 
     assert status == "finished"

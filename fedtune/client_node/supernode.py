@@ -29,7 +29,7 @@ from fedtune.client_node.clientapp_worker import ClientAppWorker
 from fedtune.client_node.trainer_service import TrainerService
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import ConfigError, NodeConfig, load_node_config
-from fedtune.platform.runtime.flower_tools import flower_command, tool_path_environment
+from fedtune.platform.runtime.flower_tools import tool_path_environment
 from fedtune.platform.wire.pinned_apps import SECRET_FILE, ensure_secret
 
 # What the SuperNode prints when the SuperLink refuses its key (with "Exit Code: 305"; the
@@ -55,7 +55,10 @@ def supernode_command(config: NodeConfig, node_toml: Path, *, port: int) -> list
         if not path.is_file():
             raise ConfigError(f"{node_toml}: {label}: {path} does not exist")
     return [
-        flower_command("flower-supernode"),
+        # Flower's flower-supernode with a 10 s heartbeat (supernode_entry.py says why).
+        sys.executable,
+        "-m",
+        "fedtune.platform.runtime.supernode_entry",
         "--root-certificates",
         str(connection.root_certificates),
         "--superlink",
@@ -114,7 +117,8 @@ class NodeSupervisor:
         refused_since: float | None = None
         delay = 1.0
         while not self._stopping.is_set():
-            self.say(f"node {self.config.node.name}: connecting to {command[4]}")
+            address = command[command.index("--superlink") + 1]
+            self.say(f"node {self.config.node.name}: connecting to {address}")
             code, refusal = self._run_once(command)
             if self._stopping.is_set():
                 break

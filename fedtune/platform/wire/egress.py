@@ -38,9 +38,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from fedtune.platform.runtime.supernode_entry import HEARTBEAT_EVERY_S, HEARTBEAT_INTERVAL_S
 from fedtune.platform.security.enrollment_certificates import KEY_SIGNATURE_RECORD
 from fedtune.platform.wire.messages import (
     ABTEST,
@@ -830,11 +830,11 @@ FLOWER_TRAFFIC: tuple[FlowerItem, ...] = (
     ),
     FlowerItem(
         "SendNodeHeartbeat",
-        f"about every {HEARTBEAT_DEFAULT_INTERVAL} s while the node runs",
+        f"about every {HEARTBEAT_EVERY_S:g} s while the node runs",
         "the node is alive",
         (
             Field("node_id", "int", PLAIN, "this node's Flower id"),
-            Field("heartbeat_interval", "float", PLAIN, f"{HEARTBEAT_DEFAULT_INTERVAL} s"),
+            Field("heartbeat_interval", "float", PLAIN, f"{HEARTBEAT_INTERVAL_S:g} s"),
         ),
     ),
     FlowerItem(
@@ -843,7 +843,7 @@ FLOWER_TRAFFIC: tuple[FlowerItem, ...] = (
         "the node comes online and goes offline",
         (
             Field("public_key", "bytes", PLAIN, "the node's enrolled ECDSA key (auth_key.pub)"),
-            Field("heartbeat_interval", "float", PLAIN, f"{HEARTBEAT_DEFAULT_INTERVAL} s"),
+            Field("heartbeat_interval", "float", PLAIN, f"{HEARTBEAT_INTERVAL_S:g} s"),
         ),
     ),
     FlowerItem(

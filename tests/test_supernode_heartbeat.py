@@ -1,0 +1,67 @@
+"""Nodes announce Flower's shortest heartbeat (10 s), so a dead node is noticed in ~20 s
+rather than 60-110 s; and this fails when Flower moves what the entry point sets."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+from flwr.common.constant import HEARTBEAT_MIN_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supernode import fleet_http_connection
+
+from fedtune.client_node.supernode import supernode_command
+from fedtune.platform.config import load_node_config
+from fedtune.platform.runtime.supernode_entry import HEARTBEAT_INTERVAL_S
+
+
+def test_flower_still_reads_the_interval_where_the_entry_point_sets_it():
+    # The node announces it in ActivateNode and every heartbeat ...
+    source = inspect.getsource(fleet_http_connection)
+    assert source.count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2
+    # ... and sends its heartbeats at a cadence derived from it.
+    assert "HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(HeartbeatSender._run)
+    # The SuperLink accepts it and takes a node for dead after PATIENCE intervals.
+    assert HEARTBEAT_INTERVAL_S == HEARTBEAT_MIN_INTERVAL == 10
+    assert HEARTBEAT_PATIENCE * HEARTBEAT_INTERVAL_S == 20
+
+
+def test_the_entry_point_runs_flowers_supernode_with_the_short_interval():
+    probe = (
+        "from fedtune.platform.runtime.supernode_entry import use_short_heartbeat\n"
+        "use_short_heartbeat()\n"
+        "from flwr.supernode import fleet_http_connection as f\n"
+        "from flwr.supercore import heartbeat as h\n"
+        "print(f.HEARTBEAT_DEFAULT_INTERVAL, h.HEARTBEAT_DEFAULT_INTERVAL)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["10.0", "10.0"]
+
+    usage = subprocess.run(
+        [sys.executable, "-m", "fedtune.platform.runtime.supernode_entry", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert usage.returncode == 0 and "--superlink" in usage.stdout  # Flower's own CLI
+
+
+def test_a_node_starts_its_supernode_through_the_entry_point(tmp_path: Path):
+    for name in ("ca.pem", "auth_key"):
+        (tmp_path / name).write_text("x")
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nname = "hospital"\nstate_dir = "state"\n'
+        '[data]\ntrain = "train.jsonl"\neval = "held.jsonl"\n'
+        '[coordinator]\naddress = "127.0.0.1:9095"\nroot_certificates = "ca.pem"\n'
+        'auth_key = "auth_key"\n'
+    )
+
+    command = supernode_command(load_node_config(config), config, port=9200)
+
+    assert command[:3] == [sys.executable, "-m", "fedtune.platform.runtime.supernode_entry"]
+    assert command[command.index("--superlink") + 1] == "127.0.0.1:9095"
