@@ -263,17 +263,23 @@ def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):
 def test_every_node_announces_the_shortest_heartbeat(deployment):
     """The SuperLink's own record: each node's interval is 10 s, so it takes a node for dead
     after 2 x 10 s of silence (supernode_entry.py); Flower's default was 30 s (60 s)."""
+    from flwr.supercore.constant import NodeStatus
     from flwr.supercore.state.schema.linkstate_models import Node
     from sqlalchemy import create_engine
 
     superlink = create_engine(
         f"sqlite:///{deployment.coordinator.coordinator.state_dir / 'superlink.db'}"
     )
+    deadline = time.monotonic() + 180  # nodes load their model before they connect
     try:
-        with superlink.connect() as connection:  # Flower's database: read with its own model
-            online = connection.execute(
-                select(Node.heartbeat_interval).where(Node.status == "online")
-            ).all()
+        while True:
+            with superlink.connect() as connection:  # Flower's database, read with its model
+                online = connection.execute(
+                    select(Node.heartbeat_interval).where(Node.status == NodeStatus.ONLINE)
+                ).all()
+            if len(online) == len(NODES) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
     finally:
         superlink.dispose()
     assert len(online) == len(NODES)
