@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 from streamlit.testing.v1 import AppTest
 
 from fedtune.common.database import transaction
-from fedtune.dashboard import common
-from fedtune.dashboard.launch import APP
 from fedtune.coordinator.node_costs import CostFigures, cost_row
 from fedtune.coordinator.run_protections import run_protections
+from fedtune.dashboard import common
+from fedtune.dashboard.launch import APP
 from fedtune.platform.config import RunConfig
 from fedtune.platform.db.storage import (
     AbTest,
