@@ -427,7 +427,7 @@ def stored_costs(url: str) -> pd.DataFrame:
 def test_costs_page_shows_each_node_rounds_cost_as_the_database_holds_it(coordinator, monkeypatch):
     app = open_page(coordinator.url, "views/costs.py", monkeypatch)
 
-    shown = frames(app)[1].set_index(["round", "node"]).sort_index()
+    shown = frames(app)[0].set_index(["round", "node"]).sort_index()
     stored = stored_costs(coordinator.url).set_index(["round", "node_name"]).sort_index()
     assert (
         list(shown.index)
@@ -474,7 +474,7 @@ def test_costs_chart_draws_each_nodes_device_seconds_per_round(coordinator, monk
 def test_protections_are_those_the_run_recorded_and_its_records_show(coordinator, monkeypatch):
     app = open_page(coordinator.url, "views/costs.py", monkeypatch)
 
-    table = frames(app)[0].set_index("protection")
+    table = app.table[0].value
     assert table.loc["TLS", "state"] == "on"
     assert "sha256:c4c4" in table.loc["TLS", "as recorded when the run started"]
     assert table.loc["node authentication", "state"] == "on"
@@ -501,7 +501,7 @@ def test_a_run_that_recorded_no_protections_says_so_and_shows_its_records(coordi
     app.selectbox(key="costs-run").set_value(PLAIN_RUN_ID).run()
 
     assert "did not record its protections" in texts(app)
-    table = frames(app)[0].set_index("protection")
+    table = app.table[0].value
     assert set(table["state"]) == {"not recorded"}
     assert "No cost figures for this run." in texts(app)
 

@@ -123,7 +123,7 @@ def cost_chart(costs: pd.DataFrame) -> alt.Chart:
         alt.Chart(costs)
         .mark_bar()
         .encode(
-            x=alt.X("round:O", title="round"),
+            x=alt.X("round:O", title="round", axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("node_name:N", title="node"),
             y=alt.Y("seconds:Q", title="device-seconds", stack="zero"),
             color=alt.Color("node_name:N", title="node"),

@@ -38,7 +38,7 @@ def protections_section(run: str) -> None:
             f"A {stored.get('mode', 'run')}, as recorded when it started (today's configuration "
             "is not read), beside what the run's signed ledgers, receipts and replies show."
         )
-    st.dataframe(rows, hide_index=True)
+    st.table(rows.set_index("protection"))  # a static table: long details wrap
 
 
 def costs_section(run: str) -> None:
@@ -76,9 +76,9 @@ def costs_section(run: str) -> None:
         ),
         hide_index=True,
         column_config={
-            "tokens read": st.column_config.NumberColumn(format="%d"),
-            "training tokens": st.column_config.NumberColumn(format="%d"),
-            "evaluation tokens": st.column_config.NumberColumn(format="%d"),
+            "tokens read": st.column_config.NumberColumn(format="localized"),
+            "training tokens": st.column_config.NumberColumn(format="localized"),
+            "evaluation tokens": st.column_config.NumberColumn(format="localized"),
             "training device-s": st.column_config.NumberColumn(format="%.2f"),
             "evaluation device-s": st.column_config.NumberColumn(format="%.2f"),
             "wall s": st.column_config.NumberColumn(format="%.2f"),

@@ -15,6 +15,7 @@ from fedtune.dashboard.summaries import (
     budget_series,
     budget_summary,
     epsilon_side_by_side,
+    short_fingerprint,
     thinned,
 )
 
@@ -246,13 +247,12 @@ def levels_section(everything: pd.DataFrame) -> None:
     if both.empty:
         common.note_absent("No privacy records yet.")
         return
-    names = common.fetch(queries.runs).set_index("run_id")["name"]
     st.dataframe(
         pd.DataFrame(
             {
-                "run": [f"{names.get(run, '?')} · {run}" for run in both["run_id"]],
+                "run": both["run_id"],
                 "node": both["node_name"],
-                "data set": both["data_fingerprint"],
+                "data set": [short_fingerprint(f) for f in both["data_fingerprint"]],
                 "ε per example (node's own ledger)": both["example_epsilon"],
                 "δ (example)": both["example_delta"],
                 "ε per node (coordinator's ledger)": both["node_epsilon"],
