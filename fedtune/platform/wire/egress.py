@@ -251,9 +251,12 @@ DP_SGD = (
 )
 # Why the cost figures (tokens, device-seconds) go with the other plain figures, never alone.
 COST_NOTE = (
-    "an operational cost figure for the coordinator's dashboard; not DP: exact token counts "
-    "are sums of the examples' lengths (with the example count, the data's mean length), so "
-    "it is sent only under release_metrics = plain, beside figures that say as much"
+    "an operational cost figure for the coordinator's dashboard, not DP. It says more than "
+    "what was sent before it: an exact token count is the sum of the examples' lengths, so "
+    "with num-examples and the sample rate it gives the training examples' mean length (the "
+    "held-out token count was already sent; device-seconds grow with tokens and say about as "
+    "much, as train-seconds did). Hence sent only under release_metrics = plain, which "
+    "releases figures about the data as computed; never under dp or none"
 )
 # A/B statistics sent without DP (paired statistics): what each of SUMMARY_FIELDS means.
 SUMMARY_MEANINGS = {
