@@ -20,14 +20,18 @@ from sqlalchemy.orm import Session
 from streamlit.testing.v1 import AppTest
 
 from fedtune.common.database import transaction
+from fedtune.coordinator.node_costs import CostFigures, cost_row
+from fedtune.coordinator.run_protections import run_protections
 from fedtune.dashboard import common
 from fedtune.dashboard.launch import APP
+from fedtune.platform.config import RunConfig
 from fedtune.platform.db.storage import (
     AbTest,
     AbTestResult,
     AdapterCheckpoint,
     HealthAlert,
     HealthSignal,
+    NodeLevelEntry,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -42,7 +46,11 @@ from fedtune.privacy.ledger_store import (
     checkpoint_row,
     entry_row,
     ledger_entries,
+    receipt_row,
 )
+from fedtune.privacy.node_ledger import NodeLedger
+from fedtune.privacy.node_level_dp import NodeLevelPrivacy
+from fedtune.privacy.receipts import witness_of
 from fedtune.privacy.signing import NodeKey
 
 RUN_ID = "20261123T190338Z-55dc7d1f"
@@ -61,12 +69,52 @@ BUDGET_REASON = (
 STARTED = datetime(2026, 11, 23, 19, 3, 38, tzinfo=UTC)
 
 
+# The run's deployment as `fedtune run start` records it (deployment_facts of a coordinator).
+DEPLOYMENT_FACTS = {
+    "tls": True,
+    "ca_certificate_sha256": "c4" * 32,
+    "node_authentication": True,
+    "superlink_host": "127.0.0.1",
+    "gateway": "127.0.0.1:9092",
+    "pinned_apps": True,
+}
+RUN_CONFIG = {
+    "run": {"name": RUN_NAME, "rounds": 3},
+    "aggregation": {
+        "secure": True,
+        "node_dp": {"clipping_norm": 0.5, "noise_multiplier": 1.2, "delta": 1e-5},
+    },
+    "nodes": [{"name": "hospital"}, {"name": "bank"}],
+    "output": {"dir": "out"},
+}
+WITNESSED = ("hospital",)  # the nodes whose ledger entries the coordinator countersigned
+
+
+def cost_figures(node: str, number: int, phase: str) -> CostFigures:
+    """What a node reported its work on a message cost (the bank's device is slower)."""
+    slow = 2.0 if node == "bank" else 1.0
+    if phase == "train":
+        return CostFigures(
+            train_tokens=40_000 + 1_000 * number,
+            evaluate_tokens=6_000 if number == 1 else 3_000,
+            train_device_seconds=30.0 * slow + number,
+            evaluate_device_seconds=4.0 * slow,
+            wall_seconds=42.0 * slow + number,
+        )
+    return CostFigures(
+        evaluate_tokens=3_000,
+        evaluate_device_seconds=2.0 * slow,
+        wall_seconds=3.5 * slow,
+    )
+
+
 @dataclass(frozen=True)
 class CoordinatorData:
     path: Path
     url: str
     keys: dict[str, NodeKey]
     epsilons: dict[str, list[float]]  # per node, after each round it trained
+    node_level: list[float]  # the coordinator's node-level epsilon after each round
 
 
 @cache
@@ -84,8 +132,17 @@ def build_coordinator_database(
     url = url or f"sqlite:///{path}"
     engine = open_database(url, create=True)
     keys = {node: NodeKey.generate() for node in DATA}
+    witness = NodeKey.generate()
     trained = {"hospital": [1, 2, 3], "bank": [1, 2]}
     epsilons = {node: list(epsilons_after(len(rounds))) for node, rounds in trained.items()}
+    config = RunConfig.model_validate(RUN_CONFIG)
+    assert config.aggregation.node_dp is not None
+    node_dp = NodeLevelPrivacy(
+        config.aggregation.node_dp,
+        run_id=RUN_ID,
+        population=len(DATA),
+        ledger=NodeLedger(folder / "node-level-ledger", node="coordinator"),
+    )
     with transaction(engine) as session:
         session.add(
             Run(
@@ -99,6 +156,7 @@ def build_coordinator_database(
                 config={"run": {"name": RUN_NAME, "rounds": 3}},
                 started_at=STARTED,
                 finished_at=STARTED + timedelta(minutes=8),
+                protections=run_protections(config, deployment=DEPLOYMENT_FACTS),
             )
         )
         session.flush()
@@ -128,7 +186,34 @@ def build_coordinator_database(
             for offset, node in enumerate(nodes):
                 loss = train_loss + 0.2 * offset - 0.05 * number
                 session.add_all(_node_rows(node, number, loss))
-                _append_ledger(session, node, keys[node], number, epsilons[node])
+                entry = _append_ledger(session, node, keys[node], number, epsilons[node])
+                if node in WITNESSED:
+                    session.add(receipt_row(witness_of(entry, witness)))
+                for phase in ("train", "evaluate"):
+                    session.add(
+                        cost_row(
+                            cost_figures(node, number, phase),
+                            run_id=RUN_ID,
+                            server_round=number,
+                            phase=phase,
+                            node_name=node,
+                            flower_node_id=f"{node}-id",
+                        )
+                    )
+            node_dp.record(number, contributors=len(nodes))
+            assert node_dp.latest is not None
+            level_entry, level_head = node_dp.latest
+            session.add(
+                NodeLevelEntry(
+                    run_id=RUN_ID,
+                    round=number,
+                    seq=level_entry.seq,
+                    epsilon_after=level_entry.epsilon_after,
+                    entry=entry_row(level_entry).entry,
+                    checkpoint=checkpoint_row(level_head).checkpoint,
+                    public_key=node_dp.ledger.key.public_key_text(),
+                )
+            )
         session.add(
             RejectedUpdate(
                 run_id=RUN_ID,
@@ -144,7 +229,9 @@ def build_coordinator_database(
         if ab_tests:
             session.add_all(_ab_rows())
     engine.dispose()
-    return CoordinatorData(path=path, url=url, keys=keys, epsilons=epsilons)
+    node_dp.ledger.engine.dispose()
+    node_level = [e.epsilon_after or 0.0 for e in node_dp.ledger.entries()]
+    return CoordinatorData(path=path, url=url, keys=keys, epsilons=epsilons, node_level=node_level)
 
 
 @cache
@@ -209,7 +296,7 @@ def ledger_fields(node: str, number: int, epsilon: float) -> dict[str, object]:
 
 def _append_ledger(
     session: Session, node: str, key: NodeKey, number: int, epsilons: list[float]
-) -> None:
+) -> LedgerEntry:
     held = ledger_entries(session, node)
     previous = held[-1] if held else None
     entry = seal_entry(
@@ -218,6 +305,7 @@ def _append_ledger(
     append_entries(
         session, [entry], sign_checkpoint(node=node, head=entry, key=key), contiguous=False
     )
+    return entry
 
 
 def _health_rows() -> list[object]:

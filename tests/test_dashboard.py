@@ -403,9 +403,132 @@ def test_a_long_copy_is_verified_on_request_and_its_verdict_kept_until_it_grows(
     assert copies.loc["registry", ["entries", "verdict"]].tolist() == [151, "⏳ not verified yet"]
 
 
+# --- Protections and costs ------------------------------------------------------------------
+
+
+def stored_costs(url: str) -> pd.DataFrame:
+    """The node_costs rows as the database holds them, summed per round and node."""
+    engine = open_database(url, create=False)
+    with engine.connect() as connection:
+        rows = pd.read_sql(text("SELECT * FROM node_costs"), connection)
+    engine.dispose()
+    figures = [
+        "train_tokens",
+        "evaluate_tokens",
+        "train_device_seconds",
+        "evaluate_device_seconds",
+        "wall_seconds",
+    ]
+    summed = rows.groupby(["round", "node_name"])[figures].sum().reset_index()
+    summed["tokens"] = summed["train_tokens"] + summed["evaluate_tokens"]
+    return summed
+
+
+def test_costs_page_shows_each_node_rounds_cost_as_the_database_holds_it(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/costs.py", monkeypatch)
+
+    shown = frames(app)[0].set_index(["round", "node"]).sort_index()
+    stored = stored_costs(coordinator.url).set_index(["round", "node_name"]).sort_index()
+    assert (
+        list(shown.index)
+        == list(stored.index)
+        == [
+            (1, "bank"),
+            (1, "hospital"),
+            (2, "bank"),
+            (2, "hospital"),
+            (3, "hospital"),  # the bank declined round 3: no cost
+        ]
+    )
+    for column, figure in [
+        ("tokens read", "tokens"),
+        ("training tokens", "train_tokens"),
+        ("evaluation tokens", "evaluate_tokens"),
+        ("training device-s", "train_device_seconds"),
+        ("evaluation device-s", "evaluate_device_seconds"),
+        ("wall s", "wall_seconds"),
+    ]:
+        assert shown[column].tolist() == pytest.approx(stored[figure].tolist()), column
+    totals = {metric.label: metric.value for metric in app.metric}
+    assert totals["Tokens read"] == f"{stored['tokens'].sum():,.0f}"
+    assert totals["Training device-seconds"] == f"{stored['train_device_seconds'].sum():,.1f}"
+    assert totals["Node wall seconds"] == f"{stored['wall_seconds'].sum():,.1f}"
+
+
+def test_costs_chart_draws_each_nodes_device_seconds_per_round(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/costs.py", monkeypatch)
+
+    data = chart_data(app)
+    stored = stored_costs(coordinator.url)
+    drawn = data.pivot_table(index=["round", "node_name"], columns="compute", values="seconds")
+    expected = stored.set_index(["round", "node_name"])
+    assert drawn["training"].sort_index().tolist() == pytest.approx(
+        expected["train_device_seconds"].sort_index().tolist()
+    )
+    assert drawn["evaluation"].sort_index().tolist() == pytest.approx(
+        expected["evaluate_device_seconds"].sort_index().tolist()
+    )
+    assert chart_specs(app)[0]["mark"]["type"] == "bar"
+
+
+def test_protections_are_those_the_run_recorded_and_its_records_show(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/costs.py", monkeypatch)
+
+    table = app.table[0].value
+    assert table.loc["TLS", "state"] == "on"
+    assert "sha256:c4c4" in table.loc["TLS", "as recorded when the run started"]
+    assert table.loc["node authentication", "state"] == "on"
+    assert table.loc["secure aggregation", "state"] == "on"
+    node_level = table.loc["node-level DP (coordinator)"]
+    assert node_level["state"] == "on" and "noise multiplier 1.2" in node_level.iloc[1]
+    assert f"ε {coordinator.node_level[-1]:.3f} after round 3" in node_level.iloc[2]
+    example = table.loc["example-level DP (DP-SGD, each node)", "what the run's records show"]
+    assert f"hospital: ε {coordinator.epsilons['hospital'][-1]:.3f}" in example
+    assert f"bank: ε {coordinator.epsilons['bank'][-1]:.3f}" in example
+    assert table.loc["witness receipts", "what the run's records show"].startswith(
+        "3 of 5 ledger entries"  # the hospital's three were countersigned, the bank's two not
+    )
+    assert (
+        table.loc["metric release", "what the run's records show"] == "bank: plain, hospital: plain"
+    )
+    assert table.loc["checkpoint encryption", "state"] == "off"
+
+
+def test_a_run_that_recorded_no_protections_says_so_and_shows_its_records(coordinator, monkeypatch):
+    add_plain_aggregation_run(coordinator)
+    app = open_page(coordinator.url, "views/costs.py", monkeypatch)
+
+    app.selectbox(key="costs-run").set_value(PLAIN_RUN_ID).run()
+
+    assert "did not record its protections" in texts(app)
+    table = app.table[0].value
+    assert set(table["state"]) == {"not recorded"}
+    assert "No cost figures for this run." in texts(app)
+
+
+def test_privacy_page_shows_node_level_epsilon_beside_each_nodes_own(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    both = next(f for f in frames(app) if "ε per node (coordinator's ledger)" in f.columns)
+    both = both.set_index("node")
+    for node, epsilons in coordinator.epsilons.items():
+        assert both.loc[node, "ε per example (node's own ledger)"] == pytest.approx(epsilons[-1])
+        assert both.loc[node, "ε per node (coordinator's ledger)"] == pytest.approx(
+            coordinator.node_level[-1]
+        )
+    assert set(both["δ (node)"]) == {1e-5}
+
+
 # --- absent data -----------------------------------------------------------------------------
 
-PAGES = [None, "views/privacy.py", "views/ab_tests.py", "views/health.py", "views/audit.py"]
+PAGES = [
+    None,
+    "views/privacy.py",
+    "views/ab_tests.py",
+    "views/health.py",
+    "views/audit.py",
+    "views/costs.py",
+]
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from sqlalchemy import func, select
 
 from dashboard_data import BUDGET_REASON, CAPS, RUN_ID, CoordinatorData, build_coordinator_database
+from fedtune.common.database import transaction
 from fedtune.dashboard.launch import streamlit_command
+from fedtune.platform.db.storage import NodeCost, open_database
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -216,6 +219,15 @@ def metric(page: Page, label: str) -> str:
     return card.inner_text()
 
 
+def numbers(cells: list[str]) -> list[float]:
+    """The cells that are numbers (the grid's cells hold the values, not their format)."""
+    found = []
+    for cell in cells:
+        with contextlib.suppress(ValueError):
+            found.append(float(cell.replace(",", "")))
+    return found
+
+
 def test_overview_in_the_browser(dashboard, page):
     open_page(page, dashboard.url, title="Overview", charts=0, tables=2)
 
@@ -236,6 +248,10 @@ def test_privacy_budget_in_the_browser(dashboard, page):
     assert f"{CAPS['bank'] - bank:.3f} left" in shown
     assert table_cells(page, 2).count("✅ verifies") == 2
     assert "Rounds declined for lack of budget" in main_text(page)
+    page.wait_for_function(f"() => ({FILLED})() >= 4")
+    levels = numbers(table_cells(page, 3))  # each node's own epsilon beside the coordinator's
+    assert any(v == pytest.approx(dashboard.data.epsilons["hospital"][-1]) for v in levels)
+    assert sum(v == pytest.approx(dashboard.data.node_level[-1]) for v in levels) == 2
     screenshot(page, "2-privacy")
 
 
@@ -254,6 +270,38 @@ def test_model_health_in_the_browser(dashboard, page):
     assert "update-norm unavailable (rounds 1-3; bank, hospital)" in main_text(page)
     assert "declined" in table_cells(page, 0)
     screenshot(page, "4-health")
+
+
+def stored_cost(url: str, node: str, number: int) -> tuple[int, float, int]:
+    """A node's tokens and training device-seconds in one round, and all tokens of the run,
+    as the database holds them."""
+    engine = open_database(url, create=False)
+    with transaction(engine) as session:
+        tokens, seconds = session.execute(
+            select(
+                func.sum(NodeCost.train_tokens) + func.sum(NodeCost.evaluate_tokens),
+                func.sum(NodeCost.train_device_seconds),
+            ).where(NodeCost.node_name == node, NodeCost.round == number)
+        ).one()
+        total = session.scalar(
+            select(func.sum(NodeCost.train_tokens) + func.sum(NodeCost.evaluate_tokens))
+        )
+    engine.dispose()
+    return int(tokens), float(seconds), int(total)
+
+
+def test_protections_and_costs_in_the_browser(dashboard, page):
+    open_page(page, f"{dashboard.url}/costs", title="Protections and costs", charts=1, tables=1)
+
+    tokens, seconds, total = stored_cost(dashboard.data.url, "bank", 2)
+    assert f"{total:,}" in metric(page, "Tokens read")
+    costs = numbers(table_cells(page, 0))
+    assert tokens in costs and any(v == pytest.approx(seconds) for v in costs)
+    protections = page.locator('[data-testid="stTable"]').inner_text()
+    assert "secure aggregation" in protections and "node-level DP (coordinator)" in protections
+    assert f"ε {dashboard.data.node_level[-1]:.3f} after round 3" in protections
+    assert "3 of 5 ledger entries of this run countersigned" in protections
+    screenshot(page, "7-protections-and-costs")
 
 
 def test_audit_in_the_browser(dashboard, page):

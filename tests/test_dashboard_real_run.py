@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import streamlit as st
 from sqlalchemy import select
@@ -21,6 +22,7 @@ from fedtune.common.database import transaction
 from fedtune.platform.db.storage import (
     AbTestResult,
     HealthAlert,
+    NodeCost,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -34,7 +36,14 @@ pytestmark = pytest.mark.simulation
 
 BANK_CAP = FEDERATED_BANK_CAP
 
-PAGES = [None, "views/privacy.py", "views/ab_tests.py", "views/health.py", "views/audit.py"]
+PAGES = [
+    None,
+    "views/privacy.py",
+    "views/ab_tests.py",
+    "views/health.py",
+    "views/audit.py",
+    "views/costs.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +302,47 @@ def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
         for path in sorted(folder.iterdir())
         if path.is_file()
     }
+
+
+def test_costs_page_shows_what_the_simulated_nodes_measured_and_the_runs_protections(
+    real_run, db, monkeypatch
+):
+    with transaction(db) as session:
+        stored = session.scalars(select(NodeCost).where(NodeCost.run_id == real_run.run_id)).all()
+        reported = {
+            (m.round, m.node_name, m.phase): m.metrics
+            for m in session.scalars(select(NodeMetric).where(NodeMetric.run_id == real_run.run_id))
+        }
+        protections = session.get(Run, real_run.run_id).protections  # type: ignore[union-attr]
+    # What each node's reply said is what the coordinator stored, figure by figure.
+    for cost in stored:
+        sent = reported[(cost.round, cost.node_name, cost.phase)]
+        assert cost.evaluate_tokens == sent["evaluate-tokens"]
+        assert cost.wall_seconds == pytest.approx(sent["node-seconds"])
+        if cost.phase == "train":
+            assert cost.train_tokens == sent["train-tokens"] > 0
+            assert 0 < cost.train_device_seconds < cost.wall_seconds
+    assert {(c.round, c.node_name) for c in stored if c.phase == "train"} == {
+        (1, "hospital"),
+        (1, "bank"),
+        (2, "hospital"),  # the bank declined round 2 at its cap: no train reply, no cost
+    }
+
+    app = open_page(real_run.url, "views/costs.py", monkeypatch)
+
+    shown = frames(app)[0].set_index(["round", "node"])
+    for (number, node), group in pd.DataFrame(
+        [(c.round, c.node_name, c.train_tokens or 0, c.evaluate_tokens or 0) for c in stored],
+        columns=["round", "node", "train", "evaluate"],
+    ).groupby(["round", "node"]):
+        assert shown.loc[(number, node), "tokens read"] == group[["train", "evaluate"]].sum().sum()
+    table = app.table[0].value
+    assert protections["mode"] == "simulation"
+    assert table.loc["secure aggregation", "state"] == "off"  # a simulation averages in clear
+    assert table.loc["TLS", "state"] == "not applicable"
+    assert table.loc["metric release", "what the run's records show"] == (
+        "bank: plain, hospital: plain"
+    )
 
 
 def test_showing_every_page_leaves_the_database_file_unchanged(real_run, monkeypatch):

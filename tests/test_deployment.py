@@ -28,9 +28,16 @@ from fedtune.coordinator.gateway import gateway_folder, key_id
 from fedtune.coordinator.superlink import CONNECTION, flwr
 from fedtune.demo.data import write_demo_data
 from fedtune.demo.local_deployment import LocalDeployment, fedtune_command, protections_of
-from fedtune.platform.db.storage import AdapterCheckpoint, RejectedUpdate, Round, Run, open_database
+from fedtune.platform.db.storage import (
+    AdapterCheckpoint,
+    NodeLevelEntry,
+    RejectedUpdate,
+    Round,
+    Run,
+    open_database,
+)
 from fedtune.platform.security.encryption import load_key
-from fedtune.privacy.ledger_store import ledger_entries, ledger_receipts
+from fedtune.privacy.ledger_store import entry_from_json, ledger_entries, ledger_receipts
 from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 from fedtune.privacy.signing import NodeKey
 
@@ -237,6 +244,19 @@ def test_a_node_level_dp_run_keeps_the_coordinator_s_signed_epsilon(
     )
     key = NodeLedger(ledger, node="coordinator").key.public_key_text()
     assert main(["audit", "verify", str(exported), "--public-key", key]) == 0
+    # The coordinator's database holds a copy of that entry, and the run's protections as
+    # recorded when it started (the dashboard reads both).
+    with transaction(open_database(deployment.coordinator.database_url)) as session:
+        (copy,) = session.scalars(select(NodeLevelEntry).where(NodeLevelEntry.run_id == run_id))
+        run = session.get(Run, run_id)
+        assert run is not None and run.protections is not None
+        protections = run.protections
+    assert entry_from_json(copy.entry) == entry and copy.public_key == key
+    assert protections["mode"] == "deployment"
+    assert {
+        name: protections[name]["state"]
+        for name in ("tls", "node_authentication", "secure_aggregation", "node_level_dp")
+    } == dict.fromkeys(("tls", "node_authentication", "secure_aggregation", "node_level_dp"), "on")
 
 
 def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):

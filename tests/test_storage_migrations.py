@@ -25,6 +25,7 @@ from fedtune.platform.db.privacy_records import privacy_records
 from fedtune.platform.db.storage import (
     Base,
     DatabaseVersionError,
+    NodeLevelEntry,
     Round,
     Run,
     current_revision,
@@ -247,6 +248,8 @@ def test_a_database_made_before_migrations_is_upgraded_with_every_row(database_u
     after = contents(engine)
     after["epsilon_reports"] = after.pop("unsigned_epsilon_reports")  # 0004: renamed, every row
     assert after.pop("enrolled_nodes") == []  # 0002 made it: older code had no roster
+    assert after.pop("node_costs") == after.pop("node_level_entries") == []  # 0006 made them
+    assert [row.pop("protections") for row in after["runs"]] == [None]  # 0006: not recorded
     assert [row.pop("epsilon_cap") for row in after["epsilon_reports"]] == [None, None]
     assert after == before
     assert [len(after[name]) for name in ("runs", "rounds", "ledger_entries")] == [1, 2, 2]
@@ -376,3 +379,93 @@ def test_one_privacy_record_keeps_every_unsigned_report_and_shows_it_only_withou
     downgraded = open_database(database_url, create=False)
     assert contents(downgraded)["epsilon_reports"] == before
     downgraded.dispose()
+
+
+def fill_current(engine: Engine) -> None:
+    """A run with two rounds and one node's signed ledger copy, in today's schema."""
+    key = NodeKey.generate()
+    with transaction(engine) as session:
+        session.add(
+            Run(
+                id="run-1",
+                name="hospital and bank",
+                status="finished",
+                rounds_planned=2,
+                base_model_spec="smollm2-135m",
+                base_model_fingerprint="sha256:m",
+                config={"rounds": 2},
+                started_at=STARTED,
+            )
+        )
+        session.flush()
+        add_public_key(session, "hospital", key.public_key_text())
+        previous = None
+        for number in (1, 2):
+            session.add(
+                Round(
+                    run_id="run-1",
+                    number=number,
+                    nodes_sampled=2,
+                    updates_accepted=2,
+                    updates_rejected=0,
+                    train_loss=2.5 / number,
+                    held_out_loss=None,
+                    seconds=12.5,
+                )
+            )
+            previous = seal_entry(ledger_fields(number), previous=previous, key=key)
+            checkpoint = sign_checkpoint(node="hospital", head=previous, key=key)
+            append_entries(session, [previous], checkpoint, contiguous=True)
+
+
+def node_level_row() -> NodeLevelEntry:
+    return NodeLevelEntry(
+        run_id="run-1",
+        round=1,
+        seq=1,
+        epsilon_after=0.5,
+        entry="{}",
+        checkpoint="{}",
+        public_key="k",
+    )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["UPDATE node_level_entries SET epsilon_after = 0.1", "DELETE FROM node_level_entries"],
+)
+def test_the_copy_of_the_coordinators_node_level_ledger_is_append_only(database_url, statement):
+    engine = open_database(database_url)
+    fill_current(engine)
+    with transaction(engine) as session:
+        session.add(node_level_row())
+
+    with pytest.raises(DatabaseError, match="append-only"), transaction(engine) as session:
+        session.execute(text(statement))
+    engine.dispose()
+
+
+def test_costs_and_protections_go_down_and_up_keeping_the_runs(database_url):
+    """Migration 0006 down (a run's rounds pointing at it) and up again: every older row stays."""
+    engine = open_database(database_url)
+    fill_current(engine)
+    with transaction(engine) as session:
+        run = session.get(Run, "run-1")
+        assert run is not None
+        run.protections = {"mode": "simulation"}
+        session.add(node_level_row())
+    before = contents(engine)
+    engine.dispose()
+
+    migrate(database_url, "0005", down=True)
+    older = open_database(database_url, create=False)
+    assert "node_costs" not in table_names(database_url)
+    kept = contents(older)
+    older.dispose()
+    migrate(database_url, "head")
+
+    assert kept["runs"] == [
+        {k: v for k, v in row.items() if k != "protections"} for row in before["runs"]
+    ]
+    assert kept["rounds"] == before["rounds"] and kept["ledger_entries"] == before["ledger_entries"]
+    assert drift(database_url) == []

@@ -38,10 +38,15 @@ from fedtune.platform.wire.messages import (
     ARRAYS,
     CONFIG,
     DESCRIBE_MESSAGE_TYPE,
+    EVALUATE_DEVICE_SECONDS,
+    EVALUATE_TOKENS,
     NODE,
+    NODE_SECONDS,
     NUM_EXAMPLES,
     SECURE_AGGREGATION,
     SERVER_ROUND,
+    TRAIN_DEVICE_SECONDS,
+    TRAIN_TOKENS,
     AbTestInstructions,
     ProtocolMismatchError,
     TrainInstructions,
@@ -210,14 +215,14 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         )
         return decline_content(identity=runtime.identity(), reason=reason)
     metrics: dict[str, int | float] = {}
-    evaluate_seconds = 0.0
+    evaluations: list[HeldOutMetrics] = []
     # Local evaluations feed only figures the node's policy releases ("plain").
     evaluate_local = instructions.evaluate_local_model and config.privacy.release_metrics == "plain"
     if evaluate_local and server_round == 1:
         # The first global adapter is the base model's (B = 0): its loss is the baseline.
         baseline = _evaluate(runtime, model)
         metrics["held-out-loss-start"] = baseline.loss
-        evaluate_seconds += baseline.seconds
+        evaluations.append(baseline)
     try:
         local = train_local_round(
             model,
@@ -246,13 +251,17 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     metrics[NUM_EXAMPLES] = len(runtime.train_data)
     metrics["train-loss"] = sum(losses) / len(losses) if losses else math.nan
     metrics["train-seconds"] = local.result.seconds
+    metrics[TRAIN_TOKENS] = local.result.tokens
+    metrics[TRAIN_DEVICE_SECONDS] = local.result.device_seconds
     if evaluate_local:
         local_model = _evaluate(runtime, model)
         metrics["held-out-loss-local"] = local_model.loss
-        evaluate_seconds += local_model.seconds
-    metrics["evaluate-seconds"] = evaluate_seconds
+        evaluations.append(local_model)
+    metrics["evaluate-seconds"] = sum(e.seconds for e in evaluations)
+    metrics[EVALUATE_TOKENS] = sum(e.tokens_read for e in evaluations)
+    metrics[EVALUATE_DEVICE_SECONDS] = sum(e.device_seconds for e in evaluations)
     # All the node's own work on this message (loading, accounting, ledger, evaluation too).
-    metrics["node-seconds"] = time.perf_counter() - started
+    metrics[NODE_SECONDS] = time.perf_counter() - started
     return train_reply_content(
         arrays=adapter_arrays(model),
         metrics=train_metrics(config, metrics),

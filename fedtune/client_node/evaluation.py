@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from fedtune.client_node.data import ChatDataset, make_collate
 from fedtune.client_node.losses import labelled_token_losses
+from fedtune.platform.model.devices import DeviceClock
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,13 @@ class HeldOutMetrics:
     loss: float  # mean negative log-likelihood per assistant token
     perplexity: float
     examples: int
-    tokens: int
+    tokens: int  # labelled (assistant) tokens the loss is over
     seconds: float
     example_losses: tuple[float, ...] = ()  # each example's mean loss over its own tokens
+    # The cost: tokens the forward passes read (prompt and answer, padding excluded), and
+    # seconds in the evaluation loop on the device (synchronised at both ends).
+    tokens_read: int = 0
+    device_seconds: float = 0.0
 
 
 @torch.no_grad()
@@ -38,18 +43,21 @@ def evaluate(
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=make_collate(pad_token_id))
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, tokens_read = 0.0, 0, 0
     example_losses: list[float] = []
+    clock = DeviceClock(device)
     try:
-        for batch in loader:
-            losses, rows, size = labelled_token_losses(model, batch, device)
-            total_loss += float(losses.sum())
-            total_tokens += losses.numel()
-            sums = torch.zeros(size, dtype=losses.dtype, device=losses.device).index_add(
-                0, rows, losses
-            )
-            counts = torch.bincount(rows, minlength=size).clamp(min=1)
-            example_losses.extend((sums / counts).tolist())
+        with clock:
+            for batch in loader:
+                tokens_read += int(batch["attention_mask"].sum())
+                losses, rows, size = labelled_token_losses(model, batch, device)
+                total_loss += float(losses.sum())
+                total_tokens += losses.numel()
+                sums = torch.zeros(size, dtype=losses.dtype, device=losses.device).index_add(
+                    0, rows, losses
+                )
+                counts = torch.bincount(rows, minlength=size).clamp(min=1)
+                example_losses.extend((sums / counts).tolist())
     finally:
         model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
@@ -60,4 +68,6 @@ def evaluate(
         tokens=total_tokens,
         seconds=time.perf_counter() - started,
         example_losses=tuple(example_losses),
+        tokens_read=tokens_read,
+        device_seconds=clock.seconds,
     )

@@ -25,8 +25,11 @@ from fedtune.client_node.evaluation import HeldOutMetrics
 from fedtune.platform.config import NodeConfig
 from fedtune.platform.wire.messages import (
     ABTEST,
+    EVALUATE_DEVICE_SECONDS,
+    EVALUATE_TOKENS,
     LEDGER,
     NODE,
+    NODE_SECONDS,
     NUM_EXAMPLES,
     SCORES,
     ledger_record,
@@ -77,7 +80,9 @@ def evaluate_metrics(
             "held-out-perplexity": result.perplexity,
             "held-out-tokens": result.tokens,
             "evaluate-seconds": result.seconds,
-            "node-seconds": seconds,
+            EVALUATE_TOKENS: result.tokens_read,
+            EVALUATE_DEVICE_SECONDS: result.device_seconds,
+            NODE_SECONDS: seconds,
         }, None
     privacy = config.privacy
     try:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fedtune.client_node.data import ChatDataset, DataError, make_collate
 from fedtune.client_node.losses import sequence_losses
+from fedtune.platform.model.devices import DeviceClock
 from fedtune.privacy.accounting import AccountantName, HistoryEntry
 
 GRAD_SAMPLE_MODE = "hooks"
@@ -54,6 +55,12 @@ class RoundResult:
     num_examples: int
     sample_rate: float
     seconds: float
+    # Tokens the training forward passes read: prompt and answer, padding excluded (the
+    # attention mask's ones), summed over every physical batch of the round.
+    tokens: int = 0
+    # Seconds the round's step loop ran on the device (forward, backward, clipping and noise,
+    # optimizer steps; batch collation between them), the device synchronised at both ends.
+    device_seconds: float = 0.0
     # The accountant's full history after the round (prior rounds plus this one); empty
     # when training was not private.
     history: list[HistoryEntry] = field(default_factory=list)
@@ -108,16 +115,17 @@ def train_round(
     )
     started = time.perf_counter()
     bar = tqdm(total=steps, desc="training steps", unit="step", disable=not progress)
+    work = _Work(DeviceClock(device))
     try:
         if dp is None:
             losses = _train_plain(
-                model, torch_optimizer, loader, steps, physical_batch_size, device, bar
+                model, torch_optimizer, loader, steps, physical_batch_size, device, bar, work
             )
             history: list[HistoryEntry] = []
             sample_rate = batch_size / len(dataset)
         else:
             losses, history, sample_rate = _train_private(
-                model, torch_optimizer, loader, steps, physical_batch_size, device, bar, dp
+                model, torch_optimizer, loader, steps, physical_batch_size, device, bar, dp, work
             )
     finally:
         bar.close()
@@ -127,8 +135,21 @@ def train_round(
         num_examples=len(dataset),
         sample_rate=sample_rate,
         seconds=time.perf_counter() - started,
+        tokens=work.tokens,
+        device_seconds=work.clock.seconds,
         history=history,
     )
+
+
+@dataclass
+class _Work:
+    """What a round's step loop did: tokens read and time on the device."""
+
+    clock: DeviceClock
+    tokens: int = 0
+
+    def read(self, batch: dict[str, torch.Tensor]) -> None:
+        self.tokens += int(batch["attention_mask"].sum())
 
 
 def _train_plain(
@@ -139,25 +160,28 @@ def _train_plain(
     physical_batch_size: int,
     device: torch.device,
     bar: tqdm,
+    work: _Work,
 ) -> list[float | None]:
     """Non-private reference: fixed-size shuffled batches, gradient accumulation."""
     losses: list[float | None] = []
-    while len(losses) < steps:
-        for batch in loader:
-            size = batch["input_ids"].shape[0]
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for start in range(0, size, physical_batch_size):
-                chunk = {k: v[start : start + physical_batch_size] for k, v in batch.items()}
-                per_example = sequence_losses(model, chunk, device)
-                (per_example.sum() / size).backward()
-                total += float(per_example.detach().sum())
-            optimizer.step()
-            losses.append(total / size)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if len(losses) == steps:
-                break
+    with work.clock:
+        while len(losses) < steps:
+            for batch in loader:
+                size = batch["input_ids"].shape[0]
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for start in range(0, size, physical_batch_size):
+                    chunk = {k: v[start : start + physical_batch_size] for k, v in batch.items()}
+                    work.read(chunk)
+                    per_example = sequence_losses(model, chunk, device)
+                    (per_example.sum() / size).backward()
+                    total += float(per_example.detach().sum())
+                optimizer.step()
+                losses.append(total / size)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if len(losses) == steps:
+                    break
     return losses
 
 
@@ -170,6 +194,7 @@ def _train_private(
     device: torch.device,
     bar: tqdm,
     dp: DPSettings,
+    work: _Work,
 ) -> tuple[list[float | None], list[HistoryEntry], float]:
     with warnings.catch_warnings():
         # Opacus warns that its secure RNG is off: secure_mode needs torchcsprng, which has
@@ -219,6 +244,7 @@ def _train_private(
                 max_physical_batch_size=physical_batch_size,
                 optimizer=dp_optimizer,
             ) as physical_loader,
+            work.clock,
         ):
             # Opacus' hooks sit on LoRA layers of a frozen base whose inputs need no gradient.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -229,6 +255,7 @@ def _train_private(
                     if size == 0:
                         _prepare_noise_only_step(trainable)
                     else:
+                        work.read(batch)
                         per_example = sequence_losses(model, batch, device)
                         per_example.mean().backward()
                         pending_loss += float(per_example.detach().sum())

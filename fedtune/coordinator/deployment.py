@@ -83,6 +83,7 @@ def run_deployed(
         flower_run_id=flower_run_id,
         enrolled=enrolled_ledger_keys(config),
         resuming=job.resume,
+        deployment=job.coordinator or {},
         progress=progress,
     )
     roster = Roster.load(setup.engine, (node.name for node in config.nodes))
@@ -312,6 +313,7 @@ class _SecureRounds:
             node_dp=_node_level_privacy(config, setup.run_id),
             enrolled=grid.enrolled_name,
         )
+        setup.recorder.node_level = self.strategy.node_dp  # its ledger copied with each round
         self.legacy = LegacyContext(
             context=context,
             config=ServerConfig(num_rounds=config.run.rounds),

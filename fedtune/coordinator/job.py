@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,6 +20,9 @@ class DeploymentJob(BaseModel):
     run_id: str
     run: RunConfig
     resume: bool = False
+    # What the coordinator enforces for every run (TLS, node authentication...), recorded with
+    # the run: fedtune.coordinator.run_protections.deployment_facts.
+    coordinator: dict[str, Any] | None = None
 
 
 def new_run_id() -> str:

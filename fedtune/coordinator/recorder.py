@@ -1,8 +1,13 @@
 """Records each round of a run in the coordinator's database and checkpoints the global
-adapter. A round's writes (its row, the nodes' metrics, the copies of their signed ledger
-entries — the round's only privacy record — with the coordinator's receipt for each, the
-rejected updates and the checkpoint row) commit together once its evaluation is in. Each
-node gets its receipt in the round's evaluate message (:meth:`RunRecorder.receipt_for`)."""
+adapter. A round's writes (its row, the nodes' metrics and cost figures, the copies of their
+signed ledger entries — the round's only privacy record — with the coordinator's receipt for
+each, the copy of the coordinator's own node-level DP entry, the rejected updates and the
+checkpoint row) commit together once its evaluation is in. Each node gets its receipt in the
+round's evaluate message (:meth:`RunRecorder.receipt_for`).
+
+Every figure a node sends is its own word: what is stored is checked first (a count must be a
+whole number in range, a cost figure finite and plausible, see
+:mod:`fedtune.coordinator.node_costs`), so that no reply can fail a round's commit."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from sqlalchemy.engine import Engine
@@ -25,11 +30,13 @@ from fedtune.coordinator.health import (
     rejection_alerts,
     update_signals,
 )
+from fedtune.coordinator.node_costs import cost_row, read_costs
 from fedtune.coordinator.strategy import ReplyOutcome
 from fedtune.platform.db.storage import (
     AdapterCheckpoint,
     HealthAlert,
     HealthSignal,
+    NodeLevelEntry,
     NodeMetric,
     RejectedUpdate,
     Round,
@@ -42,6 +49,7 @@ from fedtune.platform.wire.messages import (
     record_to_arrays,
 )
 from fedtune.privacy.ledger_store import checkpoint_row, entry_row, receipt_row
+from fedtune.privacy.node_level_dp import NodeLevelPrivacy
 from fedtune.privacy.receipts import Receipt, witness_of
 from fedtune.privacy.signing import NodeKey
 
@@ -54,7 +62,26 @@ def _planned_epsilon(content: RecordDict | None) -> float | None:
 
 
 def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)  # an int past a float's range raises
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+MAX_COUNT = 2**31 - 1  # an INTEGER column's largest value (PostgreSQL)
+
+
+def _count(value: Any) -> int:
+    """A reply's example count as stored: a whole number in an INTEGER's range, else 0 (the
+    reply's metrics keep what was sent, as far as it is a finite number)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        return 0
+    return value
 
 
 @dataclass
@@ -93,6 +120,56 @@ class RunRecorder:
         self._pending: _PendingRound | None = None
         self._held_out: list[float | None] = []  # global held-out loss per round
         self._round_started = time.perf_counter()
+        # Node-level DP of a secure run (set by the deployment loop): its ledger entries are
+        # copied into the database with the round they noised.
+        self.node_level: NodeLevelPrivacy | None = None
+        self._node_level_copied: set[int] = set()  # seq of the entries copied
+
+    def _node_level_rows(self, server_round: int) -> list[Any]:
+        """The copy of the coordinator's node-level ledger entry of this round, if any."""
+        if self.node_level is None or self.node_level.latest is None:
+            return []
+        entry, checkpoint = self.node_level.latest
+        if entry.round != server_round or entry.seq in self._node_level_copied:
+            return []
+        self._node_level_copied.add(entry.seq)
+        return [
+            NodeLevelEntry(
+                run_id=self.run_id,
+                round=server_round,
+                seq=entry.seq,
+                epsilon_after=entry.epsilon_after,
+                entry=entry_row(entry).entry,
+                checkpoint=checkpoint_row(checkpoint).checkpoint,
+                public_key=self.node_level.ledger.key.public_key_text(),
+            )
+        ]
+
+    def _reply_rows(
+        self, server_round: int, phase: str, outcome: ReplyOutcome, content: RecordDict
+    ) -> list[Any]:
+        """A reply's metrics as the node sent them (finite numbers only) and its cost."""
+        name = self._name(outcome) or f"node-{outcome.flower_node_id}"
+        node_metrics = dict(content.metric_records[METRICS])
+        return [
+            NodeMetric(
+                run_id=self.run_id,
+                round=server_round,
+                phase=phase,
+                node_name=name,
+                flower_node_id=outcome.flower_node_id,
+                num_examples=_count(node_metrics.get(NUM_EXAMPLES, 0)),
+                metrics={k: _finite(v) for k, v in node_metrics.items()},
+            ),
+            cost_row(
+                read_costs(node_metrics),
+                run_id=self.run_id,
+                server_round=server_round,
+                phase=phase,
+                node_name=name,
+                flower_node_id=outcome.flower_node_id,
+            ),
+        ]
 
     def _ledger_rows(self, outcomes: list[ReplyOutcome]) -> list[Any]:
         """Each verified ledger entry (kept even when its update was rejected: the epsilon
@@ -145,23 +222,10 @@ class RunRecorder:
         pending.rows += self._train_health(server_round, outcomes, aggregate, metrics, sent)
         pending.rows += self._rejections(server_round, "train", outcomes)
         pending.rows += self._ledger_rows(outcomes)
+        pending.rows += self._node_level_rows(server_round)
         for outcome in outcomes:
-            content = outcome.content
-            if content is None:
-                continue
-            name = self._name(outcome) or f"node-{outcome.flower_node_id}"
-            node_metrics = dict(content.metric_records[METRICS])
-            pending.rows.append(
-                NodeMetric(
-                    run_id=self.run_id,
-                    round=server_round,
-                    phase="train",
-                    node_name=name,
-                    flower_node_id=outcome.flower_node_id,
-                    num_examples=int(cast(int, node_metrics[NUM_EXAMPLES])),
-                    metrics={k: _finite(v) for k, v in node_metrics.items()},
-                )
-            )
+            if outcome.content is not None:
+                pending.rows += self._reply_rows(server_round, "train", outcome, outcome.content)
         pending.accepted = sum(o.kind == "accepted" for o in outcomes)
         pending.rejected = len(outcomes) - pending.accepted
         if metrics is not None:
@@ -264,20 +328,8 @@ class RunRecorder:
         rows = pending.rows + self._rejections(server_round, "evaluate", outcomes)
         rows += self._ledger_rows(outcomes)  # metrics released under DP
         for outcome in outcomes:
-            if outcome.content is None:
-                continue
-            node_metrics = dict(outcome.content.metric_records[METRICS])
-            rows.append(
-                NodeMetric(
-                    run_id=self.run_id,
-                    round=server_round,
-                    phase="evaluate",
-                    node_name=self._name(outcome) or f"node-{outcome.flower_node_id}",
-                    flower_node_id=outcome.flower_node_id,
-                    num_examples=int(cast(int, node_metrics.get(NUM_EXAMPLES, 0))),
-                    metrics={k: _finite(v) for k, v in node_metrics.items()},
-                )
-            )
+            if outcome.content is not None:
+                rows += self._reply_rows(server_round, "evaluate", outcome, outcome.content)
         held_out = _finite(metrics.get("held-out-loss")) if metrics is not None else None
         self._held_out.append(held_out)
         signals = [Signal("held-out-loss", None, held_out)] + [

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from fedtune.coordinator.abtest import AbTestPlan, abtest_report, format_abtest,
 from fedtune.coordinator.checkpoints import AdapterCheckpointer
 from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.recorder import RunRecorder
+from fedtune.coordinator.run_protections import run_protections
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.coordinator.versions import list_versions, production_version, resolve_version
 from fedtune.platform.config import RunConfig, TrainingSettings
@@ -102,10 +104,13 @@ def prepare_run(
     flower_run_id: str | None,
     enrolled: Mapping[str, str],
     resuming: bool = False,
+    deployment: dict[str, Any] | None = None,
     progress: Callable[[str], None] = print,
 ) -> RunSetup:
     """Load the base model (fingerprint, checkpoint writer), build the initial adapter,
-    register the run (or reopen it when ``resuming``) and the enrolled keys."""
+    register the run (or reopen it when ``resuming``) and the enrolled keys. ``deployment``:
+    the coordinator's facts of a deployed run (None: a simulation), recorded with the run's
+    protections."""
     engine = open_database(config.database_url)
     keys = {name: load_public_key(value) for name, value in enrolled.items()}
     adapters = config.output.dir / "adapters"
@@ -122,7 +127,12 @@ def prepare_run(
         _reopen_run(engine, run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint)
     else:
         _register_run(
-            engine, config, run_id=run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint
+            engine,
+            config,
+            run_id=run_id,
+            flower_run_id=flower_run_id,
+            fingerprint=base.fingerprint,
+            protections=run_protections(config, deployment=deployment),
         )
     with transaction(engine) as session:
         for name, key in keys.items():
@@ -238,7 +248,13 @@ def _configured_keys(config: RunConfig) -> dict[str, str]:
 
 
 def _register_run(
-    engine: Engine, config: RunConfig, *, run_id: str, flower_run_id: str | None, fingerprint: str
+    engine: Engine,
+    config: RunConfig,
+    *,
+    run_id: str,
+    flower_run_id: str | None,
+    fingerprint: str,
+    protections: dict[str, Any],
 ) -> None:
     with transaction(engine) as session:
         session.add(
@@ -251,6 +267,7 @@ def _register_run(
                 base_model_spec=config.model.spec,
                 base_model_fingerprint=fingerprint,
                 config=json.loads(config.model_dump_json()),
+                protections=protections,
             )
         )
 

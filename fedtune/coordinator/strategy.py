@@ -76,15 +76,22 @@ class RoundObserver(Protocol):
     ) -> None: ...
 
 
+def weight_problem(weight: object) -> str | None:
+    """Why a reply's ``num-examples`` cannot weigh it in a mean (None: it can)."""
+    if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
+        return f"'{NUM_EXAMPLES}' must be a positive integer, got {weight!r}"[:200]
+    return None
+
+
 def update_problem(content: RecordDict, expected: ArrayRecord) -> str | None:
     """Why a train reply cannot be aggregated against the global ``expected`` arrays, or None."""
     if len(content.array_records) != 1 or ARRAYS not in content.array_records:
         return f"expected exactly one array record named '{ARRAYS}'"
     if len(content.metric_records) != 1 or METRICS not in content.metric_records:
         return f"expected exactly one metric record named '{METRICS}'"
-    weight = content.metric_records[METRICS].get(NUM_EXAMPLES)
-    if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
-        return f"'{NUM_EXAMPLES}' must be a positive integer, got {weight!r}"
+    problem = weight_problem(content.metric_records[METRICS].get(NUM_EXAMPLES))
+    if problem is not None:
+        return problem
     arrays = content.array_records[ARRAYS]
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
@@ -170,13 +177,19 @@ def sort_train_replies(
 
 
 def common_metrics(messages: list[Message]) -> list[Message]:
-    """``messages`` with their metrics cut to the names every one of them carries, for
+    """``messages`` with their metrics cut to the numbers every one of them carries, for
     Flower's FedAvg, which averages only identical sets: nodes that release different
-    metrics (``privacy.release_metrics``) still count. The originals are left as they are
-    (the recorder stores each node's own)."""
+    metrics (``privacy.release_metrics``) still count. A name some node sends as a list is
+    left out too (no reply metric is one; FedAvg would fail adding a list to a number). The
+    originals are left as they are (the recorder stores each node's own)."""
     if not messages:
         return messages
-    common = set.intersection(*(set(m.content.metric_records[METRICS].keys()) for m in messages))
+    common = set.intersection(
+        *(
+            {k for k, v in m.content.metric_records[METRICS].items() if not isinstance(v, list)}
+            for m in messages
+        )
+    )
     trimmed = []
     for message in messages:
         records: dict[str, Any] = dict(message.content.items())
@@ -211,6 +224,8 @@ def sort_evaluate_replies(
         elif NUM_EXAMPLES not in message.content.metric_records[METRICS]:
             reason = "released no evaluation metrics (the node's privacy.release_metrics)"
             outcomes.append(ReplyOutcome("declined", node_id, name, reason))
+        elif problem := weight_problem(message.content.metric_records[METRICS][NUM_EXAMPLES]):
+            outcomes.append(ReplyOutcome("rejected", node_id, name, problem))
         elif LEDGER in message.content.config_records and ledger_check is not None:
             signed, problem = ledger_check(
                 server_round, name, message.content, kind="metric_release"

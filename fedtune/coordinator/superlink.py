@@ -29,6 +29,7 @@ import tomli_w
 from fedtune.common.errors import FedtuneError
 from fedtune.coordinator import gateway
 from fedtune.coordinator.job import JOB_KEY, DeploymentJob
+from fedtune.coordinator.run_protections import deployment_facts
 from fedtune.platform.config import CoordinatorConfig, RunConfig
 from fedtune.platform.runtime.flower_tools import flower_command, tool_path_environment
 from fedtune.platform.runtime.processes import end_process_tree
@@ -304,5 +305,8 @@ def deployment_job(
         }
     )
     return DeploymentJob(
-        run_id=run_id, run=run.model_copy(update={"output": output}), resume=resume
+        run_id=run_id,
+        run=run.model_copy(update={"output": output}),
+        resume=resume,
+        coordinator=deployment_facts(coordinator, superlink_command(coordinator)),
     )

@@ -27,6 +27,7 @@ pages = [
     st.Page(VIEWS / "privacy.py", title="Privacy budget", icon=":material/shield:"),
     st.Page(VIEWS / "ab_tests.py", title="A/B tests", icon=":material/compare_arrows:"),
     st.Page(VIEWS / "health.py", title="Model health", icon=":material/monitor_heart:"),
+    st.Page(VIEWS / "costs.py", title="Protections and costs", icon=":material/paid:"),
     st.Page(VIEWS / "audit.py", title="Audit", icon=":material/fact_check:"),
 ]
 st.navigation(pages).run()

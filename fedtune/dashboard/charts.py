@@ -113,3 +113,32 @@ def difference_chart(results: pd.DataFrame) -> alt.FacetChart:
         .facet(row=alt.Row("metric:N", title=None))
         .resolve_scale(x="independent")
     )
+
+
+def cost_chart(costs: pd.DataFrame) -> alt.Chart:
+    """Device-seconds per round, one bar per node (colour), stacked by compute (training
+    solid, evaluation light);
+    the frame comes from :func:`~fedtune.dashboard.summaries.cost_chart_frame`."""
+    return (
+        alt.Chart(costs)
+        .mark_bar()
+        .encode(
+            x=alt.X("round:O", title="round", axis=alt.Axis(labelAngle=0)),
+            xOffset=alt.XOffset("node_name:N", title="node"),
+            y=alt.Y("seconds:Q", title="device-seconds", stack="zero"),
+            color=alt.Color("node_name:N", title="node"),
+            opacity=alt.Opacity(
+                "compute:N",
+                title="compute",
+                scale=alt.Scale(domain=["training", "evaluation"], range=[1.0, 0.45]),
+            ),
+            tooltip=[
+                alt.Tooltip("node_name:N", title="node"),
+                "round:O",
+                "compute:N",
+                alt.Tooltip("seconds:Q", title="device-seconds", format=".2f"),
+                alt.Tooltip("tokens:Q", title="tokens read (round)", format=","),
+            ],
+        )
+        .properties(height=300)
+    )

@@ -482,3 +482,88 @@ def _json(text: str) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+# --- costs, protections and node-level epsilon ------------------------------------------------
+
+COST_COLUMNS = (
+    "round",
+    "phase",
+    "node_name",
+    "train_tokens",
+    "evaluate_tokens",
+    "train_device_seconds",
+    "evaluate_device_seconds",
+    "wall_seconds",
+    "refused",
+)
+
+
+def node_costs(engine: Engine, run_id: str) -> pd.DataFrame:
+    """Each node reply's cost figures in ``run_id`` (one row per round, phase and node), in
+    the order stored; a figure not sent or refused is None (NaN)."""
+    with engine.connect() as connection:
+        statement = _select(
+            "node_costs", COST_COLUMNS, where=[("run_id", run_id)], order_by=["round", "id"]
+        )
+        frame = _read(connection, statement, COST_COLUMNS)
+    for name in COST_COLUMNS[3:8]:
+        frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(float)
+    return frame
+
+
+def stored_protections(engine: Engine, run_id: str) -> dict[str, Any] | None:
+    """The protections ``run_id`` recorded when it started (None: not recorded)."""
+    table = _table("runs")
+    with engine.connect() as connection:
+        value = connection.scalar(select(table.c.protections).where(table.c.id == run_id))
+    if isinstance(value, str):  # a driver that hands JSON back as text
+        value = _json(value)
+    return value if isinstance(value, dict) and value else None
+
+
+NODE_LEVEL_COLUMNS = (
+    "run_id",
+    "round",
+    "seq",
+    "epsilon_after",
+    "entry",
+    "checkpoint",
+    "public_key",
+)
+
+
+def node_level_entries(engine: Engine, run_id: str | None = None) -> pd.DataFrame:
+    """Copies of the coordinator's node-level DP ledger entries (of ``run_id``, or of every
+    run), with the entry's delta, noise multiplier and clipping norm spread into columns."""
+    with engine.connect() as connection:
+        statement = _select(
+            "node_level_entries",
+            NODE_LEVEL_COLUMNS,
+            where=[("run_id", run_id)],
+            order_by=["run_id", "seq"],
+        )
+        frame = _read(connection, statement, NODE_LEVEL_COLUMNS)
+    fields = [_json(text) for text in frame["entry"]]
+    for name in ("delta", "noise_multiplier", "max_grad_norm", "epsilon_cap"):
+        frame[name] = pd.to_numeric(pd.Series([f.get(name) for f in fields]), errors="coerce")
+    frame["epsilon_after"] = frame["epsilon_after"].astype(float)
+    return frame
+
+
+def run_ledger_evidence(engine: Engine, run_id: str) -> dict[str, int]:
+    """How many of ``run_id``'s ledger copies the database holds, and how many of them the
+    coordinator countersigned (a receipt for the entry's own seq)."""
+    entries, receipts = _table("ledger_entries"), _table("ledger_receipts")
+    with engine.connect() as connection:
+        held = connection.scalar(select(func.count()).where(entries.c.run_id == run_id))
+        witnessed = connection.scalar(
+            select(func.count(func.distinct(entries.c.id)))
+            .select_from(entries)
+            .join(
+                receipts,
+                (receipts.c.node == entries.c.node) & (receipts.c.seq == entries.c.seq),
+            )
+            .where(entries.c.run_id == run_id)
+        )
+    return {"entries": int(held or 0), "receipts": int(witnessed or 0)}

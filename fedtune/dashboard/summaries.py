@@ -157,3 +157,206 @@ def _ranges(numbers: list[int]) -> str:
 def node_label(node: object) -> str:
     """A node's name, or ``global`` for the global model (node None)."""
     return node if isinstance(node, str) else "global"
+
+
+# --- costs ------------------------------------------------------------------------------------
+
+COST_SUMS = (
+    "train_tokens",
+    "evaluate_tokens",
+    "train_device_seconds",
+    "evaluate_device_seconds",
+    "wall_seconds",
+)
+NODE_ROUND_COLUMNS = ("round", "node_name", "tokens", *COST_SUMS, "refused")
+
+
+def costs_per_node_round(costs: pd.DataFrame) -> pd.DataFrame:
+    """One row per round and node from the replies' cost figures (:func:`~fedtune.dashboard.
+    queries.node_costs`): each figure summed over the node's train and evaluate replies of
+    the round (``tokens``: training and evaluation tokens read); None where the node sent
+    none of it; the coordinator's refusals joined."""
+    if costs.empty:
+        return pd.DataFrame(columns=list(NODE_ROUND_COLUMNS))
+    grouped = costs.groupby(["round", "node_name"], sort=True)
+    out = grouped[list(COST_SUMS)].sum(min_count=1).reset_index()
+    out["tokens"] = out[["train_tokens", "evaluate_tokens"]].sum(axis=1, min_count=1)
+    refused = grouped["refused"].agg(
+        lambda notes: "; ".join(n for n in notes if isinstance(n, str) and n) or None
+    )
+    out["refused"] = list(refused)
+    return out[list(NODE_ROUND_COLUMNS)]
+
+
+def cost_chart_frame(per_node_round: pd.DataFrame) -> pd.DataFrame:
+    """Device-seconds per round and node, long (round, node_name, compute, seconds, tokens),
+    for the cost chart; figures not sent are left out."""
+    rows = []
+    for row in per_node_round.itertuples():
+        for column, compute in (
+            ("train_device_seconds", "training"),
+            ("evaluate_device_seconds", "evaluation"),
+        ):
+            value = getattr(row, column)
+            if pd.notna(value):
+                rows.append(
+                    {
+                        "round": int(row.round),
+                        "node_name": row.node_name,
+                        "compute": compute,
+                        "seconds": float(value),
+                        "tokens": None if pd.isna(row.tokens) else float(row.tokens),
+                    }
+                )
+    return pd.DataFrame(rows, columns=["round", "node_name", "compute", "seconds", "tokens"])
+
+
+# --- protections ------------------------------------------------------------------------------
+
+PROTECTION_LABELS = {
+    "tls": "TLS",
+    "node_authentication": "node authentication",
+    "gateway": "gateway (Fleet API only)",
+    "pinned_apps": "pinned apps",
+    "secure_aggregation": "secure aggregation",
+    "example_level_dp": "example-level DP (DP-SGD, each node)",
+    "node_level_dp": "node-level DP (coordinator)",
+    "metric_release": "metric release",
+    "witness_receipts": "witness receipts",
+    "checkpoint_encryption": "checkpoint encryption",
+}
+NOT_RECORDED = "not recorded"
+
+
+def release_seen(metrics: pd.DataFrame, rejections: pd.DataFrame) -> dict[str, str]:
+    """Each node's metric release as its stored replies show it: ``dp`` (its held-out figures
+    came with their noise scale), ``plain`` (figures as computed), ``none`` (its evaluate
+    replies released nothing)."""
+    seen: dict[str, str] = {}
+    for node, group in metrics.groupby("node_name"):
+        names = set(group["metric"])
+        if "held-out-loss-noise" in names:
+            seen[str(node)] = "dp"
+        elif names & {"train-loss", "held-out-tokens"}:
+            seen[str(node)] = "plain"
+    declined = rejections[
+        (rejections["phase"] == "evaluate")
+        & rejections["reason"].fillna("").str.contains("released no evaluation metrics")
+    ]
+    for node in declined["node_name"].dropna():
+        seen.setdefault(str(node), "none")
+    return seen
+
+
+def protection_rows(
+    stored: dict | None,
+    *,
+    records: pd.DataFrame,
+    node_level: pd.DataFrame,
+    evidence: dict[str, int],
+    release: dict[str, str],
+) -> pd.DataFrame:
+    """One row per protection of a run: its state and settings as recorded when the run
+    started (``stored``, :mod:`fedtune.coordinator.run_protections`), and what the run's own
+    records show (its signed ledger copies, the coordinator's node-level ledger, receipts,
+    the replies)."""
+    shown: dict[str, str] = {
+        "example_level_dp": _example_level(records),
+        "node_level_dp": _node_level(node_level),
+        "witness_receipts": (
+            f"{evidence['receipts']} of {evidence['entries']} ledger entries of this run "
+            "countersigned by the coordinator"
+        ),
+        "metric_release": ", ".join(f"{n}: {p}" for n, p in sorted(release.items())) or "—",
+    }
+    names = [name for name in PROTECTION_LABELS if name in (stored or {}) or name in shown]
+    rows = []
+    for name in names:
+        item = (stored or {}).get(name)
+        rows.append(
+            {
+                "protection": PROTECTION_LABELS[name],
+                "state": item.get("state", NOT_RECORDED)
+                if isinstance(item, dict)
+                else NOT_RECORDED,
+                "as recorded when the run started": item.get("detail", "")
+                if isinstance(item, dict)
+                else "",
+                "what the run's records show": shown.get(name, "—"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _example_level(records: pd.DataFrame) -> str:
+    if records.empty:
+        return "no ledger entries for this run"
+    parts = []
+    for node, group in records.groupby("node_name", sort=True):
+        last = group.iloc[-1]
+        if last["mode"] == "non-private":
+            parts.append(f"{node}: NON-PRIVATE")
+            continue
+        epsilon = last["epsilon_after"]
+        parts.append(f"{node}: ε {epsilon:.3f}" if pd.notna(epsilon) else f"{node}: ε —")
+        details = [f"δ {last['delta']:g}" if pd.notna(last["delta"]) else None]
+        details.append(
+            f"σ {last['noise_multiplier']:.3g}" if pd.notna(last["noise_multiplier"]) else None
+        )
+        details.append(
+            f"clip {last['max_grad_norm']:g}" if pd.notna(last["max_grad_norm"]) else None
+        )
+        details.append(str(last["accountant"]) if last["accountant"] else None)
+        parts[-1] += " (" + ", ".join(d for d in details if d) + ")"
+        if not bool(group["signed"].all()):
+            parts[-1] += " [unsigned reports]"
+    return "; ".join(parts) + " — each node's signed ledger, after its last round of this run"
+
+
+def _node_level(node_level: pd.DataFrame) -> str:
+    if node_level.empty:
+        return "no node-level ledger entries for this run"
+    last = node_level.iloc[-1]
+    return (
+        f"ε {last['epsilon_after']:.3f} after round {int(last['round'])} (δ {last['delta']:g}, "
+        f"σ {last['noise_multiplier']:.3g}, clip {last['max_grad_norm']:g}); "
+        f"{len(node_level)} entries in the coordinator's signed ledger"
+    )
+
+
+# --- example-level and node-level epsilon, side by side ---------------------------------------
+
+
+def epsilon_side_by_side(reports: pd.DataFrame, node_level: pd.DataFrame) -> pd.DataFrame:
+    """Per run and node: the node's own example-level epsilon (its signed ledger, on its data
+    set, after its last round of the run: all its runs on that data set count) next to the
+    run's node-level epsilon (the coordinator's ledger, after the run's last noised round;
+    None when the run had no node-level DP)."""
+    columns = [
+        "run_id",
+        "node_name",
+        "data_fingerprint",
+        "example_epsilon",
+        "example_delta",
+        "node_epsilon",
+        "node_delta",
+    ]
+    if reports.empty:
+        return pd.DataFrame(columns=columns)
+    latest = node_level.sort_values("seq").groupby("run_id").tail(1).set_index("run_id")
+    rows = []
+    for (run, node), group in reports.groupby(["run_id", "node_name"], sort=False):
+        last = group.iloc[-1]
+        coordinator = latest.loc[run] if run in latest.index else None
+        rows.append(
+            {
+                "run_id": run,
+                "node_name": node,
+                "data_fingerprint": last["data_fingerprint"],
+                "example_epsilon": last["epsilon_after"],
+                "example_delta": last["delta"],
+                "node_epsilon": None if coordinator is None else coordinator["epsilon_after"],
+                "node_delta": None if coordinator is None else coordinator["delta"],
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)

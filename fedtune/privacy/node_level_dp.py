@@ -25,6 +25,7 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedtune.privacy.accounting import BudgetExhaustedError
+from fedtune.privacy.ledger import Checkpoint, LedgerEntry
 from fedtune.privacy.node_ledger import NodeLedger
 
 LEDGER_NODE = "coordinator"
@@ -53,6 +54,9 @@ class NodeLevelPrivacy:
         self.run_id = run_id
         self.population = population
         self.ledger = ledger
+        # The entry the latest noised round appended, with the signed head (the coordinator's
+        # database keeps a copy of each: fedtune.coordinator.recorder).
+        self.latest: tuple[LedgerEntry, Checkpoint] | None = None
         self.accountant = RdpAccountant(
             PrivacyConfig(
                 target_delta=settings.delta,
@@ -111,7 +115,7 @@ class NodeLevelPrivacy:
         )
         self.accountant.compose(self._event(contributors))
         after = self.accountant.get_epsilon(self.settings.delta)
-        self.ledger.append(
+        self.latest = self.ledger.append(
             {
                 "run_id": self.run_id,
                 "round": server_round,

@@ -14,6 +14,8 @@ from fedtune.dashboard.summaries import (
     budget_declines,
     budget_series,
     budget_summary,
+    epsilon_side_by_side,
+    short_fingerprint,
     thinned,
 )
 
@@ -236,6 +238,46 @@ def plan_section() -> None:
     )
 
 
+def levels_section(everything: pd.DataFrame) -> None:
+    """Each node's own example-level epsilon next to the run's node-level epsilon from the
+    coordinator's ledger: two guarantees about different units, never to be added."""
+    st.subheader("Example-level and node-level epsilon, per run")
+    node_level = common.fetch(queries.node_level_entries)
+    both = epsilon_side_by_side(everything, node_level)
+    if both.empty:
+        common.note_absent("No privacy records yet.")
+        return
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "run": both["run_id"],
+                "node": both["node_name"],
+                "data set": [short_fingerprint(f) for f in both["data_fingerprint"]],
+                "ε per example (node's own ledger)": both["example_epsilon"],
+                "δ (example)": both["example_delta"],
+                "ε per node (coordinator's ledger)": both["node_epsilon"],
+                "δ (node)": both["node_delta"],
+            }
+        ),
+        hide_index=True,
+        column_config={
+            "ε per example (node's own ledger)": st.column_config.NumberColumn(format="%.3f"),
+            "ε per node (coordinator's ledger)": st.column_config.NumberColumn(format="%.3f"),
+            "δ (example)": st.column_config.NumberColumn(format="%.0e"),
+            "δ (node)": st.column_config.NumberColumn(format="%.0e"),
+        },
+    )
+    st.caption(
+        "Per example: what one training example of the node's data set is protected by, from "
+        "the node's signed ledger after its last round of the run (every run on that data set "
+        "counts). Per node: what a node's whole data is protected by, from the coordinator's "
+        "own signed node-level DP ledger after the run's last noised round; empty when the "
+        "run had no node-level DP (aggregation.node_dp)."
+    )
+    if node_level.empty:
+        common.note_absent("No run had node-level DP: no coordinator ledger entries.")
+
+
 st.title("Privacy budget")
 reports = common.fetch(queries.epsilon_reports)
 budget_section(reports)
@@ -244,3 +286,5 @@ if not reports.empty:
 plan_section()
 declines_section()
 ledger_section()
+if not reports.empty:
+    levels_section(reports)

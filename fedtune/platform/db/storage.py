@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Float,
     ForeignKey,
     Integer,
@@ -58,6 +59,10 @@ class Run(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # What protected the run, as the coordinator knew it when the run started (transport,
+    # node authentication, secure aggregation, DP settings, metric release...): see
+    # fedtune.coordinator.run_protections. None: a run from before fedtune recorded it.
+    protections: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Round(Base):
@@ -90,6 +95,51 @@ class NodeMetric(Base):
     flower_node_id: Mapped[str] = mapped_column(String(32))
     num_examples: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]]
+
+
+class NodeCost(Base):
+    """What one node's reply says its work on one message cost: ``phase`` is ``train`` (the
+    round's training and any local evaluation) or ``evaluate`` (the global model on its
+    held-out data). Tokens are those the forward passes read (padding excluded);
+    device-seconds the compute loops' time on the node's device; wall seconds the node's
+    whole time on the message. A figure the node did not send (its release_metrics) is None;
+    one the coordinator refused (negative, not finite, absurdly large, of the wrong type) is
+    None too, with ``refused`` saying what was refused and why."""
+
+    __tablename__ = "node_costs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16))
+    node_name: Mapped[str] = mapped_column(String(200))
+    flower_node_id: Mapped[str] = mapped_column(String(32))
+    train_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    evaluate_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    train_device_seconds: Mapped[float | None] = mapped_column(Float)
+    evaluate_device_seconds: Mapped[float | None] = mapped_column(Float)
+    wall_seconds: Mapped[float | None] = mapped_column(Float)
+    refused: Mapped[str | None] = mapped_column(Text)
+
+
+class NodeLevelEntry(Base):
+    """A copy of one entry of the coordinator's own node-level DP ledger
+    (``OUTPUT_DIR/node-level-ledger``, node ``coordinator``): the sealed entry and the signed
+    head exactly as signed, with the ledger's public key. Each run's ledger is its own chain
+    (its own key, seq from 1), hence one row per run and seq. Append-only, like the nodes'
+    ledger copies."""
+
+    __tablename__ = "node_level_entries"
+    __table_args__ = (UniqueConstraint("run_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    epsilon_after: Mapped[float | None] = mapped_column(Float)
+    entry: Mapped[str] = mapped_column(Text)  # the sealed entry's JSON, exactly as signed
+    checkpoint: Mapped[str] = mapped_column(Text)  # the signed head after it
+    public_key: Mapped[str] = mapped_column(String(64))  # base64 of the raw Ed25519 key
 
 
 class UnsignedEpsilonReport(Base):

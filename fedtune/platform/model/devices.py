@@ -1,7 +1,8 @@
-"""Choosing the torch device at run time."""
+"""Choosing the torch device at run time, and timing compute on it."""
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import torch
@@ -16,3 +17,31 @@ def select_device(preference: Literal["auto", "cpu", "cuda"] = "auto") -> torch.
     if preference == "cuda":
         raise RuntimeError("model.device = 'cuda' was asked for, but no CUDA device is available")
     return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs kernels asynchronously: a clock read
+    without this measures the queueing, not the compute). Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DeviceClock:
+    """Seconds spent in blocks of compute on one device, summed over ``with clock:`` blocks;
+    the device is synchronised before the clock is read at each block's start and end."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def __enter__(self) -> DeviceClock:
+        synchronize(self.device)
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        synchronize(self.device)
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+        self._started = None

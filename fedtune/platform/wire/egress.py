@@ -49,13 +49,18 @@ from fedtune.platform.wire.messages import (
     BUDGET,
     DECLINE,
     DESCRIBE_MESSAGE_TYPE,
+    EVALUATE_DEVICE_SECONDS,
+    EVALUATE_TOKENS,
     LEDGER,
     METRICS,
     NODE,
+    NODE_SECONDS,
     NUM_EXAMPLES,
     PROTOCOL_KEY,
     SCORES,
     SUMMARY_FIELDS,
+    TRAIN_DEVICE_SECONDS,
+    TRAIN_TOKENS,
 )
 from fedtune.platform.wire.secure_messages import MASK_GENERATOR_KEY, REPLY_KEY
 
@@ -244,6 +249,15 @@ DP_SGD = (
     "DP-SGD (Opacus: Poisson sampling, per-example clipping to privacy.max_grad_norm, Gaussian "
     "noise), accounted in the node's ledger as a training_round entry on the training data set"
 )
+# Why the cost figures (tokens, device-seconds) go with the other plain figures, never alone.
+COST_NOTE = (
+    "an operational cost figure for the coordinator's dashboard, not DP. It says more than "
+    "what was sent before it: an exact token count is the sum of the examples' lengths, so "
+    "with num-examples and the sample rate it gives the training examples' mean length (the "
+    "held-out token count was already sent; device-seconds grow with tokens and say about as "
+    "much, as train-seconds did). Hence sent only under release_metrics = plain, which "
+    "releases figures about the data as computed; never under dp or none"
+)
 # A/B statistics sent without DP (paired statistics): what each of SUMMARY_FIELDS means.
 SUMMARY_MEANINGS = {
     "n": ("int", "examples scored"),
@@ -371,6 +385,21 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
                 Field("train-loss", "float", metric, "mean training loss of the round"),
                 Field("train-seconds", "float", metric, "time spent training"),
                 Field(
+                    TRAIN_TOKENS,
+                    "int",
+                    metric,
+                    "tokens the round's training forward passes read (prompt and answer, padding "
+                    "excluded; every Poisson-sampled example once per step it joined): "
+                    + COST_NOTE,
+                ),
+                Field(
+                    TRAIN_DEVICE_SECONDS,
+                    "float",
+                    metric,
+                    "seconds the round's training steps ran on the node's device (CUDA "
+                    "synchronised before each clock read): " + COST_NOTE,
+                ),
+                Field(
                     "held-out-loss-start",
                     "float",
                     metric,
@@ -385,7 +414,25 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
                     when="evaluate-local-model (release_metrics = plain)",
                 ),
                 Field("evaluate-seconds", "float", metric, "time spent on held-out evaluation"),
-                Field("node-seconds", "float", metric, "the node's whole time on the message"),
+                Field(
+                    EVALUATE_TOKENS,
+                    "int",
+                    metric,
+                    "tokens the message's held-out evaluations read (0 without them): " + COST_NOTE,
+                ),
+                Field(
+                    EVALUATE_DEVICE_SECONDS,
+                    "float",
+                    metric,
+                    "seconds those evaluations ran on the device: " + COST_NOTE,
+                ),
+                Field(
+                    NODE_SECONDS,
+                    "float",
+                    metric,
+                    "the node's whole time on the message (wall time; Flower's "
+                    "clientapp_runtime says about as much under every release_metrics)",
+                ),
             ),
         ),
         _identity_record(),
@@ -627,7 +674,14 @@ def _evaluate_replies(settings: _Settings) -> tuple[Reply, ...]:
             ),
             Field("held-out-tokens", "int", NOT_SENT, "held-out assistant tokens"),
             Field("evaluate-seconds", "float", NOT_SENT, "time spent evaluating"),
-            Field("node-seconds", "float", NOT_SENT, "the node's whole time on the message"),
+            Field(EVALUATE_TOKENS, "int", NOT_SENT, "tokens the evaluation read: " + COST_NOTE),
+            Field(
+                EVALUATE_DEVICE_SECONDS,
+                "float",
+                NOT_SENT,
+                "seconds the evaluation ran on the device: " + COST_NOTE,
+            ),
+            Field(NODE_SECONDS, "float", NOT_SENT, "the node's whole time on the message"),
         )
         meaning = (
             "held-out figures through one Gaussian mechanism; past the data set's cap the "
@@ -646,7 +700,22 @@ def _evaluate_replies(settings: _Settings) -> tuple[Reply, ...]:
             Field("held-out-perplexity", "float", metric, "exp of the held-out loss"),
             Field("held-out-tokens", "int", metric, "held-out assistant tokens"),
             Field("evaluate-seconds", "float", metric, "time spent evaluating"),
-            Field("node-seconds", "float", metric, "the node's whole time on the message"),
+            Field(
+                EVALUATE_TOKENS,
+                "int",
+                metric,
+                "tokens the evaluation read (prompt and answer, padding excluded): " + COST_NOTE,
+            ),
+            Field(
+                EVALUATE_DEVICE_SECONDS,
+                "float",
+                metric,
+                "seconds the evaluation ran on the node's device (CUDA synchronised before "
+                "each clock read): " + COST_NOTE,
+            ),
+            Field(
+                NODE_SECONDS, "float", metric, "the node's whole time on the message (wall time)"
+            ),
         )
         meaning = (
             "held-out figures as computed"

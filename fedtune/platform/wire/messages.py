@@ -45,6 +45,13 @@ DESCRIBE_MESSAGE_TYPE = "query.describe"  # a node's identity and training-set s
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 SECURE_AGGREGATION = "secure-aggregation"  # set in a train config that came through SecAgg+
+# A reply's cost figures (release_metrics = "plain"): tokens the forward passes read (padding
+# excluded), seconds of compute on the device, and the node's whole time on the message.
+TRAIN_TOKENS = "train-tokens"
+TRAIN_DEVICE_SECONDS = "train-device-seconds"
+EVALUATE_TOKENS = "evaluate-tokens"
+EVALUATE_DEVICE_SECONDS = "evaluate-device-seconds"
+NODE_SECONDS = "node-seconds"
 # What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
 # unsigned privacy report beside the ledger entry.
 PROTOCOL = "fedtune-wire/2"
