@@ -46,8 +46,9 @@ NUM_EXAMPLES = "num-examples"  # FedAvg's weight
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 SECURE_AGGREGATION = "secure-aggregation"  # set in a train config that came through SecAgg+
 # What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
-# unsigned privacy report beside the ledger entry.
-PROTOCOL = "fedtune-wire/2"
+# unsigned privacy report beside the ledger entry; in fedtune-wire/2 a train message had no
+# training method (a node of that version would train SFT in a DPO run).
+PROTOCOL = "fedtune-wire/3"
 PROTOCOL_KEY = "protocol"
 
 
@@ -87,6 +88,9 @@ class TrainInstructions:
     planned_rounds: int
     lora: LoraSettings
     evaluate_local_model: bool
+    # What the run trains: "sft" (conversations) or "dpo" (preference pairs, with dpo_beta).
+    method: str = "sft"
+    dpo_beta: float = 0.1
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -105,6 +109,8 @@ class TrainInstructions:
                 "lora-target-modules": list(self.lora.target_modules),
                 "lora-train-a": self.lora.train_a,
                 "evaluate-local-model": self.evaluate_local_model,
+                "training-method": self.method,
+                "dpo-beta": self.dpo_beta,
             }
         )
 
@@ -130,6 +136,8 @@ class TrainInstructions:
                     train_a=bool(record["lora-train-a"]),
                 ),
                 evaluate_local_model=bool(record["evaluate-local-model"]),
+                method=str(record["training-method"]),
+                dpo_beta=float(record["dpo-beta"]),  # type: ignore[arg-type]
             )
         except KeyError as exc:
             raise ValueError(f"train message lacks config key {exc}") from None
