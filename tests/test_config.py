@@ -194,3 +194,16 @@ def test_a_bad_training_method_or_beta_names_the_key(tmp_path, training, problem
         load_node_config(path)
 
     assert f"{path}: {problem}" in str(error.value)
+
+
+def test_a_simulated_nodes_shared_budget_files_reach_its_node_config(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[training]\nmethod = "dpo"\n\n[[nodes]]\nname = "bank"\ntrain = "d/pairs.jsonl"\n'
+        'eval = "d/held.jsonl"\nshares_budget_with = ["d/sft.jsonl"]\n\n[output]\ndir = "out"\n'
+    )
+
+    node = load_run_config(path).node_config("bank")
+
+    assert node.data.shares_budget_with == [tmp_path / "d" / "sft.jsonl"]
+    assert node.training.method == "dpo"

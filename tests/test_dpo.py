@@ -216,3 +216,32 @@ def test_the_trainer_clips_each_preference_pair_as_one(tiny_tokenizer, pairs, cl
     expected = (per_pair * factors[:, None]).mean(dim=0)
     torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
     assert step.norm() <= min(clip, float(norms.max())) * (1 + 1e-4)
+
+
+def test_an_empty_poisson_batch_of_pairs_is_a_noise_only_step(tiny_tokenizer, pairs):
+    """One expected pair per batch out of six: some batches hold none; they still count
+    (skipping them would break the accounting) and change the adapter by noise alone."""
+    model, _ = trained_away_from_base(tiny_tokenizer)
+    before = torch.cat([p.detach().flatten().clone() for p in trainable(model).values()])
+
+    result = train_round(
+        model,
+        pairs,
+        steps=6,
+        batch_size=1,
+        physical_batch_size=1,
+        learning_rate=0.01,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        device=CPU,
+        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp"),
+        seed=3,
+        progress=False,
+        per_row_losses=pair_objective(BETA),
+        collate=make_pair_collate(tiny_tokenizer.pad_token_id),
+    )
+
+    assert len(result.train_losses) == 6 and None in result.train_losses
+    assert any(loss is not None for loss in result.train_losses)
+    assert sum(steps for _, _, steps in result.history) == 6
+    after = torch.cat([p.detach().flatten() for p in trainable(model).values()])
+    assert not torch.equal(before, after)

@@ -94,7 +94,8 @@ def test_a_dpo_round_trains_records_a_preference_pair_entry_and_saves_a_peft_ada
     assert all(check.agrees for check in recompute_ledger([e.to_dict() for e in entries]))
     # Nothing spent yet on the SFT file of the same people: the group's epsilon is the round's.
     assert privacy["budget_group"]["epsilon_after"] == pytest.approx(privacy["epsilon_after"])
-    assert "dp-dpo" in result.stdout
+    assert "dp-dpo" in result.stdout and "privacy unit: one preference pair" in result.stdout
+    assert "budget group (data.shares_budget_with) at epsilon" in result.stdout
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     adapted = PeftModel.from_pretrained(base, metrics["adapter_dir"])
     with torch.no_grad():

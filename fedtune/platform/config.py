@@ -351,6 +351,9 @@ class RunNode(_Section):
     name: NodeName
     train: ConfigPath | None = Field(default=None, description="Required in simulation.")
     eval: ConfigPath | None = Field(default=None, description="Required in simulation.")
+    shares_budget_with: list[ConfigPath] = Field(
+        default_factory=list, description="This node's data.shares_budget_with (simulation)."
+    )
     state_dir: ConfigPath | None = Field(
         default=None, description="Default: OUTPUT_DIR/nodes/NAME."
     )
@@ -522,6 +525,7 @@ class RunConfig(_Section):
                 eval=node.eval,
                 max_length=self.data.max_length,
                 max_eval_examples=self.data.max_eval_examples,
+                shares_budget_with=node.shares_budget_with,
             ),
             lora=self.lora,
             training=self.training,
@@ -725,6 +729,7 @@ def load_run_config(path: str | Path) -> RunConfig:
             update={
                 "train": _resolve(base, node.train),
                 "eval": _resolve(base, node.eval),
+                "shares_budget_with": [_resolve(base, p) for p in node.shares_budget_with],
                 "state_dir": _resolve(base, node.state_dir),
                 "model": _resolve_spec(base, node.model) if node.model else None,
             }
