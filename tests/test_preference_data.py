@@ -162,3 +162,18 @@ def test_a_wrong_figure_is_visible_in_the_answer():
             .split(" where the right figure is ")
         )
         assert right in pair["chosen"] and said in pair["rejected"]
+
+
+def test_fedtune_data_demo_writes_preference_pairs_beside_the_sft_files(tmp_path, capsys):
+    from fedtune.cli import main
+
+    args = ["data", "demo", "--out", str(tmp_path), "--train", "5", "--held-out", "2"]
+
+    assert main([*args, "--preferences"]) == 0
+    for domain in ("hospital", "bank"):
+        rows = (tmp_path / domain / "preferences_train.jsonl").read_text().splitlines()
+        assert len(rows) == 5 and {"prompt", "chosen", "rejected", "reason"} <= set(
+            json.loads(rows[0])
+        )
+        assert len(load_preference_pairs(tmp_path / domain / "preferences_held_out.jsonl")) == 2
+    assert "pairs" in capsys.readouterr().out
