@@ -26,8 +26,6 @@ from fedtune.client_node.data import Batch
 from fedtune.client_node.losses import labelled_token_losses
 from fedtune.client_node.preference_data import split_pair_batch
 
-DEFAULT_BETA = 0.1
-
 
 def dpo_loss(
     policy_chosen: torch.Tensor,
@@ -75,7 +73,11 @@ def pair_losses(
     model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, *, beta: float
 ) -> torch.Tensor:
     """Per-pair DPO losses of a batch from :func:`make_pair_collate`: reference passes
-    first (no grad), then the chosen and the rejected pass of the policy, in that order."""
+    first (no grad), then the chosen and the rejected pass of the policy, in that order.
+
+    Opacus' hooks keep each layer's activations as a stack; autograd runs the backward of
+    the later (rejected) pass before the earlier one, so each backward meets its own pass's
+    activations, and both add into the same per-row slots (``tests/test_dpo.py``)."""
     chosen, rejected = split_pair_batch(batch)
     reference_chosen = reference_logprobs(model, chosen, device)
     reference_rejected = reference_logprobs(model, rejected, device)

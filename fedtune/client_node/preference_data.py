@@ -30,6 +30,7 @@ from fedtune.client_node.data import (
     DataError,
     Message,
     TokenizedExample,
+    load_conversations,
     make_collate,
     tokenize_conversation,
 )
@@ -235,9 +236,6 @@ def load_chosen_dataset(
     return ChatDataset(kept, source=path, dropped=len(examples) - len(kept))
 
 
-PairBatch = dict[str, Batch]
-
-
 def make_pair_collate(
     pad_token_id: int,
 ) -> Callable[[list[tuple[torch.Tensor, ...]]], dict[str, torch.Tensor]]:
@@ -272,8 +270,4 @@ def split_pair_batch(batch: dict[str, torch.Tensor]) -> tuple[Batch, Batch]:
 
 def count_rows(path: Path, *, preference: bool) -> int:
     """Training rows of ``path`` (preference pairs or conversations), for the planner."""
-    if preference:
-        return len(load_preference_pairs(path))
-    from fedtune.client_node.data import load_conversations
-
-    return len(load_conversations(path))
+    return len(load_preference_pairs(path) if preference else load_conversations(path))
