@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
-from fedtune.client_node.data import load_conversations
+from fedtune.client_node.preference_data import count_rows
 from fedtune.common.database import transaction
 from fedtune.common.errors import FedtuneError
 from fedtune.coordinator.abtest import AbTestPlan, new_test_id, run_abtest
@@ -130,7 +130,9 @@ def simulate(
     examples = None
     if config.training.is_planned:  # "auto": planned for the smallest node
         examples = min(
-            len(load_conversations(node.train)) for node in config.nodes if node.train is not None
+            count_rows(node.train, preference=config.training.method == "dpo")
+            for node in config.nodes
+            if node.train is not None
         )
     _run_simulation(
         config,

@@ -162,3 +162,48 @@ def test_a_node_address_without_a_port_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"coordinator\.address"):
         load_node_config(path)
+
+
+def test_dpo_is_chosen_with_its_beta_and_shared_budget_files_resolve(tmp_path):
+    path = write(
+        tmp_path,
+        VALID.replace("[output]", 'shares_budget_with = ["data/sft.jsonl"]\n\n[output]')
+        + '\n[training]\nmethod = "dpo"\ndpo_beta = 0.3\n',
+    )
+
+    config = load_node_config(path)
+
+    assert (config.training.method, config.training.dpo_beta) == ("dpo", 0.3)
+    assert config.data.shares_budget_with == [tmp_path / "data" / "sft.jsonl"]
+    assert load_node_config(write(tmp_path, VALID)).training.method == "sft"
+
+
+@pytest.mark.parametrize(
+    ("training", "problem"),
+    [
+        ('method = "ppo"', "training.method: Input should be 'sft' or 'dpo'"),
+        ('method = "dpo"\ndpo_beta = 0', "training.dpo_beta: Input should be greater than 0"),
+        ('method = "dpo"\ndpo_beta = "0.1"', "training.dpo_beta: Input should be a valid number"),
+        ("dpo_beta = 0.2", 'training: dpo_beta is set but method is "sft", not "dpo"'),
+    ],
+)
+def test_a_bad_training_method_or_beta_names_the_key(tmp_path, training, problem):
+    path = write(tmp_path, VALID + f"\n[training]\n{training}\n")
+
+    with pytest.raises(ConfigError) as error:
+        load_node_config(path)
+
+    assert f"{path}: {problem}" in str(error.value)
+
+
+def test_a_simulated_nodes_shared_budget_files_reach_its_node_config(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[training]\nmethod = "dpo"\n\n[[nodes]]\nname = "bank"\ntrain = "d/pairs.jsonl"\n'
+        'eval = "d/held.jsonl"\nshares_budget_with = ["d/sft.jsonl"]\n\n[output]\ndir = "out"\n'
+    )
+
+    node = load_run_config(path).node_config("bank")
+
+    assert node.data.shares_budget_with == [tmp_path / "d" / "sft.jsonl"]
+    assert node.training.method == "dpo"

@@ -804,3 +804,30 @@ def test_both_verifiers_read_metric_releases_alike(tmp_path: Path) -> None:
     lines[1]["privacy_unit"] = "node"
     write_lines(path, lines)
     assert_agree(path, node.key, "malformed")
+
+
+def test_both_accept_dpo_rounds_and_refuse_one_that_misstates_its_privacy_unit(
+    tmp_path: Path, key: NodeKey
+) -> None:
+    """A DP-DPO round protects one preference pair; an entry claiming another unit for it is
+    malformed to both verifiers."""
+    first = seal_ledger(key, 1)[0]
+    dpo = seal_entry(
+        {name: getattr(first, name) for name in CONTENT_FIELDS if hasattr(first, name)}
+        | {"round": 2, "method": "dp-dpo", "privacy_unit": "preference_pair"},
+        previous=first,
+        key=key,
+    )
+    seeded = seal_entry(
+        {name: getattr(dpo, name) for name in CONTENT_FIELDS if hasattr(dpo, name)}
+        | {"round": 3, "method": "dp-dpo-seeded-noise"},
+        previous=dpo,
+        key=key,
+    )
+    path = export(tmp_path / "dpo.jsonl", key, [first, dpo, seeded])
+
+    assert_agree(path, key, None)
+    lines = read_lines(path)
+    lines[2]["privacy_unit"] = "example"
+    write_lines(path, lines)
+    assert_agree(path, key, "malformed")

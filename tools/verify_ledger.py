@@ -68,10 +68,20 @@ DP_REQUIRED = (
     "epsilon_after",
     "accountant",
 )
-METHODS = ("dp-sgd", "dp-sgd-seeded-noise", "node-level-dp", "gaussian", "none")
+METHODS = (
+    "dp-sgd",
+    "dp-sgd-seeded-noise",
+    "dp-dpo",
+    "dp-dpo-seeded-noise",
+    "node-level-dp",
+    "gaussian",
+    "none",
+)
 UNIT_OF_METHOD = {
     "dp-sgd": "example",
     "dp-sgd-seeded-noise": "example",
+    "dp-dpo": "preference_pair",
+    "dp-dpo-seeded-noise": "preference_pair",
     "gaussian": "example",
     "node-level-dp": "node",
 }
@@ -157,7 +167,10 @@ RULES = {  # field: (rule, what it must be)
         "a known kind (training_round, metric_release)",
     ),
     "method": (lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
-    "privacy_unit": (lambda v: v in ("example", "node", None), "example, node or null"),
+    "privacy_unit": (
+        lambda v: v in ("example", "preference_pair", "node", None),
+        "example, preference_pair, node or null",
+    ),
     "format": (lambda v: True, ""),
     **{name: (optional(is_number), "a finite number >= 0 or null") for name in OPTIONAL_NUMBERS},
     **{
@@ -209,8 +222,8 @@ def check_entry(record: dict) -> None:
         need(dp == (record["method"] != "none"), "method is 'none' exactly when non-private")
         need(
             record["privacy_unit"] == (UNIT_OF_METHOD.get(record["method"]) if dp else None),
-            "privacy_unit must be node for node-level-dp, example for the other dp methods, "
-            "null when non-private",
+            "privacy_unit must be node for node-level-dp, preference_pair for dp-dpo and "
+            "dp-dpo-seeded-noise, example for the other dp methods, null when non-private",
         )
         need(
             (record["kind"] == "metric_release") == (record["method"] == "gaussian"),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.demo.data import DOMAINS, check_demo_output, write_demo_data
+from fedtune.demo.preferences import check_preference_output, write_demo_preferences
 
 
 def register(commands: Any) -> None:
@@ -18,6 +19,12 @@ def register(commands: Any) -> None:
     demo_data.add_argument("--train", type=int, default=800, help="training examples")
     demo_data.add_argument("--held-out", type=int, default=100, help="held-out examples")
     demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.add_argument(
+        "--preferences",
+        action="store_true",
+        help="also write preference pairs for DPO (preferences_train.jsonl and "
+        "preferences_held_out.jsonl, from the same records)",
+    )
     demo_data.set_defaults(handler=_data_demo)
 
 
@@ -25,9 +32,16 @@ def _data_demo(args: argparse.Namespace) -> int:
     domains = DOMAINS if args.domain == "all" else (args.domain,)
     # Every domain is checked before any is written: all or nothing.
     check_demo_output(args.out, domains, train=args.train, held_out=args.held_out)
+    if args.preferences:
+        check_preference_output(args.out, domains, train=args.train, held_out=args.held_out)
     for domain in domains:
         train, held_out = write_demo_data(
             args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
         )
         print(f"{domain}: {train} ({args.train} examples), {held_out} ({args.held_out})")
+        if args.preferences:
+            train, held_out = write_demo_preferences(
+                args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
+            )
+            print(f"{domain}: {train} ({args.train} pairs), {held_out} ({args.held_out})")
     return 0

@@ -127,8 +127,14 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"at delta {privacy['delta']:g}, {privacy['method']} ({privacy['accountant']} "
             f"accountant, {privacy['accountant_version']}); noise multiplier "
             f"{privacy['noise_multiplier']:.3f}, sample rate {privacy['sample_rate']:.4f}, "
-            f"clip norm {privacy['max_grad_norm']:g}"
+            f"clip norm {privacy['max_grad_norm']:g}; privacy unit: one "
+            f"{str(privacy['privacy_unit']).replace('_', ' ')}"
         )
+        if "budget_group" in privacy:
+            privacy_line += (
+                f"; budget group (data.shares_budget_with) at epsilon "
+                f"{privacy['budget_group']['epsilon_after']:.3f}"
+            )
     else:
         privacy_line = NON_PRIVATE_LABEL
     return "\n".join(

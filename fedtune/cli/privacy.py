@@ -71,21 +71,28 @@ def _privacy_plan(args: argparse.Namespace) -> int:
     accountant: AccountantName = "rdp"
     history: list[HistoryEntry] = []
     if args.config is not None:
-        from fedtune.client_node.data import load_conversations
+        from fedtune.client_node.preference_data import count_rows
+        from fedtune.client_node.training_data import budget_group_fingerprints
         from fedtune.platform.config import load_node_config
         from fedtune.platform.model.fingerprint import file_fingerprint
         from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 
         config = load_node_config(args.config)
         if examples is None:
-            examples = len(load_conversations(config.data.train))
+            dpo = config.training.method == "dpo"
+            examples = count_rows(config.data.train, preference=dpo)
         epsilon = config.privacy.target_epsilon if epsilon is None else epsilon
         delta = config.privacy.delta if delta is None else delta
         rounds = config.privacy.planned_rounds if rounds is None else rounds
         accountant = config.privacy.accountant
         if (config.node.state_dir / LEDGER_FILE).is_file():  # reading never creates one
             ledger = NodeLedger(config.node.state_dir, node=config.node.name)
-            history = ledger.dp_history(file_fingerprint(config.data.train))
+            history = ledger.group_dp_history(
+                [
+                    file_fingerprint(config.data.train),
+                    *budget_group_fingerprints(config.data.shares_budget_with),
+                ]
+            )
     if examples is None or epsilon is None:
         raise PlanError("give --examples and --epsilon, or --config node.toml")
     if args.write and args.config is None:

@@ -21,13 +21,13 @@ from fedtune.client_node.data import (
     IGNORE_INDEX,
     ChatDataset,
     bounded_conversation,
-    load_conversations,
     make_collate,
     max_chars,
     tokenize_conversation,
 )
 from fedtune.client_node.losses import sequence_losses
 from fedtune.client_node.text_metrics import exact_match, rouge_l_f1
+from fedtune.client_node.training_data import held_out_conversations
 from fedtune.platform.config import LoraSettings
 from fedtune.platform.model.lora import load_adapter_arrays
 from fedtune.platform.wire.messages import (
@@ -50,7 +50,7 @@ def held_out_pairs(runtime: Any, max_examples: int) -> tuple[list[Any], ChatData
     the node's max length, and their tokenized form (the same examples for A and B)."""
     config = runtime.config
     kept, tokenized = [], []
-    for conversation in load_conversations(config.data.eval):
+    for conversation in held_out_conversations(config.data.eval):
         example = tokenize_conversation(
             conversation, runtime.loaded.base.tokenizer, max_length=config.data.max_length
         )

@@ -19,13 +19,20 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from fedtune.client_node.abtest_eval import score_versions, scores_content
-from fedtune.client_node.data import ChatDataset, load_chat_dataset
+from fedtune.client_node.data import ChatDataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
 from fedtune.client_node.metric_policy import (
     dp_scores_content,
     evaluate_metrics,
     train_metrics,
+)
+from fedtune.client_node.preference_data import PAIR_FORM, PreferenceDataset
+from fedtune.client_node.training_data import (
+    budget_group_fingerprints,
+    load_held_out,
+    load_training_data,
+    method_of,
 )
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import LoraSettings, NodeConfig
@@ -81,11 +88,12 @@ class NodeRuntime:
 
     config: NodeConfig
     loaded: _LoadedModel
-    train_data: ChatDataset
+    train_data: ChatDataset | PreferenceDataset  # as the file holds: the run asks a method
     held_out: ChatDataset
     data_fingerprint: str
     held_out_fingerprint: str
     ledger: NodeLedger
+    budget_group: list[str]  # fingerprints of data.shares_budget_with
 
     @property
     def pad_token_id(self) -> int:
@@ -125,13 +133,14 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
     if loaded is None:
         loaded = _MODELS[key] = _LoadedModel(base=load_base_model(config.model))
     tokenizer = loaded.base.tokenizer
-    train_data = load_chat_dataset(
+    train_data = load_training_data(
         config.data.train,
         tokenizer,
+        method=None,
         max_length=config.data.max_length,
         loss_on_thinking=config.data.loss_on_thinking,
     )
-    held_out = load_chat_dataset(
+    held_out = load_held_out(
         config.data.eval,
         tokenizer,
         max_length=config.data.max_length,
@@ -147,6 +156,7 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
         data_fingerprint=data_fingerprint,
         held_out_fingerprint=file_fingerprint(config.data.eval),
         ledger=NodeLedger(config.node.state_dir, node=config.node.name),
+        budget_group=budget_group_fingerprints(config.data.shares_budget_with),
     )
     _RUNTIMES[config.node.name] = runtime
     return runtime
@@ -182,6 +192,9 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         return decline_content(identity=runtime.identity(), reason=str(exc))
     server_round = config_record.get(SERVER_ROUND)
     _check_base_model(runtime, instructions.base_model_fingerprint)
+    mismatch = _method_mismatch(runtime, instructions.method)
+    if mismatch is not None:  # before any training: no epsilon is spent
+        return decline_content(identity=runtime.identity(), reason=mismatch)
     model = runtime.model_with(instructions.lora)
     load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
     training = config.training.model_copy(
@@ -193,6 +206,8 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
             ),
             "learning_rate": instructions.learning_rate,
             "optimizer": instructions.optimizer,
+            "method": instructions.method,
+            "dpo_beta": instructions.dpo_beta,
         }
     )
     privacy = config.privacy.model_copy(update={"planned_rounds": instructions.planned_rounds})
@@ -244,6 +259,7 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
                 else None
             ),
             progress=False,
+            budget_group=runtime.budget_group,
         )
     except BudgetExhaustedError as exc:
         return decline_content(identity=runtime.identity(), reason=str(exc))
@@ -268,6 +284,24 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         identity=runtime.identity(),
         budget=local.budget,
         ledger=(local.entry, local.checkpoint),
+    )
+
+
+def _method_mismatch(runtime: NodeRuntime, method: str) -> str | None:
+    """Why this node cannot train the run's ``method`` on its data (one line), or None."""
+    node, path = runtime.config.node.name, runtime.config.data.train
+    if method not in ("sft", "dpo"):
+        return f"node {node} does not know training method {method[:20]!r} (sft or dpo)"
+    if method_of(runtime.train_data) == method:
+        return None
+    if method == "dpo":
+        return (
+            f'node {node}: the run trains with DPO (training.method = "dpo"), and its data '
+            f"{path} holds no preference pairs {PAIR_FORM}"
+        )
+    return (
+        f'node {node}: the run trains with SFT (training.method = "sft"), and its data {path} '
+        "holds preference pairs, not conversations"
     )
 
 

@@ -9,13 +9,20 @@ trained on the data.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import PeftModel
 
-from fedtune.client_node.data import ChatDataset
+from fedtune.client_node.data import ChatDataset, DataError
+from fedtune.client_node.dpo import pair_objective
+from fedtune.client_node.preference_data import (
+    PAIR_FORM,
+    PreferenceDataset,
+    make_pair_collate,
+)
 from fedtune.client_node.trainer import (
     DPSettings,
     RoundResult,
@@ -31,7 +38,7 @@ from fedtune.privacy.accounting import (
     epsilon_of,
 )
 from fedtune.privacy.budget_guard import check_round
-from fedtune.privacy.ledger import Checkpoint, LedgerEntry
+from fedtune.privacy.ledger import Checkpoint, LedgerEntry, privacy_unit_of
 from fedtune.privacy.node_ledger import NodeLedger
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
@@ -99,6 +106,9 @@ class LocalRound:
     budget: dict[str, Any]  # the plan: target epsilon, planned rounds ({} when non-private)
     entry: LedgerEntry  # what was appended to the node's ledger: the round's privacy record
     checkpoint: Checkpoint  # the node's signature over its ledger's new head
+    # With data.shares_budget_with: the group's epsilon after the round (what the guard
+    # counted); None without a group or when non-private. Stays on the node.
+    group_epsilon: float | None = None
 
 
 def planned_epsilon(
@@ -136,7 +146,7 @@ def planned_epsilon(
 
 def train_local_round(
     model: PeftModel,
-    train_data: ChatDataset,
+    train_data: ChatDataset | PreferenceDataset,
     *,
     ledger: NodeLedger,
     data_fingerprint: str,
@@ -149,32 +159,50 @@ def train_local_round(
     server_round: int | None = None,
     remaining_rounds: int | None = None,
     progress: bool = True,
+    budget_group: Sequence[str] = (),
 ) -> LocalRound:
     """Train the adapter of ``model`` for one round and record the round on the data set.
 
+    ``training.method`` chooses the objective: ``"sft"`` on a :class:`ChatDataset`,
+    ``"dpo"`` on a :class:`PreferenceDataset` (one pair is then the privacy unit).
+    ``budget_group``: fingerprints of other data sets holding the same people
+    (``data.shares_budget_with``); the noise plan and the budget guard count their private
+    rounds with this data set's, while the entry's ``epsilon_after`` stays this data set's
+    own (what an auditor recomputes per fingerprint).
+
     Raises :class:`BudgetExhaustedError` before any training when the round would pass the
-    data set's target epsilon or its cap.
+    data set's (or its group's) target epsilon or its cap.
     """
     if training.steps == "auto" or training.batch_size == "auto":
         raise ValueError("plan the training first (TrainingSettings.planned)")
+    objective = _objective(training, train_data, pad_token_id)
     history = ledger.dp_history(data_fingerprint)
+    group = [data_fingerprint, *(f for f in budget_group if f != data_fingerprint)]
+    counted = ledger.group_dp_history(group) if len(group) > 1 else history
     sample_rate = sample_rate_for(len(train_data), training.batch_size)
     dp = None
+    group_epsilon = None
     if privacy.mode == "dp":
         sigma = plan_noise_multiplier(
             privacy,
-            history=history,
+            history=counted,
             sample_rate=sample_rate,
             steps=training.steps,
-            remaining_rounds=remaining_rounds,
+            remaining_rounds=(
+                remaining_rounds
+                if remaining_rounds is not None
+                else privacy.planned_rounds - len(history)
+            ),
         )
-        check_round(
-            history,
+        after = check_round(
+            counted,
             (sigma, sample_rate, training.steps),
             cap=privacy.cap,
             delta=privacy.delta,
             accountant=privacy.accountant,
+            subject="the data set's" if len(group) == 1 else "its budget group's",
         )
+        group_epsilon = after if len(group) > 1 else None
         dp = DPSettings(
             noise_multiplier=sigma,
             max_grad_norm=privacy.max_grad_norm,
@@ -194,6 +222,7 @@ def train_local_round(
         dp=dp,
         seed=training.seed,
         progress=progress,
+        **objective,
     )
     epsilon_after = epsilon_round = None
     if dp is not None:
@@ -205,6 +234,9 @@ def train_local_round(
             delta=privacy.delta,
             accountant=privacy.accountant,
         )
+    method = _method(
+        dp is not None, seeded=training.seed is not None, training_method=training.method
+    )
     entry, checkpoint = ledger.append(
         {
             "run_id": run_id or f"local-{uuid.uuid4().hex[:12]}",
@@ -223,8 +255,8 @@ def train_local_round(
             "accountant": privacy.accountant if dp else None,
             "accountant_version": accountant_version() if dp else None,
             "kind": "training_round",
-            "method": _method(dp is not None, seeded=training.seed is not None),
-            "privacy_unit": "example" if dp else None,
+            "method": method,
+            "privacy_unit": privacy_unit_of(method) if dp else None,
         }
     )
     budget = (
@@ -247,12 +279,43 @@ def train_local_round(
         if dp is not None
         else {}
     )
-    return LocalRound(result=result, budget=budget, entry=entry, checkpoint=checkpoint)
+    return LocalRound(
+        result=result,
+        budget=budget,
+        entry=entry,
+        checkpoint=checkpoint,
+        group_epsilon=group_epsilon,
+    )
 
 
-def _method(private: bool, *, seeded: bool) -> str:
-    """The entry's ``method``: DP-SGD with Opacus, named apart when its noise came from a
-    seeded generator (reproducible runs: the noise can be recomputed, so it protects no one)."""
+def _objective(
+    training: TrainingSettings, data: ChatDataset | PreferenceDataset, pad_token_id: int
+) -> dict[str, Any]:
+    """The trainer's per-row loss and batching for ``training.method``; refuses data of
+    the other kind in one line."""
+    if training.method == "dpo":
+        if not isinstance(data, PreferenceDataset):
+            raise DataError(
+                f'{data.source}: holds no preference pairs: training.method = "dpo" needs '
+                f"rows {PAIR_FORM}"
+            )
+        return {
+            "per_row_losses": pair_objective(training.dpo_beta),
+            "collate": make_pair_collate(pad_token_id),
+        }
+    if not isinstance(data, ChatDataset):
+        raise DataError(
+            f'{data.source}: holds preference pairs, which training.method = "sft" does not '
+            'train on; set training.method = "dpo"'
+        )
+    return {}
+
+
+def _method(private: bool, *, seeded: bool, training_method: str = "sft") -> str:
+    """The entry's ``method``: DP-SGD with Opacus on the SFT loss (``dp-sgd``) or on the DPO
+    loss (``dp-dpo``), named apart when its noise came from a seeded generator (reproducible
+    runs: the noise can be recomputed, so it protects no one)."""
     if not private:
         return "none"
-    return "dp-sgd-seeded-noise" if seeded else "dp-sgd"
+    name = "dp-dpo" if training_method == "dpo" else "dp-sgd"
+    return f"{name}-seeded-noise" if seeded else name

@@ -42,7 +42,9 @@ def labelled_token_losses(
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         selected = head(hidden[:, :-1][rows, columns])
-    losses = F.cross_entropy(selected.float(), targets[rows, columns], reduction="none")
+    # At least float32 (half-precision logits lose too much in a log-softmax).
+    selected = selected.to(torch.promote_types(selected.dtype, torch.float32))
+    losses = F.cross_entropy(selected, targets[rows, columns], reduction="none")
     return losses, rows, input_ids.shape[0]
 
 

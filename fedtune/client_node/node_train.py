@@ -16,9 +16,13 @@ from typing import Any
 
 import torch
 
-from fedtune.client_node.data import load_chat_dataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
-from fedtune.client_node.local_round import train_local_round
+from fedtune.client_node.local_round import LocalRound, train_local_round
+from fedtune.client_node.training_data import (
+    budget_group_fingerprints,
+    load_held_out,
+    load_training_data,
+)
 from fedtune.platform.config import ConfigError, NodeConfig
 from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.model.fingerprint import file_fingerprint
@@ -36,13 +40,14 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     base = load_base_model(config.model)
     tokenizer = base.tokenizer
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    train_data = load_chat_dataset(
+    train_data = load_training_data(
         config.data.train,
         tokenizer,
+        method=config.training.method,
         max_length=config.data.max_length,
         loss_on_thinking=config.data.loss_on_thinking,
     )
-    held_out = load_chat_dataset(
+    held_out = load_held_out(
         config.data.eval,
         tokenizer,
         max_length=config.data.max_length,
@@ -50,6 +55,7 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         loss_on_thinking=config.data.loss_on_thinking,
     )
     data_fingerprint = file_fingerprint(config.data.train)
+    group = budget_group_fingerprints(config.data.shares_budget_with)
     ledger = NodeLedger(config.node.state_dir, node=config.node.name)
     before = evaluate(base.model, held_out, pad_token_id=pad_id, device=base.device)
     model = attach_lora(base.model, config.lora)
@@ -58,7 +64,8 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     )
     if config.training.is_planned and progress:
         print(
-            f"planned training (privacy planner, {len(train_data)} examples): logical batch "
+            f"planned training (privacy planner, {len(train_data)} "
+            f"{getattr(train_data, 'unit', 'examples')}): logical batch "
             f"{training.batch_size}, {training.steps} steps per round"
         )
     config = config.model_copy(update={"training": training})  # recorded in metrics.json
@@ -73,6 +80,7 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         pad_token_id=pad_id,
         device=base.device,
         progress=progress,
+        budget_group=group,
     )
     result, entry = local.result, local.entry
     finished = datetime.fromisoformat(entry.recorded_at.replace("Z", "+00:00"))
@@ -99,7 +107,7 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         "train_loss": result.train_losses,
         "held_out": {"before": _held_out(before), "after": _held_out(after)},
         # The round's signed ledger entry as it was sealed, and the budget's plan.
-        "privacy": {**local.entry.payload(), **local.budget},
+        "privacy": {**local.entry.payload(), **local.budget, **_group(config, local)},
         "adapter_dir": str(out_dir / "adapter"),
         "ledger": {
             "database": ledger_url(config.node.state_dir),
@@ -109,6 +117,18 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics
+
+
+def _group(config: NodeConfig, local: LocalRound) -> dict[str, Any]:
+    """The budget group the guard counted (data.shares_budget_with), if there is one."""
+    if not config.data.shares_budget_with:
+        return {}
+    return {
+        "budget_group": {
+            "shares_budget_with": [str(path) for path in config.data.shares_budget_with],
+            "epsilon_after": local.group_epsilon,
+        }
+    }
 
 
 def _held_out(metrics: HeldOutMetrics) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from opacus import PrivacyEngine
@@ -31,11 +31,16 @@ from tqdm.auto import tqdm
 
 from fedtune.client_node.data import ChatDataset, DataError, make_collate
 from fedtune.client_node.losses import sequence_losses
+from fedtune.client_node.preference_data import PreferenceDataset
 from fedtune.platform.model.devices import DeviceClock
 from fedtune.privacy.accounting import AccountantName, HistoryEntry
 
 GRAD_SAMPLE_MODE = "hooks"
 NOISE_RNG = "torch.Generator (not a CSPRNG: Opacus secure_mode needs torchcsprng)"
+
+# The loss of each row of a physical batch (shape ``[rows]``): one row is one privacy unit,
+# an example for SFT, a preference pair for DPO (:func:`fedtune.client_node.dpo.pair_objective`).
+PerRowLosses = Callable[[torch.nn.Module, Any, torch.device], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ def sample_rate_for(num_examples: int, batch_size: int) -> float:
 
 def train_round(
     model: PeftModel,
-    dataset: ChatDataset,
+    dataset: ChatDataset | PreferenceDataset,
     *,
     steps: int,
     batch_size: int,
@@ -86,15 +91,20 @@ def train_round(
     dp: DPSettings | None,
     seed: int | None = None,
     progress: bool = True,
+    per_row_losses: PerRowLosses = sequence_losses,
+    collate: Callable[[list[Any]], Any] | None = None,
 ) -> RoundResult:
     """Train the adapter of ``model`` in place for ``steps`` optimizer steps.
 
     ``dp=None`` trains without differential privacy (labelled non-private by callers).
     ``seed=None`` draws batches and noise from fresh randomness; a seed reproduces both.
+    ``per_row_losses`` and ``collate`` say what a row is and costs (default: a conversation
+    and its language-model loss); under DP each row's gradient is clipped as one.
     """
+    unit = getattr(dataset, "unit", "examples")
     if len(dataset) < batch_size:
         raise DataError(
-            f"{dataset.source}: the data set has {len(dataset)} usable examples, fewer than "
+            f"{dataset.source}: the data set has {len(dataset)} usable {unit}, fewer than "
             f"one batch (training.batch_size = {batch_size})"
         )
     if seed is not None:
@@ -111,7 +121,10 @@ def train_round(
     else:
         torch_optimizer = torch.optim.SGD(parameters, lr=learning_rate)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, collate_fn=make_collate(pad_token_id)
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collate or make_collate(pad_token_id),
     )
     started = time.perf_counter()
     bar = tqdm(total=steps, desc="training steps", unit="step", disable=not progress)
@@ -119,13 +132,30 @@ def train_round(
     try:
         if dp is None:
             losses = _train_plain(
-                model, torch_optimizer, loader, steps, physical_batch_size, device, bar, work
+                model,
+                torch_optimizer,
+                loader,
+                steps,
+                physical_batch_size,
+                device,
+                bar,
+                per_row_losses,
+                work,
             )
             history: list[HistoryEntry] = []
             sample_rate = batch_size / len(dataset)
         else:
             losses, history, sample_rate = _train_private(
-                model, torch_optimizer, loader, steps, physical_batch_size, device, bar, dp, work
+                model,
+                torch_optimizer,
+                loader,
+                steps,
+                physical_batch_size,
+                device,
+                bar,
+                dp,
+                per_row_losses,
+                work,
             )
     finally:
         bar.close()
@@ -149,7 +179,11 @@ class _Work:
     tokens: int = 0
 
     def read(self, batch: dict[str, torch.Tensor]) -> None:
-        self.tokens += int(batch["attention_mask"].sum())
+        # An SFT batch has one attention mask; a DPO batch one per answer (chosen_ and
+        # rejected_attention_mask): both passes are read.
+        self.tokens += sum(
+            int(mask.sum()) for key, mask in batch.items() if key.endswith("attention_mask")
+        )
 
 
 def _train_plain(
@@ -160,6 +194,7 @@ def _train_plain(
     physical_batch_size: int,
     device: torch.device,
     bar: tqdm,
+    per_row_losses: PerRowLosses,
     work: _Work,
 ) -> list[float | None]:
     """Non-private reference: fixed-size shuffled batches, gradient accumulation."""
@@ -167,13 +202,13 @@ def _train_plain(
     with work.clock:
         while len(losses) < steps:
             for batch in loader:
-                size = batch["input_ids"].shape[0]
+                size = _batch_size(batch)
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for start in range(0, size, physical_batch_size):
                     chunk = {k: v[start : start + physical_batch_size] for k, v in batch.items()}
                     work.read(chunk)
-                    per_example = sequence_losses(model, chunk, device)
+                    per_example = per_row_losses(model, chunk, device)
                     (per_example.sum() / size).backward()
                     total += float(per_example.detach().sum())
                 optimizer.step()
@@ -194,6 +229,7 @@ def _train_private(
     device: torch.device,
     bar: tqdm,
     dp: DPSettings,
+    per_row_losses: PerRowLosses,
     work: _Work,
 ) -> tuple[list[float | None], list[HistoryEntry], float]:
     with warnings.catch_warnings():
@@ -256,7 +292,7 @@ def _train_private(
                         _prepare_noise_only_step(trainable)
                     else:
                         work.read(batch)
-                        per_example = sequence_losses(model, batch, device)
+                        per_example = per_row_losses(model, batch, device)
                         per_example.mean().backward()
                         pending_loss += float(per_example.detach().sum())
                         pending_examples += size
@@ -279,8 +315,8 @@ def _prepare_noise_only_step(trainable: list[torch.nn.Parameter]) -> None:
 
 
 def _batch_size(batch: object) -> int:
-    if isinstance(batch, dict):
-        return int(batch["input_ids"].shape[0])
+    if isinstance(batch, dict):  # every value has one row per unit (example or pair)
+        return int(next(iter(batch.values())).shape[0])
     if isinstance(batch, (list, tuple)):
         return 0 if not batch else int(batch[0].shape[0])
     raise TypeError(f"unexpected batch type {type(batch).__name__}")

@@ -70,6 +70,8 @@ class RunSetup:
             planned_rounds=self.config.run.rounds,
             lora=self.config.lora,
             evaluate_local_model=self.config.run.evaluate_local_model,
+            method=self.training.method,
+            dpo_beta=self.training.dpo_beta,
         )
 
     def plan_training(self, examples: int, *, progress: Callable[[str], None] = print) -> None:

@@ -77,7 +77,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     """The node's local data set: JSONL, CSV or Parquet (chosen by the file's suffix) in chat
-    or prompt/response form; see fedtune/client_node/data.py."""
+    or prompt/response form (see fedtune/client_node/data.py), or JSONL preference pairs
+    (``{"prompt", "chosen", "rejected"}``) for ``training.method = "dpo"``."""
 
     train: ConfigPath
     eval: ConfigPath
@@ -89,6 +90,15 @@ class DataConfig(_Section):
     )
     max_eval_examples: PositiveInt | None = Field(
         default=None, description="Evaluate on at most this many held-out examples."
+    )
+    shares_budget_with: list[ConfigPath] = Field(
+        default_factory=list,
+        description="Other training files that hold the same people as this one (say, the "
+        "SFT file a preference file was made from). The budget guard then counts the group "
+        "as one budget: a round runs only if the epsilon of every private round on these "
+        "files and on this one, composed together, stays within privacy.epsilon_cap, and the "
+        "noise is planned so that the group ends at privacy.target_epsilon. Files are known "
+        "by their content's fingerprint, as in the ledger.",
     )
 
 
@@ -122,13 +132,26 @@ class TrainingSettings(_Section):
     """One round of local training. A round is ``steps`` optimizer steps over logical batches
     of ``batch_size`` examples (expected size under Poisson sampling), computed in physical
     micro-batches of at most ``physical_batch_size``. ``"auto"`` takes the privacy planner's
-    choice for the data size (`fedtune privacy plan`; :meth:`planned`)."""
+    choice for the data size (`fedtune privacy plan`; :meth:`planned`). Under
+    ``method = "dpo"`` a row is a preference pair: batches count pairs, and a pair costs
+    about twice an example's memory (its chosen and its rejected answer)."""
 
     steps: PositiveInt | Literal["auto"] = 20
     batch_size: PositiveInt | Literal["auto"] = 32
     physical_batch_size: PositiveInt = 8
     learning_rate: PositiveFloat = DP_LEARNING_RATE  # measured: privacy/training_defaults.py
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    method: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description='"sft": supervised, on conversations; "dpo": direct preference '
+        "optimisation on preference pairs (the privacy unit is then one pair). In a federated "
+        "run the run's configuration chooses it for every node.",
+    )
+    dpo_beta: PositiveFloat = Field(
+        default=0.1,
+        description='With method = "dpo": how far the model may move from the base model '
+        "(DPO's beta; larger: closer to the base).",
+    )
     seed: int | None = Field(
         default=None,
         description="Seed for batch sampling and DP noise. Leave unset in production: "
@@ -167,6 +190,8 @@ class TrainingSettings(_Section):
 
     @model_validator(mode="after")
     def _physical_not_larger(self) -> Self:
+        if "dpo_beta" in self.model_fields_set and self.method != "dpo":
+            raise ValueError(f'dpo_beta is set but method is "{self.method}", not "dpo"')
         if isinstance(self.batch_size, int) and self.physical_batch_size > self.batch_size:
             raise ValueError(
                 f"physical_batch_size ({self.physical_batch_size}) must not exceed "
@@ -343,6 +368,9 @@ class RunNode(_Section):
     name: NodeName
     train: ConfigPath | None = Field(default=None, description="Required in simulation.")
     eval: ConfigPath | None = Field(default=None, description="Required in simulation.")
+    shares_budget_with: list[ConfigPath] = Field(
+        default_factory=list, description="This node's data.shares_budget_with (simulation)."
+    )
     state_dir: ConfigPath | None = Field(
         default=None, description="Default: OUTPUT_DIR/nodes/NAME."
     )
@@ -515,6 +543,7 @@ class RunConfig(_Section):
                 max_length=self.data.max_length,
                 max_eval_examples=self.data.max_eval_examples,
                 loss_on_thinking=self.data.loss_on_thinking,
+                shares_budget_with=node.shares_budget_with,
             ),
             lora=self.lora,
             training=self.training,
@@ -684,6 +713,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
                 update={
                     "train": _resolve(base, config.data.train),
                     "eval": _resolve(base, config.data.eval),
+                    "shares_budget_with": [
+                        _resolve(base, path) for path in config.data.shares_budget_with
+                    ],
                 }
             ),
             "output": output,
@@ -715,6 +747,7 @@ def load_run_config(path: str | Path) -> RunConfig:
             update={
                 "train": _resolve(base, node.train),
                 "eval": _resolve(base, node.eval),
+                "shares_budget_with": [_resolve(base, p) for p in node.shares_budget_with],
                 "state_dir": _resolve(base, node.state_dir),
                 "model": _resolve_spec(base, node.model) if node.model else None,
             }

@@ -25,14 +25,17 @@ def check_round(
     cap: float,
     delta: float,
     accountant: AccountantName,
+    subject: str = "the data set's",
 ) -> float:
     """Epsilon of the data set after ``planned``; raises :class:`BudgetExhaustedError` when
-    that would pass ``cap``."""
+    that would pass ``cap``. ``history`` may hold several data sets' rounds (a budget group
+    of data sets holding the same people: ``data.shares_budget_with``); ``subject`` names
+    whose epsilon it is in the message."""
     spent = epsilon_of(history, delta=delta, accountant=accountant)
     after = epsilon_of([*history, planned], delta=delta, accountant=accountant)
     if after > cap:
         raise BudgetExhaustedError(
-            f"declined by the budget guard: this round would bring the data set's epsilon from "
+            f"declined by the budget guard: this round would bring {subject} epsilon from "
             f"{spent:.3f} to {after:.3f}, past its cap {cap:g} (delta {delta:g}, "
             f"{accountant.upper()})"
         )

@@ -49,10 +49,19 @@ ENTRY_FORMAT = "fedtune-entry/2"
 # (:mod:`fedtune.privacy.metric_release`). A reader that meets a kind it does not know says
 # so instead of misreading the entry.
 KINDS = ("training_round", "metric_release")
-# How the round was made private (``gaussian``: a metric release's Gaussian mechanism), and
-# whose privacy its epsilon is about.
-METHODS = ("dp-sgd", "dp-sgd-seeded-noise", "node-level-dp", "gaussian", "none")
-PRIVACY_UNITS = ("example", "node")
+# How the round was made private (``gaussian``: a metric release's Gaussian mechanism;
+# ``dp-dpo``: DP-SGD on the DPO loss, one preference pair per row), and whose privacy its
+# epsilon is about.
+METHODS = (
+    "dp-sgd",
+    "dp-sgd-seeded-noise",
+    "dp-dpo",
+    "dp-dpo-seeded-noise",
+    "node-level-dp",
+    "gaussian",
+    "none",
+)
+PRIVACY_UNITS = ("example", "preference_pair", "node")
 V1_PAYLOAD_FIELDS: tuple[str, ...] = (
     "seq",
     "node",
@@ -108,9 +117,18 @@ _MAX_JSON_INT = 2**53 - 1  # RFC 8785 (I-JSON) integers
 _UNIT_OF_METHOD = {
     "dp-sgd": "example",
     "dp-sgd-seeded-noise": "example",
+    "dp-dpo": "preference_pair",
+    "dp-dpo-seeded-noise": "preference_pair",
     "gaussian": "example",
     "node-level-dp": "node",
 }
+
+
+def privacy_unit_of(method: str) -> str:
+    """Whose privacy a private ``method``'s epsilon is about (``KeyError`` for ``none``)."""
+    return _UNIT_OF_METHOD[method]
+
+
 _HEX_HASH = re.compile(r"[0-9a-f]{64}")
 _UTC_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 _CHECKPOINT_FIELDS = ("node", "seq", "head_hash", "signed_at", "signature")
@@ -863,6 +881,7 @@ __all__ = [
     "LedgerProblem",
     "check_entry",
     "entry_hash",
+    "privacy_unit_of",
     "seal_entry",
     "sign_checkpoint",
     "utc_now_text",

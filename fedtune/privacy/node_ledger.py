@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,16 @@ class NodeLedger:
             (e.noise_multiplier, e.sample_rate, e.steps)
             for e in self.entries(data_fingerprint)
             if e.mode == "dp" and e.noise_multiplier is not None
+        ]
+
+    def group_dp_history(self, data_fingerprints: Sequence[str]) -> list[HistoryEntry]:
+        """The accountant history of the private rounds on any of ``data_fingerprints`` (data
+        sets that hold the same people and so share one budget), in ledger order."""
+        wanted = set(data_fingerprints)
+        return [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in self.entries()
+            if e.data_fingerprint in wanted and e.mode == "dp" and e.noise_multiplier is not None
         ]
 
     def append(self, fields: Mapping[str, Any]) -> tuple[LedgerEntry, Checkpoint]:

@@ -53,8 +53,9 @@ EVALUATE_TOKENS = "evaluate-tokens"
 EVALUATE_DEVICE_SECONDS = "evaluate-device-seconds"
 NODE_SECONDS = "node-seconds"
 # What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
-# unsigned privacy report beside the ledger entry.
-PROTOCOL = "fedtune-wire/2"
+# unsigned privacy report beside the ledger entry; in fedtune-wire/2 a train message had no
+# training method (a node of that version would train SFT in a DPO run).
+PROTOCOL = "fedtune-wire/3"
 PROTOCOL_KEY = "protocol"
 
 
@@ -94,6 +95,9 @@ class TrainInstructions:
     planned_rounds: int
     lora: LoraSettings
     evaluate_local_model: bool
+    # What the run trains: "sft" (conversations) or "dpo" (preference pairs, with dpo_beta).
+    method: str = "sft"
+    dpo_beta: float = 0.1
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -113,6 +117,8 @@ class TrainInstructions:
                 "lora-target-modules": list(self.lora.target_modules or []),
                 "lora-train-a": self.lora.train_a,
                 "evaluate-local-model": self.evaluate_local_model,
+                "training-method": self.method,
+                "dpo-beta": self.dpo_beta,
             }
         )
 
@@ -138,6 +144,8 @@ class TrainInstructions:
                     train_a=bool(record["lora-train-a"]),
                 ),
                 evaluate_local_model=bool(record["evaluate-local-model"]),
+                method=str(record["training-method"]),
+                dpo_beta=float(record["dpo-beta"]),  # type: ignore[arg-type]
             )
         except KeyError as exc:
             raise ValueError(f"train message lacks config key {exc}") from None
