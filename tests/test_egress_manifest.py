@@ -15,7 +15,6 @@ import pytest
 import tomli_w
 import torch
 from flwr.app import Array, Message, Metadata, RecordDict
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.common.serde import message_to_proto, recorddict_from_proto
 from flwr.proto.fleet_pb2 import PushMessagesRequest
@@ -37,6 +36,7 @@ from fedtune.demo.data import write_demo_data
 from fedtune.platform.config import LoraSettings, load_node_config
 from fedtune.platform.model.fingerprint import model_dir_fingerprint
 from fedtune.platform.model.lora import adapter_arrays, attach_lora
+from fedtune.platform.runtime.supernode_entry import HEARTBEAT_EVERY_S, HEARTBEAT_INTERVAL_S
 from fedtune.platform.wire.egress import (
     FLOWER_TRAFFIC,
     SUMMARY_MEANINGS,
@@ -405,7 +405,9 @@ def test_flowers_metadata_and_upload_fields_are_all_declared():
     assert {"clientapp_runtime_list", "messages_list", "node"} <= push_fields
     assert any(f.name == "clientapp_runtime" for f in push.fields)
     heartbeat = next(item for item in FLOWER_TRAFFIC if item.name == "SendNodeHeartbeat")
-    assert str(HEARTBEAT_DEFAULT_INTERVAL) in heartbeat.when
+    assert f"about every {HEARTBEAT_EVERY_S:g} s" in heartbeat.when
+    interval = next(f for f in heartbeat.fields if f.name == "heartbeat_interval")
+    assert interval.meaning == f"{HEARTBEAT_INTERVAL_S:g} s"  # what supernode_entry announces
 
 
 @pytest.mark.parametrize("policy", ["none", "dp"])
