@@ -4,6 +4,7 @@ import pytest
 
 from fedtune.platform.config import (
     ConfigError,
+    TrainingSettings,
     load_coordinator_config,
     load_node_config,
     load_run_config,
@@ -207,3 +208,8 @@ def test_a_simulated_nodes_shared_budget_files_reach_its_node_config(tmp_path):
 
     assert node.data.shares_budget_with == [tmp_path / "d" / "sft.jsonl"]
     assert node.training.method == "dpo"
+
+
+def test_dumped_training_settings_validate_again_as_a_deployment_job_does():
+    for settings in (TrainingSettings(), TrainingSettings(method="dpo", dpo_beta=0.3)):
+        assert TrainingSettings.model_validate_json(settings.model_dump_json()) == settings

@@ -128,6 +128,9 @@ class LoraSettings(_Section):
     )
 
 
+DEFAULT_DPO_BETA = 0.1
+
+
 class TrainingSettings(_Section):
     """One round of local training. A round is ``steps`` optimizer steps over logical batches
     of ``batch_size`` examples (expected size under Poisson sampling), computed in physical
@@ -148,7 +151,7 @@ class TrainingSettings(_Section):
         "run the run's configuration chooses it for every node.",
     )
     dpo_beta: PositiveFloat = Field(
-        default=0.1,
+        default=DEFAULT_DPO_BETA,
         description='With method = "dpo": how far the model may move from the base model '
         "(DPO's beta; larger: closer to the base).",
     )
@@ -190,7 +193,9 @@ class TrainingSettings(_Section):
 
     @model_validator(mode="after")
     def _physical_not_larger(self) -> Self:
-        if "dpo_beta" in self.model_fields_set and self.method != "dpo":
+        # By value, not by "was it set": a dumped configuration (a deployment job) carries the
+        # default and must validate again.
+        if self.dpo_beta != DEFAULT_DPO_BETA and self.method != "dpo":
             raise ValueError(f'dpo_beta is set but method is "{self.method}", not "dpo"')
         if isinstance(self.batch_size, int) and self.physical_batch_size > self.batch_size:
             raise ValueError(
