@@ -112,7 +112,9 @@ def _run_simulation(config: RunConfig, server_app: ServerApp) -> None:
     try:
         run_simulation(
             server_app=server_app,
-            client_app=build_client_app(SimulatedNodes(config)),
+            client_app=build_client_app(
+                SimulatedNodes(config), cached_nodes=config.simulation.cached_nodes
+            ),
             num_supernodes=len(config.nodes),
             backend_config=backend_config,  # type: ignore[arg-type]
         )

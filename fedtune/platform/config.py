@@ -433,6 +433,12 @@ class SimulationSettings(_Section):
         description="CPUs given to each simulated node; default: all of them, so nodes train "
         "one after the other with every core (the fastest on a small CPU machine).",
     )
+    cached_nodes: PositiveInt = Field(
+        default=32,
+        description="Nodes whose runtime (tokenised data, fingerprints) each simulation worker "
+        "keeps between messages, least recently used evicted; a node's ledger is on disk and "
+        "survives eviction. Bounds a worker's memory when it plays hundreds of nodes.",
+    )
 
 
 class RunConfig(_Section):
