@@ -4,8 +4,9 @@ sent per node.
 Each node count gets a fresh deployment on 127.0.0.1, built the way fedtune's coordinator is
 (``fedtune.coordinator.superlink``): a private CA and server certificate
 (``fedtune.platform.security.tls.init_certificates``), a SuperLink with TLS and SuperNode
-authentication on 127.0.0.1 (``superlink_command``, with fedtune's SuperExec
-``superexec_command``; the nodes connect to it directly, not through the gateway; by default
+authentication on 127.0.0.1 (``superlink_command``, with Flower's own SuperExec given the
+options of fedtune's ``superexec_command``: fedtune's runs only fedtune's pinned ServerApp; the
+nodes connect to it directly, not through the gateway; by default
 without its ``--database``, see
 ``--superlink-state``: on this loaded machine the SQLite state answered a node's object push
 and the SuperLink's executor with "database is locked", stalling a round for minutes and
@@ -235,9 +236,13 @@ class Federation:
                 if self.superlink.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the SuperLink did not start; see {self.logs}") from None
                 time.sleep(0.3)
+        # Flower's own SuperExec, with the options of fedtune's: fedtune's runs only fedtune's
+        # pinned ServerApp and refuses this benchmark's (fedtune.platform.wire.pinned_apps).
+        command = superexec_command(config, superlink_pid=self.superlink.pid)
+        command[:3] = [str(Path(sys.executable).parent / "flower-superexec")]
         with (self.logs / "superexec.log").open("ab") as log:  # starts the ServerApps
             self.superexec = subprocess.Popen(
-                superexec_command(config, superlink_pid=self.superlink.pid),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**flower_environment(config), "PYTHONUNBUFFERED": "1"},

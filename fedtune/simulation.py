@@ -31,6 +31,7 @@ from fedtune.coordinator.job import new_run_id
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
 from fedtune.platform.db.storage import AbTest, Run, open_database
+from fedtune.platform.runtime import simulation_engine
 from fedtune.privacy.node_ledger import node_key
 
 
@@ -109,6 +110,7 @@ def _run_simulation(config: RunConfig, server_app: ServerApp) -> None:
     deprecation = _KnownDeprecation()
     flower_logger.addFilter(deprecation)
     _adopt_orphans()
+    simulation_engine.install()  # its message poller, linear in the nodes (module says why)
     try:
         run_simulation(
             server_app=server_app,
