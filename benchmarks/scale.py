@@ -22,10 +22,14 @@ size; one that would not finish within ``--budget-minutes`` (estimated from the 
 time, scaled linearly in nodes, times 1.5) is recorded as "not measured" with the reason.
 ``--as-limit BYTES`` runs each point under ``prlimit --as``. Results merge into
 ``benchmarks/results/scale.json``, keyed by node count (and ``/stock-engine`` for
-``--stock-engine``, which keeps Flower's own message poller for comparison)::
+``--stock-engine``, which keeps Flower's own message poller for comparison).
+``--poller-only`` measures one tick of the engine's message poller, Flower's and fedtune's
+(``fedtune.platform.runtime.simulation_engine``), for each node count, in this process, into
+``poller_tick``::
 
     .venv/bin/python benchmarks/scale.py --nodes 10 100 --budget-minutes 10
     .venv/bin/python benchmarks/scale.py --nodes 300 1000 --as-limit 16000000000
+    .venv/bin/python benchmarks/scale.py --poller-only --nodes 10 100 300 1000
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ def write_run(folder: Path, *, model: str, nodes: int, rounds: int, examples: in
         f'[run]\nname = "scale-{nodes}"\nrounds = {rounds}\n\n'
         f'[model]\nspec = "{model}"\n\n'
         "[data]\nmax_length = 160\nmax_eval_examples = 8\n\n"
-        "[training]\nsteps = 1\nbatch_size = 8\nphysical_batch_size = 8\ntorch_threads = 1\nseed = 0\n\n"
+        "[training]\nsteps = 1\nbatch_size = 8\nphysical_batch_size = 8\n"
+        "torch_threads = 1\nseed = 0\n\n"
         '[privacy]\nmode = "dp"\ntarget_epsilon = 8.0\ndelta = 1e-5\n\n'
         + "\n".join(entries)
         + '\n[output]\ndir = "out"\n'
@@ -220,6 +225,62 @@ def measure(nodes: int, args: argparse.Namespace, model: str, scratch: Path) -> 
     }
 
 
+def poller_ticks(nodes: int, repeat: int = 3) -> dict[str, float]:
+    """Seconds of one tick of the Simulation Engine's message poller, Flower's and fedtune's,
+    in the middle of a round: ``nodes`` nodes, one delivered message each still stored (as while
+    the nodes work), on Flower's in-memory link state set up as ``run_simulation`` does. The
+    engine waits 0.1 s after each tick: busy_share is the poller thread's share of its time
+    (it runs in the coordinator's process, sharing the GIL with the ServerApp)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedtune.platform.runtime import simulation_engine
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    state = factory.state()
+    run = Run.create_empty(run_id=1)
+    run.primary_task_id, run.federation_id = 1, NOOP_FEDERATION_ID
+    state.run_ids[1] = RunRecord(run=run)  # type: ignore[attr-defined]
+    state.task_store[1] = Task(task_id=1, run_id=1)  # type: ignore[attr-defined]
+    mapping = vce_api._register_nodes(nodes, factory)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    grid.push_messages(
+        [Message(RecordDict({"c": ConfigRecord({"i": 0})}), node, "train") for node in mapping]
+    )
+    simulation_engine.take_undelivered(state, frozenset(mapping))  # all delivered, still stored
+
+    def flower_tick() -> None:  # the body of vce_api.add_messages_to_queue's loop
+        for node_id in mapping:
+            state.get_message_ins(node_id=node_id, limit=1)
+
+    def fedtune_tick() -> None:
+        simulation_engine.take_undelivered(state, frozenset(mapping))  # type: ignore[arg-type]
+
+    timings = {}
+    for name, tick in (("flower", flower_tick), ("fedtune", fedtune_tick)):
+        best = float("inf")
+        for _ in range(repeat):
+            clock = time.perf_counter()
+            tick()
+            best = min(best, time.perf_counter() - clock)
+        timings[f"{name}_tick_seconds"] = best
+        timings[f"{name}_busy_share"] = best / (best + 0.1)  # a tick, then a 0.1 s wait
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=list(DEFAULT_NODES))
@@ -231,6 +292,11 @@ def main() -> None:
     parser.add_argument("--as-limit", type=int, help="run each point under prlimit --as=BYTES")
     parser.add_argument("--stock-engine", action="store_true",
                         help="keep Flower's own message poller (for comparison)")  # fmt: skip
+    parser.add_argument(
+        "--poller-only", action="store_true",
+        help="measure only one tick of the engine's message poller (Flower's and fedtune's) "
+        "for each --nodes, in this process",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--point", type=Path, help=argparse.SUPPRESS)  # the child's run.toml
     parser.add_argument("--point-out", type=Path, help=argparse.SUPPRESS)
@@ -240,6 +306,15 @@ def main() -> None:
         return
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 loads the model)")
+    if args.poller_only:
+        report = json.loads(args.out.read_text()) if args.out.exists() else {}
+        ticks = report.setdefault("poller_tick", {})
+        ticks["what"] = poller_ticks.__doc__.split("\n\n")[0].replace("\n", " ")  # type: ignore[union-attr]
+        for nodes in sorted(args.nodes):
+            ticks[f"{nodes}-nodes"] = poller_ticks(nodes)
+            print(f"{nodes} nodes: {ticks[f'{nodes}-nodes']}", flush=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
     from conftest import build_tiny_model, build_tiny_tokenizer  # the tests' tiny model
