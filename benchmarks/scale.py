@@ -57,6 +57,9 @@ WHAT_IS_MEASURED = {
     "round_seconds": "Round.seconds of each round as the coordinator records it (train and "
     "evaluate exchanges), round 1 including the model's load in the Ray worker",
     "steady_round_seconds": "mean over rounds 2..R; per_node: that over the node count",
+    "node_handler_seconds": "per round, the sum of every node's handler time as the nodes "
+    "report it (node-seconds: loading its runtime if evicted, DP-SGD, accounting, ledger, "
+    "evaluation); the rest of the round is Flower, Ray and the coordinator",
     "run_seconds": "wall time of simulate(), start-up of Ray and shut-down included",
     "coordinator": "the process running simulate() (ServerApp, strategy, database, Flower's "
     "engine threads): peak RSS (MiB), peak open file descriptors, CPU seconds (user+system)",
@@ -98,25 +101,32 @@ def run_point(run_toml: Path, out: Path, *, stock_engine: bool) -> None:
 
     from fedtune.common.database import transaction
     from fedtune.platform.config import load_run_config
-    from fedtune.platform.db.storage import Round, open_database
+    from fedtune.platform.db.storage import NodeMetric, Round, open_database
     from fedtune.platform.runtime import simulation_engine
 
     if stock_engine:  # keep Flower's poller: simulate() installs fedtune's, make that a no-op
-        simulation_engine.install = lambda: None  # type: ignore[assignment]
+        simulation_engine.install = lambda: None
     from fedtune.simulation import simulate
 
     config = load_run_config(run_toml)
     started = time.perf_counter()
     run_id = simulate(config, progress=lambda line: None)
-    seconds = time.perf_counter() - started
+    run_seconds = time.perf_counter() - started
     with transaction(open_database(config.database_url)) as session:
         rounds = session.scalars(select(Round).where(Round.run_id == run_id)).all()
+        metrics = session.scalars(select(NodeMetric).where(NodeMetric.run_id == run_id)).all()
+        on_nodes: dict[int, float] = {}
+        for row in metrics:  # each handler's own seconds, train and evaluate
+            handler = row.metrics.get("node-seconds") if isinstance(row.metrics, dict) else None
+            if isinstance(handler, (int, float)):
+                on_nodes[row.round] = on_nodes.get(row.round, 0.0) + float(handler)
         result = {
-            "run_seconds": seconds,
+            "run_seconds": run_seconds,
             "rounds": [
                 {
                     "round": r.number,
                     "seconds": r.seconds,
+                    "node_handler_seconds": on_nodes.get(r.number),
                     "nodes_sampled": r.nodes_sampled,
                     "updates_accepted": r.updates_accepted,
                 }
@@ -260,7 +270,8 @@ def poller_ticks(nodes: int, repeat: int = 3) -> dict[str, float]:
     grid.push_messages(
         [Message(RecordDict({"c": ConfigRecord({"i": 0})}), node, "train") for node in mapping]
     )
-    simulation_engine.take_undelivered(state, frozenset(mapping))  # all delivered, still stored
+    # every message delivered, still stored (as while the nodes work)
+    simulation_engine.take_undelivered(state, frozenset(mapping))  # type: ignore[arg-type]
 
     def flower_tick() -> None:  # the body of vce_api.add_messages_to_queue's loop
         for node_id in mapping:
