@@ -4,8 +4,9 @@ sent per node.
 Each node count gets a fresh deployment on 127.0.0.1, built the way fedtune's coordinator is
 (``fedtune.coordinator.superlink``): a private CA and server certificate
 (``fedtune.platform.security.tls.init_certificates``), a SuperLink with TLS and SuperNode
-authentication on 127.0.0.1 (``superlink_command``, with fedtune's SuperExec
-``superexec_command``; the nodes connect to it directly, not through the gateway; by default
+authentication on 127.0.0.1 (``superlink_command``, with Flower's own SuperExec given the
+options of fedtune's ``superexec_command``: fedtune's runs only fedtune's pinned ServerApp; the
+nodes connect to it directly, not through the gateway; by default
 without its ``--database``, see
 ``--superlink-state``: on this loaded machine the SQLite state answered a node's object push
 and the SuperLink's executor with "database is locked", stalling a round for minutes and
@@ -39,6 +40,13 @@ Measured, per round:
   generation, key shares, masking plus producing the update, share reveal) and the update's
   generation alone. What is left of an exchange is waiting: the SuperNode asks the SuperLink
   for work every 3 s when idle and the ServerApp asks for replies every 3 s (Flower 1.41).
+
+Masked upload (``--masked-upload``): ``packed`` (default) re-encodes each node's masked vectors
+as fedtune's node does (``fedtune.platform.wire.masked_upload``: uint32 for Flower's modulus
+2**32) and checks them on the ServerApp as fedtune's coordinator does
+(``fedtune.coordinator.masked_vectors``); ``int64`` is Flower's own upload, with which the cells
+without the ``/packed-upload`` suffix were measured. ``masked_upload_before_after`` lists the
+cells measured both ways.
 
 Everything runs on this machine at once (SuperLink, ServerApp, N SuperNodes and their
 ClientApp processes); ``machine`` in the result gives the CPU count and load averages, which
@@ -228,9 +236,13 @@ class Federation:
                 if self.superlink.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the SuperLink did not start; see {self.logs}") from None
                 time.sleep(0.3)
+        # Flower's own SuperExec, with the options of fedtune's: fedtune's runs only fedtune's
+        # pinned ServerApp and refuses this benchmark's (fedtune.platform.wire.pinned_apps).
+        command = superexec_command(config, superlink_pid=self.superlink.pid)
+        command[:3] = [str(Path(sys.executable).parent / "flower-superexec")]
         with (self.logs / "superexec.log").open("ab") as log:  # starts the ServerApps
             self.superexec = subprocess.Popen(
-                superexec_command(config, superlink_pid=self.superlink.pid),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**flower_environment(config), "PYTHONUNBUFFERED": "1"},
@@ -316,6 +328,7 @@ class Federation:
         seed: int,
         timeout_s: float,
         server_poll_s: float = 0.0,
+        masked_upload: str = "packed",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Submit one run of the benchmark app; its server report and the nodes' log lines."""
         assert self.config is not None
@@ -325,7 +338,8 @@ class Federation:
             f"mode={json.dumps(mode)} values={values} num-nodes={self.nodes} rounds={rounds} "
             f"seed={seed} timeout={timeout_s:.1f} server-poll={server_poll_s:.3f} "
             f"results={json.dumps(str(results))} "
-            f"node-log-dir={json.dumps(str(node_logs))}"
+            f"node-log-dir={json.dumps(str(node_logs))} "
+            f"masked-upload={json.dumps(masked_upload)}"
         )
         output = flwr(self.config, "run", str(APP), CONNECTION, "--run-config", run_config,
                       "--format", "json", timeout=300)  # fmt: skip
@@ -512,6 +526,12 @@ def main() -> None:
         "Grid.send_and_receive, which waits 3 s between them. Cells measured with another "
         "value are keyed apart",
     )  # fmt: skip
+    parser.add_argument(
+        "--masked-upload", choices=("packed", "int64"), default="packed",
+        help="packed (default): masked values in the smallest type the modulus needs, as "
+        "fedtune's nodes send them (uint32), checked as fedtune's coordinator does; int64: "
+        "Flower's own upload (the cells measured before Dec 2026; keyed apart)",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="keep certificates, logs and raw reports here")
     parser.add_argument("--out", type=Path, default=RESULTS / "secagg_overhead.json")
     args = parser.parse_args()
@@ -558,7 +578,7 @@ def main() -> None:
             "nodes": args.nodes, "values": args.values, "modes": args.modes,
             "rounds": args.rounds, "seed": args.seed, "budget_minutes": args.budget_minutes,
             "server_poll_s": args.server_poll, "cells": [f"{n}x{v}" for n, v in grid],
-            "superlink_state": args.superlink_state,
+            "superlink_state": args.superlink_state, "masked_upload": args.masked_upload,
         },
         "note": "all processes on one machine, sharing its CPUs with other engineers' test runs "
         "(see load_average); SuperLink with TLS and SuperNode authentication; Flower's "
@@ -602,14 +622,17 @@ def main() -> None:
                         invocation["skipped"].append(_skip(nodes, values, started, budget))
                         continue
                     cell_started = time.monotonic()
-                    key = f"{nodes}-nodes/{values}-values" + (
-                        f"/server-poll-{args.server_poll:g}s" if args.server_poll > 0 else ""
+                    key = (
+                        f"{nodes}-nodes/{values}-values"
+                        + (f"/server-poll-{args.server_poll:g}s" if args.server_poll > 0 else "")
+                        + ("/packed-upload" if args.masked_upload == "packed" else "")
                     )
                     cell: dict[str, Any] = {
                         "nodes": nodes,
                         "values": values,
                         "server_poll_s": args.server_poll,
                         "superlink_state": args.superlink_state,
+                        "masked_upload": args.masked_upload,
                         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "load_average_before": list(os.getloadavg()),
                     }
@@ -621,6 +644,7 @@ def main() -> None:
                                 name, mode=mode, values=values, rounds=args.rounds,
                                 seed=args.seed, timeout_s=args.run_timeout,
                                 server_poll_s=args.server_poll,
+                                masked_upload=args.masked_upload,
                             )  # fmt: skip
                         except (RuntimeError, TimeoutError) as exc:
                             progress(f"{key} {mode} failed: {exc}")
@@ -714,6 +738,7 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             "values": cell["values"],
             "server_poll_s": cell.get("server_poll_s", 0.0),
             "superlink_state": cell.get("superlink_state"),
+            "masked_upload": cell.get("masked_upload", "int64"),
             "plain_median_round_s": cell.get("plain", {}).get("median_round_seconds"),
             "secagg_median_round_s": cell.get("secagg+", {}).get("median_round_seconds"),
             "time_ratio": cell.get("time_ratio"),
@@ -728,8 +753,39 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             key=lambda c: (c.get("server_poll_s", 0.0), c["nodes"], c["values"]),
         )
     ]
+    report["masked_upload_before_after"] = _before_after(report["cells"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _before_after(cells: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bytes a node sends in a SecAgg+ round with Flower's int64 upload (before) and with the
+    packed one (after), per cell measured both ways (Flower's own polling)."""
+    by_upload: dict[tuple[int, int], dict[str, Any]] = {}
+    for cell in cells.values():
+        if cell.get("server_poll_s") or "secagg+" not in cell:
+            continue
+        upload = cell.get("masked_upload", "int64")
+        by_upload.setdefault((cell["nodes"], cell["values"]), {})[upload] = cell
+    rows = []
+    for (nodes, values), found in sorted(by_upload.items()):
+        if set(found) != {"int64", "packed"}:
+            continue
+        before, after = found["int64"], found["packed"]
+        rows.append(
+            {
+                "nodes": nodes,
+                "values": values,
+                "plain_sent_bytes_per_node": after.get("plain", {}).get("sent_bytes_per_node"),
+                "secagg_sent_bytes_per_node_int64": before["secagg+"]["sent_bytes_per_node"],
+                "secagg_sent_bytes_per_node_packed": after["secagg+"]["sent_bytes_per_node"],
+                "bytes_ratio_int64": before.get("bytes_ratio"),
+                "bytes_ratio_packed": after.get("bytes_ratio"),
+                "max_abs_error_int64": before["secagg+"].get("max_abs_error"),
+                "max_abs_error_packed": after["secagg+"].get("max_abs_error"),
+            }
+        )
+    return rows
 
 
 def _mb(size: float | None) -> float | None:

@@ -5,7 +5,9 @@ ClientApp), which is why it sits beside ``cli.py`` and not inside either part. E
 SuperNode is one ``[[nodes]]`` entry of the run config; Flower runs the ClientApps in Ray
 worker processes and this process hosts the ServerApp. Nothing stays running afterwards:
 Flower shuts Ray down at the end, and ``simulate`` then waits for (and if need be stops) every
-process Ray started, including workers that outlive their raylet.
+process Ray started, including workers that outlive their raylet. On an existing Ray cluster
+(``simulation.ray_address``) it starts no Ray process and stops none: the cluster is the
+operator's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fedtune.coordinator.job import new_run_id
 from fedtune.coordinator.server_app import build_server_app
 from fedtune.platform.config import NodeConfig, RunConfig
 from fedtune.platform.db.storage import AbTest, Run, open_database
+from fedtune.platform.runtime import simulation_engine
 from fedtune.privacy.node_ledger import node_key
 
 
@@ -98,7 +101,7 @@ def _run_simulation(config: RunConfig, server_app: ServerApp) -> None:
             "num_cpus": client_cpus,
             "num_gpus": 1.0 if torch.cuda.is_available() else 0.0,
         },
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        "init_args": _ray_init_args(config, cpus),
     }
     if not torch.cuda.is_available():
         # Ray's future default; setting it silences its FutureWarning on every run.
@@ -108,18 +111,33 @@ def _run_simulation(config: RunConfig, server_app: ServerApp) -> None:
     flower_logger.setLevel(logging.WARNING)  # fedtune prints its own progress
     deprecation = _KnownDeprecation()
     flower_logger.addFilter(deprecation)
-    _adopt_orphans()
+    own_ray = config.simulation.ray_address is None  # else the cluster's processes are not ours
+    if own_ray:
+        _adopt_orphans()
+    simulation_engine.install()  # its message poller, linear in the nodes (module says why)
     try:
         run_simulation(
             server_app=server_app,
-            client_app=build_client_app(SimulatedNodes(config)),
+            client_app=build_client_app(
+                SimulatedNodes(config), cached_nodes=config.simulation.cached_nodes
+            ),
             num_supernodes=len(config.nodes),
             backend_config=backend_config,  # type: ignore[arg-type]
         )
     finally:
         flower_logger.setLevel(level)
         flower_logger.removeFilter(deprecation)
-        _stop_descendants()
+        if own_ray:
+            _stop_descendants()
+
+
+def _ray_init_args(config: RunConfig, cpus: int) -> dict[str, object]:
+    """What Flower's Ray backend passes to ``ray.init``: the configured cluster, else a Ray
+    instance of this run's own ("local": without it Ray joins the last cluster `ray start`
+    left on this machine, whose CPUs it may not claim)."""
+    if config.simulation.ray_address is not None:
+        return {"address": config.simulation.ray_address, "include_dashboard": False}
+    return {"address": "local", "num_cpus": cpus, "include_dashboard": False}
 
 
 def simulate(

@@ -255,3 +255,64 @@ def test_a_node_declines_instructions_of_another_protocol_before_training(
     assert (stated or "none stated") in reason
     assert not reply.content.array_records
     assert NodeLedger(node.node.state_dir, node="hospital").entries() == []
+
+
+def second_node(tmp_path: Path, first: NodeConfig) -> NodeConfig:
+    write_demo_data(tmp_path / "data", domain="bank", train=48, held_out=6)
+    return first.model_copy(
+        update={
+            "node": NodeSettings(name="bank", state_dir=tmp_path / "state-bank"),
+            "data": DataConfig(
+                train=tmp_path / "data/bank/train.jsonl",
+                eval=tmp_path / "data/bank/held_out.jsonl",
+                max_length=160,
+            ),
+        }
+    )
+
+
+def two_rounds(nodes: list[NodeConfig], model_dir: Path) -> None:
+    fingerprint = model_dir_fingerprint(model_dir)
+    for server_round in (1, 2):
+        for config in nodes:
+            message = server_message(
+                model_dir, fingerprint=fingerprint, server_round=server_round, planned_rounds=2
+            )
+            handle_train(config, message)
+
+
+def test_a_node_evicted_from_the_runtime_cache_continues_its_ledger_exactly(
+    node, tiny_model_dir, tmp_path
+):
+    """A simulation worker plays many nodes and keeps the runtimes of the last few: a node
+    evicted between its rounds picks up its ledger (chain and epsilon) where it left it."""
+    bank = second_node(tmp_path, node)
+    client_app._RUNTIMES.set_limit(1)
+    try:
+        two_rounds([node, bank], tiny_model_dir)  # each round evicts the other node
+    finally:
+        client_app._RUNTIMES.set_limit(client_app.DEFAULT_CACHED_NODES)
+    assert list(client_app._RUNTIMES) == ["bank"]
+    evicted = NodeLedger(node.node.state_dir, node="hospital").entries()
+    client_app._RUNTIMES.clear()
+    alone = node.model_copy(
+        update={"node": NodeSettings(name="hospital", state_dir=tmp_path / "state-alone")}
+    )
+    two_rounds([alone], tiny_model_dir)  # the same rounds, never evicted
+
+    kept = NodeLedger(alone.node.state_dir, node="hospital").entries()
+    assert [e.seq for e in evicted] == [e.seq for e in kept] and len(evicted) == 2
+    assert evicted[1].prev_hash == evicted[0].hash
+    assert [e.epsilon_after for e in evicted] == [e.epsilon_after for e in kept]
+    assert evicted[1].epsilon_after > evicted[0].epsilon_after  # it accumulates
+
+
+def test_a_process_playing_several_nodes_keeps_none_of_their_ledger_files_open(
+    node, tiny_model_dir, tmp_path
+):
+    import psutil
+
+    two_rounds([node, second_node(tmp_path, node)], tiny_model_dir)
+
+    open_files = [f.path for f in psutil.Process().open_files()]
+    assert not [path for path in open_files if path.endswith("ledger.db")], open_files

@@ -2,7 +2,11 @@
 this node's data. Only the adapter update, metrics and the privacy report leave the node.
 
 The base model is loaded once per process and reused across messages (:func:`node_runtime`);
-a message for a different base model is refused before anything runs.
+a message for a different base model is refused before anything runs. A simulation's Ray
+actor plays many nodes in turn: it keeps the runtimes (data sets, fingerprints) of the nodes it
+served last, at most :data:`DEFAULT_CACHED_NODES` (``simulation.cached_nodes``), and rebuilds an
+evicted one from its files; a node's ledger lives in its file (opened per use), so nothing of
+it is lost.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -117,14 +122,49 @@ class NodeRuntime:
         )
 
 
+DEFAULT_CACHED_NODES = 32
+
+
+class RuntimeCache(OrderedDict[str, NodeRuntime]):
+    """The runtimes of the ``limit`` nodes served last, by node name (least recent first)."""
+
+    def __init__(self, limit: int = DEFAULT_CACHED_NODES) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def set_limit(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the runtime cache holds at least one node, not {limit}")
+        self.limit = limit
+        self._evict()
+
+    def fresh(self, config: NodeConfig) -> NodeRuntime | None:
+        """The cached runtime of ``config``'s node, if it was built from ``config``."""
+        runtime = self.get(config.node.name)
+        if runtime is None or runtime.config != config:
+            return None
+        self.move_to_end(config.node.name)
+        return runtime
+
+    def keep(self, runtime: NodeRuntime) -> None:
+        self[runtime.config.node.name] = runtime
+        self.move_to_end(runtime.config.node.name)
+        self._evict()
+
+    def _evict(self) -> None:
+        while len(self) > self.limit:
+            _, evicted = self.popitem(last=False)
+            evicted.ledger.close()
+
+
 _MODELS: dict[tuple[str, str], _LoadedModel] = {}
-_RUNTIMES: dict[str, NodeRuntime] = {}
+_RUNTIMES = RuntimeCache()
 
 
 def node_runtime(config: NodeConfig) -> NodeRuntime:
     """This process's runtime for the node ``config`` describes; loaded on first use."""
-    runtime = _RUNTIMES.get(config.node.name)
-    if runtime is not None and runtime.config == config:
+    runtime = _RUNTIMES.fresh(config)
+    if runtime is not None:
         return runtime
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
@@ -158,7 +198,7 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
         ledger=NodeLedger(config.node.state_dir, node=config.node.name),
         budget_group=budget_group_fingerprints(config.data.shares_budget_with),
     )
-    _RUNTIMES[config.node.name] = runtime
+    _RUNTIMES.keep(runtime)
     return runtime
 
 
@@ -412,12 +452,24 @@ def handle_abtest(config: NodeConfig, message: Message) -> Message:
     return Message(abtest_reply(config, message.content), reply_to=message)
 
 
-def build_client_app(node_config_for: Callable[[Context], NodeConfig]) -> ClientApp:
+def build_client_app(
+    node_config_for: Callable[[Context], NodeConfig],
+    *,
+    cached_nodes: int = DEFAULT_CACHED_NODES,
+) -> ClientApp:
     """A ClientApp whose node configuration comes from ``node_config_for(context)``.
 
     ``node_config_for`` must be picklable: Flower's simulation ships the app to its workers.
+    ``cached_nodes``: how many nodes' runtimes a process keeps (a Ray actor plays many nodes).
     """
+    if cached_nodes < 1:
+        raise ValueError(f"cached_nodes must be at least 1, not {cached_nodes}")
     app = ClientApp()
+
+    @app.lifespan()
+    def _limit(context: Context) -> Iterator[None]:  # around every message
+        _RUNTIMES.set_limit(cached_nodes)
+        yield
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

@@ -31,6 +31,9 @@ for this run and round, every certificate names a different node, and this node'
 is its own (:mod:`fedtune.platform.security.enrollment_certificates`): a coordinator can then
 neither substitute a key nor invent a peer.
 
+Its masked update travels in the smallest integer type the round's modulus needs (uint32 for
+Flower's 2**32, not Flower's int64: :mod:`fedtune.platform.wire.masked_upload`).
+
 A refusal answers with an error message (``MOD_FAILED_PRECONDITION``; the reason, nothing
 else) and drops the round's SecAgg+ state, secrets included, so that only a new setup
 continues.
@@ -72,6 +75,7 @@ from fedtune.platform.security.enrollment_certificates import (
     verify_certificate,
 )
 from fedtune.platform.wire import secagg_masks
+from fedtune.platform.wire.masked_upload import pack_masked_reply
 from fedtune.privacy.signing import NodeKey
 
 LOGGER = logging.getLogger(__name__)
@@ -122,6 +126,8 @@ def make_guarded_secaggplus_mod(*, min_peers: int = 3, identity: NodeIdentity | 
         reply = secaggplus_mod(message, context, call_next)
         if identity is not None and stage == Stage.SETUP and not reply.has_error():
             _sign_keys(message, reply, identity)
+        if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+            _pack(reply, context)
         return reply
 
     return guarded_secaggplus_mod
@@ -243,6 +249,13 @@ def _check_unmask(state: SecAggPlusState, configs: ConfigRecord) -> None:
                 _refuse(f"node {node} listed as {role}, but its key shares never reached this node")
     if len(surviving) < state.threshold:
         _refuse(f"{len(surviving)} surviving nodes, fewer than the threshold {state.threshold}")
+
+
+def _pack(reply: Message, context: Context) -> None:
+    """The masked vectors in the smallest type the round's modulus needs (half of Flower's
+    int64 for its default 2**32; :mod:`fedtune.platform.wire.masked_upload`)."""
+    state = SecAggPlusState(**dict(context.state.config_records[RECORD_KEY_STATE]))
+    pack_masked_reply(reply.content.config_records[RECORD_KEY_CONFIGS], state.mod_range)
 
 
 def _sign_keys(message: Message, reply: Message, identity: NodeIdentity) -> None:

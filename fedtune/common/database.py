@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from fedtune.common.errors import FedtuneError, unreadable
 
@@ -60,15 +61,16 @@ def _check_sqlite_file(path: Path) -> None:
         raise NotADatabaseError(f"{path}: not a SQLite database file")
 
 
-def connect(url: str) -> Engine:
+def connect(url: str, *, pooled: bool = True) -> Engine:
     """An engine for ``url``, its schema left as it is; a SQLite file's folder is made if
     needed and a path that is a folder or not SQLite is refused; SQLite enforces foreign
-    keys."""
+    keys. ``pooled=False``: a connection per transaction, closed after it (no open file
+    between uses)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         _check_sqlite_file(Path(parsed.database))
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    engine = create_engine(url) if pooled else create_engine(url, poolclass=NullPool)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_foreign_keys)
     return engine

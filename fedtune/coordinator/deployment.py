@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 from fedtune.common.database import transaction
 from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.job import DeploymentJob
+from fedtune.coordinator.masked_vectors import MaskedVectorCheck
 from fedtune.coordinator.roster import EnrolledGrid, Roster, name_problem, reported_name
 from fedtune.coordinator.secagg_peers import SignedKeyRelay
 from fedtune.coordinator.secure_aggregation import NotEnoughNodesError, SecureFedAvg
@@ -300,7 +301,8 @@ class _SecureRounds:
         secagg_masks.install()  # unmask with the masks the nodes made (not Flower's 32-bit ones)
         secagg_masks.check_installed()
         self.grid = grid
-        self.relay = SignedKeyRelay(grid, grid.roster.certificates)  # signed keys to peers
+        # Signed keys to peers; masked updates the secure sum cannot take refused.
+        self.relay = MaskedVectorCheck(SignedKeyRelay(grid, grid.roster.certificates))
         self.setup = setup
         self.strategy = SecureFedAvg(
             instructions=setup.instructions,

@@ -483,6 +483,22 @@ class SimulationSettings(_Section):
         description="CPUs given to each simulated node; default: all of them, so nodes train "
         "one after the other with every core (the fastest on a small CPU machine).",
     )
+    cached_nodes: PositiveInt = Field(
+        default=32,
+        description="Nodes whose runtime (tokenised data, fingerprints) each simulation worker "
+        "keeps between messages, least recently used evicted; a node's ledger is on disk and "
+        "survives eviction. Bounds a worker's memory when it plays hundreds of nodes.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Run on this existing Ray cluster (its head's host:port, from `ray start "
+        "--head`) instead of a Ray instance of its own on this machine. Ray has no "
+        "authentication: whoever reaches the cluster's ports runs code on it, so use only a "
+        "cluster on 127.0.0.1 or a private network that nobody else reaches. Every machine "
+        "of the cluster needs fedtune, the model and the nodes' data and state folders at the "
+        "same paths.",
+    )
 
 
 class RunConfig(_Section):

@@ -62,11 +62,17 @@ class NodeLedger:
         self.node = node
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the account's only
         self.key = node_key(state_dir)
-        self.engine: Engine = connect(ledger_url(state_dir))
+        # Opened per use: a process that plays many nodes (a simulation's Ray actor) holds no
+        # file of a node between its messages.
+        self.engine: Engine = connect(ledger_url(state_dir), pooled=False)
         create_ledger_tables(self.engine)
         (state_dir / LEDGER_FILE).chmod(0o600)
         with transaction(self.engine) as session:
             add_public_key(session, node, self.key.public_key_text())
+
+    def close(self) -> None:
+        """Release the file's connections (the ledger opens them again if used)."""
+        self.engine.dispose()
 
     def entries(self, data_fingerprint: str | None = None) -> list[LedgerEntry]:
         with transaction(self.engine) as session:

@@ -3,7 +3,10 @@
 The ClientApp trains nothing: each train message gets a synthetic float32 update of ``values``
 numbers, deterministic per (seed, round, node index) -- ``synthetic_update`` -- with
 ``num_examples = 100 + node index``. The node index comes from the SuperNode's
-``--node-config index=I``. Under SecAgg+ the update goes through Flower's ``secaggplus_mod``;
+``--node-config index=I``. Under SecAgg+ the update goes through Flower's ``secaggplus_mod``
+(with ``masked-upload = "packed"`` its masked vectors are then re-encoded as fedtune's node
+does, in the smallest type the modulus needs, and the ServerApp checks them as fedtune's
+coordinator does: the only imports of fedtune here);
 plain rounds skip the mod (it would reject a train message without its configs). An outer
 mod writes one JSON line per message to ``node-log-dir/node-I.jsonl``: the stage, when the
 ClientApp process started (Flower starts one per message), when the handler started and how
@@ -56,6 +59,7 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
 PLAIN, SECAGG = "plain", "secagg+"
+PACKED = "packed"  # masked-upload: fedtune's packed type; "int64": Flower's own
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
 
@@ -127,6 +131,8 @@ def bench_mod(message: Message, context: Context, call_next: Callable) -> Messag
     _LAST_FIT.clear()
     if configs is not None:
         reply = secaggplus_mod(message, context, call_next)
+        if stage == "collect_masked_vectors" and _packed(context) and not reply.has_error():
+            _pack(reply, context)
     else:
         reply = call_next(message, context)
     handler_seconds = time.perf_counter() - clock
@@ -149,6 +155,22 @@ def bench_mod(message: Message, context: Context, call_next: Callable) -> Messag
         with path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(line) + "\n")
     return reply
+
+
+def _packed(context: Context) -> bool:
+    return str(context.run_config.get("masked-upload", "int64")) == PACKED
+
+
+def _pack(reply: Message, context: Context) -> None:
+    """What fedtune's node does after Flower's mod: the masked vectors in the smallest type the
+    modulus needs (``fedtune.platform.wire.masked_upload``; imported only in this mode)."""
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    from fedtune.platform.wire.masked_upload import pack_masked_reply
+
+    state = SecAggPlusState(**dict(context.state.config_records[RECORD_KEY_STATE]))
+    pack_masked_reply(reply.content.config_records[RECORD_KEY_CONFIGS], state.mod_range)
 
 
 client_app = ClientApp(client_fn=client_fn, mods=[bench_mod])
@@ -423,6 +445,7 @@ def main(grid: Grid, context: Context) -> None:
         "seed": int(config["seed"]),
         "timeout": float(config["timeout"]),
         "server_poll_s": float(config["server-poll"]),
+        "masked_upload": str(config.get("masked-upload", "int64")),
     }
     results = Path(str(config["results"]))
     report: dict[str, Any] = {
@@ -471,7 +494,13 @@ def main(grid: Grid, context: Context) -> None:
 
     fit = TimedFit(inner, grid=measuring, strategy=strategy, settings=settings, on_round=on_round)
     try:
-        DefaultWorkflow(fit_workflow=fit)(measuring, legacy)  # type: ignore[arg-type]
+        outer: Any = measuring
+        if mode == SECAGG and settings["masked_upload"] == PACKED:
+            # fedtune's coordinator check of each masked upload, timed with the stage
+            from fedtune.coordinator.masked_vectors import MaskedVectorCheck
+
+            outer = MaskedVectorCheck(measuring)  # type: ignore[arg-type]
+        DefaultWorkflow(fit_workflow=fit)(outer, legacy)
     except BaseException as exc:
         report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         report["traceback"] = traceback.format_exc()

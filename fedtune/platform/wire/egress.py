@@ -564,8 +564,9 @@ def _train_replies(settings: _Settings) -> tuple[Reply, ...]:
                             Key.MASKED_PARAMETERS,
                             "list[bytes]",
                             masked,
-                            "the adapter's tensors, weighted, quantised and masked: only the "
-                            "round's sum unmasks",
+                            "the adapter's tensors, weighted, quantised and masked, in the "
+                            "smallest unsigned type the modulus needs (uint32 for 2**32): only "
+                            "the round's sum unmasks",
                             accounting="" if settings.non_private_updates else DP_SGD,
                         ),
                     ),
