@@ -175,8 +175,9 @@ def test_with_dp_the_lower_bound_stays_below_the_accounted_epsilon(audited):
     assert private["epsilon"] <= audited.result["privacy"]["target_epsilon"] * 1.001
     assert private["membership"]["epsilon_lower_bound"] <= private["epsilon"]
     assert audited.result["verdict"]["lower_bound_within_epsilon"] is True
-    assert private["membership"]["epsilon_lower_bound"] < (
-        run_of(audited, "non-private")["membership"]["epsilon_lower_bound"]
+    assert (
+        private["membership"]["epsilon_lower_bound"]
+        < (run_of(audited, "non-private")["membership"]["epsilon_lower_bound"])
     )
 
 
@@ -252,5 +253,19 @@ def test_an_earlier_report_is_not_overwritten(tmp_path, capsys, tiny_model_dir):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "canary_audit.html").write_text("earlier")
 
-    one_line_error(capsys, ["--config", str(config), "--out", str(tmp_path / "o")], "not overwritten")
+    one_line_error(
+        capsys, ["--config", str(config), "--out", str(tmp_path / "o")], "not overwritten"
+    )
     assert (tmp_path / "o" / "canary_audit.html").read_text() == "earlier"
+
+
+def test_a_lower_bound_above_the_accounted_epsilon_is_reported_as_a_failure(audited):
+    from fedtune.privacy.audit.canary_report import render_canary_report
+
+    broken = json.loads(json.dumps(audited.result))
+    broken["verdict"].update(lower_bound_within_epsilon=False, epsilon_lower_bound_dp=9.0)
+
+    html = render_canary_report(broken)
+
+    assert "EXCEEDS the accounted ε" in html
+    assert "✓" not in html

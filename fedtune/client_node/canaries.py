@@ -29,17 +29,89 @@ import numpy as np
 
 from fedtune.client_node.data import Message, load_conversations
 
-_FIRST = (
-    "Ilse Amara Bruno Chiara Dmitri Esther Farid Greta Hamza Ines Jonas Kemal Leila Marta "
-    "Nikolai Oona Pavel Quentin Rosa Soren Talia Umar Vera Wendel Xenia Yusuf Zofia Anouk "
-    "Bastian Carmen Dario Elif Femke Goran Hedda Ivo Jana Kasper Liv Mateo"
-).split()
-_LAST = (
-    "Okafor Lindqvist Moreau Haddad Kowalski Tanaka Brennan Ferreira Novak Castellano Vogel "
-    "Achterberg Demir Halvorsen Ibarra Jovanovic Kearney Laurent Mbeki Nakamura Olsen Petrov "
-    "Quispe Rahimi Sandoval Thorsen Ueda Valdez Wojcik Yilmaz Zeller Aydin Bakker Cerny Duval "
-    "Eriksen Fontaine Gallo Horvath"
-).split()
+_FIRST = [
+    "Ilse",
+    "Amara",
+    "Bruno",
+    "Chiara",
+    "Dmitri",
+    "Esther",
+    "Farid",
+    "Greta",
+    "Hamza",
+    "Ines",
+    "Jonas",
+    "Kemal",
+    "Leila",
+    "Marta",
+    "Nikolai",
+    "Oona",
+    "Pavel",
+    "Quentin",
+    "Rosa",
+    "Soren",
+    "Talia",
+    "Umar",
+    "Vera",
+    "Wendel",
+    "Xenia",
+    "Yusuf",
+    "Zofia",
+    "Anouk",
+    "Bastian",
+    "Carmen",
+    "Dario",
+    "Elif",
+    "Femke",
+    "Goran",
+    "Hedda",
+    "Ivo",
+    "Jana",
+    "Kasper",
+    "Liv",
+    "Mateo",
+]
+_LAST = [
+    "Okafor",
+    "Lindqvist",
+    "Moreau",
+    "Haddad",
+    "Kowalski",
+    "Tanaka",
+    "Brennan",
+    "Ferreira",
+    "Novak",
+    "Castellano",
+    "Vogel",
+    "Achterberg",
+    "Demir",
+    "Halvorsen",
+    "Ibarra",
+    "Jovanovic",
+    "Kearney",
+    "Laurent",
+    "Mbeki",
+    "Nakamura",
+    "Olsen",
+    "Petrov",
+    "Quispe",
+    "Rahimi",
+    "Sandoval",
+    "Thorsen",
+    "Ueda",
+    "Valdez",
+    "Wojcik",
+    "Yilmaz",
+    "Zeller",
+    "Aydin",
+    "Bakker",
+    "Cerny",
+    "Duval",
+    "Eriksen",
+    "Fontaine",
+    "Gallo",
+    "Horvath",
+]
 
 CanaryKind = Literal["secret", "membership"]
 

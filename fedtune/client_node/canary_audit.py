@@ -174,7 +174,9 @@ def audit_canaries(
         initial = adapter_arrays(model)
         scorer = _Scorer(model, tokenizer, pad_id, base.device, config.data.max_length)
         candidates = {
-            c.patient: candidate_secrets(c, count=options.candidates, digits=options.digits, rng=rng)
+            c.patient: candidate_secrets(
+                c, count=options.candidates, digits=options.digits, rng=rng
+            )
             for c in canaries
             if c.kind == "secret"
         }
@@ -185,7 +187,9 @@ def audit_canaries(
         for private in (True, False) if non_private else (True,):
             load_adapter_arrays(model, initial)
             label = "DP" if private else "non-private"
-            _say(progress, f"training ({label}): {training.steps} steps, batch {training.batch_size}")
+            _say(
+                progress, f"training ({label}): {training.steps} steps, batch {training.batch_size}"
+            )
             dp = (
                 DPSettings(
                     noise_multiplier=sigma,
@@ -326,9 +330,7 @@ def _measure(
     return {
         "secrets": secrets,
         "exposure_sampled_mean": float(np.mean([s["exposure_sampled"] for s in secrets])),
-        "exposure_extrapolated_mean": float(
-            np.mean([s["exposure_extrapolated"] for s in secrets])
-        ),
+        "exposure_extrapolated_mean": float(np.mean([s["exposure_extrapolated"] for s in secrets])),
         "exposure_sampled_max_possible": math.log2(options.candidates + 1),
         "exposure_max_possible": math.log2(space),
         "membership": {**asdict(audit), "guesses": audit.guesses},

@@ -28,11 +28,17 @@ def render_canary_report(result: Mapping[str, Any]) -> str:
         ok=bool(verdict["lower_bound_within_epsilon"]),
         epsilon=f"{verdict['epsilon']:.3f}",
         bound_dp=f"{verdict['epsilon_lower_bound_dp']:.3f}",
-        bound_plain=f"{verdict['epsilon_lower_bound_non_private']:.3f}",
+        bound_plain=_bound(verdict["epsilon_lower_bound_non_private"]),
         confidence=f"{options['confidence']:.0%}",
         facts=[
-            ("Base model", f"{result['base_model']['spec']} ({result['base_model']['fingerprint']})"),
-            ("Training data", f"{result['data_set']['train']} ({result['data_set']['fingerprint']})"),
+            (
+                "Base model",
+                f"{result['base_model']['spec']} ({result['base_model']['fingerprint']})",
+            ),
+            (
+                "Training data",
+                f"{result['data_set']['train']} ({result['data_set']['fingerprint']})",
+            ),
             (
                 "Planted copy",
                 f"{result['data_set']['examples_with_canaries']} examples, "
@@ -65,6 +71,10 @@ def render_canary_report(result: Mapping[str, Any]) -> str:
         sample_bits=f"{math.log2(options['candidates'] + 1):.1f}",
         canary_format=result["canary_format"],
     )
+
+
+def _bound(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f}"
 
 
 def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:

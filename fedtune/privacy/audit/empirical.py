@@ -85,9 +85,7 @@ def p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     return min(tail + 2 * m * delta * slack, 1.0)
 
 
-def epsilon_lower_bound(
-    *, m: int, r: int, v: int, delta: float, confidence: float = 0.95
-) -> float:
+def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
     """The largest epsilon that ``v`` correct guesses out of ``r`` rule out at
     ``confidence``: no (epsilon', delta)-DP training with epsilon' below it gives that many
     correct guesses with probability ``1 - confidence`` or more. 0 when even epsilon = 0
@@ -164,9 +162,7 @@ def audit_membership(
     best: MembershipAudit | None = None
     for k_in, k_out in pairs:
         correct = int(truth[order[:k_in]].sum()) + int((~truth[order[m - k_out :]]).sum())
-        bound = epsilon_lower_bound(
-            m=m, r=k_in + k_out, v=correct, delta=delta, confidence=each
-        )
+        bound = epsilon_lower_bound(m=m, r=k_in + k_out, v=correct, delta=delta, confidence=each)
         found = MembershipAudit(
             canaries=m,
             included=int(truth.sum()),
