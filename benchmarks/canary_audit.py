@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--membership", type=int, default=64)
     parser.add_argument("--candidates", type=int, default=63)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--physical-batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
@@ -173,7 +174,10 @@ def plot(report: dict[str, Any], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: JSON only"
-    measured = [p for p in report["points"] if p["status"] == "measured"]
+    measured = sorted(
+        (p for p in report["points"] if p["status"] == "measured"),
+        key=lambda p: -math.inf if p["epsilon"] is None else -p["epsilon"],
+    )
     labels = ["no DP" if p["epsilon"] is None else f"ε = {p['target_epsilon']:g}" for p in measured]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.bar(labels, [p["exposure_extrapolated_mean"] for p in measured], color="#b42318")
@@ -184,6 +188,12 @@ def plot(report: dict[str, Any], path: Path) -> str:
     for x, p in enumerate(measured):
         if p["epsilon"] is not None:
             right.plot([x - 0.4, x + 0.4], [p["epsilon"]] * 2, color="black")
+        right.annotate(
+            f"{p['epsilon_lower_bound']:.2f} ({p['membership_correct']}/{p['membership_guesses']})",
+            (x, p["epsilon_lower_bound"]),
+            ha="center",
+            va="bottom",
+        )
     right.set_ylabel("ε lower bound, 95% (bars); accounted ε (lines)")
     right.set_title("one-run membership audit")
     figure.suptitle(f"canary audit, {report['settings']['model']} on CPU")
