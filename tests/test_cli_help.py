@@ -28,7 +28,7 @@ def groups() -> list[str]:
 
 
 # Commands whose own help is checked too (their handlers import Flower).
-COMMANDS = [["audit", "egress", "--help"]]
+COMMANDS = [["audit", "egress", "--help"], ["audit", "canaries", "--help"]]
 
 
 @pytest.mark.parametrize("args", [["--help"], *[[name, "--help"] for name in groups()], *COMMANDS])

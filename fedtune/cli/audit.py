@@ -1,5 +1,5 @@
 """`fedtune audit`: export, verify and report on a node's epsilon ledger; list what leaves a
-node (the egress manifest)."""
+node (the egress manifest); audit a node's training empirically with canaries."""
 
 from __future__ import annotations
 
@@ -74,6 +74,39 @@ def register(commands: Any) -> None:
     )
     egress.add_argument("--json", action="store_true", help="print the manifest as JSON")
     egress.set_defaults(handler=_audit_egress)
+    _register_canaries(audit)
+
+
+def _register_canaries(audit: Any) -> None:
+    canaries = audit.add_parser(
+        "canaries",
+        help="empirical privacy audit: plant random secrets in a copy of the node's data, "
+        "train with the node's DP settings and without, measure exposure and a lower bound "
+        "on epsilon (never touches the node's ledger or budget)",
+    )
+    config_option(canaries, "node")
+    canaries.add_argument(
+        "--out", required=True, type=Path, help="a folder for canary_audit.json and .html"
+    )
+    canaries.add_argument("--secrets", type=int, default=4, help="k secrets for exposure")
+    canaries.add_argument("--repeats", type=int, default=8, help="copies of each secret")
+    canaries.add_argument(
+        "--membership",
+        type=int,
+        default=64,
+        help="m membership canaries, each planted with probability 1/2 (the epsilon bound)",
+    )
+    canaries.add_argument(
+        "--candidates", type=int, default=127, help="random candidates per secret (its rank)"
+    )
+    canaries.add_argument("--digits", type=int, default=6, help="digits of a secret")
+    canaries.add_argument(
+        "--steps", type=int, default=None, help="steps of each training (default: the plan's)"
+    )
+    canaries.add_argument("--confidence", type=float, default=0.95)
+    canaries.add_argument("--seed", type=int, default=None, help="seed for the canaries")
+    canaries.add_argument("--no-progress", action="store_true", help="hide progress")
+    canaries.set_defaults(handler=_audit_canaries)
 
 
 def _audit_export(args: argparse.Namespace) -> int:
@@ -131,4 +164,47 @@ def _audit_egress(args: argparse.Namespace) -> int:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
         print(format_manifest(manifest))
+    return 0
+
+
+def _audit_canaries(args: argparse.Namespace) -> int:
+    import json
+
+    from fedtune.client_node.canary_audit import CanaryOptions, run_canary_audit
+    from fedtune.common.errors import AlreadyExistsError
+    from fedtune.platform.config import load_node_config
+    from fedtune.privacy.audit.canary_report import render_canary_report
+    from fedtune.privacy.audit.report import write_report
+
+    options = CanaryOptions(
+        secrets=args.secrets,
+        repeats=args.repeats,
+        membership=args.membership,
+        candidates=args.candidates,
+        digits=args.digits,
+        confidence=args.confidence,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    config = load_node_config(args.config)
+    json_path, html_path = args.out / "canary_audit.json", args.out / "canary_audit.html"
+    for path in (json_path, html_path):
+        if path.exists():
+            raise AlreadyExistsError(f"{path} already exists; it is not overwritten")
+    result = run_canary_audit(config, options=options, progress=not args.no_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_report(json_path, json.dumps(result, indent=2) + "\n")
+    write_report(html_path, render_canary_report(result))
+    verdict = result["verdict"]
+    print(f"{html_path}: epsilon {verdict['epsilon']:.3f} accounted for the DP training")
+    for run in result["runs"]:
+        print(
+            f"  {run['mode']}: epsilon lower bound {run['membership']['epsilon_lower_bound']:.3f}"
+            f" ({options.confidence:.0%}), mean exposure {run['exposure_extrapolated_mean']:.1f}"
+            f" bits (sampled {run['exposure_sampled_mean']:.1f} of at most "
+            f"{run['exposure_sampled_max_possible']:.1f})"
+        )
+    if not verdict["lower_bound_within_epsilon"]:
+        print("  FAILED: the measured lower bound exceeds the accounted epsilon")
+        return 1
     return 0
