@@ -228,3 +228,13 @@ def test_the_egress_manifest_is_shown_when_given_and_escaped():
     assert "What leaves a node" in shown and "What leaves a node" not in without
     assert "<code>train-loss</code>" in shown and "SendNodeHeartbeat" in shown
     assert "<script>x</script>" not in shown and "&lt;b&gt;hospital&lt;/b&gt;" in shown
+
+
+def test_the_style_sheet_reaches_the_page_intact():
+    """Autoescaping the style as a value turned its quotes into entities, which a browser
+    does not decode inside <style>: the font declaration was dropped."""
+    html = render(ledger())
+    style = html.split("<style>", 1)[1].split("</style>", 1)[0]
+
+    assert 'font:14px/1.45 system-ui,-apple-system,"Segoe UI"' in style
+    assert "&#34;" not in style

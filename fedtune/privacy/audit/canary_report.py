@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from fedtune.privacy.audit.report import _STYLE, _TEMPLATES
+from fedtune.privacy.audit.report import TEMPLATES
 
 TITLE = "Empirical privacy audit with canaries"
 _W, _LEFT, _RIGHT, _TOP, _ROW, _BAR = 760, 190, 40, 30, 34, 12
@@ -22,9 +22,8 @@ def render_canary_report(result: Mapping[str, Any]) -> str:
     runs = {run["mode"]: run for run in result["runs"]}
     verdict = result["verdict"]
     privacy, training, options = result["privacy"], result["training"], result["options"]
-    return _TEMPLATES.get_template("canaries.html.j2").render(
+    return TEMPLATES.get_template("canaries.html.j2").render(
         title=f"{TITLE} — node {result['node']}",
-        style=_STYLE,
         ok=bool(verdict["lower_bound_within_epsilon"]),
         epsilon=f"{verdict['epsilon']:.3f}",
         bound_dp=f"{verdict['epsilon_lower_bound_dp']:.3f}",

@@ -29,35 +29,6 @@ DEFAULT_TITLE = "Epsilon ledger audit report"
 # Above this many points per chart, markers are left out and only the line is drawn.
 MAX_MARKERS = 400
 
-_STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;
-margin:24px auto;max-width:1200px;padding:0 16px}
-h1{font-size:22px;margin:0 0 8px}h2{font-size:18px;margin:28px 0 8px}
-h3{font-size:15px;margin:24px 0 6px}
-code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-all}
-.verdict{border-radius:6px;padding:12px 16px;margin:16px 0;font-size:18px;font-weight:600}
-.ok{background:#dafbe1;color:#1a7f37;border:2px solid #1a7f37}
-.fail{background:#fee4e2;color:#b42318;border:2px solid #b42318}
-.warn{color:#b42318;font-weight:600}
-.facts{border-collapse:collapse;margin:4px 0 8px}
-.facts th{text-align:left;font-weight:600;padding:2px 16px 2px 0;vertical-align:top}
-.facts td{padding:2px 0}
-table.entries{border-collapse:collapse;font-size:12px;width:100%}
-table.entries th,table.entries td{border-bottom:1px solid #d0d7de;padding:3px 6px;
-text-align:right;white-space:nowrap}
-table.entries th{position:sticky;top:0;background:#f6f8fa}
-table.entries td.text{text-align:left}
-tr.disagree td:last-child{white-space:normal;min-width:280px;font-weight:400}
-tr.nonprivate td{background:#fff4ce}
-tr.disagree td{background:#fde2e1;font-weight:600}
-.yes{color:#1a7f37}.no{color:#b42318;font-weight:700}
-.banner{background:#fee4e2;color:#b42318;border-left:4px solid #b42318;padding:6px 10px;
-margin:6px 0;font-weight:600}
-svg{max-width:100%;height:auto;background:#fff}
-.muted{color:#57606a}
-table.egress td{white-space:normal}
-.plainfield{color:#9a6700;font-weight:600}
-"""
 
 
 @dataclass
@@ -67,7 +38,9 @@ class _DataSet:
     rows: list[Mapping[str, Any]] = field(default_factory=list)
 
 
-_TEMPLATES = Environment(
+# The audit pages' templates (this report's and the canary audit's); each includes the
+# style sheet templates/audit_page.css as literal text, so autoescaping leaves it intact.
+TEMPLATES = Environment(
     loader=PackageLoader("fedtune.privacy.audit", "templates"),
     autoescape=True,
     trim_blocks=True,
@@ -127,9 +100,8 @@ def render_report(
     summary = verification.get("summary")
     summary = summary if isinstance(summary, Mapping) else {}
     times = [str(e["recorded_at"]) for e in ordered if e.get("recorded_at") is not None]
-    return _TEMPLATES.get_template("report.html.j2").render(
+    return TEMPLATES.get_template("report.html.j2").render(
         title=title,
-        style=_STYLE,
         nodes=sorted({_text(e.get("node")) for e in ordered}),
         public_key=verification.get("public_key") or summary.get("public_key"),
         entry_count=len(ordered),
