@@ -30,7 +30,6 @@ DEFAULT_TITLE = "Epsilon ledger audit report"
 MAX_MARKERS = 400
 
 
-
 @dataclass
 class _DataSet:
     node: str
