@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,19 +187,26 @@ def postgres_server() -> Iterator[str]:
         subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop", directory], check=False)
 
 
-@pytest.fixture
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A new, empty database of its own on the PostgreSQL server; dropped afterwards."""
+@contextmanager
+def new_postgres_database(server: str) -> Iterator[str]:
+    """A new, empty database of its own on ``server``; dropped afterwards."""
     name = f"fedtune_test_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(postgres_server, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
-        yield sa.make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as connection:  # FORCE: the test's engines may still be connected
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A new, empty database of its own on the PostgreSQL server; dropped afterwards."""
+    with new_postgres_database(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -288,3 +296,44 @@ def federated_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     path = config.output.dir / "fedtune.db"
     assert path.is_file(), f"the run left no database at {path}"
     return FederatedRun(workdir, config, run_id, test_id, config.database_url, path)
+
+
+# --- one simulated run with planned training, recorded in PostgreSQL, shared -----------------
+
+
+@dataclass(frozen=True)
+class PlannedPostgresRun:
+    """A 2-round DP run of the hospital (48 examples) and the bank (32) in Flower's Simulation
+    Engine with ``steps`` and ``batch_size`` "auto", its coordinator database in PostgreSQL.
+    One simulation for two behaviours (the planner's choice, the PostgreSQL records): each
+    costs a Ray start and two rounds of training. Tests only read it."""
+
+    config: Any  # fedtune.platform.config.RunConfig
+    run_id: str
+    progress: list[str]
+
+
+@pytest.fixture(scope="session")
+def planned_postgres_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, postgres_server: str
+) -> Iterator[PlannedPostgresRun]:
+    from fedtune.platform.config import load_run_config
+    from fedtune.simulation import simulate
+
+    workdir = tmp_path_factory.mktemp("planned-postgres-run")
+    write_demo_data(workdir / "data", domain="hospital", train=48, held_out=6)
+    write_demo_data(workdir / "data", domain="bank", train=32, held_out=6)
+    with new_postgres_database(postgres_server) as url:
+        (workdir / "run.toml").write_text(
+            tiny_run_toml(
+                tiny_model_dir,
+                run={"name": "auto"},
+                nodes=[{"name": "hospital"}, {"name": "bank"}],
+                training={"steps": "auto", "batch_size": "auto"},
+            )
+            + f'database = "{url}"\n'
+        )
+        config = load_run_config(workdir / "run.toml")
+        lines: list[str] = []
+        run_id = simulate(config, progress=lines.append)
+        yield PlannedPostgresRun(config, run_id, lines)

@@ -6,29 +6,18 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from conftest import tiny_run_toml
+from conftest import PlannedPostgresRun
 from fedtune.common.database import transaction
-from fedtune.demo.data import write_demo_data
-from fedtune.platform.config import load_run_config
 from fedtune.platform.db.privacy_records import privacy_records
 from fedtune.platform.db.storage import Round, Run, open_database
 from fedtune.privacy.ledger_store import ledger_entries
-from fedtune.simulation import simulate
 
 pytestmark = pytest.mark.simulation
 
 
-def test_a_simulated_run_is_recorded_in_postgresql(tmp_path, tiny_model_dir, postgres_url):
-    for domain in ("hospital", "bank"):
-        write_demo_data(tmp_path / "data", domain=domain, train=48, held_out=6)
-    run_toml = tmp_path / "run.toml"
-    run_toml.write_text(
-        tiny_run_toml(tiny_model_dir, nodes=[{"name": "hospital"}, {"name": "bank"}])
-        + f'database = "{postgres_url}"\n'
-    )
-    config = load_run_config(run_toml)
-
-    run_id = simulate(config, progress=lambda line: None)
+def test_a_simulated_run_is_recorded_in_postgresql(planned_postgres_run: PlannedPostgresRun):
+    """The run is shared with test_planner.py (its training is planned: "auto")."""
+    config, run_id = planned_postgres_run.config, planned_postgres_run.run_id
 
     assert config.database_url.startswith("postgresql+psycopg://")
     with transaction(open_database(config.database_url)) as session:

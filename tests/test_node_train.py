@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,13 +78,31 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def test_epsilon_survives_restarts_and_keeps_growing(workdir, tiny_model_dir):
+@dataclass(frozen=True)
+class TwoRounds:
+    """A node that trained two DP rounds in two processes, and what each one printed."""
+
+    workdir: Path
+    epsilon_1: float
+    second: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory, tiny_model_dir) -> TwoRounds:
+    """Shared: each `fedtune node train` is a process that loads torch (seconds), and the
+    tests below only read what the two rounds left."""
+    workdir = tmp_path_factory.mktemp("node-train")
+    write_demo_data(workdir / "data", domain="hospital", train=64, held_out=8)
     first = node_train(workdir, tiny_model_dir)
     assert first.returncode == 0, first.stderr
     epsilon_1 = latest_metrics(workdir)["privacy"]["epsilon_after"]
-
     second = node_train(workdir, tiny_model_dir)
     assert second.returncode == 0, second.stderr
+    return TwoRounds(workdir, epsilon_1, second)
+
+
+def test_epsilon_survives_restarts_and_keeps_growing(two_rounds):
+    workdir, epsilon_1 = two_rounds.workdir, two_rounds.epsilon_1
     metrics = latest_metrics(workdir)
     privacy = metrics["privacy"]
 
@@ -102,11 +121,10 @@ def test_epsilon_survives_restarts_and_keeps_growing(workdir, tiny_model_dir):
     assert history[0][0] == pytest.approx(history[1][0], rel=0.01)
 
 
-def test_metrics_and_adapter_are_written_and_load_with_plain_peft(workdir, tiny_model_dir):
-    result = node_train(workdir, tiny_model_dir)
-    assert result.returncode == 0, result.stderr
+def test_metrics_and_adapter_are_written_and_load_with_plain_peft(two_rounds, tiny_model_dir):
+    result = two_rounds.second
 
-    metrics = latest_metrics(workdir)
+    metrics = latest_metrics(two_rounds.workdir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     adapted = PeftModel.from_pretrained(base, metrics["adapter_dir"])
 
@@ -134,6 +152,22 @@ def test_metrics_and_adapter_are_written_and_load_with_plain_peft(workdir, tiny_
     assert "held-out loss" in result.stdout and "epsilon" in result.stdout
 
 
+def test_a_round_past_the_target_is_refused_and_nothing_is_lost(two_rounds, tiny_model_dir):
+    """Runs last on the shared node: refused, it must leave the ledger and outputs as they were
+    (its two rounds spent more than 0.5)."""
+    workdir = two_rounds.workdir
+    before = NodeLedger(workdir / "state", node="hospital").entries()
+    outputs = sorted((workdir / "out").iterdir())
+
+    refused = node_train(workdir, tiny_model_dir, target=0.5)
+
+    assert refused.returncode == 2
+    assert "already spent epsilon" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert NodeLedger(workdir / "state", node="hospital").entries() == before
+    assert sorted((workdir / "out").iterdir()) == outputs
+
+
 def test_non_private_mode_is_labelled_and_spends_no_epsilon(workdir, tiny_model_dir):
     result = node_train(workdir, tiny_model_dir, mode="non-private")
     assert result.returncode == 0, result.stderr
@@ -144,19 +178,6 @@ def test_non_private_mode_is_labelled_and_spends_no_epsilon(workdir, tiny_model_
     assert (privacy["method"], privacy["privacy_unit"]) == ("none", None)
     assert privacy["epsilon_after"] is None
     assert "NON-PRIVATE" in result.stdout
-
-
-def test_a_round_past_the_target_is_refused_and_nothing_is_lost(workdir, tiny_model_dir):
-    assert node_train(workdir, tiny_model_dir, target=2.0).returncode == 0
-    before = NodeLedger(workdir / "state", node="hospital").entries()
-
-    refused = node_train(workdir, tiny_model_dir, target=0.5)
-
-    assert refused.returncode == 2
-    assert "already spent epsilon" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    assert NodeLedger(workdir / "state", node="hospital").entries() == before
-    assert len(list((workdir / "out").iterdir())) == 1
 
 
 def test_bad_config_is_reported_with_file_and_key(workdir, tiny_model_dir):

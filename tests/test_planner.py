@@ -9,7 +9,7 @@ import pytest
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
 
-from conftest import tiny_run_toml
+from conftest import PlannedPostgresRun
 from fedtune.cli import main
 from fedtune.common.database import transaction
 from fedtune.demo.data import write_demo_data
@@ -18,14 +18,12 @@ from fedtune.platform.config import (
     PrivacySettings,
     TrainingSettings,
     load_node_config,
-    load_run_config,
 )
 from fedtune.platform.db.storage import Run, open_database
 from fedtune.privacy.audit.independent_accounting import OPACUS_RDP_ORDERS
 from fedtune.privacy.ledger_store import ledger_entries
 from fedtune.privacy.planner import PlanError, default_batch_size, make_plan
 from fedtune.privacy.training_defaults import DP_LEARNING_RATE, DP_MAX_GRAD_NORM
-from fedtune.simulation import simulate
 
 # RDP at the same orders. At fractional orders dp-accounting sums the series' terms in absolute
 # value (conservative; see independent_accounting): the planner's epsilon is at most its, and
@@ -146,22 +144,13 @@ def test_a_misspelt_auto_is_refused_naming_the_key(tmp_path):
 
 @pytest.mark.simulation
 def test_a_run_with_auto_training_is_planned_for_its_smallest_node_and_records_it(
-    tmp_path, tiny_model_dir
+    planned_postgres_run: PlannedPostgresRun,
 ):
-    write_demo_data(tmp_path / "data", domain="hospital", train=48, held_out=6)
-    write_demo_data(tmp_path / "data", domain="bank", train=32, held_out=6)
-    (tmp_path / "run.toml").write_text(
-        tiny_run_toml(
-            tiny_model_dir,
-            run={"name": "auto"},
-            nodes=[{"name": "hospital"}, {"name": "bank"}],
-            training={"steps": "auto", "batch_size": "auto"},
-        )
+    config, run_id, lines = (
+        planned_postgres_run.config,
+        planned_postgres_run.run_id,
+        planned_postgres_run.progress,
     )
-    config = load_run_config(tmp_path / "run.toml")
-    lines: list[str] = []
-
-    run_id = simulate(config, progress=lines.append)
 
     plan = make_plan(32, epsilon=8.0, delta=1e-5, rounds=2)
     engine = open_database(config.database_url, create=False)
