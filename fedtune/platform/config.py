@@ -469,6 +469,12 @@ class AggregationSettings(_Section):
         description="How long one exchange with the nodes may take (a train step includes "
         "local training); a node that has not answered by then is dropped from the round.",
     )
+    key_stage_timeout_s: PositiveFloat = Field(
+        default=15.0,
+        description="How long SecAgg+'s key exchanges (setup, key shares, unmasking: no "
+        "training) wait for a node; a node silent that long is dropped from the round, so a "
+        "dead one costs the round this rather than the SuperLink's 20 s heartbeat expiry.",
+    )
 
     @model_validator(mode="after")
     def _node_dp_needs_secure(self) -> Self:

@@ -1,4 +1,4 @@
-"""Flower's SuperNode, run with the shortest heartbeat the SuperLink accepts.
+"""Flower's SuperNode, run with the shortest heartbeat the SuperLink accepts and shorter waits.
 
 Flower 1.41 hard-codes the SuperNode's heartbeat interval: ``HEARTBEAT_DEFAULT_INTERVAL``
 (30 s) from ``flwr.common.constant``, imported by name into ``flwr.supernode.
@@ -10,10 +10,24 @@ runs Flower's own ``flower-supernode`` with that interval: a dead node is notice
 20 s, plus the ServerApp's 3 s poll. The cost: each node sends a small heartbeat request
 through the gateway every ~4 s instead of every ~20 s.
 
+Flower 1.41 also hard-codes the SuperNode's waits in ``flwr.supernode.start_client_internal``:
+``time.sleep(3)`` between requests for work when none came, and ``time.sleep(0.5)`` while it
+waits for the ClientApp's reply (and for each of its objects). Every exchange of a round paid
+them: about 1.5 s on average per message from the idle poll alone and 0.5 s per reply, four
+times in a SecAgg+ round. :func:`use_short_waits` gives that module a ``time`` whose ``sleep``
+waits :data:`IDLE_POLL_S` instead of 3 s and :data:`REPLY_WAIT_S` instead of 0.5 s (the
+module uses ``time`` for nothing else). The cost: an idle node asks the SuperLink (through the
+gateway) for work twice a second instead of every 3 s, a small protobuf POST each; the reply
+wait is a look at the node's own memory.
+
 ``tests/test_supernode_heartbeat.py`` fails when Flower moves or renames what this sets.
 """
 
 from __future__ import annotations
+
+import time
+import types
+from typing import Any
 
 from flwr.common.constant import (
     HEARTBEAT_BASE_MULTIPLIER,
@@ -40,9 +54,33 @@ def use_short_heartbeat() -> None:
         module.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_INTERVAL_S  # type: ignore[attr-defined]
 
 
+IDLE_POLL_S: float = 0.5  # Flower: 3 s between requests for work when there was none
+REPLY_WAIT_S: float = 0.05  # Flower: 0.5 s between looks for the ClientApp's reply
+FLOWER_WAITS: dict[float, float] = {3: IDLE_POLL_S, 0.5: REPLY_WAIT_S}
+
+
+def _short_sleep(seconds: float) -> None:
+    """``time.sleep`` with Flower's two hard-coded waits replaced (any other unchanged)."""
+    time.sleep(FLOWER_WAITS.get(seconds, seconds))
+
+
+def use_short_waits() -> None:
+    """Give Flower's SuperNode loop a ``time`` whose ``sleep`` waits less (this process only)."""
+    from flwr.supernode import start_client_internal
+
+    found: Any = getattr(start_client_internal, "time", None)
+    if found is not time and not isinstance(found, types.SimpleNamespace):
+        raise RuntimeError(f"{start_client_internal.__name__} no longer uses the time module")
+    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    start_client_internal.time = types.SimpleNamespace(  # type: ignore[attr-defined]
+        **{**names, "sleep": _short_sleep}
+    )
+
+
 def main() -> None:
-    """``flower-supernode`` with the short heartbeat (same arguments)."""
+    """``flower-supernode`` with the short heartbeat and waits (same arguments)."""
     use_short_heartbeat()
+    use_short_waits()
     from flwr.supernode.cli import flower_supernode
 
     flower_supernode()
