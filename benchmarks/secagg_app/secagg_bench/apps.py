@@ -144,7 +144,11 @@ def bench_mod(message: Message, context: Context, call_next: Callable) -> Messag
             "round": int(message.metadata.group_id or 0),
             "node_index": index,
             "stage": stage,
-            "process_started": psutil.Process().create_time(),
+            # A long-lived worker (benchmarks/secagg_app/worker.py) starts no process per
+            # message: its start costs the message nothing.
+            "process_started": handler_started
+            if os.environ.get("SECAGG_BENCH_LONG_LIVED")
+            else psutil.Process().create_time(),
             "handler_started": handler_started,
             "handler_seconds": handler_seconds,
             "fit_seconds": _LAST_FIT.get("seconds"),
@@ -446,6 +450,7 @@ def main(grid: Grid, context: Context) -> None:
         "timeout": float(config["timeout"]),
         "server_poll_s": float(config["server-poll"]),
         "masked_upload": str(config.get("masked-upload", "int64")),
+        "grid": str(config.get("grid", "flower")),
     }
     results = Path(str(config["results"]))
     report: dict[str, Any] = {
@@ -470,6 +475,10 @@ def main(grid: Grid, context: Context) -> None:
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=settings["rounds"]), strategy=strategy
     )
+    if settings["grid"] == "prompt":  # fedtune's coordinator grid: replies pulled every 0.2 s
+        from fedtune.coordinator.prompt_grid import PromptGrid
+
+        grid = PromptGrid(grid)
     measuring = MeasuringGrid(grid, timeout=settings["timeout"], poll_s=settings["server_poll_s"])
     if mode == SECAGG:
         max_weight = float(num_examples(settings["nodes"] - 1))

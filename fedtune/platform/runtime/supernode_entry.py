@@ -72,7 +72,7 @@ def use_short_waits() -> None:
     if found is not time and not isinstance(found, types.SimpleNamespace):
         raise RuntimeError(f"{start_client_internal.__name__} no longer uses the time module")
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-    start_client_internal.time = types.SimpleNamespace(  # type: ignore[attr-defined]
+    start_client_internal.time = types.SimpleNamespace(  # type: ignore[assignment]
         **{**names, "sleep": _short_sleep}
     )
 
