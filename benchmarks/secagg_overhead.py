@@ -578,7 +578,7 @@ def main() -> None:
         "message; worker: each node in --isolation process with a long-lived ClientApp worker "
         "(fedtune's, serving this app), Flower's waits (the SuperNode's 3 s idle and 0.5 s "
         "reply waits, the worker's 0.5 s, the ServerApp's 3 s); worker-prompt: the same with "
-        "fedtune's shorter waits (supernode_entry, worker 0.1 s, PromptGrid 0.2 s). Keyed apart",
+        "fedtune's shorter waits (supernode_entry, worker 0.1 s, PromptGrid 0.1 s). Keyed apart",
     )  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="keep certificates, logs and raw reports here")
     parser.add_argument("--out", type=Path, default=RESULTS / "secagg_overhead.json")

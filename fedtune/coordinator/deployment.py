@@ -206,6 +206,7 @@ def _rounds(
     # sampling would wait without a limit, so its minimums are 1 and this loop waits instead.
     plain = ValidatingFedAvg(
         observer=setup.recorder,
+        upload_dtype=aggregation.plain_upload,
         ledger_check=setup.ledger_check(),
         receipts=setup.recorder.receipt_for,
         enrolled=grid.enrolled_name,

@@ -4,7 +4,7 @@ deadline: the ServerApp's share of a deployed round's fixed cost, and of what a 
 Flower 1.41's ``Grid.send_and_receive`` (``flwr.superlink.grid.http_grid``) pulls replies and
 then sleeps 3 s before it asks again: every exchange of a round waited 1.5 s on average for
 nothing, four times in a SecAgg+ round. :class:`PromptGrid` pushes the messages and pulls
-every :data:`POLL_S` instead (the cost: one small request to the SuperLink per 0.2 s while a
+every :data:`POLL_S` instead (the cost: one small request to the SuperLink per 0.1 s while a
 round waits, on the coordinator's own host).
 
 A node that dies is only reported by the SuperLink once its heartbeat has expired (two 10 s
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from fedtune.coordinator.grid_wrapper import WrappedGrid, secaggplus_stage
 
-POLL_S = 0.2  # Flower: 3 s between requests for replies
+POLL_S = 0.1  # Flower: 3 s between requests for replies
 KEY_STAGES = frozenset({Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK})
 
 

@@ -475,7 +475,7 @@ def main(grid: Grid, context: Context) -> None:
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=settings["rounds"]), strategy=strategy
     )
-    if settings["grid"] == "prompt":  # fedtune's coordinator grid: replies pulled every 0.2 s
+    if settings["grid"] == "prompt":  # fedtune's coordinator grid: replies pulled every 0.1 s
         from fedtune.coordinator.prompt_grid import PromptGrid
 
         grid = PromptGrid(grid)
