@@ -99,7 +99,7 @@ def use_short_waits() -> None:
     if push is None:
         raise RuntimeError(f"{start_client_internal.__name__} no longer has _push_messages")
     if not hasattr(push, "__wrapped__"):
-        start_client_internal._push_messages = _noting_replies(push)  # type: ignore[attr-defined]
+        start_client_internal._push_messages = _noting_replies(push)
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
     start_client_internal.time = types.SimpleNamespace(  # type: ignore[assignment]
         **{**names, "sleep": _short_sleep}
