@@ -94,6 +94,7 @@ from fedtune.platform.runtime.flower_tools import tool_path_environment
 from fedtune.platform.security.node_auth import generate_node_auth_key
 from fedtune.platform.security.tls import init_certificates
 from fedtune.platform.wire.pinned_apps import ensure_secret
+from fedtune.platform.wire.plain_upload import FLOAT16_ABSOLUTE_ERROR, FLOAT16_RELATIVE_ERROR
 
 RESULTS = Path(__file__).parent / "results"
 RUNTIMES = ("subprocess", "worker", "worker-prompt")
@@ -366,6 +367,7 @@ class Federation:
         timeout_s: float,
         server_poll_s: float = 0.0,
         masked_upload: str = "packed",
+        plain_upload: str = "float32",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Submit one run of the benchmark app; its server report and the nodes' log lines."""
         assert self.config is not None
@@ -377,6 +379,7 @@ class Federation:
             f"results={json.dumps(str(results))} "
             f"node-log-dir={json.dumps(str(node_logs))} "
             f"masked-upload={json.dumps(masked_upload)} "
+            f"plain-upload={json.dumps(plain_upload)} "
             f"grid={json.dumps('prompt' if self.runtime == 'worker-prompt' else 'flower')}"
         )
         output = flwr(self.config, "run", str(APP), CONNECTION, "--run-config", run_config,
@@ -521,6 +524,7 @@ def summarise(report: dict[str, Any], node_lines: list[dict[str, Any]]) -> dict[
         ),
         "sent_bytes_per_node_by_stage": {k: _median(v) for k, v in sent_by_stage.items()},
         "max_abs_error": max(r.get("max_abs_error", float("nan")) for r in rounds),
+        "max_abs_update_value": max(r.get("max_abs_update_value", float("nan")) for r in rounds),
         "sizing_seconds_subtracted": _median([r["sizing_seconds"] for r in measured]),
         "breakdown": breakdown,
         "breakdown_totals": totals,
@@ -580,6 +584,11 @@ def main() -> None:
         "reply waits, the worker's 0.5 s, the ServerApp's 3 s); worker-prompt: the same with "
         "fedtune's shorter waits (supernode_entry, worker 0.1 s, PromptGrid 0.1 s). Keyed apart",
     )  # fmt: skip
+    parser.add_argument(
+        "--plain-upload", choices=("float32", "float16"), default="float32",
+        help="plain rounds' update type; float16 as fedtune's aggregation.plain_upload sends "
+        "it (averaged in float32); the cell then records the error bound. Keyed apart",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="keep certificates, logs and raw reports here")
     parser.add_argument("--out", type=Path, default=RESULTS / "secagg_overhead.json")
     args = parser.parse_args()
@@ -627,7 +636,7 @@ def main() -> None:
             "rounds": args.rounds, "seed": args.seed, "budget_minutes": args.budget_minutes,
             "server_poll_s": args.server_poll, "cells": [f"{n}x{v}" for n, v in grid],
             "superlink_state": args.superlink_state, "masked_upload": args.masked_upload,
-            "runtime": args.runtime,
+            "runtime": args.runtime, "plain_upload": args.plain_upload,
         },
         "note": "all processes on one machine, sharing its CPUs with other engineers' test runs "
         "(see load_average); SuperLink with TLS and SuperNode authentication; "
@@ -682,6 +691,7 @@ def main() -> None:
                         + (f"/server-poll-{args.server_poll:g}s" if args.server_poll > 0 else "")
                         + ("/packed-upload" if args.masked_upload == "packed" else "")
                         + (f"/{args.runtime}" if args.runtime != "subprocess" else "")
+                        + ("/plain-float16" if args.plain_upload == "float16" else "")
                     )
                     cell: dict[str, Any] = {
                         "nodes": nodes,
@@ -690,6 +700,7 @@ def main() -> None:
                         "superlink_state": args.superlink_state,
                         "masked_upload": args.masked_upload,
                         "runtime": args.runtime,
+                        "plain_upload": args.plain_upload,
                         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "load_average_before": list(os.getloadavg()),
                     }
@@ -702,6 +713,7 @@ def main() -> None:
                                 seed=args.seed, timeout_s=args.run_timeout,
                                 server_poll_s=args.server_poll,
                                 masked_upload=args.masked_upload,
+                                plain_upload=args.plain_upload,
                             )  # fmt: skip
                         except (RuntimeError, TimeoutError) as exc:
                             progress(f"{key} {mode} failed: {exc}")
@@ -720,6 +732,12 @@ def main() -> None:
                     if broken is not None:
                         continue
                     cell["load_average_after"] = list(os.getloadavg())
+                    if args.plain_upload == "float16" and "plain" in cell:
+                        # fedtune.platform.wire.plain_upload: the mean's error bound
+                        cell["plain"]["float16_error_bound"] = (
+                            cell["plain"]["max_abs_update_value"] * FLOAT16_RELATIVE_ERROR
+                            + FLOAT16_ABSOLUTE_ERROR
+                        )
                     if "plain" in cell and "secagg+" in cell:
                         ratio = (
                             cell["secagg+"]["median_round_seconds"]
@@ -798,6 +816,7 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             "superlink_state": cell.get("superlink_state"),
             "masked_upload": cell.get("masked_upload", "int64"),
             "runtime": cell.get("runtime", "subprocess"),
+            "plain_upload": cell.get("plain_upload", "float32"),
             "plain_median_round_s": cell.get("plain", {}).get("median_round_seconds"),
             "secagg_median_round_s": cell.get("secagg+", {}).get("median_round_seconds"),
             "time_ratio": cell.get("time_ratio"),
@@ -806,6 +825,7 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             "secagg_sent_MB_per_node": _mb(cell.get("secagg+", {}).get("sent_bytes_per_node")),
             "bytes_ratio": cell.get("bytes_ratio"),
             "secagg_max_abs_error": cell.get("secagg+", {}).get("max_abs_error"),
+            "plain_max_abs_error": cell.get("plain", {}).get("max_abs_error"),
         }
         for cell in sorted(
             report["cells"].values(),
