@@ -36,7 +36,7 @@ class PromptGrid(WrappedGrid):
     """``grid`` with replies pulled every ``poll_s`` and SecAgg+'s key stages ended after
     ``key_stage_timeout_s`` (or the caller's deadline, if shorter)."""
 
-    def __init__(self, grid: Grid, *, poll_s: float = POLL_S, key_stage_timeout_s: float = 15.0):
+    def __init__(self, grid: Grid, *, poll_s: float = POLL_S, key_stage_timeout_s: float = 10.0):
         super().__init__(grid)
         self.poll_s = poll_s
         self.key_stage_timeout_s = key_stage_timeout_s

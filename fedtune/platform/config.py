@@ -475,7 +475,7 @@ class AggregationSettings(_Section):
         "float16 halves the upload; the mean's error is at most 2**-11 of the largest value.",
     )
     key_stage_timeout_s: PositiveFloat = Field(
-        default=15.0,
+        default=10.0,
         description="How long SecAgg+'s key exchanges (setup, key shares, unmasking: no "
         "training) wait for a node; a node silent that long is dropped from the round, so a "
         "dead one costs the round this rather than the SuperLink's 20 s heartbeat expiry.",
