@@ -93,8 +93,11 @@ from fedtune.platform.config import CoordinatorConfig, CoordinatorSettings, TlsS
 from fedtune.platform.runtime.flower_tools import tool_path_environment
 from fedtune.platform.security.node_auth import generate_node_auth_key
 from fedtune.platform.security.tls import init_certificates
+from fedtune.platform.wire.pinned_apps import ensure_secret
+from fedtune.platform.wire.plain_upload import FLOAT16_ABSOLUTE_ERROR, FLOAT16_RELATIVE_ERROR
 
 RESULTS = Path(__file__).parent / "results"
+RUNTIMES = ("subprocess", "worker", "worker-prompt")
 APP = Path(__file__).parent / "secagg_app"
 TARGET_RATIO = 1.5  # SecAgg+ round time / plain round time (issue "Secure aggregation")
 MODES = ("plain", "secagg+")
@@ -174,7 +177,9 @@ class Federation:
         *,
         progress: Callable[[str], None],
         superlink_state: str = "memory",
+        runtime: str = "subprocess",
     ):
+        self.runtime = runtime
         self.workdir = workdir
         self.nodes = nodes
         self.superlink_state = superlink_state
@@ -184,6 +189,7 @@ class Federation:
         self.superlink: subprocess.Popen[bytes] | None = None
         self.superexec: subprocess.Popen[bytes] | None = None
         self.supernodes: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
         self.config: CoordinatorConfig | None = None
 
     def __enter__(self) -> Federation:
@@ -253,15 +259,26 @@ class Federation:
             keys = generate_node_auth_key(folder)
             flwr(config, "supernode", "register", str(keys.public_key), CONNECTION,
                  "--name", f"node-{index}")  # fmt: skip
+            port = free_port()
+            supernode = (
+                # fedtune's node: Flower's SuperNode with short waits and heartbeat
+                [sys.executable, "-m", "fedtune.platform.runtime.supernode_entry"]
+                if self.runtime == "worker-prompt"
+                else [str(Path(sys.executable).parent / "flower-supernode")]
+            )
             command = [
-                str(Path(sys.executable).parent / "flower-supernode"),
+                *supernode,
                 "--root-certificates", str(config.tls.ca_certificate),
                 "--superlink", config.superlink_address,  # straight to it: no gateway here
                 "--auth-supernode-private-key", str(keys.private_key),
                 "--node-config", f"index={index}",
                 "--host", "127.0.0.1",
-                "--port", str(free_port()),
+                "--port", str(port),
             ]  # fmt: skip
+            secret = folder / "superexec.secret"
+            if self.runtime != "subprocess":  # tasks go to a long-lived worker, as on fedtune's
+                ensure_secret(secret)
+                command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
             environment = {
                 **tool_path_environment(),  # the SuperNode starts flower-superexec by name
                 "FLWR_HOME": str(folder / "flwr"),
@@ -277,6 +294,24 @@ class Federation:
                         start_new_session=True,
                     )
                 )
+            if self.runtime != "subprocess":
+                poll_s = "0.1" if self.runtime == "worker-prompt" else "0.5"
+                with (self.logs / f"worker-{index}.log").open("ab") as log:
+                    self.workers.append(
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                str(APP / "worker.py"),
+                                f"127.0.0.1:{port}",
+                                str(secret),
+                                poll_s,
+                            ],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True,
+                        )
+                    )
         self.wait_for_nodes(deadline)
         self.progress(f"{self.nodes} nodes online at {config.superlink_address}")
 
@@ -304,11 +339,14 @@ class Federation:
         for index, node in enumerate(self.supernodes):
             if node.poll() is not None:
                 raise RuntimeError(f"SuperNode {index} exited; see {self.logs}")
+        for index, worker in enumerate(self.workers):
+            if worker.poll() is not None:
+                raise RuntimeError(f"ClientApp worker {index} exited; see {self.logs}")
 
     def listening(self) -> list[str]:
         """Every address a process of this federation listens on."""
         found = set()
-        for root in [self.superlink, self.superexec, *self.supernodes]:
+        for root in [self.superlink, self.superexec, *self.supernodes, *self.workers]:
             if root is None:
                 continue
             for process in process_tree(root.pid):
@@ -329,6 +367,7 @@ class Federation:
         timeout_s: float,
         server_poll_s: float = 0.0,
         masked_upload: str = "packed",
+        plain_upload: str = "float32",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Submit one run of the benchmark app; its server report and the nodes' log lines."""
         assert self.config is not None
@@ -339,7 +378,9 @@ class Federation:
             f"seed={seed} timeout={timeout_s:.1f} server-poll={server_poll_s:.3f} "
             f"results={json.dumps(str(results))} "
             f"node-log-dir={json.dumps(str(node_logs))} "
-            f"masked-upload={json.dumps(masked_upload)}"
+            f"masked-upload={json.dumps(masked_upload)} "
+            f"plain-upload={json.dumps(plain_upload)} "
+            f"grid={json.dumps('prompt' if self.runtime == 'worker-prompt' else 'flower')}"
         )
         output = flwr(self.config, "run", str(APP), CONNECTION, "--run-config", run_config,
                       "--format", "json", timeout=300)  # fmt: skip
@@ -377,6 +418,8 @@ class Federation:
         return report, lines
 
     def stop(self) -> None:
+        stop_processes(self.workers)
+        self.workers = []
         stop_processes(self.supernodes)  # nodes first: SIGTERM marks them offline at once
         self.supernodes = []
         for process in (self.superexec, self.superlink):
@@ -481,6 +524,7 @@ def summarise(report: dict[str, Any], node_lines: list[dict[str, Any]]) -> dict[
         ),
         "sent_bytes_per_node_by_stage": {k: _median(v) for k, v in sent_by_stage.items()},
         "max_abs_error": max(r.get("max_abs_error", float("nan")) for r in rounds),
+        "max_abs_update_value": max(r.get("max_abs_update_value", float("nan")) for r in rounds),
         "sizing_seconds_subtracted": _median([r["sizing_seconds"] for r in measured]),
         "breakdown": breakdown,
         "breakdown_totals": totals,
@@ -532,6 +576,19 @@ def main() -> None:
         "fedtune's nodes send them (uint32), checked as fedtune's coordinator does; int64: "
         "Flower's own upload (the cells measured before Dec 2026; keyed apart)",
     )  # fmt: skip
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, default="subprocess",
+        help="subprocess (default): Flower's subprocess isolation, one ClientApp process per "
+        "message; worker: each node in --isolation process with a long-lived ClientApp worker "
+        "(fedtune's, serving this app), Flower's waits (the SuperNode's 3 s idle and 0.5 s "
+        "reply waits, the worker's 0.5 s, the ServerApp's 3 s); worker-prompt: the same with "
+        "fedtune's shorter waits (supernode_entry, worker 0.1 s, PromptGrid 0.1 s). Keyed apart",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plain-upload", choices=("float32", "float16"), default="float32",
+        help="plain rounds' update type; float16 as fedtune's aggregation.plain_upload sends "
+        "it (averaged in float32); the cell then records the error bound. Keyed apart",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="keep certificates, logs and raw reports here")
     parser.add_argument("--out", type=Path, default=RESULTS / "secagg_overhead.json")
     args = parser.parse_args()
@@ -579,10 +636,16 @@ def main() -> None:
             "rounds": args.rounds, "seed": args.seed, "budget_minutes": args.budget_minutes,
             "server_poll_s": args.server_poll, "cells": [f"{n}x{v}" for n, v in grid],
             "superlink_state": args.superlink_state, "masked_upload": args.masked_upload,
+            "runtime": args.runtime, "plain_upload": args.plain_upload,
         },
         "note": "all processes on one machine, sharing its CPUs with other engineers' test runs "
-        "(see load_average); SuperLink with TLS and SuperNode authentication; Flower's "
-        "subprocess isolation (one ClientApp process per message)",
+        "(see load_average); SuperLink with TLS and SuperNode authentication; "
+        + {
+            "subprocess": "Flower's subprocess isolation (one ClientApp process per message)",
+            "worker": "process isolation, a long-lived ClientApp worker per node, Flower's waits",
+            "worker-prompt": "process isolation, a long-lived ClientApp worker per node, "
+            "fedtune's shorter waits",
+        }[args.runtime],
         "skipped": [],
     }  # fmt: skip
     started = time.monotonic()
@@ -608,6 +671,7 @@ def main() -> None:
                 nodes,
                 progress=progress,
                 superlink_state=args.superlink_state,
+                runtime=args.runtime,
             ) as federation:
                 invocation.setdefault("listening", {})[f"{nodes}-nodes"] = federation.listening()
                 broken = None
@@ -626,6 +690,8 @@ def main() -> None:
                         f"{nodes}-nodes/{values}-values"
                         + (f"/server-poll-{args.server_poll:g}s" if args.server_poll > 0 else "")
                         + ("/packed-upload" if args.masked_upload == "packed" else "")
+                        + (f"/{args.runtime}" if args.runtime != "subprocess" else "")
+                        + ("/plain-float16" if args.plain_upload == "float16" else "")
                     )
                     cell: dict[str, Any] = {
                         "nodes": nodes,
@@ -633,6 +699,8 @@ def main() -> None:
                         "server_poll_s": args.server_poll,
                         "superlink_state": args.superlink_state,
                         "masked_upload": args.masked_upload,
+                        "runtime": args.runtime,
+                        "plain_upload": args.plain_upload,
                         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "load_average_before": list(os.getloadavg()),
                     }
@@ -645,6 +713,7 @@ def main() -> None:
                                 seed=args.seed, timeout_s=args.run_timeout,
                                 server_poll_s=args.server_poll,
                                 masked_upload=args.masked_upload,
+                                plain_upload=args.plain_upload,
                             )  # fmt: skip
                         except (RuntimeError, TimeoutError) as exc:
                             progress(f"{key} {mode} failed: {exc}")
@@ -663,6 +732,12 @@ def main() -> None:
                     if broken is not None:
                         continue
                     cell["load_average_after"] = list(os.getloadavg())
+                    if args.plain_upload == "float16" and "plain" in cell:
+                        # fedtune.platform.wire.plain_upload: the mean's error bound
+                        cell["plain"]["float16_error_bound"] = (
+                            cell["plain"]["max_abs_update_value"] * FLOAT16_RELATIVE_ERROR
+                            + FLOAT16_ABSOLUTE_ERROR
+                        )
                     if "plain" in cell and "secagg+" in cell:
                         ratio = (
                             cell["secagg+"]["median_round_seconds"]
@@ -704,6 +779,7 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
         (c["nodes"], c["values"])
         for c in report["cells"].values()
         if not c.get("server_poll_s")  # the grid is measured with Flower's own polling
+        and c.get("runtime", "subprocess") == "subprocess"
     }
     reasons: dict[tuple[int, int], str] = {}
     for earlier in report["invocations"]:
@@ -739,6 +815,8 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             "server_poll_s": cell.get("server_poll_s", 0.0),
             "superlink_state": cell.get("superlink_state"),
             "masked_upload": cell.get("masked_upload", "int64"),
+            "runtime": cell.get("runtime", "subprocess"),
+            "plain_upload": cell.get("plain_upload", "float32"),
             "plain_median_round_s": cell.get("plain", {}).get("median_round_seconds"),
             "secagg_median_round_s": cell.get("secagg+", {}).get("median_round_seconds"),
             "time_ratio": cell.get("time_ratio"),
@@ -747,13 +825,20 @@ def _write(path: Path, report: dict[str, Any], invocation: dict[str, Any]) -> No
             "secagg_sent_MB_per_node": _mb(cell.get("secagg+", {}).get("sent_bytes_per_node")),
             "bytes_ratio": cell.get("bytes_ratio"),
             "secagg_max_abs_error": cell.get("secagg+", {}).get("max_abs_error"),
+            "plain_max_abs_error": cell.get("plain", {}).get("max_abs_error"),
         }
         for cell in sorted(
             report["cells"].values(),
-            key=lambda c: (c.get("server_poll_s", 0.0), c["nodes"], c["values"]),
+            key=lambda c: (
+                c.get("runtime", "subprocess"),
+                c.get("server_poll_s", 0.0),
+                c["nodes"],
+                c["values"],
+            ),
         )
     ]
     report["masked_upload_before_after"] = _before_after(report["cells"])
+    report["waits_before_after"] = _waits_before_after(report["cells"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
 
@@ -764,6 +849,8 @@ def _before_after(cells: dict[str, Any]) -> list[dict[str, Any]]:
     by_upload: dict[tuple[int, int], dict[str, Any]] = {}
     for cell in cells.values():
         if cell.get("server_poll_s") or "secagg+" not in cell:
+            continue
+        if cell.get("runtime", "subprocess") != "subprocess":
             continue
         upload = cell.get("masked_upload", "int64")
         by_upload.setdefault((cell["nodes"], cell["values"]), {})[upload] = cell
@@ -785,6 +872,27 @@ def _before_after(cells: dict[str, Any]) -> list[dict[str, Any]]:
                 "max_abs_error_packed": after["secagg+"].get("max_abs_error"),
             }
         )
+    return rows
+
+
+def _waits_before_after(cells: dict[str, Any]) -> list[dict[str, Any]]:
+    """Round times with the long-lived worker and Flower's waits (before) and fedtune's shorter
+    ones (after), per cell measured both ways."""
+    by_runtime: dict[tuple[int, int], dict[str, Any]] = {}
+    for cell in cells.values():
+        if cell.get("runtime") in ("worker", "worker-prompt") and "time_ratio" in cell:
+            by_runtime.setdefault((cell["nodes"], cell["values"]), {})[cell["runtime"]] = cell
+    rows = []
+    for (nodes, values), found in sorted(by_runtime.items()):
+        row: dict[str, Any] = {"nodes": nodes, "values": values}
+        for runtime, label in (("worker", "before"), ("worker-prompt", "after")):
+            cell = found.get(runtime)
+            if cell is None:
+                continue
+            row[f"plain_round_s_{label}"] = cell["plain"]["median_round_seconds"]
+            row[f"secagg_round_s_{label}"] = cell["secagg+"]["median_round_seconds"]
+            row[f"time_ratio_{label}"] = cell["time_ratio"]
+        rows.append(row)
     return rows
 
 

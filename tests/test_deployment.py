@@ -320,7 +320,7 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny
     deployment.kill("node-hospital-c")
     killed_at = time.monotonic()
     database = open_database(deployment.coordinator.database_url)
-    while True:  # the round gives up on the dead node and records it (timing: printed)
+    while True:  # the round gives up on the dead node and records it
         with transaction(database) as session:
             noticed = session.scalars(
                 select(RejectedUpdate).where(RejectedUpdate.run_id == run_id)
@@ -328,7 +328,10 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny
         if noticed is not None:
             print(f"killed node recorded after {time.monotonic() - killed_at:.1f} s")
             break
-        assert time.monotonic() - killed_at < 600
+        # A dead node costs the round at most 30 s: the key stage it was in gives up on it
+        # after aggregation.key_stage_timeout_s (10 s), the SuperLink's heartbeat expiry
+        # (20 s) covers training; the others finish the round and it is recorded.
+        assert time.monotonic() - killed_at < 30, "the dead node held the round up over 30 s"
         time.sleep(0.5)
     status = deployment.wait_for_run(run_id, timeout_s=900)
 

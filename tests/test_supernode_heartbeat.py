@@ -4,6 +4,7 @@ rather than 60-110 s; and this fails when Flower moves what the entry point sets
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,12 @@ from flwr.supernode import fleet_http_connection
 
 from fedtune.client_node.supernode import supernode_command
 from fedtune.platform.config import load_node_config
-from fedtune.platform.runtime.supernode_entry import HEARTBEAT_INTERVAL_S
+from fedtune.platform.runtime.supernode_entry import (
+    FLOWER_IDLE_S,
+    FLOWER_REPLY_WAIT_S,
+    HEARTBEAT_INTERVAL_S,
+    IDLE_POLL_S,
+)
 
 
 def test_flower_still_reads_the_interval_where_the_entry_point_sets_it():
@@ -65,3 +71,38 @@ def test_a_node_starts_its_supernode_through_the_entry_point(tmp_path: Path):
 
     assert command[:3] == [sys.executable, "-m", "fedtune.platform.runtime.supernode_entry"]
     assert command[command.index("--superlink") + 1] == "127.0.0.1:9095"
+
+
+def test_flower_still_waits_where_the_entry_point_shortens_it():
+    """The SuperNode's only uses of ``time`` are the waits ``use_short_waits`` replaces."""
+    from flwr.supernode import start_client_internal
+
+    source = inspect.getsource(start_client_internal)
+    assert "\nimport time\n" in source
+    uses = sorted(set(re.findall(r"\btime\.\w+\(([^)]*)\)", source)))
+    assert uses == ["0.5", "3"]
+    assert [FLOWER_REPLY_WAIT_S, FLOWER_IDLE_S] == [0.5, 3]
+    # The loop pushes replies through the module's _push_messages, looked up at each call.
+    loop = inspect.getsource(start_client_internal.start_client_internal)
+    assert "_push_messages(" in loop
+
+
+def test_the_entry_point_gives_the_supernode_loop_short_waits():
+    probe = (
+        "import time\n"
+        "from fedtune.platform.runtime.supernode_entry import use_short_waits\n"
+        "use_short_waits()\n"
+        "from flwr.supernode import start_client_internal as s\n"
+        "t = time.monotonic(); s.time.sleep(3); idle = time.monotonic() - t\n"
+        "assert s._push_messages.__wrapped__ is not None\n"
+        "import fedtune.platform.runtime.supernode_entry as e\n"
+        "e._noting_replies(lambda: None)()\n"  # as the wrapped _push_messages notes a reply
+        "t = time.monotonic(); s.time.sleep(3); busy = time.monotonic() - t\n"
+        "t = time.monotonic(); s.time.sleep(0.5); reply = time.monotonic() - t\n"
+        "t = time.monotonic(); s.time.sleep(0.2); other = time.monotonic() - t\n"
+        "print(round(idle, 1), busy < 0.3, round(reply, 2) <= 0.1, round(other, 1))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == [str(IDLE_POLL_S), "True", "True", "0.2"]

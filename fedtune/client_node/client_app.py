@@ -69,6 +69,7 @@ from fedtune.platform.wire.messages import (
     record_to_arrays,
     train_reply_content,
 )
+from fedtune.platform.wire.plain_upload import narrowed
 from fedtune.privacy.accounting import BudgetExhaustedError
 from fedtune.privacy.ledger import LedgerFormatError
 from fedtune.privacy.node_ledger import NodeLedger
@@ -318,8 +319,11 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     metrics[EVALUATE_DEVICE_SECONDS] = sum(e.device_seconds for e in evaluations)
     # All the node's own work on this message (loading, accounting, ledger, evaluation too).
     metrics[NODE_SECONDS] = time.perf_counter() - started
+    arrays = adapter_arrays(model)
+    if not config_record.get(SECURE_AGGREGATION, False):  # SecAgg+ quantises float32 itself
+        arrays = narrowed(arrays, instructions.upload_dtype)
     return train_reply_content(
-        arrays=adapter_arrays(model),
+        arrays=arrays,
         metrics=train_metrics(config, metrics),
         identity=runtime.identity(),
         budget=local.budget,

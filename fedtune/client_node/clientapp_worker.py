@@ -15,7 +15,9 @@ fedtune's ClientApp in this process. A refused bundle gets Flower's error reply
 (``ErrorCode.INVALID_FAB``, as the SuperNode's own FAB verification), which the coordinator
 sees in place of the node's answer. Nothing of a bundle is written to disk or imported.
 
-A long-lived worker also saves the 3-5 s start of a ClientApp process per message.
+A long-lived worker also saves the 3-5 s start of a ClientApp process per message. It asks
+for a task every ``poll_s`` (0.1 s: a request to the SuperNode on loopback; Flower's SuperExec
+asks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 1 s by default).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class ClientAppWorker:
         *,
         say: Callable[[str], None] = print,
         app: Callable[[Message, Context], Message] | None = None,
-        poll_s: float = 0.5,
+        poll_s: float = 0.1,
         max_tasks: int = 4,
         retry_s: float = 60.0,
     ):

@@ -36,6 +36,7 @@ from fedtune.common.database import transaction
 from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.job import DeploymentJob
 from fedtune.coordinator.masked_vectors import MaskedVectorCheck
+from fedtune.coordinator.prompt_grid import PromptGrid
 from fedtune.coordinator.roster import EnrolledGrid, Roster, name_problem, reported_name
 from fedtune.coordinator.secagg_peers import SignedKeyRelay
 from fedtune.coordinator.secure_aggregation import NotEnoughNodesError, SecureFedAvg
@@ -91,7 +92,8 @@ def run_deployed(
     missing = sorted({n.name for n in config.nodes} - (set(setup.keys) & roster.names))
     if missing:
         progress(f"not enrolled (never sampled, updates refused): {missing}")
-    enrolled = EnrolledGrid(grid, roster, progress=progress)
+    prompt = PromptGrid(grid, key_stage_timeout_s=config.aggregation.key_stage_timeout_s)
+    enrolled = EnrolledGrid(prompt, roster, progress=progress)
     try:
         first, arrays = _starting_point(setup, config) if job.resume else (1, setup.initial)
         if first > 1:
@@ -204,6 +206,7 @@ def _rounds(
     # sampling would wait without a limit, so its minimums are 1 and this loop waits instead.
     plain = ValidatingFedAvg(
         observer=setup.recorder,
+        upload_dtype=aggregation.plain_upload,
         ledger_check=setup.ledger_check(),
         receipts=setup.recorder.receipt_for,
         enrolled=grid.enrolled_name,

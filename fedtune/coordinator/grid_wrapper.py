@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -30,6 +31,9 @@ class WrappedGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.grid.get_nodes()
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)

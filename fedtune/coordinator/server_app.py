@@ -72,6 +72,7 @@ class RunSetup:
             evaluate_local_model=self.config.run.evaluate_local_model,
             method=self.training.method,
             dpo_beta=self.training.dpo_beta,
+            upload_dtype=self.config.aggregation.plain_upload,
         )
 
     def plan_training(self, examples: int, *, progress: Callable[[str], None] = print) -> None:
@@ -192,6 +193,7 @@ def run_federation(
     min_nodes = config.run.min_nodes or len(config.nodes)
     strategy = ValidatingFedAvg(
         observer=setup.recorder,
+        upload_dtype=config.aggregation.plain_upload,
         ledger_check=setup.ledger_check(),
         receipts=setup.recorder.receipt_for,
         fraction_train=config.run.fraction_train,

@@ -38,6 +38,7 @@ from fedtune.platform.wire.messages import (
     check_protocol,
     with_receipt,
 )
+from fedtune.platform.wire.plain_upload import widened
 from fedtune.privacy.receipts import Receipt
 
 OutcomeKind = Literal["accepted", "rejected", "declined", "failed"]
@@ -241,6 +242,12 @@ def sort_evaluate_replies(
     return outcomes
 
 
+def widen_update(content: RecordDict) -> None:
+    """A train reply's float16 update widened to float32, in place (plain_upload.py)."""
+    if ARRAYS in content.array_records:
+        content.array_records[ARRAYS] = widened(content.array_records[ARRAYS])
+
+
 class ValidatingFedAvg(FedAvg):
     """Flower's FedAvg, fed only the replies that pass :func:`update_problem`; with
     ``enrolled``, replies are attributed to their sender's enrolled name."""
@@ -252,9 +259,11 @@ class ValidatingFedAvg(FedAvg):
         ledger_check: LedgerCheck | None = None,
         enrolled: EnrolledName | None = None,
         receipts: Callable[[str], Receipt | None] | None = None,
+        upload_dtype: str = "float32",
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
+        self.upload_dtype = upload_dtype  # the run's plain upload (plain_upload.py)
         self.observer = observer
         self.ledger_check = ledger_check
         self.enrolled = enrolled
@@ -273,6 +282,11 @@ class ValidatingFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        if self.upload_dtype == "float16":  # checked and averaged in float32
+            replies = list(replies)
+            for reply in replies:
+                if not reply.has_error():
+                    widen_update(reply.content)
         outcomes = sort_train_replies(
             replies,
             self.global_arrays,

@@ -469,6 +469,17 @@ class AggregationSettings(_Section):
         description="How long one exchange with the nodes may take (a train step includes "
         "local training); a node that has not answered by then is dropped from the round.",
     )
+    plain_upload: Literal["float32", "float16"] = Field(
+        default="float32",
+        description="Number type of a plain (not secure) round's updates on the wire: "
+        "float16 halves the upload; the mean's error is at most 2**-11 of the largest value.",
+    )
+    key_stage_timeout_s: PositiveFloat = Field(
+        default=10.0,
+        description="How long SecAgg+'s key exchanges (setup, key shares, unmasking: no "
+        "training) wait for a node; a node silent that long is dropped from the round, so a "
+        "dead one costs the round this rather than the SuperLink's 20 s heartbeat expiry.",
+    )
 
     @model_validator(mode="after")
     def _node_dp_needs_secure(self) -> Self:

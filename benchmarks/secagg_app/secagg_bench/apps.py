@@ -86,8 +86,9 @@ _LAST_FIT: dict[str, float] = {}  # the fit's own seconds, for the outer mod (sa
 
 
 class SyntheticClient(NumPyClient):
-    def __init__(self, *, node_index: int, values: int, seed: int):
+    def __init__(self, *, node_index: int, values: int, seed: int, upload: str = "float32"):
         self.node_index, self.values, self.seed = node_index, values, seed
+        self.upload = upload  # plain rounds: "float16" as fedtune's plain_upload sends it
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple:
         started = time.perf_counter()
@@ -104,6 +105,8 @@ class SyntheticClient(NumPyClient):
         seconds = time.perf_counter() - started
         _LAST_FIT["seconds"] = seconds
         metrics = {"node-index": self.node_index, "fit-seconds": seconds}
+        if self.upload == "float16":
+            update = update.astype(np.float16)
         return [update], num_examples(self.node_index), metrics
 
 
@@ -119,6 +122,9 @@ def client_fn(context: Context):
         node_index=_node_index(context),
         values=int(context.run_config["values"]),
         seed=int(context.run_config["seed"]),
+        upload=str(context.run_config.get("plain-upload", "float32"))
+        if context.run_config.get("mode") == PLAIN
+        else "float32",
     ).to_client()
 
 
@@ -144,7 +150,11 @@ def bench_mod(message: Message, context: Context, call_next: Callable) -> Messag
             "round": int(message.metadata.group_id or 0),
             "node_index": index,
             "stage": stage,
-            "process_started": psutil.Process().create_time(),
+            # A long-lived worker (benchmarks/secagg_app/worker.py) starts no process per
+            # message: its start costs the message nothing.
+            "process_started": handler_started
+            if os.environ.get("SECAGG_BENCH_LONG_LIVED")
+            else psutil.Process().create_time(),
             "handler_started": handler_started,
             "handler_seconds": handler_seconds,
             "fit_seconds": _LAST_FIT.get("seconds"),
@@ -271,6 +281,10 @@ class RecordingFedAvg(FedAvg):
             for proxy, res in results
         ]
         clock = time.perf_counter()
+        for _, res in results:  # a float16 upload is averaged in float32, as fedtune's is
+            arrays = parameters_to_ndarrays(res.parameters)
+            if any(a.dtype == np.float16 for a in arrays):
+                res.parameters = ndarrays_to_parameters([a.astype(np.float32) for a in arrays])
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
         if parameters is not None:
             # SecAgg+ hands back a float64 mean; keep the global vector float32, as fedtune's
@@ -328,6 +342,7 @@ class TimedFit:
         on_round: Callable[[dict[str, Any]], None],
     ):
         self.inner, self.grid, self.strategy = inner, grid, strategy
+        self.max_abs_value = 0.0
         self.settings, self.on_round = settings, on_round
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
@@ -359,6 +374,7 @@ class TimedFit:
         record["errors"] = [e for exchange in exchanges for e in exchange["errors"]]
         if complete:
             record["max_abs_error"] = self._check(context, server_round)
+            record["max_abs_update_value"] = self.max_abs_value
         self.on_round(record)
 
     def _stages(self, exchanges: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -408,15 +424,17 @@ class TimedFit:
         aggregate = parameters_to_ndarrays(arrayrecord_to_parameters(record, keep_input=True))
         got = np.concatenate([a.ravel() for a in aggregate]).astype(np.float64)
         expected = np.zeros(self.settings["values"], dtype=np.float64)
-        total = 0
+        total, self.max_abs_value = 0, 0.0
         for participant in self.strategy.participants:
             weight = participant["num_examples"]
-            expected += weight * synthetic_update(
+            update = synthetic_update(
                 self.settings["values"],
                 seed=self.settings["seed"],
                 server_round=server_round,
                 node_index=participant["node_index"],
-            ).astype(np.float64)
+            )
+            self.max_abs_value = max(self.max_abs_value, float(np.max(np.abs(update))))
+            expected += weight * update.astype(np.float64)
             total += weight
         expected /= total
         return float(np.max(np.abs(got - expected)))
@@ -446,6 +464,7 @@ def main(grid: Grid, context: Context) -> None:
         "timeout": float(config["timeout"]),
         "server_poll_s": float(config["server-poll"]),
         "masked_upload": str(config.get("masked-upload", "int64")),
+        "grid": str(config.get("grid", "flower")),
     }
     results = Path(str(config["results"]))
     report: dict[str, Any] = {
@@ -470,6 +489,10 @@ def main(grid: Grid, context: Context) -> None:
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=settings["rounds"]), strategy=strategy
     )
+    if settings["grid"] == "prompt":  # fedtune's coordinator grid: replies pulled every 0.1 s
+        from fedtune.coordinator.prompt_grid import PromptGrid
+
+        grid = PromptGrid(grid)
     measuring = MeasuringGrid(grid, timeout=settings["timeout"], poll_s=settings["server_poll_s"])
     if mode == SECAGG:
         max_weight = float(num_examples(settings["nodes"] - 1))

@@ -98,6 +98,8 @@ class TrainInstructions:
     # What the run trains: "sft" (conversations) or "dpo" (preference pairs, with dpo_beta).
     method: str = "sft"
     dpo_beta: float = 0.1
+    # A plain round's update on the wire: "float32" or "float16" (plain_upload.py).
+    upload_dtype: str = "float32"
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -119,6 +121,7 @@ class TrainInstructions:
                 "evaluate-local-model": self.evaluate_local_model,
                 "training-method": self.method,
                 "dpo-beta": self.dpo_beta,
+                "upload-dtype": self.upload_dtype,
             }
         )
 
@@ -146,6 +149,7 @@ class TrainInstructions:
                 evaluate_local_model=bool(record["evaluate-local-model"]),
                 method=str(record["training-method"]),
                 dpo_beta=float(record["dpo-beta"]),  # type: ignore[arg-type]
+                upload_dtype=str(record.get("upload-dtype", "float32")),
             )
         except KeyError as exc:
             raise ValueError(f"train message lacks config key {exc}") from None
