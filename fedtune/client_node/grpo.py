@@ -56,6 +56,7 @@ class GRPOStats:
     reward_sum: float = 0.0
     format_hits: int = 0
     completion_tokens: int = 0
+    failures: list[str] = field(default_factory=list)  # the rewards' (RewardScorer.failures)
     kl_sum: float = 0.0
     kl_tokens: int = 0
     # Sampling and scoring; the rest of a round's step time is the update (passes, backward,

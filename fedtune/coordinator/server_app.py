@@ -29,7 +29,7 @@ from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.run_protections import run_protections
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.coordinator.versions import list_versions, production_version, resolve_version
-from fedtune.platform.config import RunConfig, TrainingSettings
+from fedtune.platform.config import GRPO_DEFAULTS, RunConfig, TrainingSettings
 from fedtune.platform.db.storage import Run, open_database
 from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.model.lora import adapter_arrays, attach_lora
@@ -72,6 +72,7 @@ class RunSetup:
             evaluate_local_model=self.config.run.evaluate_local_model,
             method=self.training.method,
             dpo_beta=self.training.dpo_beta,
+            grpo={key: getattr(self.training, key) for key in GRPO_DEFAULTS},
         )
 
     def plan_training(self, examples: int, *, progress: Callable[[str], None] = print) -> None:
