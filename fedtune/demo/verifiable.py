@@ -76,10 +76,18 @@ def _triage(rng: random.Random) -> dict[str, Any]:
             "temperature >= 39.5 C; level 3 when pain >= 7/10; otherwise level 4.\nWhat level?",
         ]
     ).format(age=age, complaint=complaint, findings=", ".join(findings))
+    reasons = {
+        1: f"Saturation {spo2}% and systolic {systolic}: one is below 90, so level 1.",
+        2: f"Saturation {spo2}% and systolic {systolic} are not below 90; heart rate {heart} "
+        f"and temperature {temperature} C meet the level 2 rule.",
+        3: f"No level 1 or 2 finding; pain {pain}/10 is 7 or more, so level 3.",
+        4: f"No level 1 or 2 finding and pain {pain}/10 is below 7, so level 4.",
+    }
     return {
         "system": rng.choice(_TRIAGE_SYSTEMS),
         "prompt": f"{question}\n{FORMAT.format(what='the level number')}",
         "answer": str(level),
+        "reasoning": reasons[level],
     }
 
 
@@ -113,20 +121,46 @@ def _fee(rng: random.Random) -> dict[str, Any]:
             "fees?",
         ]
     ).format(terms="; ".join(terms), month=month)
+    charged = max(transfers - free, 0)
+    reasoning = (
+        f"Balance ${balance} is {'at or above' if balance >= waiver else 'below'} ${waiver}: "
+        f"monthly fee ${0 if balance >= waiver else monthly}. {transfers} transfers, {free} "
+        f"free: {charged} x ${per_transfer:.2f} = ${charged * per_transfer:.2f}."
+        + (f" {overdrafts} x ${overdraft} overdraft." if overdraft else "")
+        + f" Total ${fee:.2f}."
+    )
     return {
         "system": rng.choice(_BANK_SYSTEMS),
         "prompt": f"{question}\n{FORMAT.format(what='the fee in dollars, a number')}",
         "answer": f"{fee:.2f}",
+        "reasoning": reasoning,
     }
 
 
 def generate_verifiable_prompts(domain: str, count: int, *, seed: int = 0) -> list[dict[str, Any]]:
-    """``count`` rows ``{"system", "prompt", "answer"}`` of ``domain``."""
+    """``count`` rows ``{"system", "prompt", "answer", "reasoning"}`` of ``domain`` (the
+    ``reasoning``, a worked solution, is ignored by GRPO; :func:`worked_examples` uses it)."""
     if domain not in DOMAINS:
         raise DemoDataError(f"unknown demo domain {domain!r}; expected one of {DOMAINS}")
     rng = random.Random(f"grpo-{domain}-{seed}")
     make = _triage if domain == "hospital" else _fee
     return [make(rng) for _ in range(count)]
+
+
+def worked_examples(domain: str, count: int, *, seed: int) -> list[dict[str, Any]]:
+    """Supervised rows ``{"system", "prompt", "reasoning", "response"}`` whose answer is
+    ``<answer>…</answer>`` after the worked reasoning (rendered as ``<think>…</think>``): a
+    cold start that teaches a small model the format before GRPO, as DeepSeek-R1 did. Made
+    from another seed than a node's data: public examples, no node's privacy spent."""
+    return [
+        {
+            "system": row["system"],
+            "prompt": row["prompt"],
+            "reasoning": row["reasoning"],
+            "response": f"<answer>{row['answer']}</answer>",
+        }
+        for row in generate_verifiable_prompts(domain, count, seed=seed)
+    ]
 
 
 def demo_prompt_paths(out_dir: Path, domain: str) -> tuple[Path, Path]:
@@ -151,7 +185,10 @@ def write_demo_prompts(
     are never overwritten."""
     check_prompt_output(out_dir, (domain,))
     paths = demo_prompt_paths(out_dir, domain)
-    rows = generate_verifiable_prompts(domain, train + held_out, seed=seed)
+    rows = [
+        {key: value for key, value in row.items() if key != "reasoning"}
+        for row in generate_verifiable_prompts(domain, train + held_out, seed=seed)
+    ]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, part in zip(paths, (rows[:train], rows[train:]), strict=True):
         with path.open("x", encoding="utf-8") as handle:
