@@ -394,6 +394,12 @@ class RunSettings(_Section):
     adapter_seed: int = Field(
         default=0, description="Seed of the initial global adapter (its frozen A matrices)."
     )
+    initial_adapter: ConfigPath | None = Field(
+        default=None,
+        description="Start from this PEFT adapter folder (adapter_model.safetensors; a cold "
+        "start before GRPO, or another run's unencrypted checkpoint) instead of a fresh "
+        "adapter; its shape must be the run's [lora].",
+    )
     evaluate_local_model: bool = Field(
         default=True,
         description="Nodes also report the held-out loss of their own model after training.",
@@ -823,6 +829,9 @@ def load_run_config(path: str | Path) -> RunConfig:
     ]
     return config.model_copy(
         update={
+            "run": config.run.model_copy(
+                update={"initial_adapter": _resolve(base, config.run.initial_adapter)}
+            ),
             "model": _resolve_model(base, config.model),
             "nodes": nodes,
             "output": config.output.model_copy(
