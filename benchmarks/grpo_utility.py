@@ -61,6 +61,13 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=60.0,
+        help="start no new phase (cold start, round) past this: what was left is written as "
+        "not measured",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "grpo_utility.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,8 +106,35 @@ def main() -> None:
         )
         return {**scores, "seconds": time.perf_counter() - clock}
 
-    results: dict[str, Any] = {"base": reward_of(base.model)}
+    results: dict[str, Any] = {}
+
+    def write(final: bool) -> None:
+        output = {
+            "what": "held-out reward (greedy completion, rewards summed: answer + format, max "
+            "2) of the base model, after a non-private cold start on public worked examples, "
+            "and after each round of non-private and DP GRPO from that cold start",
+            "domain": args.domain,
+            "rewards": REWARDS[args.domain],
+            "model": args.model,
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "results": results,
+            "complete": final,
+            "not_measured": [] if final else "every phase missing from results: out of budget",
+            "seconds_total": time.perf_counter() - started,
+            "machine": {"platform": platform.platform(), "threads": args.threads},
+            "note": "one run on a shared 2-core CPU: the times are noisy; nothing is extrapolated",
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(output, indent=2) + "\n")
+
+    def over_budget() -> bool:
+        return time.perf_counter() - started > args.budget_minutes * 60
+
+    results["base"] = reward_of(base.model)
     print(f"base model: {results['base']}", flush=True)
+    write(final=False)
+    if over_budget():
+        return
     model = attach_lora(base.model, LoraSettings())
     cold_result = train_round(
         model,
@@ -122,6 +156,7 @@ def main() -> None:
         "train_seconds": cold_result.seconds,
     }
     print(f"after the cold start: {results['cold_start']}", flush=True)
+    write(final=False)
     start_arrays = copy.deepcopy(adapter_arrays(model))
 
     sample_rate = sample_rate_for(len(prompts), args.batch)
@@ -140,6 +175,8 @@ def main() -> None:
         curve, timing = [], {"generation": 0.0, "reward": 0.0, "update": 0.0}
         health = []
         for round_number in range(1, args.rounds + 1):
+            if over_budget():
+                return
             stats = GRPOStats()
             dp = (
                 DPSettings(
@@ -180,6 +217,8 @@ def main() -> None:
             health.append(stats.summary())
             curve.append({"round": round_number, **reward_of(model)})
             print(f"{arm} round {round_number}: {curve[-1]} (sampled: {health[-1]})", flush=True)
+            results[arm] = {"held_out_by_round": curve, "sampled_by_round": health}
+            write(final=False)
         results[arm] = {
             "held_out_by_round": curve,
             "sampled_by_round": health,
@@ -189,22 +228,9 @@ def main() -> None:
             ),
             "noise_multiplier": sigma if arm == "dp" else None,
         }
-    output = {
-        "what": "held-out reward (greedy completion, rewards summed: answer + format, max 2) "
-        "of the base model, after a non-private cold start on public worked examples, and "
-        "after each round of non-private and DP GRPO from that cold start",
-        "domain": args.domain,
-        "rewards": REWARDS[args.domain],
-        "model": args.model,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "sample_rate": sample_rate,
-        "results": results,
-        "seconds_total": time.perf_counter() - started,
-        "machine": {"platform": platform.platform(), "threads": args.threads},
-        "note": "one run on a shared 2-core CPU: the times are noisy; nothing is extrapolated",
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(output, indent=2) + "\n")
+    results["sample_rate"] = sample_rate
+    write(final=True)
+    output = json.loads(args.out.read_text())
     _plot(output, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
 
