@@ -33,7 +33,7 @@ from transformers import GenerationConfig
 from fedtune.client_node.data import IGNORE_INDEX, Batch
 from fedtune.client_node.dpo import _adapter_disabled
 from fedtune.client_node.losses import labelled_token_losses
-from fedtune.client_node.prompt_data import PromptDataset
+from fedtune.client_node.prompt_data import PromptDataset, make_prompt_collate
 from fedtune.client_node.rewards import RewardScorer, format_reward
 
 
@@ -297,8 +297,6 @@ def held_out_reward(
 ) -> dict[str, float]:
     """Mean reward (and format share) of the most likely completion per held-out prompt:
     the number GRPO should raise."""
-    from fedtune.client_node.prompt_data import make_prompt_collate
-
     pad = int(tokenizer.pad_token_id)
     collate = make_prompt_collate(pad)
     rewards: list[float] = []
