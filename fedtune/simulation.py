@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedtune.client_node.client_app import build_client_app
-from fedtune.client_node.preference_data import count_rows
+from fedtune.client_node.training_data import count_rows
 from fedtune.common.database import transaction
 from fedtune.common.errors import FedtuneError
 from fedtune.coordinator.abtest import AbTestPlan, new_test_id, run_abtest
@@ -148,7 +148,7 @@ def simulate(
     examples = None
     if config.training.is_planned:  # "auto": planned for the smallest node
         examples = min(
-            count_rows(node.train, preference=config.training.method == "dpo")
+            count_rows(node.train, method=config.training.method)
             for node in config.nodes
             if node.train is not None
         )

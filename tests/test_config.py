@@ -182,10 +182,18 @@ def test_dpo_is_chosen_with_its_beta_and_shared_budget_files_resolve(tmp_path):
 @pytest.mark.parametrize(
     ("training", "problem"),
     [
-        ('method = "ppo"', "training.method: Input should be 'sft' or 'dpo'"),
+        ('method = "ppo"', "training.method: Input should be 'sft', 'dpo' or 'grpo'"),
         ('method = "dpo"\ndpo_beta = 0', "training.dpo_beta: Input should be greater than 0"),
         ('method = "dpo"\ndpo_beta = "0.1"', "training.dpo_beta: Input should be a valid number"),
         ("dpo_beta = 0.2", 'training: dpo_beta is set but method is "sft", not "dpo"'),
+        ("grpo_group_size = 8", 'training: grpo_group_size is set but method is "sft", not "grpo"'),
+        (
+            'method = "dpo"\ngrpo_rewards = ["format"]',
+            'training: grpo_rewards is set but method is "dpo", not "grpo"',
+        ),
+        ('method = "grpo"\ngrpo_group_size = 1', "training.grpo_group_size: Input should be"),
+        ('method = "grpo"\ngrpo_clip_ratio = 1', "training.grpo_clip_ratio: Input should be"),
+        ('method = "grpo"\ngrpo_rewards = []', "training.grpo_rewards: List should have"),
     ],
 )
 def test_a_bad_training_method_or_beta_names_the_key(tmp_path, training, problem):
@@ -210,6 +218,25 @@ def test_a_simulated_nodes_shared_budget_files_reach_its_node_config(tmp_path):
     assert node.training.method == "dpo"
 
 
+def test_grpo_is_chosen_with_its_settings(tmp_path):
+    path = write(
+        tmp_path,
+        VALID + '\n[training]\nmethod = "grpo"\ngrpo_group_size = 6\ngrpo_beta = 0\n'
+        'grpo_rewards = ["answer_numeric", "format"]\ngrpo_numeric_tolerance = 0.01\n',
+    )
+
+    training = load_node_config(path).training
+
+    assert (training.method, training.grpo_group_size, training.grpo_beta) == ("grpo", 6, 0.0)
+    assert training.grpo_rewards == ["answer_numeric", "format"]
+    assert training.grpo_numeric_tolerance == 0.01
+    assert training.grpo_max_completion_tokens == 48  # the CPU-sized default
+
+
 def test_dumped_training_settings_validate_again_as_a_deployment_job_does():
-    for settings in (TrainingSettings(), TrainingSettings(method="dpo", dpo_beta=0.3)):
+    for settings in (
+        TrainingSettings(),
+        TrainingSettings(method="dpo", dpo_beta=0.3),
+        TrainingSettings(method="grpo", grpo_group_size=3, grpo_rewards=["format"]),
+    ):
         assert TrainingSettings.model_validate_json(settings.model_dump_json()) == settings

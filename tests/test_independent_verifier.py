@@ -831,3 +831,30 @@ def test_both_accept_dpo_rounds_and_refuse_one_that_misstates_its_privacy_unit(
     lines[2]["privacy_unit"] = "example"
     write_lines(path, lines)
     assert_agree(path, key, "malformed")
+
+
+def test_both_accept_grpo_rounds_and_refuse_one_that_misstates_its_privacy_unit(
+    tmp_path: Path, key: NodeKey
+) -> None:
+    """A DP-GRPO round protects one prompt with its answer; an entry claiming a preference
+    pair for it is malformed to both verifiers."""
+    first = seal_ledger(key, 1)[0]
+    grpo = seal_entry(
+        {name: getattr(first, name) for name in CONTENT_FIELDS if hasattr(first, name)}
+        | {"round": 2, "method": "dp-grpo", "privacy_unit": "prompt"},
+        previous=first,
+        key=key,
+    )
+    seeded = seal_entry(
+        {name: getattr(grpo, name) for name in CONTENT_FIELDS if hasattr(grpo, name)}
+        | {"round": 3, "method": "dp-grpo-seeded-noise"},
+        previous=grpo,
+        key=key,
+    )
+    path = export(tmp_path / "grpo.jsonl", key, [first, grpo, seeded])
+
+    assert_agree(path, key, None)
+    lines = read_lines(path)
+    lines[2]["privacy_unit"] = "preference_pair"
+    write_lines(path, lines)
+    assert_agree(path, key, "malformed")

@@ -73,6 +73,8 @@ METHODS = (
     "dp-sgd-seeded-noise",
     "dp-dpo",
     "dp-dpo-seeded-noise",
+    "dp-grpo",
+    "dp-grpo-seeded-noise",
     "node-level-dp",
     "gaussian",
     "none",
@@ -82,6 +84,8 @@ UNIT_OF_METHOD = {
     "dp-sgd-seeded-noise": "example",
     "dp-dpo": "preference_pair",
     "dp-dpo-seeded-noise": "preference_pair",
+    "dp-grpo": "prompt",
+    "dp-grpo-seeded-noise": "prompt",
     "gaussian": "example",
     "node-level-dp": "node",
 }
@@ -168,8 +172,8 @@ RULES = {  # field: (rule, what it must be)
     ),
     "method": (lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
     "privacy_unit": (
-        lambda v: v in ("example", "preference_pair", "node", None),
-        "example, preference_pair, node or null",
+        lambda v: v in ("example", "preference_pair", "prompt", "node", None),
+        "example, preference_pair, prompt, node or null",
     ),
     "format": (lambda v: True, ""),
     **{name: (optional(is_number), "a finite number >= 0 or null") for name in OPTIONAL_NUMBERS},
@@ -223,7 +227,8 @@ def check_entry(record: dict) -> None:
         need(
             record["privacy_unit"] == (UNIT_OF_METHOD.get(record["method"]) if dp else None),
             "privacy_unit must be node for node-level-dp, preference_pair for dp-dpo and "
-            "dp-dpo-seeded-noise, example for the other dp methods, null when non-private",
+            "dp-dpo-seeded-noise, prompt for dp-grpo and dp-grpo-seeded-noise, example for the "
+            "other dp methods, null when non-private",
         )
         need(
             (record["kind"] == "metric_release") == (record["method"] == "gaussian"),

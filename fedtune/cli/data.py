@@ -8,6 +8,7 @@ from typing import Any
 
 from fedtune.demo.data import DOMAINS, check_demo_output, write_demo_data
 from fedtune.demo.preferences import check_preference_output, write_demo_preferences
+from fedtune.demo.verifiable import check_prompt_output, write_demo_prompts
 
 
 def register(commands: Any) -> None:
@@ -25,6 +26,12 @@ def register(commands: Any) -> None:
         help="also write preference pairs for DPO (preferences_train.jsonl and "
         "preferences_held_out.jsonl, from the same records)",
     )
+    demo_data.add_argument(
+        "--grpo",
+        action="store_true",
+        help="also write prompts with checkable answers for GRPO (grpo_train.jsonl and "
+        "grpo_held_out.jsonl: triage levels at the hospital, fees at the bank)",
+    )
     demo_data.set_defaults(handler=_data_demo)
 
 
@@ -34,6 +41,8 @@ def _data_demo(args: argparse.Namespace) -> int:
     check_demo_output(args.out, domains, train=args.train, held_out=args.held_out)
     if args.preferences:
         check_preference_output(args.out, domains, train=args.train, held_out=args.held_out)
+    if args.grpo:
+        check_prompt_output(args.out, domains)
     for domain in domains:
         train, held_out = write_demo_data(
             args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
@@ -44,4 +53,9 @@ def _data_demo(args: argparse.Namespace) -> int:
                 args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
             )
             print(f"{domain}: {train} ({args.train} pairs), {held_out} ({args.held_out})")
+        if args.grpo:
+            train, held_out = write_demo_prompts(
+                args.out, domain=domain, train=args.train, held_out=args.held_out, seed=args.seed
+            )
+            print(f"{domain}: {train} ({args.train} prompts), {held_out} ({args.held_out})")
     return 0

@@ -23,8 +23,19 @@ def register(commands: Any) -> None:
     demo.add_argument(
         "--workdir", type=Path, default=None, help="a new folder (default: runs/demo-<time>)"
     )
-    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    demo.add_argument("--steps", type=int, default=4, help="DP-SGD steps per round (default 4)")
+    demo.add_argument(
+        "--rounds", type=int, default=None, help="federated rounds (default 3; GRPO: 2)"
+    )
+    demo.add_argument(
+        "--steps", type=int, default=None, help="DP steps per round (default 4; GRPO: 2)"
+    )
+    demo.add_argument(
+        "--method",
+        choices=["sft", "grpo"],
+        default="sft",
+        help="sft: supervised on the demo conversations; grpo: DP-GRPO on prompts with "
+        "checkable answers (triage levels, fees) after a cold start, then the held-out reward",
+    )
     demo.add_argument("--model", default="smollm2-135m", help="model spec")
     demo.add_argument(
         "--deployment",
@@ -45,6 +56,15 @@ def _demo(args: argparse.Namespace) -> int:
     from fedtune.demo.run import run_demo
 
     workdir: Path = args.workdir or Path("runs") / time.strftime("demo-%Y%m%dT%H%M%S")
+    if args.method == "grpo":
+        if args.deployment:
+            raise ConfigError("the GRPO demo runs in simulation only (leave out --deployment)")
+        from fedtune.demo.grpo_demo import run_grpo_demo
+
+        run_grpo_demo(workdir, rounds=args.rounds or 2, steps=args.steps or 2, model=args.model)
+        return 0
+    args.rounds = args.rounds or 3
+    args.steps = args.steps or 4
     if args.deployment:
         from fedtune.demo.local_deployment import run_deployment_demo
 

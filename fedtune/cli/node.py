@@ -143,7 +143,30 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"{metrics['training']['seconds']:.0f} s on {metrics['device']}",
             f"  held-out loss {before['loss']:.3f} -> {after['loss']:.3f}, "
             f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}",
+            *_grpo_lines(metrics),
             f"  privacy: {privacy_line}",
             f"  adapter: {metrics['adapter_dir']}",
         ]
     )
+
+
+def _grpo_lines(metrics: dict[str, Any]) -> list[str]:
+    """A GRPO round: the held-out reward, the round's sampled completions, and any reward
+    that failed (by name and row)."""
+    grpo = metrics.get("grpo")
+    if grpo is None:
+        return []
+    before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
+    sampled = (
+        f"  sampled completions: mean reward {grpo['mean_reward']:.3f}, format share "
+        f"{grpo['format_share']:.2f}, {grpo['completion_tokens']:.1f} tokens, KL {grpo['kl']:.4f}"
+        if grpo["mean_reward"] is not None
+        else "  sampled completions: none (every Poisson batch was empty)"
+    )
+    failures = grpo["reward_failures"]
+    return [
+        f"  held-out reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f} "
+        f"(format share {before['format_share']:.2f} -> {after['format_share']:.2f})",
+        sampled,
+        *([f"  rewards failed {len(failures)} times, first: {failures[0]}"] if failures else []),
+    ]

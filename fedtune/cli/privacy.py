@@ -71,16 +71,14 @@ def _privacy_plan(args: argparse.Namespace) -> int:
     accountant: AccountantName = "rdp"
     history: list[HistoryEntry] = []
     if args.config is not None:
-        from fedtune.client_node.preference_data import count_rows
-        from fedtune.client_node.training_data import budget_group_fingerprints
+        from fedtune.client_node.training_data import budget_group_fingerprints, count_rows
         from fedtune.platform.config import load_node_config
         from fedtune.platform.model.fingerprint import file_fingerprint
         from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 
         config = load_node_config(args.config)
         if examples is None:
-            dpo = config.training.method == "dpo"
-            examples = count_rows(config.data.train, preference=dpo)
+            examples = count_rows(config.data.train, method=config.training.method)
         epsilon = config.privacy.target_epsilon if epsilon is None else epsilon
         delta = config.privacy.delta if delta is None else delta
         rounds = config.privacy.planned_rounds if rounds is None else rounds

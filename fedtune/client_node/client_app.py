@@ -32,8 +32,11 @@ from fedtune.client_node.metric_policy import (
     evaluate_metrics,
     train_metrics,
 )
-from fedtune.client_node.preference_data import PAIR_FORM, PreferenceDataset
+from fedtune.client_node.preference_data import PAIR_FORM
+from fedtune.client_node.prompt_data import PROMPT_FORM
+from fedtune.client_node.rewards import RewardError
 from fedtune.client_node.training_data import (
+    TrainingData,
     budget_group_fingerprints,
     load_held_out,
     load_training_data,
@@ -52,6 +55,7 @@ from fedtune.platform.wire.messages import (
     DESCRIBE_MESSAGE_TYPE,
     EVALUATE_DEVICE_SECONDS,
     EVALUATE_TOKENS,
+    GRPO_METRICS,
     NODE,
     NODE_SECONDS,
     NUM_EXAMPLES,
@@ -94,7 +98,7 @@ class NodeRuntime:
 
     config: NodeConfig
     loaded: _LoadedModel
-    train_data: ChatDataset | PreferenceDataset  # as the file holds: the run asks a method
+    train_data: TrainingData  # as the file holds: the run asks a method
     held_out: ChatDataset
     data_fingerprint: str
     held_out_fingerprint: str
@@ -249,6 +253,7 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
             "optimizer": instructions.optimizer,
             "method": instructions.method,
             "dpo_beta": instructions.dpo_beta,
+            **instructions.grpo,
         }
     )
     privacy = config.privacy.model_copy(update={"planned_rounds": instructions.planned_rounds})
@@ -301,8 +306,9 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
             ),
             progress=False,
             budget_group=runtime.budget_group,
+            tokenizer=runtime.loaded.base.tokenizer,
         )
-    except BudgetExhaustedError as exc:
+    except (BudgetExhaustedError, RewardError) as exc:  # before any training
         return decline_content(identity=runtime.identity(), reason=str(exc))
     losses = [loss for loss in local.result.train_losses if loss is not None]
     metrics[NUM_EXAMPLES] = len(runtime.train_data)
@@ -310,6 +316,14 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     metrics["train-seconds"] = local.result.seconds
     metrics[TRAIN_TOKENS] = local.result.tokens
     metrics[TRAIN_DEVICE_SECONDS] = local.result.device_seconds
+    if local.grpo is not None:  # the round's health: what its sampled completions earned
+        metrics.update(
+            {
+                name: float(local.grpo[key])
+                for name, key in GRPO_METRICS.items()
+                if local.grpo[key] is not None
+            }
+        )
     if evaluate_local:
         local_model = _evaluate(runtime, model)
         metrics["held-out-loss-local"] = local_model.loss
@@ -334,18 +348,24 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
 def _method_mismatch(runtime: NodeRuntime, method: str) -> str | None:
     """Why this node cannot train the run's ``method`` on its data (one line), or None."""
     node, path = runtime.config.node.name, runtime.config.data.train
-    if method not in ("sft", "dpo"):
-        return f"node {node} does not know training method {method[:20]!r} (sft or dpo)"
+    if method not in ("sft", "dpo", "grpo"):
+        return f"node {node} does not know training method {method[:20]!r} (sft, dpo or grpo)"
     if method_of(runtime.train_data) == method:
         return None
+    if method == "grpo":
+        return (
+            f'node {node}: the run trains with GRPO (training.method = "grpo"), and its data '
+            f"{path} holds no prompts with answers {PROMPT_FORM}"
+        )
     if method == "dpo":
         return (
             f'node {node}: the run trains with DPO (training.method = "dpo"), and its data '
             f"{path} holds no preference pairs {PAIR_FORM}"
         )
+    held = "prompts with answers" if method_of(runtime.train_data) == "grpo" else "preference pairs"
     return (
         f'node {node}: the run trains with SFT (training.method = "sft"), and its data {path} '
-        "holds preference pairs, not conversations"
+        f"holds {held}, not conversations"
     )
 
 

@@ -18,11 +18,14 @@ from peft import PeftModel
 
 from fedtune.client_node.data import ChatDataset, DataError
 from fedtune.client_node.dpo import pair_objective
+from fedtune.client_node.grpo import GRPOSettings, GRPOStats, grpo_objective
 from fedtune.client_node.preference_data import (
     PAIR_FORM,
     PreferenceDataset,
     make_pair_collate,
 )
+from fedtune.client_node.prompt_data import PROMPT_FORM, PromptDataset, make_prompt_collate
+from fedtune.client_node.rewards import build_scorer
 from fedtune.client_node.trainer import (
     DPSettings,
     RoundResult,
@@ -109,6 +112,9 @@ class LocalRound:
     # With data.shares_budget_with: the group's epsilon after the round (what the guard
     # counted); None without a group or when non-private. Stays on the node.
     group_epsilon: float | None = None
+    # With method = "grpo": the round's health (mean reward, format share, completion
+    # length, KL), seconds spent sampling and scoring, and the rewards' failures by row.
+    grpo: dict[str, Any] | None = None
 
 
 def planned_epsilon(
@@ -146,7 +152,7 @@ def planned_epsilon(
 
 def train_local_round(
     model: PeftModel,
-    train_data: ChatDataset | PreferenceDataset,
+    train_data: ChatDataset | PreferenceDataset | PromptDataset,
     *,
     ledger: NodeLedger,
     data_fingerprint: str,
@@ -160,11 +166,13 @@ def train_local_round(
     remaining_rounds: int | None = None,
     progress: bool = True,
     budget_group: Sequence[str] = (),
+    tokenizer: Any = None,
 ) -> LocalRound:
     """Train the adapter of ``model`` for one round and record the round on the data set.
 
     ``training.method`` chooses the objective: ``"sft"`` on a :class:`ChatDataset`,
-    ``"dpo"`` on a :class:`PreferenceDataset` (one pair is then the privacy unit).
+    ``"dpo"`` on a :class:`PreferenceDataset` (one pair is then the privacy unit),
+    ``"grpo"`` on a :class:`PromptDataset` (one prompt; sampling needs ``tokenizer``).
     ``budget_group``: fingerprints of other data sets holding the same people
     (``data.shares_budget_with``); the noise plan and the budget guard count their private
     rounds with this data set's, while the entry's ``epsilon_after`` stays this data set's
@@ -175,7 +183,8 @@ def train_local_round(
     """
     if training.steps == "auto" or training.batch_size == "auto":
         raise ValueError("plan the training first (TrainingSettings.planned)")
-    objective = _objective(training, train_data, pad_token_id)
+    grpo_stats = GRPOStats()
+    objective = _objective(training, train_data, pad_token_id, tokenizer, grpo_stats)
     history = ledger.dp_history(data_fingerprint)
     group = [data_fingerprint, *(f for f in budget_group if f != data_fingerprint)]
     counted = ledger.group_dp_history(group) if len(group) > 1 else history
@@ -285,14 +294,53 @@ def train_local_round(
         entry=entry,
         checkpoint=checkpoint,
         group_epsilon=group_epsilon,
+        grpo=_grpo_report(grpo_stats, result) if training.method == "grpo" else None,
     )
 
 
+def _grpo_report(stats: GRPOStats, result: RoundResult) -> dict[str, Any]:
+    sampling = stats.seconds["generation"] + stats.seconds["reward"]
+    return {
+        **stats.summary(),
+        "seconds": {**stats.seconds, "update": max(result.device_seconds - sampling, 0.0)},
+        "reward_failures": list(stats.failures),
+    }
+
+
 def _objective(
-    training: TrainingSettings, data: ChatDataset | PreferenceDataset, pad_token_id: int
+    training: TrainingSettings,
+    data: ChatDataset | PreferenceDataset | PromptDataset,
+    pad_token_id: int,
+    tokenizer: Any,
+    stats: GRPOStats,
 ) -> dict[str, Any]:
     """The trainer's per-row loss and batching for ``training.method``; refuses data of
-    the other kind in one line."""
+    another kind in one line."""
+    if training.method == "grpo":
+        if not isinstance(data, PromptDataset):
+            raise DataError(
+                f'{data.source}: holds no prompts with answers: training.method = "grpo" '
+                f"needs rows {PROMPT_FORM}"
+            )
+        if tokenizer is None:
+            raise ValueError("GRPO samples completions: pass the tokenizer")
+        scorer = build_scorer(training.grpo_rewards, tolerance=training.grpo_numeric_tolerance)
+        stats.failures = scorer.failures
+        return {
+            "per_row_losses": grpo_objective(
+                dataset=data,
+                tokenizer=tokenizer,
+                scorer=scorer,
+                settings=grpo_settings(training),
+                stats=stats,
+            ),
+            "collate": make_prompt_collate(pad_token_id),
+        }
+    if isinstance(data, PromptDataset):
+        raise DataError(
+            f"{data.source}: holds prompts with answers {PROMPT_FORM}, which training.method = "
+            f'"{training.method}" does not train on; set training.method = "grpo"'
+        )
     if training.method == "dpo":
         if not isinstance(data, PreferenceDataset):
             raise DataError(
@@ -311,11 +359,22 @@ def _objective(
     return {}
 
 
+def grpo_settings(training: TrainingSettings) -> GRPOSettings:
+    """The GRPO objective's settings from ``training.grpo_*``."""
+    return GRPOSettings(
+        group_size=training.grpo_group_size,
+        max_completion_tokens=training.grpo_max_completion_tokens,
+        temperature=training.grpo_temperature,
+        beta=training.grpo_beta,
+        clip_ratio=training.grpo_clip_ratio,
+    )
+
+
 def _method(private: bool, *, seeded: bool, training_method: str = "sft") -> str:
-    """The entry's ``method``: DP-SGD with Opacus on the SFT loss (``dp-sgd``) or on the DPO
-    loss (``dp-dpo``), named apart when its noise came from a seeded generator (reproducible
-    runs: the noise can be recomputed, so it protects no one)."""
+    """The entry's ``method``: DP-SGD with Opacus on the SFT loss (``dp-sgd``), the DPO loss
+    (``dp-dpo``) or the GRPO loss (``dp-grpo``), named apart when its noise came from a
+    seeded generator (reproducible runs: the noise can be recomputed, so it protects no one)."""
     if not private:
         return "none"
-    name = "dp-dpo" if training_method == "dpo" else "dp-sgd"
+    name = {"dpo": "dp-dpo", "grpo": "dp-grpo"}.get(training_method, "dp-sgd")
     return f"{name}-seeded-noise" if seeded else name

@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
-from fedtune.client_node.local_round import LocalRound, train_local_round
+from fedtune.client_node.grpo import held_out_reward
+from fedtune.client_node.local_round import LocalRound, grpo_settings, train_local_round
+from fedtune.client_node.prompt_data import PromptDataset, load_prompt_dataset
+from fedtune.client_node.rewards import build_scorer
 from fedtune.client_node.training_data import (
     budget_group_fingerprints,
     load_held_out,
@@ -58,6 +61,7 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     group = budget_group_fingerprints(config.data.shares_budget_with)
     ledger = NodeLedger(config.node.state_dir, node=config.node.name)
     before = evaluate(base.model, held_out, pad_token_id=pad_id, device=base.device)
+    reward_before = _held_out_reward(config, base.model, tokenizer, base.device)
     model = attach_lora(base.model, config.lora)
     training = config.training.planned(
         len(train_data), privacy=config.privacy, rounds=config.privacy.planned_rounds
@@ -81,10 +85,12 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         device=base.device,
         progress=progress,
         budget_group=group,
+        tokenizer=tokenizer,
     )
     result, entry = local.result, local.entry
     finished = datetime.fromisoformat(entry.recorded_at.replace("Z", "+00:00"))
     after = evaluate(model, held_out, pad_token_id=pad_id, device=base.device)
+    reward_after = _held_out_reward(config, model, tokenizer, base.device)
     out_dir = _new_output_dir(output.dir, finished, config.privacy.mode)
     model.save_pretrained(str(out_dir / "adapter"))
     metrics = {
@@ -105,9 +111,13 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
         "training": {**config.training.model_dump(), "seconds": result.seconds},
         "steps": result.steps,
         "train_loss": result.train_losses,
-        "held_out": {"before": _held_out(before), "after": _held_out(after)},
+        "held_out": {
+            "before": {**_held_out(before), **reward_before},
+            "after": {**_held_out(after), **reward_after},
+        },
         # The round's signed ledger entry as it was sealed, and the budget's plan.
         "privacy": {**local.entry.payload(), **local.budget, **_group(config, local)},
+        **({"grpo": local.grpo} if local.grpo is not None else {}),
         "adapter_dir": str(out_dir / "adapter"),
         "ledger": {
             "database": ledger_url(config.node.state_dir),
@@ -117,6 +127,31 @@ def run_node_training(config: NodeConfig, *, progress: bool = True) -> dict[str,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics
+
+
+def _held_out_reward(
+    config: NodeConfig, model: torch.nn.Module, tokenizer: Any, device: torch.device
+) -> dict[str, float]:
+    """With method = "grpo": the mean reward of the most likely completion per held-out
+    prompt (and the share in the format); nothing for other methods."""
+    if config.training.method != "grpo":
+        return {}
+    prompts: PromptDataset = load_prompt_dataset(
+        config.data.eval,
+        tokenizer,
+        max_length=config.data.max_length,
+        limit=config.data.max_eval_examples,
+    )
+    training = config.training
+    scores = held_out_reward(
+        model,
+        prompts,
+        tokenizer=tokenizer,
+        scorer=build_scorer(training.grpo_rewards, tolerance=training.grpo_numeric_tolerance),
+        settings=grpo_settings(training),
+        device=device,
+    )
+    return {"mean_reward": scores["mean_reward"], "format_share": scores["format_share"]}
 
 
 def _group(config: NodeConfig, local: LocalRound) -> dict[str, Any]:

@@ -107,14 +107,16 @@ def _pair(record: Any, where: str) -> PreferencePair:
         )
     if "prompt" not in record:
         raise DataError(f"{where}: missing field 'prompt' (a string or a list of messages)")
-    prompt = _prompt(record, where)
+    prompt = prompt_messages(record, where)
     chosen, rejected = (_answer(record, field, where) for field in ANSWERS)
     if chosen == rejected:
         raise DataError(f"{where}: 'chosen' and 'rejected' are the same answer")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected)
 
 
-def _prompt(record: dict[str, Any], where: str) -> list[Message]:
+def prompt_messages(record: dict[str, Any], where: str) -> list[Message]:
+    """A row's ``prompt`` (with its optional ``system``) as messages, a user turn last; DPO's
+    pairs and GRPO's prompts share this form."""
     prompt = record["prompt"]
     if isinstance(prompt, str):
         if not prompt:

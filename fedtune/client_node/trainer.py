@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from fedtune.client_node.data import ChatDataset, DataError, make_collate
 from fedtune.client_node.losses import sequence_losses
 from fedtune.client_node.preference_data import PreferenceDataset
+from fedtune.client_node.prompt_data import PromptDataset
 from fedtune.platform.model.devices import DeviceClock
 from fedtune.privacy.accounting import AccountantName, HistoryEntry
 
@@ -79,7 +80,7 @@ def sample_rate_for(num_examples: int, batch_size: int) -> float:
 
 def train_round(
     model: PeftModel,
-    dataset: ChatDataset | PreferenceDataset,
+    dataset: ChatDataset | PreferenceDataset | PromptDataset,
     *,
     steps: int,
     batch_size: int,

@@ -44,6 +44,7 @@ from fedtune.platform.db.storage import (
 from fedtune.platform.wire.messages import (
     ARRAYS,
     BUDGET,
+    GRPO_METRICS,
     METRICS,
     NUM_EXAMPLES,
     record_to_arrays,
@@ -273,6 +274,10 @@ class RunRecorder:
         for name, content in accepted.items():
             loss = content.metric_records[METRICS].get("train-loss")
             signals.append(Signal("train-loss", name, _finite(loss)))
+            for metric in GRPO_METRICS:  # a GRPO round's health, when the node sent it
+                value = content.metric_records[METRICS].get(metric)
+                if value is not None:
+                    signals.append(Signal(metric, name, _finite(value)))
         share = sum(o.kind == "accepted" for o in outcomes) / len(outcomes) if outcomes else None
         signals.append(Signal("participation", None, share))
         train_loss = _finite(metrics.get("train-loss")) if metrics is not None else None

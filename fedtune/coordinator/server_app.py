@@ -29,10 +29,10 @@ from fedtune.coordinator.recorder import RunRecorder
 from fedtune.coordinator.run_protections import run_protections
 from fedtune.coordinator.strategy import ValidatingFedAvg
 from fedtune.coordinator.versions import list_versions, production_version, resolve_version
-from fedtune.platform.config import RunConfig, TrainingSettings
+from fedtune.platform.config import GRPO_DEFAULTS, RunConfig, TrainingSettings
 from fedtune.platform.db.storage import Run, open_database
 from fedtune.platform.model.base_model import load_base_model
-from fedtune.platform.model.lora import adapter_arrays, attach_lora
+from fedtune.platform.model.lora import adapter_arrays, attach_lora, load_initial_adapter
 from fedtune.platform.wire.messages import TrainInstructions, arrays_to_record
 from fedtune.privacy.ledger_store import add_public_key
 from fedtune.privacy.signing import NodeKey, load_public_key, public_key_text
@@ -73,6 +73,7 @@ class RunSetup:
             method=self.training.method,
             dpo_beta=self.training.dpo_beta,
             upload_dtype=self.config.aggregation.plain_upload,
+            grpo={key: getattr(self.training, key) for key in GRPO_DEFAULTS},
         )
 
     def plan_training(self, examples: int, *, progress: Callable[[str], None] = print) -> None:
@@ -125,6 +126,8 @@ def prepare_run(
     )
     torch.manual_seed(config.run.adapter_seed)
     model = attach_lora(base.model, config.lora)
+    if config.run.initial_adapter is not None:
+        load_initial_adapter(model, config.run.initial_adapter)
     initial = adapter_arrays(model)
     if resuming:
         _reopen_run(engine, run_id, flower_run_id=flower_run_id, fingerprint=base.fingerprint)

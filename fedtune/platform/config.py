@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -129,6 +129,16 @@ class LoraSettings(_Section):
 
 
 DEFAULT_DPO_BETA = 0.1
+# GRPO's defaults, sized to run on a laptop CPU (fedtune/client_node/grpo.py).
+GRPO_DEFAULTS: dict[str, Any] = {
+    "grpo_group_size": 4,
+    "grpo_max_completion_tokens": 48,
+    "grpo_temperature": 1.0,
+    "grpo_beta": 0.04,
+    "grpo_clip_ratio": 0.2,
+    "grpo_rewards": ["answer_exact", "format"],
+    "grpo_numeric_tolerance": 0.0,
+}
 
 
 class TrainingSettings(_Section):
@@ -144,16 +154,48 @@ class TrainingSettings(_Section):
     physical_batch_size: PositiveInt = 8
     learning_rate: PositiveFloat = DP_LEARNING_RATE  # measured: privacy/training_defaults.py
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    method: Literal["sft", "dpo"] = Field(
+    method: Literal["sft", "dpo", "grpo"] = Field(
         default="sft",
         description='"sft": supervised, on conversations; "dpo": direct preference '
-        "optimisation on preference pairs (the privacy unit is then one pair). In a federated "
-        "run the run's configuration chooses it for every node.",
+        'optimisation on preference pairs (the privacy unit is then one pair); "grpo": group '
+        "relative policy optimisation on prompts with checkable answers (the privacy unit is "
+        "then one prompt). In a federated run the run's configuration chooses it for every node.",
     )
     dpo_beta: PositiveFloat = Field(
         default=DEFAULT_DPO_BETA,
         description='With method = "dpo": how far the model may move from the base model '
         "(DPO's beta; larger: closer to the base).",
+    )
+    grpo_group_size: Annotated[int, Field(ge=2)] = Field(
+        default=GRPO_DEFAULTS["grpo_group_size"],
+        description='With method = "grpo": completions sampled per prompt (G).',
+    )
+    grpo_max_completion_tokens: PositiveInt = Field(
+        default=GRPO_DEFAULTS["grpo_max_completion_tokens"],
+        description='With method = "grpo": the most tokens a sampled completion may have.',
+    )
+    grpo_temperature: PositiveFloat = Field(
+        default=GRPO_DEFAULTS["grpo_temperature"],
+        description='With method = "grpo": the sampling temperature of the completions.',
+    )
+    grpo_beta: Annotated[float, Field(ge=0)] = Field(
+        default=GRPO_DEFAULTS["grpo_beta"],
+        description='With method = "grpo": weight of the KL divergence to the base model.',
+    )
+    grpo_clip_ratio: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=GRPO_DEFAULTS["grpo_clip_ratio"],
+        description='With method = "grpo": the policy ratio is clipped to [1 - c, 1 + c].',
+    )
+    grpo_rewards: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(GRPO_DEFAULTS["grpo_rewards"]),
+        description='With method = "grpo": the rewards summed per completion: built in '
+        '"answer_exact", "answer_numeric", "format", or a name installed in the Python '
+        'entry point group "fedtune.rewards" (fedtune/client_node/rewards.py).',
+    )
+    grpo_numeric_tolerance: Annotated[float, Field(ge=0)] = Field(
+        default=GRPO_DEFAULTS["grpo_numeric_tolerance"],
+        description='With method = "grpo": how far a numeric answer may be from the reference '
+        'and still earn "answer_numeric".',
     )
     seed: int | None = Field(
         default=None,
@@ -197,6 +239,10 @@ class TrainingSettings(_Section):
         # default and must validate again.
         if self.dpo_beta != DEFAULT_DPO_BETA and self.method != "dpo":
             raise ValueError(f'dpo_beta is set but method is "{self.method}", not "dpo"')
+        if self.method != "grpo":
+            for key, default in GRPO_DEFAULTS.items():
+                if getattr(self, key) != default:
+                    raise ValueError(f'{key} is set but method is "{self.method}", not "grpo"')
         if isinstance(self.batch_size, int) and self.physical_batch_size > self.batch_size:
             raise ValueError(
                 f"physical_batch_size ({self.physical_batch_size}) must not exceed "
@@ -347,6 +393,12 @@ class RunSettings(_Section):
     )
     adapter_seed: int = Field(
         default=0, description="Seed of the initial global adapter (its frozen A matrices)."
+    )
+    initial_adapter: ConfigPath | None = Field(
+        default=None,
+        description="Start from this PEFT adapter folder (adapter_model.safetensors; a cold "
+        "start before GRPO, or another run's unencrypted checkpoint) instead of a fresh "
+        "adapter; its shape must be the run's [lora].",
     )
     evaluate_local_model: bool = Field(
         default=True,
@@ -788,6 +840,9 @@ def load_run_config(path: str | Path) -> RunConfig:
     ]
     return config.model_copy(
         update={
+            "run": config.run.model_copy(
+                update={"initial_adapter": _resolve(base, config.run.initial_adapter)}
+            ),
             "model": _resolve_model(base, config.model),
             "nodes": nodes,
             "output": config.output.model_copy(

@@ -50,18 +50,21 @@ ENTRY_FORMAT = "fedtune-entry/2"
 # so instead of misreading the entry.
 KINDS = ("training_round", "metric_release")
 # How the round was made private (``gaussian``: a metric release's Gaussian mechanism;
-# ``dp-dpo``: DP-SGD on the DPO loss, one preference pair per row), and whose privacy its
+# ``dp-dpo``: DP-SGD on the DPO loss, one preference pair per row; ``dp-grpo``: DP-SGD on the
+# GRPO loss, one prompt with its reference answer per row), and whose privacy its
 # epsilon is about.
 METHODS = (
     "dp-sgd",
     "dp-sgd-seeded-noise",
     "dp-dpo",
     "dp-dpo-seeded-noise",
+    "dp-grpo",
+    "dp-grpo-seeded-noise",
     "node-level-dp",
     "gaussian",
     "none",
 )
-PRIVACY_UNITS = ("example", "preference_pair", "node")
+PRIVACY_UNITS = ("example", "preference_pair", "prompt", "node")
 V1_PAYLOAD_FIELDS: tuple[str, ...] = (
     "seq",
     "node",
@@ -119,6 +122,8 @@ _UNIT_OF_METHOD = {
     "dp-sgd-seeded-noise": "example",
     "dp-dpo": "preference_pair",
     "dp-dpo-seeded-noise": "preference_pair",
+    "dp-grpo": "prompt",
+    "dp-grpo-seeded-noise": "prompt",
     "gaussian": "example",
     "node-level-dp": "node",
 }

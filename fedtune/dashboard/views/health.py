@@ -22,6 +22,10 @@ SIGNAL_TITLES = {
     "update-norm-ratio": "Update norm / median of the other nodes'",
     "cosine-to-aggregate": "Cosine similarity to the aggregate step",
     "participation": "Participation",
+    "grpo-mean-reward": "GRPO: mean reward of the sampled completions",
+    "grpo-format-share": "GRPO: share of completions in the <think>/<answer> format",
+    "grpo-completion-tokens": "GRPO: mean completion length (tokens)",
+    "grpo-kl": "GRPO: KL to the base model (per token)",
 }
 
 

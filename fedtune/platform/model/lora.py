@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,3 +114,27 @@ def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> N
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise AdapterMismatchError(f"PEFT did not accept adapter keys {unexpected[:3]}")
+
+
+def load_initial_adapter(model: PeftModel, folder: Path) -> None:
+    """Set ``model``'s adapter to the PEFT adapter saved in ``folder`` (``run.initial_adapter``):
+    every LoRA matrix, A included (with FFA-LoRA the frozen A matrices are the saved ones)."""
+    from peft.utils import load_peft_weights
+
+    from fedtune.platform.config import ConfigError
+
+    if not (folder / "adapter_model.safetensors").is_file():  # never a download from a hub
+        raise ConfigError(
+            f"run.initial_adapter {folder}: not a PEFT adapter (no adapter_model.safetensors)"
+        )
+    try:
+        weights = load_peft_weights(str(folder), device="cpu")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"run.initial_adapter {folder}: not a PEFT adapter ({exc})") from None
+    arrays = {name: tensor.to(torch.float32).numpy() for name, tensor in weights.items()}
+    try:
+        load_adapter_arrays(model, arrays)
+    except AdapterMismatchError as exc:
+        raise ConfigError(
+            f"run.initial_adapter {folder}: does not fit the run's [lora]: {exc}"
+        ) from None

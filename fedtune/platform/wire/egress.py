@@ -433,6 +433,21 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
                     "the node's whole time on the message (wall time; Flower's "
                     "clientapp_runtime says about as much under every release_metrics)",
                 ),
+                *(
+                    Field(
+                        name,
+                        "float",
+                        metric,
+                        f"GRPO round health: {what} of the round's sampled completions",
+                        when='training.method = "grpo" (release_metrics = plain)',
+                    )
+                    for name, what in (
+                        ("grpo-mean-reward", "mean reward"),
+                        ("grpo-format-share", "share in the <think>/<answer> format"),
+                        ("grpo-completion-tokens", "mean length in tokens"),
+                        ("grpo-kl", "mean KL per token to the base model"),
+                    )
+                ),
             ),
         ),
         _identity_record(),

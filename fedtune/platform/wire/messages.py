@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.common.errors import FedtuneError
-from fedtune.platform.config import LoraSettings
+from fedtune.platform.config import GRPO_DEFAULTS, LoraSettings
 from fedtune.privacy.ledger import Checkpoint, LedgerEntry, LedgerFormatError
 from fedtune.privacy.receipts import Receipt
 
@@ -54,8 +54,9 @@ EVALUATE_DEVICE_SECONDS = "evaluate-device-seconds"
 NODE_SECONDS = "node-seconds"
 # What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
 # unsigned privacy report beside the ledger entry; in fedtune-wire/2 a train message had no
-# training method (a node of that version would train SFT in a DPO run).
-PROTOCOL = "fedtune-wire/3"
+# training method (a node of that version would train SFT in a DPO run); in fedtune-wire/3 it
+# had no GRPO settings and no plain upload type (float16 uploads).
+PROTOCOL = "fedtune-wire/4"
 PROTOCOL_KEY = "protocol"
 
 
@@ -95,11 +96,13 @@ class TrainInstructions:
     planned_rounds: int
     lora: LoraSettings
     evaluate_local_model: bool
-    # What the run trains: "sft" (conversations) or "dpo" (preference pairs, with dpo_beta).
+    # What the run trains: "sft" (conversations), "dpo" (preference pairs, with dpo_beta) or
+    # "grpo" (prompts with answers, with the training.grpo_* settings, keyed as in the config).
     method: str = "sft"
     dpo_beta: float = 0.1
     # A plain round's update on the wire: "float32" or "float16" (plain_upload.py).
     upload_dtype: str = "float32"
+    grpo: Mapping[str, Any] = field(default_factory=lambda: dict(GRPO_DEFAULTS))
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -122,6 +125,7 @@ class TrainInstructions:
                 "training-method": self.method,
                 "dpo-beta": self.dpo_beta,
                 "upload-dtype": self.upload_dtype,
+                **{_grpo_key(key): self.grpo[key] for key in GRPO_DEFAULTS},
             }
         )
 
@@ -149,10 +153,30 @@ class TrainInstructions:
                 evaluate_local_model=bool(record["evaluate-local-model"]),
                 method=str(record["training-method"]),
                 dpo_beta=float(record["dpo-beta"]),  # type: ignore[arg-type]
-                upload_dtype=str(record.get("upload-dtype", "float32")),
+                upload_dtype=str(record["upload-dtype"]),
+                grpo={key: _grpo_value(record[_grpo_key(key)]) for key in GRPO_DEFAULTS},
             )
         except KeyError as exc:
             raise ValueError(f"train message lacks config key {exc}") from None
+
+
+# A GRPO round's health in a train reply (release_metrics = "plain"): the wire name of each
+# figure of the node's round report (fedtune.client_node.local_round.LocalRound.grpo).
+GRPO_METRICS = {
+    "grpo-mean-reward": "mean_reward",
+    "grpo-format-share": "format_share",
+    "grpo-completion-tokens": "completion_tokens",
+    "grpo-kl": "kl",
+}
+
+
+def _grpo_key(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def _grpo_value(value: Any) -> Any:
+    """A GRPO setting as sent: a number, or the list of reward names."""
+    return [str(v) for v in value] if isinstance(value, list) else value
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
