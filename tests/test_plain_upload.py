@@ -87,7 +87,7 @@ def test_a_float16_update_in_a_float32_run_is_refused_and_widened_in_a_float16_r
     assert update_problem(content, reference) is None
 
 
-def test_the_instructions_carry_the_upload_type_and_default_to_float32():
+def test_the_instructions_carry_the_upload_type_and_require_it():
     from fedtune.platform.config import LoraSettings
 
     instructions = TrainInstructions(
@@ -104,7 +104,8 @@ def test_the_instructions_carry_the_upload_type_and_default_to_float32():
     )
     record = instructions.to_record()
     assert TrainInstructions.from_record(record).upload_dtype == "float16"
-    del record["upload-dtype"]  # a coordinator from before float16 uploads
-    assert TrainInstructions.from_record(ConfigRecord(dict(record))).upload_dtype == "float32"
+    del record["upload-dtype"]  # fedtune-wire/4 always states it: a message without is refused
+    with pytest.raises(ValueError, match="upload-dtype"):
+        TrainInstructions.from_record(ConfigRecord(dict(record)))
     with pytest.raises(ValueError, match="float8"):
         narrowed({"x": np.zeros(2, np.float32)}, "float8")
