@@ -49,7 +49,7 @@ from fedtune.dashboard.database import DashboardError, check_database, open_read
 from fedtune.dashboard.launch import APP
 from fedtune.dashboard.ledger_checks import AuditFiles
 from fedtune.platform.db.migrations import alembic_config
-from fedtune.platform.db.storage import HealthAlert, open_database
+from fedtune.platform.db.storage import HealthAlert, HealthSignal, open_database
 from fedtune.privacy.ledger_copies import check_copy
 from fedtune.privacy.ledger_file import verify_ledger_file
 
@@ -273,6 +273,37 @@ def test_health_page_flags_an_outlier_update_on_its_norm_chart(coordinator, monk
     flagged = norms[norms["flagged"]]
     assert flagged[["who", "round", "value"]].values.tolist() == [["hospital", 2, 6.0]]
     assert "Outlier update: hospital in round 2." in texts(app)
+
+
+def test_health_page_draws_preference_accuracy_and_margin_of_a_dpo_run(coordinator, monkeypatch):
+    accuracy = {None: [0.0, 0.6, 0.7], "hospital": [0.0, 0.5, 0.75], "bank": [0.0, 0.7, 0.65]}
+    engine = open_database(coordinator.url, create=False)
+    with transaction(engine) as session:
+        for node, values in accuracy.items():
+            for number, value in enumerate(values, start=1):
+                session.add_all(
+                    HealthSignal(
+                        run_id=RUN_ID, round=number, node_name=node, signal=signal, value=value
+                    )
+                    for signal in ("preference-accuracy", "reward-margin")
+                )
+    engine.dispose()
+
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    assert "Preferences" in [header.value for header in app.subheader]
+    drawn = chart_data(app, 1)  # after the loss curves
+    global_accuracy = drawn[drawn["who"] == "global"].sort_values("round")
+    assert global_accuracy["value"].tolist() == pytest.approx([0.0, 0.6, 0.7])
+    assert set(drawn["who"]) == {"global", "hospital", "bank"}
+
+
+def test_health_page_of_a_run_without_preference_pairs_has_no_preference_section(
+    coordinator, monkeypatch
+):
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    assert "Preferences" not in [header.value for header in app.subheader]
 
 
 # --- Audit -----------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from fedtune.coordinator.health import (
     Signal,
     budget_alerts,
     loss_alerts,
+    preference_alerts,
+    preference_signals,
     rejection_alerts,
     update_signals,
 )
@@ -119,6 +121,8 @@ class RunRecorder:
         self.node_names: dict[str, str] = {}
         self._pending: _PendingRound | None = None
         self._held_out: list[float | None] = []  # global held-out loss per round
+        # Global held-out preference accuracy per round (None: no node holds pairs).
+        self._preference: list[float | None] = []
         self._round_started = time.perf_counter()
         # Node-level DP of a secure run (set by the deployment loop): its ledger entries are
         # copied into the database with the round they noised.
@@ -341,7 +345,18 @@ class RunRecorder:
             for o in outcomes
             if o.content is not None
         ]
-        rows += self._health_rows(server_round, signals, loss_alerts(self._held_out))
+        alerts = loss_alerts(self._held_out)
+        preference, accuracy = preference_signals(
+            {
+                self._name(o) or f"node-{o.flower_node_id}": o.content.metric_records[METRICS]
+                for o in outcomes
+                if o.content is not None
+            }
+        )
+        self._preference.append(accuracy)
+        signals += preference
+        alerts += preference_alerts(self._preference)
+        rows += self._health_rows(server_round, signals, alerts)
         seconds = time.perf_counter() - pending.started
         rows.append(
             Round(
@@ -360,7 +375,8 @@ class RunRecorder:
         if held_out is not None:
             self.progress(
                 f"round {server_round}/{self.rounds}: global held-out loss {held_out:.3f} "
-                f"(perplexity {math.exp(held_out):.2f}) on {len(outcomes)} nodes, "
-                f"{seconds:.0f} s"
+                f"(perplexity {math.exp(held_out):.2f})"
+                + (f", preference accuracy {accuracy:.3f}" if accuracy is not None else "")
+                + f" on {len(outcomes)} nodes, {seconds:.0f} s"
             )
         self._round_started = time.perf_counter()
