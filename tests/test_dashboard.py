@@ -31,6 +31,7 @@ from dashboard_data import (
     STARTED,
     TIMEOUT,
     CoordinatorData,
+    add_budget_group,
     add_copy_with_a_gap,
     add_long_copy,
     add_plain_aggregation_run,
@@ -127,6 +128,30 @@ def test_privacy_page_shows_each_nodes_epsilon_against_its_cap_and_what_remains(
     )
     assert table.loc["hospital", "delta"] == 1e-5
     assert table.loc["hospital", "accountant"] == "rdp"  # the signed entry's own words
+
+
+def test_privacy_page_counts_a_budget_group_as_the_nodes_guard_does(coordinator, monkeypatch):
+    combined = add_budget_group(coordinator)
+
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    assert "Budget groups" in [header.value for header in app.subheader]
+    groups = next(f for f in frames(app) if "combined epsilon" in f.columns)
+    [row] = groups.to_dict("records")
+    assert row["node"] == "hospital" and row["data sets"] == "2a2a2a2a, 3b3b3b3b"
+    # Three SFT rounds and one DPO round on the same people: one epsilon of four rounds,
+    # more than either data set's own (three rounds, one round).
+    assert row["combined epsilon"] == pytest.approx(combined)
+    assert row["node's count"] == pytest.approx(combined)
+    assert combined > coordinator.epsilons["hospital"][-1]
+    assert row["private rounds"] == 4 and row["cap"] == CAPS["hospital"]
+    assert row["remaining"] == pytest.approx(CAPS["hospital"] - combined)
+
+
+def test_privacy_page_without_budget_groups_shows_none(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    assert "Budget groups" not in [header.value for header in app.subheader]
 
 
 def test_privacy_chart_draws_each_cap_as_a_dashed_line(coordinator, monkeypatch):

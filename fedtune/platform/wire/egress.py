@@ -460,6 +460,22 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
                     "the epsilon the run's plan expects by this round (for the coordinator's "
                     "ahead-of-plan alert; a function of the target and the round's noise)",
                 ),
+                Field(
+                    "budget_group",
+                    "list[str]",
+                    PLAIN,
+                    "the fingerprints of the other data sets that share this one's budget "
+                    "(data.shares_budget_with), for the dashboard's budget groups",
+                    when="data.shares_budget_with is set",
+                ),
+                Field(
+                    "group_epsilon",
+                    "float",
+                    PLAIN,
+                    "the group's epsilon after the round as the budget guard counted it (a "
+                    "function of the group's ledger entries)",
+                    when="data.shares_budget_with is set",
+                ),
             ),
         ),
         _ledger_record("round (kind training_round)"),

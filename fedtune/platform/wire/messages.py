@@ -177,9 +177,15 @@ def node_identity(*, name: str, base_model_fingerprint: str, data_fingerprint: s
 
 def budget_record(budget: Mapping[str, Any]) -> ConfigRecord:
     """A node's plan for its budget (target epsilon, planned rounds, private rounds on the
-    data set so far) as a ConfigRecord; absent figures are left out, never None."""
+    data set so far; its budget group, when it has one) as a ConfigRecord; absent figures are
+    left out, never None."""
     return ConfigRecord(
-        {key: value for key, value in budget.items() if isinstance(value, (str, int, float, bool))}
+        {
+            key: value
+            for key, value in budget.items()
+            if isinstance(value, (str, int, float, bool))
+            or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+        }
     )
 
 
