@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0])
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[8.0, 3.0])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--max-length", type=int, default=128)
@@ -214,7 +214,7 @@ def run(args: Any) -> dict[str, Any]:
     elif fits():  # SFT of the same shape on the same records: time per step only
         model.load_state_dict(initial, strict=False)
         sigma = calibrate_noise_multiplier(
-            target_epsilon=args.epsilons[0],
+            target_epsilon=args.epsilons[0] if args.epsilons else 8.0,
             delta=args.delta,
             sample_rate=args.batch_size / len(sft),
             steps=args.steps,
