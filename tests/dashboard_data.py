@@ -29,6 +29,7 @@ from fedtune.platform.db.storage import (
     AbTest,
     AbTestResult,
     AdapterCheckpoint,
+    BudgetGroup,
     HealthAlert,
     HealthSignal,
     NodeLevelEntry,
@@ -481,6 +482,45 @@ def add_plain_aggregation_run(data: CoordinatorData) -> None:
             )
         )
     engine.dispose()
+
+
+PREFERENCES = "sha256:" + "3b" * 32  # the hospital's preference pairs: the same people
+
+
+def add_budget_group(data: CoordinatorData) -> float:
+    """The hospital's preference file, in one budget group with its SFT file: a DP-DPO round
+    on it in round 4 (signed and copied like the others) and the group as the node stated
+    it with that round. Returns the group's epsilon as the guard composes it: four rounds."""
+    engine = open_database(data.url, create=False)
+    key = data.keys["hospital"]
+    group = epsilon_of([ROUND_PLAN] * 4, delta=DELTA, accountant="rdp")
+    with transaction(engine) as session:
+        previous = ledger_entries(session, "hospital")[-1]
+        fields = {
+            **ledger_fields("hospital", 4, round_epsilon()),
+            "data_fingerprint": PREFERENCES,
+            "method": "dp-dpo",
+            "privacy_unit": "preference_pair",
+        }
+        entry = seal_entry(fields, previous=previous, key=key)
+        append_entries(
+            session,
+            [entry],
+            sign_checkpoint(node="hospital", head=entry, key=key),
+            contiguous=False,
+        )
+        session.add(
+            BudgetGroup(
+                run_id=RUN_ID,
+                round=4,
+                node_name="hospital",
+                data_fingerprint=PREFERENCES,
+                members={"fingerprints": sorted([DATA["hospital"], PREFERENCES])},
+                epsilon_after=group,
+            )
+        )
+    engine.dispose()
+    return group
 
 
 def add_copy_with_a_gap(data: CoordinatorData, node: str = "clinic") -> NodeKey:

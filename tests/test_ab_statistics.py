@@ -421,7 +421,7 @@ def test_apply_holm_turns_verdicts_insignificant_when_adjusted_p_exceeds_alpha()
         ("loss", [1.0, 2.0, 3.0], [1.0, 2.0], {}, "a has 3 scores, b has 2"),
         ("loss", [1.0, math.nan, 3.0], [1.0, 2.0, 3.0], {}, "non-finite"),
         ("rouge-l", [0.1, 0.2], [0.3, math.inf], {}, "non-finite"),
-        ("bleu", [0.1, 0.2], [0.3, 0.4], {}, "unknown metric 'bleu'.*exact-match, loss, rouge-l"),
+        ("bleu", [0.1, 0.2], [0.3, 0.4], {}, "unknown metric 'bleu'.*exact-match, loss, pref"),
         ("loss", [1.0, 2.0], [1.0, 2.0], {"alpha": 0.0}, "alpha must be strictly between"),
         ("loss", [1.0, 2.0], [1.0, 2.0], {"alpha": 1.0}, "alpha must be strictly between"),
         ("loss", [1.0, 2.0], [1.0, 2.0], {"alpha": -0.1}, "alpha must be strictly between"),

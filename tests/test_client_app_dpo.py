@@ -19,7 +19,7 @@ from fedtune.platform.config import (
     PrivacySettings,
     TrainingSettings,
 )
-from fedtune.platform.model.fingerprint import model_dir_fingerprint
+from fedtune.platform.model.fingerprint import file_fingerprint, model_dir_fingerprint
 from fedtune.platform.wire.messages import TrainInstructions, arrays_to_record, ledger_from_content
 from fedtune.privacy.node_ledger import NodeLedger
 
@@ -121,3 +121,23 @@ def test_a_node_whose_data_does_not_fit_the_runs_method_declines_in_one_line(
     assert str(node.data.train) in said
     assert not reply.content.array_records
     assert NodeLedger(node.node.state_dir, node="bank").entries() == []  # nothing spent
+
+
+def test_a_node_in_a_budget_group_states_the_group_and_its_epsilon_beside_the_round(
+    tmp_path, tiny_model_dir
+):
+    node = node_config(
+        tmp_path, tiny_model_dir, train="preferences_train.jsonl", held_out="held_out.jsonl"
+    )
+    sft = tmp_path / "data/bank/train.jsonl"
+    node = node.model_copy(
+        update={"data": node.data.model_copy(update={"shares_budget_with": [sft]})}
+    )
+
+    reply = handle_train(node, train_message(tiny_model_dir, method="dpo"))
+
+    budget = reply.content.config_records["budget"]
+    entry, _ = ledger_from_content(reply.content)
+    assert list(budget["budget_group"]) == [file_fingerprint(sft)]
+    # Nothing was spent on the SFT file yet: the group's epsilon is this round's.
+    assert budget["group_epsilon"] == pytest.approx(entry.epsilon_after)

@@ -31,6 +31,7 @@ from dashboard_data import (
     STARTED,
     TIMEOUT,
     CoordinatorData,
+    add_budget_group,
     add_copy_with_a_gap,
     add_long_copy,
     add_plain_aggregation_run,
@@ -49,7 +50,7 @@ from fedtune.dashboard.database import DashboardError, check_database, open_read
 from fedtune.dashboard.launch import APP
 from fedtune.dashboard.ledger_checks import AuditFiles
 from fedtune.platform.db.migrations import alembic_config
-from fedtune.platform.db.storage import HealthAlert, open_database
+from fedtune.platform.db.storage import HealthAlert, HealthSignal, open_database
 from fedtune.privacy.ledger_copies import check_copy
 from fedtune.privacy.ledger_file import verify_ledger_file
 
@@ -127,6 +128,30 @@ def test_privacy_page_shows_each_nodes_epsilon_against_its_cap_and_what_remains(
     )
     assert table.loc["hospital", "delta"] == 1e-5
     assert table.loc["hospital", "accountant"] == "rdp"  # the signed entry's own words
+
+
+def test_privacy_page_counts_a_budget_group_as_the_nodes_guard_does(coordinator, monkeypatch):
+    combined = add_budget_group(coordinator)
+
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    assert "Budget groups" in [header.value for header in app.subheader]
+    groups = next(f for f in frames(app) if "combined epsilon" in f.columns)
+    [row] = groups.to_dict("records")
+    assert row["node"] == "hospital" and row["data sets"] == "2a2a2a2a, 3b3b3b3b"
+    # Three SFT rounds and one DPO round on the same people: one epsilon of four rounds,
+    # more than either data set's own (three rounds, one round).
+    assert row["combined epsilon"] == pytest.approx(combined)
+    assert row["node's count"] == pytest.approx(combined)
+    assert combined > coordinator.epsilons["hospital"][-1]
+    assert row["private rounds"] == 4 and row["cap"] == CAPS["hospital"]
+    assert row["remaining"] == pytest.approx(CAPS["hospital"] - combined)
+
+
+def test_privacy_page_without_budget_groups_shows_none(coordinator, monkeypatch):
+    app = open_page(coordinator.url, "views/privacy.py", monkeypatch)
+
+    assert "Budget groups" not in [header.value for header in app.subheader]
 
 
 def test_privacy_chart_draws_each_cap_as_a_dashed_line(coordinator, monkeypatch):
@@ -273,6 +298,37 @@ def test_health_page_flags_an_outlier_update_on_its_norm_chart(coordinator, monk
     flagged = norms[norms["flagged"]]
     assert flagged[["who", "round", "value"]].values.tolist() == [["hospital", 2, 6.0]]
     assert "Outlier update: hospital in round 2." in texts(app)
+
+
+def test_health_page_draws_preference_accuracy_and_margin_of_a_dpo_run(coordinator, monkeypatch):
+    accuracy = {None: [0.0, 0.6, 0.7], "hospital": [0.0, 0.5, 0.75], "bank": [0.0, 0.7, 0.65]}
+    engine = open_database(coordinator.url, create=False)
+    with transaction(engine) as session:
+        for node, values in accuracy.items():
+            for number, value in enumerate(values, start=1):
+                session.add_all(
+                    HealthSignal(
+                        run_id=RUN_ID, round=number, node_name=node, signal=signal, value=value
+                    )
+                    for signal in ("preference-accuracy", "reward-margin")
+                )
+    engine.dispose()
+
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    assert "Preferences" in [header.value for header in app.subheader]
+    drawn = chart_data(app, 1)  # after the loss curves
+    global_accuracy = drawn[drawn["who"] == "global"].sort_values("round")
+    assert global_accuracy["value"].tolist() == pytest.approx([0.0, 0.6, 0.7])
+    assert set(drawn["who"]) == {"global", "hospital", "bank"}
+
+
+def test_health_page_of_a_run_without_preference_pairs_has_no_preference_section(
+    coordinator, monkeypatch
+):
+    app = open_page(coordinator.url, "views/health.py", monkeypatch)
+
+    assert "Preferences" not in [header.value for header in app.subheader]
 
 
 # --- Audit -----------------------------------------------------------------------------------

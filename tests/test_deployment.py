@@ -28,15 +28,20 @@ from fedtune.coordinator.gateway import gateway_folder, key_id
 from fedtune.coordinator.superlink import CONNECTION, flwr
 from fedtune.demo.data import write_demo_data
 from fedtune.demo.local_deployment import LocalDeployment, fedtune_command, protections_of
+from fedtune.demo.preferences import write_demo_preferences
 from fedtune.platform.db.storage import (
     AdapterCheckpoint,
+    BudgetGroup,
+    HealthSignal,
     NodeLevelEntry,
     RejectedUpdate,
     Round,
     Run,
     open_database,
 )
+from fedtune.platform.model.fingerprint import file_fingerprint
 from fedtune.platform.security.encryption import load_key
+from fedtune.privacy.audit.independent_accounting import recompute_ledger
 from fedtune.privacy.ledger_store import entry_from_json, ledger_entries, ledger_receipts
 from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 from fedtune.privacy.signing import NodeKey
@@ -257,6 +262,90 @@ def test_a_node_level_dp_run_keeps_the_coordinator_s_signed_epsilon(
         name: protections[name]["state"]
         for name in ("tls", "node_authentication", "secure_aggregation", "node_level_dp")
     } == dict.fromkeys(("tls", "node_authentication", "secure_aggregation", "node_level_dp"), "on")
+
+
+DPO_NODES = {"dpo-hospital": "hospital", "dpo-bank": "bank"}
+
+
+def dpo_node_sections(tiny_model_dir: Path, data: Path, *, grouped: bool) -> dict:
+    """A node training its preference pairs; ``grouped``: its SFT file holds the same
+    people (data.shares_budget_with)."""
+    sections = tiny_node_sections(tiny_model_dir, data)
+    sections["data"] = {
+        **sections["data"],
+        "train": str(data / "preferences_train.jsonl"),
+        "eval": str(data / "preferences_held_out.jsonl"),
+        **({"shares_budget_with": [str(data / "train.jsonl")]} if grouped else {}),
+    }
+    return sections
+
+
+def test_a_federated_dp_dpo_run_of_two_nodes_keeps_verifiable_pair_level_ledgers(
+    deployment, tiny_model_dir, tmp_path, capsys
+):
+    for domain in ("hospital", "bank"):
+        write_demo_preferences(deployment.workdir / "data", domain=domain, train=24, held_out=4)
+    for name, domain in DPO_NODES.items():
+        deployment.add_node(
+            name,
+            sections=dpo_node_sections(
+                tiny_model_dir, deployment.workdir / "data" / domain, grouped=name == "dpo-bank"
+            ),
+            min_secure_peers=2,
+        )
+        deployment.enroll(name)
+        deployment.start_node(name)
+    run_toml = deployment.workdir / "dpo.toml"
+    run_toml.write_text(
+        RUN_TOML.format(
+            rounds=1,
+            min_nodes=2,
+            model=tiny_model_dir,
+            secure="true",
+            nodes="\n".join(f'[[nodes]]\nname = "{n}"\n' for n in DPO_NODES),
+            out="runs/dpo",
+        ).replace("batch_size = 16\n", 'batch_size = 16\nmethod = "dpo"\ndpo_beta = 0.2\n')
+    )
+    try:
+        run_id = deployment.submit(run_toml)
+        status = deployment.wait_for_run(run_id, timeout_s=600)
+    finally:
+        for name in DPO_NODES:  # SIGTERM: the SuperLink marks them offline at once
+            deployment.kill(f"node-{name}", sig=signal.SIGTERM)
+
+    assert status == "finished"
+    assert rounds_of(deployment, run_id) == [(1, 2, 2)]
+    with transaction(open_database(deployment.coordinator.database_url)) as session:
+        copies = {
+            name: [e for e in ledger_entries(session, name) if e.run_id == run_id]
+            for name in DPO_NODES
+        }
+        groups = session.scalars(select(BudgetGroup).where(BudgetGroup.run_id == run_id)).all()
+        accuracy = session.scalars(
+            select(HealthSignal).where(
+                HealthSignal.run_id == run_id, HealthSignal.signal == "preference-accuracy"
+            )
+        ).all()
+    for name in DPO_NODES:
+        [copy] = copies[name]
+        assert (copy.method, copy.privacy_unit) == ("dp-dpo-seeded-noise", "preference_pair")
+        state = deployment.workdir / "nodes" / name / "state"
+        exported = tmp_path / f"{name}.jsonl"
+        args = ["audit", "export", "--db", str(state / LEDGER_FILE), "--node", name]
+        assert main([*args, "--out", str(exported)]) == 0
+        key = NodeLedger(state, node=name).key.public_key_text()
+        assert main(["audit", "verify", str(exported), "--public-key", key]) == 0
+        assert "VERIFIED" in capsys.readouterr().out
+        own = [e for e in NodeLedger(state, node=name).entries() if e.run_id == run_id]
+        assert own == [copy]  # the coordinator's copy is the node's entry
+        assert [c.agrees for c in recompute_ledger([e.to_dict() for e in own])] == [True]
+    # The bank's SFT file holds the same people: its group, as the node's guard counted it.
+    [group] = groups
+    sft = file_fingerprint(deployment.workdir / "data/bank/train.jsonl")
+    assert group.node_name == "dpo-bank"
+    assert group.members["fingerprints"] == sorted([sft, copies["dpo-bank"][0].data_fingerprint])
+    assert group.epsilon_after == pytest.approx(copies["dpo-bank"][0].epsilon_after)
+    assert {s.node_name for s in accuracy} == {None, *DPO_NODES}
 
 
 def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):

@@ -249,6 +249,7 @@ def test_a_database_made_before_migrations_is_upgraded_with_every_row(database_u
     after["epsilon_reports"] = after.pop("unsigned_epsilon_reports")  # 0004: renamed, every row
     assert after.pop("enrolled_nodes") == []  # 0002 made it: older code had no roster
     assert after.pop("node_costs") == after.pop("node_level_entries") == []  # 0006 made them
+    assert after.pop("budget_groups") == []  # 0007 made it
     assert [row.pop("protections") for row in after["runs"]] == [None]  # 0006: not recorded
     assert [row.pop("epsilon_cap") for row in after["epsilon_reports"]] == [None, None]
     assert after == before

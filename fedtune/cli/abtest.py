@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fedtune.platform.config import (
+    AbMetric,
     ConfigError,
     load_run_config,
 )
@@ -26,13 +27,21 @@ def register(commands: Any) -> None:
     start.add_argument(
         "--metric",
         action="append",
-        choices=["loss", "rouge-l", "exact-match"],
-        help="repeat for several (default: loss and rouge-l)",
+        choices=get_args(AbMetric),
+        help="repeat for several (default: loss and rouge-l); preference-accuracy and "
+        "reward-margin score the nodes' held-out preference pairs",
     )
     start.add_argument("--nodes", nargs="+", default=None, help="only these nodes' scores")
     start.add_argument("--alpha", type=float, default=0.05)
     start.add_argument("--max-examples", type=int, default=32, help="per node (default 32)")
     start.add_argument("--max-new-tokens", type=int, default=48, help="for ROUGE-L generation")
+    start.add_argument(
+        "--dpo-beta",
+        type=float,
+        default=None,
+        help="beta of the implicit reward behind reward-margin (default: the run's "
+        "training.dpo_beta)",
+    )
     start.set_defaults(handler=_abtest_start)
     show = abtest.add_parser("show", help="print a stored A/B test")
     show.add_argument("test_id")
@@ -61,6 +70,7 @@ def _abtest_start(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             max_examples=args.max_examples,
             max_new_tokens=args.max_new_tokens,
+            dpo_beta=args.dpo_beta if args.dpo_beta is not None else config.training.dpo_beta,
             nodes=tuple(args.nodes) if args.nodes else None,
         )
     except ValueError as exc:

@@ -26,6 +26,7 @@ from fedtune.client_node.data import (
     tokenize_conversation,
 )
 from fedtune.client_node.losses import sequence_losses
+from fedtune.client_node.preference_eval import evaluate_preferences
 from fedtune.client_node.text_metrics import exact_match, rouge_l_f1
 from fedtune.client_node.training_data import held_out_conversations
 from fedtune.platform.config import LoraSettings
@@ -33,6 +34,8 @@ from fedtune.platform.model.lora import load_adapter_arrays
 from fedtune.platform.wire.messages import (
     ABTEST,
     NODE,
+    PREFERENCE_ACCURACY,
+    REWARD_MARGIN,
     SCORES,
     SUMMARY_FIELDS,
     AbTestInstructions,
@@ -42,13 +45,31 @@ GENERATION_METRICS: Mapping[str, Callable[[str, str], float]] = {
     "rouge-l": rouge_l_f1,
     "exact-match": exact_match,
 }
-KNOWN_METRICS = ("loss", *GENERATION_METRICS)
+# Scored on held-out preference pairs (only a node whose held-out file holds them).
+PREFERENCE_METRICS = (PREFERENCE_ACCURACY, REWARD_MARGIN)
+KNOWN_METRICS = ("loss", *GENERATION_METRICS, *PREFERENCE_METRICS)
 
 
-def held_out_pairs(runtime: Any, max_examples: int) -> tuple[list[Any], ChatDataset]:
+class NoPreferencePairsError(ValueError):
+    """A preference metric was asked of a node whose held-out file holds no pairs."""
+
+
+def held_out_examples(runtime: Any, max_examples: int) -> tuple[list[Any], ChatDataset]:
     """The first ``max_examples`` held-out conversations that keep an assistant token within
-    the node's max length, and their tokenized form (the same examples for A and B)."""
+    the node's max length, and their tokenized form (the same examples for A and B). From
+    a preference file: the chosen answers of the first held-out pairs, the same pairs (in
+    the same order) that the preference metrics score, so one row is one pair throughout."""
     config = runtime.config
+    pairs = runtime.held_out_pairs
+    if pairs is not None:
+        chosen = pairs.originals[:max_examples]
+        return (
+            [
+                bounded_conversation(p.conversation(p.chosen), max_chars(config.data.max_length))
+                for p in chosen
+            ],
+            ChatDataset([p.chosen for p in pairs.pairs[: len(chosen)]], source=config.data.eval),
+        )
     kept, tokenized = [], []
     for conversation in held_out_conversations(config.data.eval):
         example = tokenize_conversation(
@@ -126,11 +147,18 @@ def score_versions(
     instructions: AbTestInstructions,
     arrays: Mapping[str, Mapping[str, np.ndarray] | None],
 ) -> dict[str, dict[str, list[float]]]:
-    """``{metric: {"a": [...], "b": [...]}}`` on the same held-out examples, in order."""
+    """``{metric: {"a": [...], "b": [...]}}`` on the same held-out examples, in order (the
+    preference metrics on the first ``max_examples`` held-out pairs)."""
     unknown = sorted(set(instructions.metrics) - set(KNOWN_METRICS))
     if unknown:
         raise ValueError(f"unknown A/B metrics {unknown}; known: {list(KNOWN_METRICS)}")
-    conversations, data = held_out_pairs(runtime, instructions.max_examples)
+    preference = [m for m in instructions.metrics if m in PREFERENCE_METRICS]
+    if preference and runtime.held_out_pairs is None:
+        raise NoPreferencePairsError(
+            f"node {runtime.config.node.name} holds no held-out preference pairs "
+            f"(data.eval = {runtime.config.data.eval.name}): it cannot score {preference}"
+        )
+    conversations, data = held_out_examples(runtime, instructions.max_examples)
     tokenizer = runtime.loaded.base.tokenizer
     device = runtime.loaded.base.device
     scores: dict[str, dict[str, list[float]]] = {m: {} for m in instructions.metrics}
@@ -155,6 +183,20 @@ def score_versions(
                 )
                 for metric in generated:
                     scores[metric][side] = [GENERATION_METRICS[metric](g, r) for g, r in pairs]
+            if preference:
+                result = evaluate_preferences(
+                    model,
+                    runtime.held_out_pairs,
+                    beta=instructions.dpo_beta,
+                    pad_token_id=runtime.pad_token_id,
+                    device=device,
+                    adapter=arrays[side] is not None,
+                    limit=instructions.max_examples,
+                )
+                if PREFERENCE_ACCURACY in scores:
+                    scores[PREFERENCE_ACCURACY][side] = list(result.preferred)
+                if REWARD_MARGIN in scores:
+                    scores[REWARD_MARGIN][side] = list(result.margins)
     return scores
 
 
@@ -184,7 +226,7 @@ def scores_content(
             "a_only": int(((a >= 0.5) & (b < 0.5)).sum()),
         }
         record.update({f"{metric}/{name}": values[name] for name in SUMMARY_FIELDS})
-    examples = len(next(iter(scores.values()))["a"]) if scores else 0
+    examples = max((len(sides["a"]) for sides in scores.values()), default=0)
     return RecordDict(
         {
             SCORES: MetricRecord(record),

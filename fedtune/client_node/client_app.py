@@ -23,7 +23,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from fedtune.client_node.abtest_eval import score_versions, scores_content
+from fedtune.client_node.abtest_eval import (
+    NoPreferencePairsError,
+    score_versions,
+    scores_content,
+)
 from fedtune.client_node.data import ChatDataset
 from fedtune.client_node.evaluation import HeldOutMetrics, evaluate
 from fedtune.client_node.local_round import train_local_round
@@ -32,13 +36,15 @@ from fedtune.client_node.metric_policy import (
     evaluate_metrics,
     train_metrics,
 )
-from fedtune.client_node.preference_data import PAIR_FORM
+from fedtune.client_node.preference_data import PAIR_FORM, PreferenceDataset
+from fedtune.client_node.preference_eval import PreferenceMetrics, evaluate_preferences
 from fedtune.client_node.prompt_data import PROMPT_FORM
 from fedtune.client_node.rewards import RewardError
 from fedtune.client_node.training_data import (
     TrainingData,
     budget_group_fingerprints,
     load_held_out,
+    load_held_out_pairs,
     load_training_data,
     method_of,
 )
@@ -104,6 +110,8 @@ class NodeRuntime:
     held_out_fingerprint: str
     ledger: NodeLedger
     budget_group: list[str]  # fingerprints of data.shares_budget_with
+    # The held-out preference pairs, when the held-out file holds pairs (else None).
+    held_out_pairs: PreferenceDataset | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -202,6 +210,12 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
         held_out_fingerprint=file_fingerprint(config.data.eval),
         ledger=NodeLedger(config.node.state_dir, node=config.node.name),
         budget_group=budget_group_fingerprints(config.data.shares_budget_with),
+        held_out_pairs=load_held_out_pairs(
+            config.data.eval,
+            tokenizer,
+            max_length=config.data.max_length,
+            limit=config.data.max_eval_examples,
+        ),
     )
     _RUNTIMES.keep(runtime)
     return runtime
@@ -220,6 +234,22 @@ def _evaluate(runtime: NodeRuntime, model: torch.nn.Module) -> HeldOutMetrics:
     return evaluate(
         model,
         runtime.held_out,
+        pad_token_id=runtime.pad_token_id,
+        device=runtime.loaded.base.device,
+    )
+
+
+def _evaluate_preferences(
+    runtime: NodeRuntime, model: torch.nn.Module, *, beta: float
+) -> PreferenceMetrics | None:
+    """Preference accuracy and margins on the held-out pairs (None without pairs); only
+    for a node that releases plain metrics (figures under "dp" have no release for them)."""
+    if runtime.held_out_pairs is None or runtime.config.privacy.release_metrics != "plain":
+        return None
+    return evaluate_preferences(
+        model,
+        runtime.held_out_pairs,
+        beta=beta,
         pad_token_id=runtime.pad_token_id,
         device=runtime.loaded.base.device,
     )
@@ -370,7 +400,8 @@ def _method_mismatch(runtime: NodeRuntime, method: str) -> str | None:
 
 
 def evaluate_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
-    """Held-out loss and perplexity of the global adapter on this node's data; the
+    """Held-out loss and perplexity of the global adapter on this node's data (and, on
+    held-out preference pairs, preference accuracy and reward margin at the run's beta); the
     coordinator's receipt for this node's ledger head, when the message carries one, is kept
     beside the entry it covers."""
     started = time.perf_counter()
@@ -381,10 +412,12 @@ def evaluate_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     model = runtime.model_with(instructions.lora)
     load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
     result = _evaluate(runtime, model)
+    preferences = _evaluate_preferences(runtime, model, beta=instructions.dpo_beta)
     server_round = content.config_records[CONFIG].get(SERVER_ROUND)
     metrics, release = evaluate_metrics(
         config,
         result,
+        preferences=preferences,
         seconds=time.perf_counter() - started,
         ledger=runtime.ledger,
         held_out_fingerprint=runtime.held_out_fingerprint,
@@ -425,7 +458,10 @@ def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         else None
         for side in ("a", "b")
     }
-    scores = score_versions(runtime, instructions, arrays)
+    try:
+        scores = score_versions(runtime, instructions, arrays)
+    except NoPreferencePairsError as exc:
+        return decline_content(identity=runtime.identity(), reason=str(exc))
     if config.privacy.release_metrics == "dp":
         try:
             return dp_scores_content(

@@ -284,6 +284,13 @@ def train_local_round(
                 steps=result.steps,
                 rounds_done=server_round,
             ),
+            # The group the guard counted: the other data sets' fingerprints (what the
+            # ledger knows them by) and the group's epsilon after this round.
+            **(
+                {"budget_group": sorted(group[1:]), "group_epsilon": group_epsilon}
+                if group_epsilon is not None
+                else {}
+            ),
         }
         if dp is not None
         else {}

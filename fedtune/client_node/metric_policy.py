@@ -1,8 +1,10 @@
 """What a node's replies say about its data besides the update: ``privacy.release_metrics``.
 
-- ``"plain"``: every figure as computed (losses, token counts, timings).
+- ``"plain"``: every figure as computed (losses, token counts, timings; on held-out
+  preference pairs, preference accuracy and mean reward margin too).
 - ``"dp"``: a train reply carries only the update's weight (its example count, which FedAvg
-  needs); an evaluate reply, the held-out loss and example count released through
+  needs); an evaluate reply, the held-out loss and example count (not the preference
+  figures, which have no DP release in a round's evaluation) released through
   :func:`fedtune.privacy.metric_release.release_mean` and accounted in the node's ledger on
   the held-out data set, with the perplexity and noise scale derived from them (free: they
   are computed from the release). Past the cap, nothing.
@@ -22,15 +24,19 @@ from collections.abc import Mapping, Sequence
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.client_node.evaluation import HeldOutMetrics
+from fedtune.client_node.preference_eval import PreferenceMetrics
 from fedtune.platform.config import NodeConfig
 from fedtune.platform.wire.messages import (
     ABTEST,
     EVALUATE_DEVICE_SECONDS,
     EVALUATE_TOKENS,
+    HELD_OUT_PAIRS,
     LEDGER,
     NODE,
     NODE_SECONDS,
     NUM_EXAMPLES,
+    PREFERENCE_ACCURACY,
+    REWARD_MARGIN,
     SCORES,
     ledger_record,
 )
@@ -67,23 +73,29 @@ def evaluate_metrics(
     base_model_fingerprint: str,
     run_id: str,
     round_number: int,
+    preferences: PreferenceMetrics | None = None,
 ) -> tuple[dict[str, int | float], tuple[LedgerEntry, Checkpoint] | None]:
     """The evaluate reply's metrics under the node's policy, and under ``"dp"`` the signed
-    ledger entry of the release (recorded in ``ledger`` before anything is released)."""
+    ledger entry of the release (recorded in ``ledger`` before anything is released).
+    ``preferences`` (held-out preference pairs) are released under ``"plain"`` only."""
     policy = config.privacy.release_metrics
     if policy == "none":
         return {}, None
     if policy == "plain":
-        return {
+        extra = preferences or PreferenceMetrics(margins=())
+        metrics: dict[str, int | float] = {
             NUM_EXAMPLES: result.examples,
             "held-out-loss": result.loss,
             "held-out-perplexity": result.perplexity,
             "held-out-tokens": result.tokens,
-            "evaluate-seconds": result.seconds,
-            EVALUATE_TOKENS: result.tokens_read,
-            EVALUATE_DEVICE_SECONDS: result.device_seconds,
+            "evaluate-seconds": result.seconds + extra.seconds,
+            EVALUATE_TOKENS: result.tokens_read + extra.tokens_read,
+            EVALUATE_DEVICE_SECONDS: result.device_seconds + extra.device_seconds,
             NODE_SECONDS: seconds,
-        }, None
+        }
+        if extra.pairs:
+            metrics.update(preference_metrics(extra))
+        return metrics, None
     privacy = config.privacy
     try:
         released = release_mean(
@@ -102,13 +114,22 @@ def evaluate_metrics(
     except BudgetExhaustedError as exc:
         logger.warning("held-out metrics not released: %s", exc)
         return {}, None
-    metrics: dict[str, int | float] = {
+    metrics = {
         NUM_EXAMPLES: released.count,
         "held-out-loss": released.mean,
         "held-out-perplexity": math.exp(min(released.mean, 50.0)),
         "held-out-loss-noise": released.noise_std / released.count,
     }
     return metrics, (released.entry, released.checkpoint)
+
+
+def preference_metrics(preferences: PreferenceMetrics) -> dict[str, int | float]:
+    """What an evaluate reply says about the held-out preference pairs."""
+    return {
+        HELD_OUT_PAIRS: preferences.pairs,
+        PREFERENCE_ACCURACY: preferences.accuracy,
+        REWARD_MARGIN: preferences.mean_margin,
+    }
 
 
 def dp_scores_content(
@@ -123,20 +144,20 @@ def dp_scores_content(
 ) -> RecordDict:
     """An A/B test reply under ``"dp"``: per metric, the paired statistics ``n``, ``sum_a``,
     ``sum_b`` and ``sum_d2`` released in one Gaussian mechanism (each example's row: 1, and
-    per metric a / B, b / B, ((b - a) / B)^2 with scores clipped to [0, B]; B is the loss
-    bound for the loss, 1 for the other metrics, which lie in [0, 1]), with the noise's
-    standard deviation on each sum and the signed ledger entry of the release.
-    :class:`~fedtune.privacy.accounting.BudgetExhaustedError` past the cap."""
+    per metric a', b', (b' - a')^2 with each score clipped to the metric's range [low, high]
+    and mapped to [0, 1] as (score - low) / (high - low); the range is [0, loss bound] for
+    the loss, [-margin bound, margin bound] for the reward margin, [0, 1] for the other
+    metrics), with the noise's standard deviation on each sum and the signed ledger entry
+    of the release. :class:`~fedtune.privacy.accounting.BudgetExhaustedError` past the cap."""
     metrics = list(scores)
-    bounds = {m: config.privacy.metric_loss_bound if m == "loss" else 1.0 for m in metrics}
+    ranges = {m: score_range(config, m) for m in metrics}
     examples = len(scores[metrics[0]]["a"]) if metrics else 0
     rows = []
     for index in range(examples):
         row = [1.0]
         for metric in metrics:
-            bound = bounds[metric]
-            a = _clipped(scores[metric]["a"][index], bound) / bound
-            b = _clipped(scores[metric]["b"][index], bound) / bound
+            a = _unit(scores[metric]["a"][index], ranges[metric])
+            b = _unit(scores[metric]["b"][index], ranges[metric])
             row += [a, b, (b - a) ** 2]
         rows.append(row)
     privacy = config.privacy
@@ -156,15 +177,18 @@ def dp_scores_content(
     sums = released.sums
     record: dict[str, int | float | list[int] | list[float]] = {}
     for position, metric in enumerate(metrics):
-        bound = bounds[metric]
+        low, high = ranges[metric]
+        width = high - low
         sum_a, sum_b, sum_d2 = sums[1 + 3 * position : 4 + 3 * position]
+        # Back to the metric's scale: the shift (n * low) is the same on both sides, so
+        # b - a and its square need the width alone.
         record.update(
             {
                 f"{metric}/n": sums[0],
-                f"{metric}/sum_a": sum_a * bound,
-                f"{metric}/sum_b": sum_b * bound,
-                f"{metric}/sum_d2": sum_d2 * bound * bound,
-                f"{metric}/noise-sd": released.noise_std * bound,
+                f"{metric}/sum_a": sum_a * width + sums[0] * low,
+                f"{metric}/sum_b": sum_b * width + sums[0] * low,
+                f"{metric}/sum_d2": sum_d2 * width * width,
+                f"{metric}/noise-sd": released.noise_std * width,
             }
         )
     return RecordDict(
@@ -179,5 +203,19 @@ def dp_scores_content(
     )
 
 
-def _clipped(value: float, bound: float) -> float:
-    return min(max(float(value), 0.0), bound) if math.isfinite(value) else bound
+def score_range(config: NodeConfig, metric: str) -> tuple[float, float]:
+    """The range an A/B metric's per-example score is clipped to before a DP release."""
+    privacy = config.privacy
+    if metric == "loss":
+        return 0.0, privacy.metric_loss_bound
+    if metric == REWARD_MARGIN:
+        return -privacy.metric_margin_bound, privacy.metric_margin_bound
+    return 0.0, 1.0
+
+
+def _unit(value: float, bounds: tuple[float, float]) -> float:
+    """``value`` clipped to ``bounds`` and mapped to [0, 1]; NaN counts as the top of the
+    range (as a release clips it), an infinity as the end it points to."""
+    low, high = bounds
+    clipped = high if math.isnan(value) else min(max(float(value), low), high)
+    return (clipped - low) / (high - low)

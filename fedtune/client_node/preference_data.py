@@ -180,10 +180,20 @@ class PreferenceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
     unit = "preference pairs"
 
-    def __init__(self, pairs: Sequence[TokenizedPair], *, source: Path, dropped: int = 0):
+    def __init__(
+        self,
+        pairs: Sequence[TokenizedPair],
+        *,
+        source: Path,
+        dropped: int = 0,
+        originals: Sequence[PreferencePair] = (),
+    ):
         self.pairs = list(pairs)
         self.source = source
         self.dropped = dropped  # pairs with an answer wholly beyond max_length
+        # The pairs as read, in the same order (empty when not kept): an A/B test scores
+        # the chosen answers of the same pairs, so that each row is one pair everywhere.
+        self.originals = list(originals)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -217,12 +227,21 @@ def load_preference_dataset(
         )
         for pair in pairs
     ]
-    kept = [p for p in tokenized if _answers_kept(p.chosen) and _answers_kept(p.rejected)]
+    kept = [
+        (pair, tokens)
+        for pair, tokens in zip(pairs, tokenized, strict=True)
+        if _answers_kept(tokens.chosen) and _answers_kept(tokens.rejected)
+    ]
     if not kept:
         raise DataError(
             f"{path}: no preference pair keeps both answers within max_length={max_length}"
         )
-    return PreferenceDataset(kept, source=path, dropped=len(tokenized) - len(kept))
+    return PreferenceDataset(
+        [tokens for _, tokens in kept],
+        source=path,
+        dropped=len(tokenized) - len(kept),
+        originals=[pair for pair, _ in kept],
+    )
 
 
 def load_chosen_dataset(

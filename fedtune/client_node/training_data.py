@@ -134,6 +134,16 @@ def _last_tokens(example: TokenizedExample, max_length: int) -> TokenizedExample
     )
 
 
+def load_held_out_pairs(
+    path: Path, tokenizer: Any, *, max_length: int, limit: int | None = None
+) -> PreferenceDataset | None:
+    """Held-out preference pairs (for preference accuracy and reward margin), or None when
+    the held-out file holds conversations."""
+    if not holds_preference_pairs(path):
+        return None
+    return load_preference_dataset(path, tokenizer, max_length=max_length, limit=limit)
+
+
 def held_out_conversations(path: Path) -> list[list[Message]]:
     """Held-out conversations as rows: from a preference file, each prompt with its chosen
     answer (what A/B tests score)."""

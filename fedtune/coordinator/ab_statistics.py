@@ -10,6 +10,11 @@ power away). Per metric:
   interval of the mean difference.
 - ``exact-match`` (per-example 0/1, higher is better): exact McNemar test and Newcombe's
   hybrid score interval for the difference of paired proportions.
+- ``preference-accuracy`` (per held-out preference pair 0/1: does the implicit DPO reward
+  prefer the chosen answer; higher is better): as ``exact-match``, exact McNemar.
+- ``reward-margin`` (per pair, the chosen answer's implicit reward minus the rejected one's,
+  unbounded, heavy-tailed; higher is better): Wilcoxon signed-rank test and a paired
+  bootstrap interval, as ``rouge-l``.
 
 A node whose policy forbids per-example scores sends a :class:`PairedSummary` instead; the
 coordinator then uses :func:`compare_summary` (paired t-test, or McNemar, from sums alone).
@@ -45,15 +50,23 @@ METRICS: Mapping[str, MetricSpec] = MappingProxyType(
         "loss": MetricSpec(higher_is_better=False, kind="continuous"),
         "rouge-l": MetricSpec(higher_is_better=True, kind="continuous"),
         "exact-match": MetricSpec(higher_is_better=True, kind="binary"),
+        "preference-accuracy": MetricSpec(higher_is_better=True, kind="binary"),
+        "reward-margin": MetricSpec(higher_is_better=True, kind="continuous"),
     }
 )
 
 # Continuous metrics with many ties and a bounded range get a rank test and a bootstrap CI;
 # the others get the paired t-test.
-_RANK_TESTED = frozenset({"rouge-l"})
+_RANK_TESTED = frozenset({"rouge-l", "reward-margin"})
 # Range each metric's per-example scores must lie in (closed interval).
 _BOUNDS: Mapping[str, tuple[float, float]] = MappingProxyType(
-    {"loss": (0.0, math.inf), "rouge-l": (0.0, 1.0), "exact-match": (0.0, 1.0)}
+    {
+        "loss": (0.0, math.inf),
+        "rouge-l": (0.0, 1.0),
+        "exact-match": (0.0, 1.0),
+        "preference-accuracy": (0.0, 1.0),
+        "reward-margin": (-math.inf, math.inf),
+    }
 )
 # Wilcoxon p-values with ties or zeros: SciPy enumerates all sign flips up to n = 13; from there
 # up to n = 50 we draw seeded random sign flips; above, the tie-corrected normal approximation.
@@ -559,9 +572,10 @@ def compare_paired(
 ) -> Comparison:
     """Compare version B with version A from per-example scores on the same examples.
 
-    ``loss``: paired t-test and t-interval. ``rouge-l``: Wilcoxon signed-rank (Pratt zeros) and
-    a seeded paired bootstrap percentile CI of the mean difference (``bootstrap`` resamples).
-    ``exact-match``: exact McNemar and Newcombe's paired interval.
+    ``loss``: paired t-test and t-interval. ``rouge-l`` and ``reward-margin``: Wilcoxon
+    signed-rank (Pratt zeros) and a seeded paired bootstrap percentile CI of the mean
+    difference (``bootstrap`` resamples). ``exact-match`` and ``preference-accuracy``: exact
+    McNemar and Newcombe's paired interval.
     """
     spec = _metric(metric)
     _check_alpha(alpha)

@@ -75,6 +75,7 @@ class AbTestPlan:
     alpha: float = 0.05
     max_examples: int = 32
     max_new_tokens: int = 48
+    dpo_beta: float = 0.1  # the implicit reward's beta behind reward-margin
     nodes: tuple[str, ...] | None = None  # None: every connected (enrolled) node
     run_id: str | None = None  # the run that asked for it, if any
     checkpoint_key: bytes | None = None  # for checkpoints encrypted at rest
@@ -85,6 +86,8 @@ class AbTestPlan:
             raise ValueError(f"unknown A/B metrics {unknown}; choose from {sorted(METRICS)}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not self.dpo_beta > 0:
+            raise ValueError(f"dpo_beta must be positive, got {self.dpo_beta}")
         if self.max_examples < 2:
             raise ValueError("max_examples must be at least 2 for a paired test")
         if self.version_a.id == self.version_b.id:
@@ -126,6 +129,7 @@ def _message_content(plan: AbTestPlan, test_id: str) -> RecordDict:
         metrics=plan.metrics,
         max_examples=plan.max_examples,
         max_new_tokens=plan.max_new_tokens,
+        dpo_beta=plan.dpo_beta,
     ).to_record()
     return content
 
@@ -232,6 +236,7 @@ def run_abtest(
                     "names": list(plan.metrics),
                     "max_examples": plan.max_examples,
                     "max_new_tokens": plan.max_new_tokens,
+                    "dpo_beta": plan.dpo_beta,
                 },
                 alpha=plan.alpha,
                 nodes={"requested": list(plan.nodes) if plan.nodes else None, "answered": []},

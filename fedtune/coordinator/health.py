@@ -6,7 +6,8 @@ step), losses, participation, and privacy spent against each node's cap. Alerts 
 explained rules: the global held-out loss rising for ``LOSS_RISING_ROUNDS`` rounds in a row,
 an update whose norm is ``OUTLIER_RATIO`` times the others' median, an update with non-finite
 values, a node past ``NEAR_CAP_SHARE`` of its epsilon cap, a global loss ``DIVERGENCE_SHARE``
-above its best, and nodes that declined or failed.
+above its best, a global preference accuracy (DPO's implicit reward on held-out preference
+pairs) falling ``LOSS_RISING_ROUNDS`` rounds in a row, and nodes that declined or failed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -173,3 +175,60 @@ def loss_alerts(held_out: Sequence[float | None]) -> list[Alert]:
             )
         )
     return alerts
+
+
+PREFERENCE_SIGNALS = ("preference-accuracy", "reward-margin")
+
+
+def preference_signals(
+    replies: Mapping[str, Mapping[str, Any]],
+) -> tuple[list[Signal], float | None]:
+    """Preference accuracy and reward margin per node (``{node: evaluate metrics}``; nodes
+    whose held-out data holds no preference pairs send none) and over all their pairs
+    together (each node weighted by its pairs); the global accuracy is returned too."""
+    signals: list[Signal] = []
+    totals = dict.fromkeys(PREFERENCE_SIGNALS, 0.0)
+    pairs_in_all = 0
+    for name, metrics in replies.items():
+        pairs = metrics.get("held-out-pairs")
+        values = {signal: metrics.get(signal) for signal in PREFERENCE_SIGNALS}
+        if not _whole(pairs) or not all(_number(v) for v in values.values()):
+            continue
+        pairs_in_all += int(pairs)  # type: ignore[arg-type]
+        for signal, value in values.items():
+            signals.append(Signal(signal, name, float(value)))  # type: ignore[arg-type]
+            totals[signal] += float(value) * int(pairs)  # type: ignore[arg-type]
+    if not pairs_in_all:
+        return signals, None
+    signals += [Signal(s, None, totals[s] / pairs_in_all) for s in PREFERENCE_SIGNALS]
+    return signals, totals["preference-accuracy"] / pairs_in_all
+
+
+def preference_alerts(accuracy: Sequence[float | None]) -> list[Alert]:
+    """The global preference accuracy of every round so far, oldest first: an alert when it
+    fell ``LOSS_RISING_ROUNDS`` rounds in a row (the model moves away from the preferences)."""
+    recent = accuracy[-(LOSS_RISING_ROUNDS + 1) :]
+    if len(recent) < LOSS_RISING_ROUNDS + 1 or any(v is None for v in recent):
+        return []
+    if not all(b < a for a, b in itertools.pairwise(recent)):  # type: ignore[operator]
+        return []
+    return [
+        Alert(
+            "preference-falling",
+            None,
+            f"the global held-out preference accuracy fell {LOSS_RISING_ROUNDS} rounds in a "
+            "row: " + " -> ".join(f"{v:.3f}" for v in recent if v is not None),
+        )
+    ]
+
+
+def _number(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(float(value))
+    )
+
+
+def _whole(value: Any) -> bool:
+    return _number(value) and float(value) >= 1 and float(value).is_integer()

@@ -12,6 +12,7 @@ whole number in range, a cost figure finite and plausible, see
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from fedtune.coordinator.health import (
     Signal,
     budget_alerts,
     loss_alerts,
+    preference_alerts,
+    preference_signals,
     rejection_alerts,
     update_signals,
 )
@@ -34,6 +37,7 @@ from fedtune.coordinator.node_costs import cost_row, read_costs
 from fedtune.coordinator.strategy import ReplyOutcome
 from fedtune.platform.db.storage import (
     AdapterCheckpoint,
+    BudgetGroup,
     HealthAlert,
     HealthSignal,
     NodeLevelEntry,
@@ -70,6 +74,20 @@ def _finite(value: Any) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
+
+
+MAX_GROUP = 64  # data sets one budget group may name
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def group_members(value: Any) -> list[str]:
+    """A reply's ``budget_group`` as stored: up to :data:`MAX_GROUP` data-set fingerprints;
+    anything else (not a list, another kind of item) is no group at all."""
+    if not isinstance(value, list) or len(value) > MAX_GROUP:
+        return []
+    if not all(isinstance(item, str) and _FINGERPRINT.fullmatch(item) for item in value):
+        return []
+    return list(value)
 
 
 MAX_COUNT = 2**31 - 1  # an INTEGER column's largest value (PostgreSQL)
@@ -120,6 +138,8 @@ class RunRecorder:
         self.node_names: dict[str, str] = {}
         self._pending: _PendingRound | None = None
         self._held_out: list[float | None] = []  # global held-out loss per round
+        # Global held-out preference accuracy per round (None: no node holds pairs).
+        self._preference: list[float | None] = []
         self._round_started = time.perf_counter()
         # Node-level DP of a secure run (set by the deployment loop): its ledger entries are
         # copied into the database with the round they noised.
@@ -172,6 +192,32 @@ class RunRecorder:
             ),
         ]
 
+    def _budget_group_rows(self, server_round: int, outcomes: list[ReplyOutcome]) -> list[Any]:
+        """The budget group each node stated beside a verified private round, if any: the
+        trained data set is the signed entry's, the other members the node's list (only
+        fingerprints), its group epsilon kept when it is a finite number."""
+        rows: list[Any] = []
+        for outcome in outcomes:
+            content, signed = outcome.content, outcome.ledger
+            if content is None or signed is None or BUDGET not in content.config_records:
+                continue
+            others = group_members(content.config_records[BUDGET].get("budget_group"))
+            if not others or signed.entry.mode != "dp":
+                continue
+            own = signed.entry.data_fingerprint
+            epsilon = _finite(content.config_records[BUDGET].get("group_epsilon"))
+            rows.append(
+                BudgetGroup(
+                    run_id=self.run_id,
+                    round=server_round,
+                    node_name=signed.entry.node,
+                    data_fingerprint=own,
+                    members={"fingerprints": sorted({own, *others})},
+                    epsilon_after=epsilon if epsilon is not None and epsilon >= 0 else None,
+                )
+            )
+        return rows
+
     def _ledger_rows(self, outcomes: list[ReplyOutcome]) -> list[Any]:
         """Each verified ledger entry (kept even when its update was rejected: the epsilon
         was spent), the node's signed head, and the coordinator's receipt for it."""
@@ -223,6 +269,7 @@ class RunRecorder:
         pending.rows += self._train_health(server_round, outcomes, aggregate, metrics, sent)
         pending.rows += self._rejections(server_round, "train", outcomes)
         pending.rows += self._ledger_rows(outcomes)
+        pending.rows += self._budget_group_rows(server_round, outcomes)
         pending.rows += self._node_level_rows(server_round)
         for outcome in outcomes:
             if outcome.content is not None:
@@ -346,7 +393,18 @@ class RunRecorder:
             for o in outcomes
             if o.content is not None
         ]
-        rows += self._health_rows(server_round, signals, loss_alerts(self._held_out))
+        alerts = loss_alerts(self._held_out)
+        preference, accuracy = preference_signals(
+            {
+                self._name(o) or f"node-{o.flower_node_id}": o.content.metric_records[METRICS]
+                for o in outcomes
+                if o.content is not None
+            }
+        )
+        self._preference.append(accuracy)
+        signals += preference
+        alerts += preference_alerts(self._preference)
+        rows += self._health_rows(server_round, signals, alerts)
         seconds = time.perf_counter() - pending.started
         rows.append(
             Round(
@@ -365,7 +423,8 @@ class RunRecorder:
         if held_out is not None:
             self.progress(
                 f"round {server_round}/{self.rounds}: global held-out loss {held_out:.3f} "
-                f"(perplexity {math.exp(held_out):.2f}) on {len(outcomes)} nodes, "
-                f"{seconds:.0f} s"
+                f"(perplexity {math.exp(held_out):.2f})"
+                + (f", preference accuracy {accuracy:.3f}" if accuracy is not None else "")
+                + f" on {len(outcomes)} nodes, {seconds:.0f} s"
             )
         self._round_started = time.perf_counter()

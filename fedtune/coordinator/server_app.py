@@ -243,6 +243,7 @@ def ab_test_final_against_production(
         version_b=final,
         base_model_fingerprint=fingerprint,
         metrics=tuple(config.run.ab_test_metrics),
+        dpo_beta=config.training.dpo_beta,
         run_id=run_id,
         checkpoint_key=config.output.checkpoint_key(),
     )

@@ -46,6 +46,7 @@ ROUND_COLUMNS = (
 PRIVACY_COLUMNS = tuple(PrivacyRecord.__dataclass_fields__)
 REJECTION_COLUMNS = ("run_id", "round", "phase", "node_name", "kind", "reason", "created_at")
 SIGNAL_COLUMNS = ("run_id", "round", "node_name", "signal", "value", "unavailable")
+GROUP_COLUMNS = ("run_id", "round", "node_name", "data_fingerprint", "members", "epsilon_after")
 ALERT_COLUMNS = ("run_id", "round", "node_name", "kind", "message", "created_at")
 AB_TEST_COLUMNS = (
     "id",
@@ -256,6 +257,17 @@ def health_signals(engine: Engine, run_id: str) -> pd.DataFrame:
             ),
             SIGNAL_COLUMNS,
         )
+
+
+def budget_groups(engine: Engine) -> pd.DataFrame:
+    """The budget groups nodes stated (``data.shares_budget_with``), one row per node and
+    round trained, oldest first; ``members`` the group's fingerprints as a list."""
+    with engine.connect() as connection:
+        frame = _read(
+            connection, _select("budget_groups", GROUP_COLUMNS, order_by=["id"]), GROUP_COLUMNS
+        )
+    frame["members"] = [list(m.get("fingerprints", [])) for m in frame["members"]]
+    return frame
 
 
 def health_alerts(engine: Engine, run_id: str | None = None) -> pd.DataFrame:

@@ -7,6 +7,8 @@ import numbers
 
 import pandas as pd
 
+from fedtune.privacy.accounting import epsilon_of
+
 # A node declines a round for lack of budget with one of these (budget guard, noise plan).
 BUDGET_REASONS = r"budget guard|planned rounds|already spent|epsilon cap|privacy budget"
 OUTCOMES = ("accepted", "declined", "failed", "rejected")
@@ -34,6 +36,68 @@ def budget_series(reports: pd.DataFrame) -> pd.DataFrame:
     frame["series"] = [labels[key] for key in keys]
     frame["step"] = frame.groupby("series").cumcount() + 1
     return frame
+
+
+def budget_group_summary(groups: pd.DataFrame, reports: pd.DataFrame) -> pd.DataFrame:
+    """One row per node and budget group (data sets holding the same people, stated by the
+    node with ``data.shares_budget_with``): the group's epsilon composed, as the node's
+    budget guard composes it, from every private round on any of its data sets in the
+    ledger copies (at the latest round's delta and accountant), against the cap; beside it
+    what the node's guard said after its latest round (its word; more than the copies show
+    when it trained a member alone)."""
+    columns = [
+        "node_name",
+        "members",
+        "epsilon",
+        "node_epsilon",
+        "epsilon_cap",
+        "remaining",
+        "rounds",
+        "delta",
+        "accountant",
+    ]
+    if groups.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    latest = groups.assign(key=[tuple(m) for m in groups["members"]]).groupby(
+        ["node_name", "key"], sort=True
+    )
+    for (node, members), stated in latest:
+        mine = reports[
+            (reports["node_name"] == node)
+            & reports["data_fingerprint"].isin(members)
+            & (reports["mode"] == "dp")
+            & reports["noise_multiplier"].notna()
+        ]
+        known = mine[mine["delta"].notna() & mine["accountant"].notna()]
+        epsilon = cap = delta = accountant = None
+        if not known.empty:
+            last = known.iloc[-1]
+            delta, accountant = float(last["delta"]), str(last["accountant"])
+            cap = last["epsilon_cap"]
+            history = list(
+                zip(mine["noise_multiplier"], mine["sample_rate"], mine["steps"], strict=True)
+            )
+            epsilon = epsilon_of(
+                [(float(s), float(q), int(n)) for s, q, n in history],
+                delta=delta,
+                accountant=accountant,  # type: ignore[arg-type]
+            )
+        cap = _number(cap)
+        rows.append(
+            {
+                "node_name": node,
+                "members": list(members),
+                "epsilon": epsilon,
+                "node_epsilon": _number(stated["epsilon_after"].iloc[-1]),
+                "epsilon_cap": cap,
+                "remaining": None if cap is None or epsilon is None else cap - epsilon,
+                "rounds": len(mine),
+                "delta": delta,
+                "accountant": accountant,
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
 
 
 def thinned(series: pd.DataFrame, *, most: int) -> pd.DataFrame:

@@ -291,6 +291,11 @@ class PrivacySettings(_Section):
         description='With release_metrics = "dp": each held-out example\'s loss (nats per '
         "token) is clipped to [0, bound] before release.",
     )
+    metric_margin_bound: PositiveFloat = Field(
+        default=2.0,
+        description='With release_metrics = "dp": each held-out preference pair\'s reward '
+        "margin (an A/B test's reward-margin) is clipped to [-bound, bound] before release.",
+    )
     metric_noise_multiplier: PositiveFloat = Field(
         default=5.0,
         description='With release_metrics = "dp": the Gaussian noise of a release, in units of '
@@ -376,7 +381,7 @@ class NodeConfig(_Section):
 NodeName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
-AbMetric = Literal["loss", "rouge-l", "exact-match"]
+AbMetric = Literal["loss", "rouge-l", "exact-match", "preference-accuracy", "reward-margin"]
 AB_LOSS: AbMetric = "loss"
 
 

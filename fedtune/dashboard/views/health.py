@@ -1,5 +1,6 @@
-"""Model health of one run: loss curves per node and global, update norms with outlier
-flags, participation per round, and the alerts with their reasons. A signal that cannot be
+"""Model health of one run: loss curves per node and global, on held-out preference pairs
+the preference accuracy and reward margin, update norms with outlier flags, participation
+per round, and the alerts with their reasons. A signal that cannot be
 computed (e.g. single updates hidden by secure aggregation) is named with the reason."""
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from fedtune.dashboard.summaries import (
 )
 
 LOSS_SIGNALS = {"train-loss", "held-out-loss"}  # drawn from the loss curves instead
+PREFERENCE_TITLES = {  # drawn in their own section
+    "preference-accuracy": "Preference accuracy (share of held-out pairs whose implicit "
+    "reward prefers the chosen answer)",
+    "reward-margin": "Reward margin (chosen minus rejected implicit reward, mean over pairs)",
+}
 SIGNAL_ORDER = ["update-norm", "update-norm-ratio", "cosine-to-aggregate", "participation"]
 SIGNAL_TITLES = {
     "update-norm": "Update norm (L2 of the node's step)",
@@ -71,10 +77,38 @@ def loss_section(rounds: pd.DataFrame, metrics: pd.DataFrame) -> None:
     )
 
 
-def signals_section(run: str, alerts: pd.DataFrame) -> None:
+def preference_section(signals: pd.DataFrame) -> None:
+    """Only for a run whose nodes hold held-out preference pairs (DPO data)."""
+    rows = signals[signals["signal"].isin(PREFERENCE_TITLES) & signals["value"].notna()]
+    if rows.empty:
+        return
+    st.subheader("Preferences")
+    for name, title in PREFERENCE_TITLES.items():
+        known = rows[rows["signal"] == name]
+        if known.empty:
+            continue
+        st.markdown(f"**{title}**")
+        frame = pd.DataFrame(
+            {
+                "round": known["round"].astype(int),
+                "who": [node_label(n) for n in known["node_name"]],
+                "value": known["value"].astype(float),
+                "flagged": False,
+            }
+        )
+        st.altair_chart(charts.signal_chart(frame, title=name), width="stretch")
+    st.caption(
+        "The implicit reward is the DPO reward against the base model (the adapter "
+        "disabled): the base model's is 0, so accuracy starts at 0 and margin at 0. Global: "
+        "over all nodes' held-out pairs together."
+    )
+
+
+def signals_section(run: str, signals: pd.DataFrame, alerts: pd.DataFrame) -> None:
     st.subheader("Updates")
-    signals = common.fetch(queries.health_signals, run)
-    signals = signals[~signals["signal"].isin(LOSS_SIGNALS)]
+    signals = signals[
+        ~signals["signal"].isin(LOSS_SIGNALS) & ~signals["signal"].isin(PREFERENCE_TITLES)
+    ]
     if signals.empty:
         common.note_absent("No health signals recorded for this run yet.")
         return
@@ -171,7 +205,9 @@ assert run is not None
 rounds = common.fetch(queries.rounds, run)
 metrics = common.fetch(queries.node_metrics, run)
 alerts = common.fetch(queries.health_alerts, run)
+signals = common.fetch(queries.health_signals, run)
 loss_section(rounds, metrics)
-signals_section(run, alerts)
+preference_section(signals)
+signals_section(run, signals, alerts)
 participation_section(run, rounds, metrics)
 alerts_section(alerts)

@@ -1,8 +1,9 @@
 """Privacy budget: per node and data set, epsilon spent over rounds against its cap, the
-remaining budget, delta and accountant; the rounds nodes declined for lack of budget; and
-whether each node's ledger copy verifies against the node's key stored in the database
-(a long copy on request, so that the page opens at once; its verdict stands for every
-visitor until the copy changes)."""
+remaining budget, delta and accountant; budget groups (data sets holding the same people,
+``data.shares_budget_with``) with their combined spend as the node's guard counts it; the
+rounds nodes declined for lack of budget; and whether each node's ledger copy verifies
+against the node's key stored in the database (a long copy on request, so that the page
+opens at once; its verdict stands for every visitor until the copy changes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import streamlit as st
 from fedtune.dashboard import charts, common, queries
 from fedtune.dashboard.summaries import (
     budget_declines,
+    budget_group_summary,
     budget_series,
     budget_summary,
     epsilon_side_by_side,
@@ -98,6 +100,44 @@ def budget_section(everything: pd.DataFrame) -> None:
     )
     if summary["epsilon_cap"].isna().all():
         common.note_absent("No epsilon cap is recorded for any data set, so none is drawn.")
+
+
+def groups_section(everything: pd.DataFrame) -> None:
+    """Only when some node stated a budget group."""
+    groups = budget_group_summary(common.fetch(queries.budget_groups), everything)
+    if groups.empty:
+        return
+    st.subheader("Budget groups")
+    st.caption(
+        "Data sets that hold the same people share one budget (the node's "
+        "data.shares_budget_with): its budget guard composes the private rounds of all of "
+        "them and declines a round that would take the group past its cap. Combined: "
+        "composed here from the signed ledger copies, as the guard does. The node's count "
+        "is what its guard said after its latest round; it is higher when the node trained "
+        "a member of the group outside these runs."
+    )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "node": groups["node_name"],
+                "data sets": [", ".join(map(short_fingerprint, m)) for m in groups["members"]],
+                "combined epsilon": groups["epsilon"],
+                "node's count": groups["node_epsilon"],
+                "cap": groups["epsilon_cap"],
+                "remaining": groups["remaining"],
+                "private rounds": groups["rounds"],
+                "delta": groups["delta"],
+                "accountant": groups["accountant"],
+            }
+        ),
+        hide_index=True,
+        column_config={
+            "combined epsilon": st.column_config.NumberColumn(format="%.3f"),
+            "node's count": st.column_config.NumberColumn(format="%.3f"),
+            "remaining": st.column_config.NumberColumn(format="%.3f"),
+            "delta": st.column_config.NumberColumn(format="%.0e"),
+        },
+    )
 
 
 def chart_section(everything: pd.DataFrame) -> None:
@@ -282,6 +322,7 @@ st.title("Privacy budget")
 reports = common.fetch(queries.epsilon_reports)
 budget_section(reports)
 if not reports.empty:
+    groups_section(reports)
     chart_section(reports)
 plan_section()
 declines_section()

@@ -122,6 +122,26 @@ class NodeCost(Base):
     refused: Mapped[str | None] = mapped_column(Text)
 
 
+class BudgetGroup(Base):
+    """A node's budget group as its train reply stated it (``data.shares_budget_with``): the
+    data sets holding the same people, whose private rounds its budget guard composes into
+    one epsilon. ``data_fingerprint`` is the trained data set's, from the round's verified
+    ledger entry; ``members`` every fingerprint of the group, that one included;
+    ``epsilon_after`` the group's epsilon after the round as the node's guard counted it
+    (its word; the dashboard recomputes it from the ledger copies)."""
+
+    __tablename__ = "budget_groups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    node_name: Mapped[str] = mapped_column(String(200))
+    data_fingerprint: Mapped[str] = mapped_column(String(80))
+    members: Mapped[dict[str, Any]]  # {"fingerprints": [...]}
+    epsilon_after: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class NodeLevelEntry(Base):
     """A copy of one entry of the coordinator's own node-level DP ledger
     (``OUTPUT_DIR/node-level-ledger``, node ``coordinator``): the sealed entry and the signed

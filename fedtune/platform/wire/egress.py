@@ -51,12 +51,15 @@ from fedtune.platform.wire.messages import (
     DESCRIBE_MESSAGE_TYPE,
     EVALUATE_DEVICE_SECONDS,
     EVALUATE_TOKENS,
+    HELD_OUT_PAIRS,
     LEDGER,
     METRICS,
     NODE,
     NODE_SECONDS,
     NUM_EXAMPLES,
+    PREFERENCE_ACCURACY,
     PROTOCOL_KEY,
+    REWARD_MARGIN,
     SCORES,
     SUMMARY_FIELDS,
     TRAIN_DEVICE_SECONDS,
@@ -275,7 +278,8 @@ DP_SUMMARY_FIELDS = ("n", "sum_a", "sum_b", "sum_d2")
 def _metric_release(bound: float) -> str:
     return (
         "Gaussian mechanism on per-example values clipped to a stated range (a loss to "
-        f"[0, privacy.metric_loss_bound = {bound:g}] nats per token, other A/B scores to "
+        f"[0, privacy.metric_loss_bound = {bound:g}] nats per token, a reward margin to "
+        "[-privacy.metric_margin_bound, +privacy.metric_margin_bound], other A/B scores to "
         "[0, 1]), noise privacy.metric_noise_multiplier times the sensitivity; accounted in the "
         "node's ledger as a metric_release entry (method gaussian) on the held-out data set"
     )
@@ -470,6 +474,22 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
                     PLAIN,
                     "the epsilon the run's plan expects by this round (for the coordinator's "
                     "ahead-of-plan alert; a function of the target and the round's noise)",
+                ),
+                Field(
+                    "budget_group",
+                    "list[str]",
+                    PLAIN,
+                    "the fingerprints of the other data sets that share this one's budget "
+                    "(data.shares_budget_with), for the dashboard's budget groups",
+                    when="data.shares_budget_with is set",
+                ),
+                Field(
+                    "group_epsilon",
+                    "float",
+                    PLAIN,
+                    "the group's epsilon after the round as the budget guard counted it (a "
+                    "function of the group's ledger entries)",
+                    when="data.shares_budget_with is set",
                 ),
             ),
         ),
@@ -698,6 +718,7 @@ def _evaluate_replies(settings: _Settings) -> tuple[Reply, ...]:
                 "seconds the evaluation ran on the device: " + COST_NOTE,
             ),
             Field(NODE_SECONDS, "float", NOT_SENT, "the node's whole time on the message"),
+            *_preference_fields(NOT_SENT),
         )
         meaning = (
             "held-out figures through one Gaussian mechanism; past the data set's cap the "
@@ -732,6 +753,7 @@ def _evaluate_replies(settings: _Settings) -> tuple[Reply, ...]:
             Field(
                 NODE_SECONDS, "float", metric, "the node's whole time on the message (wall time)"
             ),
+            *_preference_fields(metric),
         )
         meaning = (
             "held-out figures as computed"
@@ -740,6 +762,27 @@ def _evaluate_replies(settings: _Settings) -> tuple[Reply, ...]:
         )
         records = (Record(METRICS, "metrics", "held-out figures", fields), _identity_record())
     return (Reply("evaluate", "metrics", meaning, records),)
+
+
+def _preference_fields(protection: tuple[str, ...]) -> tuple[Field, ...]:
+    when = "the held-out file holds preference pairs"
+    return (
+        Field(HELD_OUT_PAIRS, "int", protection, "held-out preference pairs scored", when=when),
+        Field(
+            PREFERENCE_ACCURACY,
+            "float",
+            protection,
+            "share of those pairs whose implicit DPO reward prefers the chosen answer",
+            when=when,
+        ),
+        Field(
+            REWARD_MARGIN,
+            "float",
+            protection,
+            "mean implicit reward of the chosen answer minus the rejected one's",
+            when=when,
+        ),
+    )
 
 
 def _abtest_replies(settings: _Settings) -> tuple[Reply, ...]:

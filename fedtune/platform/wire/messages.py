@@ -52,6 +52,11 @@ TRAIN_DEVICE_SECONDS = "train-device-seconds"
 EVALUATE_TOKENS = "evaluate-tokens"
 EVALUATE_DEVICE_SECONDS = "evaluate-device-seconds"
 NODE_SECONDS = "node-seconds"
+# An evaluate reply's figures on held-out preference pairs (release_metrics = "plain"): how
+# many pairs, the share whose implicit DPO reward prefers the chosen answer, the mean margin.
+HELD_OUT_PAIRS = "held-out-pairs"
+PREFERENCE_ACCURACY = "preference-accuracy"
+REWARD_MARGIN = "reward-margin"
 # What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
 # unsigned privacy report beside the ledger entry; in fedtune-wire/2 a train message had no
 # training method (a node of that version would train SFT in a DPO run); in fedtune-wire/3 it
@@ -200,9 +205,15 @@ def node_identity(*, name: str, base_model_fingerprint: str, data_fingerprint: s
 
 def budget_record(budget: Mapping[str, Any]) -> ConfigRecord:
     """A node's plan for its budget (target epsilon, planned rounds, private rounds on the
-    data set so far) as a ConfigRecord; absent figures are left out, never None."""
+    data set so far; its budget group, when it has one) as a ConfigRecord; absent figures are
+    left out, never None."""
     return ConfigRecord(
-        {key: value for key, value in budget.items() if isinstance(value, (str, int, float, bool))}
+        {
+            key: value
+            for key, value in budget.items()
+            if isinstance(value, (str, int, float, bool))
+            or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+        }
     )
 
 
@@ -300,10 +311,14 @@ class AbTestInstructions:
     metrics: tuple[str, ...]
     max_examples: int
     max_new_tokens: int
+    # The beta of the implicit DPO reward behind reward-margin (preference-accuracy does
+    # not depend on it); absent from the record of a sender that predates it.
+    dpo_beta: float = 0.1
 
     def to_record(self) -> ConfigRecord:
         record: dict[str, Any] = {
             "test-id": self.test_id,
+            "dpo-beta": self.dpo_beta,
             "base-model-fingerprint": self.base_model_fingerprint,
             "version-a": self.version_a,
             "version-b": self.version_b,
@@ -333,6 +348,7 @@ class AbTestInstructions:
                 metrics=tuple(str(m) for m in record["metrics"]),  # type: ignore[union-attr]
                 max_examples=int(record["max-examples"]),  # type: ignore[arg-type]
                 max_new_tokens=int(record["max-new-tokens"]),  # type: ignore[arg-type]
+                dpo_beta=float(record.get("dpo-beta", 0.1)),  # type: ignore[arg-type]
             )
         except KeyError as exc:
             raise ValueError(f"A/B test message lacks config key {exc}") from None
