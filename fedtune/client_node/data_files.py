@@ -50,6 +50,22 @@ def data_format(path: Path) -> str:
     return kind
 
 
+def first_jsonl_record(path: Path) -> Any:
+    """The first non-blank record of the JSONL file ``path``, parsed; None when the file is
+    not JSONL by its suffix, holds no record, or cannot be read or parsed (the loader that
+    reads it then says what is wrong). For telling which kind of data a file holds."""
+    if path.suffix.lower() not in {".jsonl", ".ndjson"}:
+        return None
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    return json.loads(line)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return None
+
+
 def read_records(path: Path) -> Iterator[Record]:
     """The records of a local data file, each with where it is; blank lines are skipped."""
     if path.is_dir():

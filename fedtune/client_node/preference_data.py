@@ -34,6 +34,7 @@ from fedtune.client_node.data import (
     make_collate,
     tokenize_conversation,
 )
+from fedtune.client_node.data_files import first_jsonl_record
 from fedtune.common.errors import unreadable
 
 _ROLES = {"system", "user", "assistant"}
@@ -58,17 +59,8 @@ def holds_preference_pairs(path: Path) -> bool:
     ``chosen`` or ``rejected``); False for anything else, including an unreadable file (the
     loader that reads it then says what is wrong). Preference pairs come in JSONL only: a CSV
     or Parquet file is never read as one."""
-    if path.suffix.lower() not in {".jsonl", ".ndjson"}:
-        return False
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    return isinstance(record, dict) and any(key in record for key in ANSWERS)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return False
+    record = first_jsonl_record(path)
+    return isinstance(record, dict) and any(key in record for key in ANSWERS)
 
 
 def load_preference_pairs(path: Path) -> list[PreferencePair]:

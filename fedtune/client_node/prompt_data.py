@@ -15,7 +15,6 @@ row's text.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedtune.client_node.data import DataError, Message, max_chars
-from fedtune.client_node.data_files import read_records
+from fedtune.client_node.data_files import first_jsonl_record, read_records
 from fedtune.client_node.preference_data import prompt_messages
 
 PROMPT_FORM = '{"prompt", "answer"}'
@@ -43,21 +42,12 @@ class PromptRow:
 def holds_verifiable_prompts(path: Path) -> bool:
     """Whether the first row of the JSONL file ``path`` is a prompt with an ``answer`` (and
     no SFT ``response`` or preference answers); False for anything else."""
-    if path.suffix.lower() not in {".jsonl", ".ndjson"}:
-        return False
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    return (
-                        isinstance(record, dict)
-                        and "answer" in record
-                        and not {"response", "chosen", "rejected", "messages"} & set(record)
-                    )
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return False
+    record = first_jsonl_record(path)
+    return (
+        isinstance(record, dict)
+        and "answer" in record
+        and not {"response", "chosen", "rejected", "messages"} & set(record)
+    )
 
 
 def load_prompt_rows(path: Path) -> list[PromptRow]:
