@@ -33,7 +33,7 @@ from fedtune.client_node.prompt_data import load_prompt_dataset, make_prompt_col
 from fedtune.client_node.rewards import build_scorer
 from fedtune.client_node.trainer import DPSettings, sample_rate_for, train_round
 from fedtune.demo.verifiable import NUMERIC_TOLERANCE, REWARDS, worked_examples, write_demo_prompts
-from fedtune.platform.config import LoraSettings, ModelConfig
+from fedtune.platform.config import GRPO_DEFAULTS, LoraSettings, ModelConfig
 from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.model.lora import adapter_arrays, attach_lora, load_adapter_arrays
 from fedtune.privacy.accounting import calibrate_noise_multiplier, epsilon_of
@@ -54,7 +54,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="GRPO steps per round")
     parser.add_argument("--batch", type=int, default=8, help="prompts per step (expected)")
     parser.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
-    parser.add_argument("--max-tokens", type=int, default=40, help="tokens per completion")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=GRPO_DEFAULTS["grpo_max_completion_tokens"],
+        help="tokens per completion",
+    )
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--epsilon", type=float, default=8.0)

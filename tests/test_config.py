@@ -230,7 +230,7 @@ def test_grpo_is_chosen_with_its_settings(tmp_path):
     assert (training.method, training.grpo_group_size, training.grpo_beta) == ("grpo", 6, 0.0)
     assert training.grpo_rewards == ["answer_numeric", "format"]
     assert training.grpo_numeric_tolerance == 0.01
-    assert training.grpo_max_completion_tokens == 48  # the CPU-sized default
+    assert training.grpo_max_completion_tokens == 96  # room for the worked format
 
 
 def test_dumped_training_settings_validate_again_as_a_deployment_job_does():

@@ -28,7 +28,13 @@ from fedtune.client_node.trainer import train_round
 from fedtune.coordinator.run_summary import format_summary, run_summary
 from fedtune.demo.run import DEMO_NODES
 from fedtune.demo.verifiable import NUMERIC_TOLERANCE, worked_examples, write_demo_prompts
-from fedtune.platform.config import ConfigError, LoraSettings, ModelConfig, load_run_config
+from fedtune.platform.config import (
+    GRPO_DEFAULTS,
+    ConfigError,
+    LoraSettings,
+    ModelConfig,
+    load_run_config,
+)
 from fedtune.platform.db.storage import open_database
 from fedtune.platform.model.base_model import load_base_model
 from fedtune.platform.model.lora import attach_lora, load_initial_adapter
@@ -157,7 +163,7 @@ def run_grpo_demo(
     cold_start_steps: int = 16,
     cold_start_examples: int = 48,
     group: int = 4,
-    max_tokens: int = 40,
+    max_tokens: int = GRPO_DEFAULTS["grpo_max_completion_tokens"],
     max_length: int = 256,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
