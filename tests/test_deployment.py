@@ -386,12 +386,14 @@ def test_every_node_announces_the_shortest_heartbeat(deployment):
                 online = connection.execute(
                     select(Node.heartbeat_interval).where(Node.status == NodeStatus.ONLINE)
                 ).all()
-            if len(online) == len(NODES) or time.monotonic() > deadline:
+            if len(online) >= len(NODES) or time.monotonic() > deadline:
                 break
             time.sleep(1)
     finally:
         superlink.dispose()
-    assert len(online) == len(NODES)
+    # Other tests of the module start nodes of their own (the DPO test's two): each online
+    # node counts, and the module's three are always among them.
+    assert len(online) >= len(NODES)
     assert {interval for (interval,) in online} == {10.0}
 
 
