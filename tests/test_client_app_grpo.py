@@ -160,3 +160,30 @@ def test_a_node_that_cannot_train_the_runs_grpo_declines_in_one_line(
     assert reason in said and "\n" not in said
     assert not reply.content.array_records
     assert NodeLedger(node.node.state_dir, node="bank").entries() == []  # nothing spent
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("grpo_group_size", 1),  # one completion per group: no relative advantage at all
+        ("grpo_temperature", 0.0),
+        ("grpo_clip_ratio", 5.0),
+    ],
+)
+def test_a_train_message_with_settings_the_node_would_refuse_is_declined(
+    tmp_path, tiny_model_dir, setting, value
+):
+    """The coordinator's settings pass the node's own configuration checks: what a node's
+    TOML may not say, a train message may not say either."""
+    node = node_config(
+        tmp_path, tiny_model_dir, train="grpo_train.jsonl", held_out="grpo_held_out.jsonl"
+    )
+
+    reply = handle_train(
+        node, train_message(tiny_model_dir, method="grpo", grpo={**GRPO, setting: value})
+    )
+
+    said = str(reply.content.config_records["decline"]["reason"])
+    assert setting in said and "\n" not in said
+    assert not reply.content.array_records
+    assert NodeLedger(node.node.state_dir, node="bank").entries() == []  # nothing spent

@@ -49,7 +49,7 @@ from fedtune.client_node.training_data import (
     method_of,
 )
 from fedtune.common.errors import FedtuneError
-from fedtune.platform.config import LoraSettings, NodeConfig
+from fedtune.platform.config import ConfigError, LoraSettings, NodeConfig
 from fedtune.platform.model.base_model import BaseModel, load_base_model
 from fedtune.platform.model.fingerprint import file_fingerprint
 from fedtune.platform.model.lora import adapter_arrays, attach_lora, load_adapter_arrays
@@ -272,21 +272,24 @@ def train_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         return decline_content(identity=runtime.identity(), reason=mismatch)
     model = runtime.model_with(instructions.lora)
     load_adapter_arrays(model, record_to_arrays(content[ARRAYS]))  # type: ignore[arg-type]
-    training = config.training.model_copy(
-        update={
-            "steps": instructions.steps,
-            "batch_size": instructions.batch_size,
-            "physical_batch_size": min(
-                config.training.physical_batch_size, instructions.batch_size
-            ),
-            "learning_rate": instructions.learning_rate,
-            "optimizer": instructions.optimizer,
-            "method": instructions.method,
-            "dpo_beta": instructions.dpo_beta,
+    try:  # before any training: no epsilon is spent
+        training = config.training.updated(
+            section="training",
+            steps=instructions.steps,
+            batch_size=instructions.batch_size,
+            physical_batch_size=min(config.training.physical_batch_size, instructions.batch_size),
+            learning_rate=instructions.learning_rate,
+            optimizer=instructions.optimizer,
+            method=instructions.method,
+            dpo_beta=instructions.dpo_beta,
             **instructions.grpo,
-        }
-    )
-    privacy = config.privacy.model_copy(update={"planned_rounds": instructions.planned_rounds})
+        )
+        privacy = config.privacy.updated(
+            section="privacy", planned_rounds=instructions.planned_rounds
+        )
+    except ConfigError as exc:
+        reason = f"the run's settings are refused: {exc}"
+        return decline_content(identity=runtime.identity(), reason=reason)
     connection = config.coordinator
     if (
         connection is not None

@@ -56,6 +56,20 @@ class _Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
+    def updated(self, *, section: str, **changes: Any) -> Self:
+        """A copy with ``changes``, validated as the TOML is (``model_copy`` validates
+        nothing): values a coordinator sends meet the node's own rules. ``section`` names
+        this part of the configuration in the one-line error."""
+        try:
+            return self.model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join([section, *map(str, item['loc'])])}: "
+                + item["msg"].removeprefix("Value error, ")
+                for item in exc.errors()
+            ]
+            raise ConfigError("; ".join(problems)) from None
+
 
 class ModelConfig(_Section):
     """Which base model to load and how."""
