@@ -29,6 +29,7 @@ from fedtune.coordinator.superlink import CONNECTION, flwr
 from fedtune.demo.data import write_demo_data
 from fedtune.demo.local_deployment import LocalDeployment, fedtune_command, protections_of
 from fedtune.demo.preferences import write_demo_preferences
+from fedtune.demo.verifiable import write_demo_prompts
 from fedtune.platform.db.storage import (
     AdapterCheckpoint,
     BudgetGroup,
@@ -41,6 +42,7 @@ from fedtune.platform.db.storage import (
 )
 from fedtune.platform.model.fingerprint import file_fingerprint
 from fedtune.platform.security.encryption import load_key
+from fedtune.platform.wire.messages import GRPO_METRICS
 from fedtune.privacy.audit.independent_accounting import recompute_ledger
 from fedtune.privacy.ledger_store import entry_from_json, ledger_entries, ledger_receipts
 from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
@@ -348,6 +350,82 @@ def test_a_federated_dp_dpo_run_of_two_nodes_keeps_verifiable_pair_level_ledgers
     assert {s.node_name for s in accuracy} == {None, *DPO_NODES}
 
 
+GRPO_NODES = {"grpo-hospital": "hospital", "grpo-bank": "bank"}
+
+GRPO_TRAINING = """batch_size = 4
+method = "grpo"
+grpo_group_size = 2
+grpo_max_completion_tokens = 6
+grpo_rewards = ["answer_exact", "format"]
+physical_batch_size = 2
+"""
+
+
+def test_a_federated_dp_grpo_run_of_two_nodes_keeps_verifiable_prompt_level_ledgers(
+    deployment, tiny_model_dir, tmp_path, capsys
+):
+    for domain in ("hospital", "bank"):
+        write_demo_prompts(deployment.workdir / "data", domain=domain, train=12, held_out=4)
+    for name, domain in GRPO_NODES.items():
+        sections = tiny_node_sections(tiny_model_dir, deployment.workdir / "data" / domain)
+        data = deployment.workdir / "data" / domain
+        sections["data"] = {
+            **sections["data"],
+            "train": str(data / "grpo_train.jsonl"),
+            "eval": str(data / "grpo_held_out.jsonl"),
+        }
+        deployment.add_node(name, sections=sections, min_secure_peers=2)
+        deployment.enroll(name)
+        deployment.start_node(name)
+    run_toml = deployment.workdir / "grpo.toml"
+    run_toml.write_text(
+        RUN_TOML.format(
+            rounds=1,
+            min_nodes=2,
+            model=tiny_model_dir,
+            secure="true",
+            nodes="\n".join(f'[[nodes]]\nname = "{n}"\n' for n in GRPO_NODES),
+            out="runs/grpo",
+        )
+        .replace("steps = 2\n", "steps = 1\n")
+        .replace("batch_size = 16\n", GRPO_TRAINING)
+    )
+    try:
+        run_id = deployment.submit(run_toml)
+        status = deployment.wait_for_run(run_id, timeout_s=600)
+    finally:
+        for name in GRPO_NODES:  # SIGTERM: the SuperLink marks them offline at once
+            deployment.kill(f"node-{name}", sig=signal.SIGTERM)
+
+    assert status == "finished"
+    assert rounds_of(deployment, run_id) == [(1, 2, 2)]
+    with transaction(open_database(deployment.coordinator.database_url)) as session:
+        copies = {
+            name: [e for e in ledger_entries(session, name) if e.run_id == run_id]
+            for name in GRPO_NODES
+        }
+        health = session.scalars(select(HealthSignal).where(HealthSignal.run_id == run_id)).all()
+    for name in GRPO_NODES:
+        [copy] = copies[name]
+        assert (copy.method, copy.privacy_unit) == ("dp-grpo-seeded-noise", "prompt")
+        state = deployment.workdir / "nodes" / name / "state"
+        exported = tmp_path / f"{name}.jsonl"
+        args = ["audit", "export", "--db", str(state / LEDGER_FILE), "--node", name]
+        assert main([*args, "--out", str(exported)]) == 0
+        key = NodeLedger(state, node=name).key.public_key_text()
+        assert main(["audit", "verify", str(exported), "--public-key", key]) == 0
+        assert "VERIFIED" in capsys.readouterr().out
+        own = [e for e in NodeLedger(state, node=name).entries() if e.run_id == run_id]
+        assert own == [copy]  # the coordinator's copy is the node's entry
+        assert [c.agrees for c in recompute_ledger([e.to_dict() for e in own])] == [True]
+    figures = {(h.signal, h.node_name): h.value for h in health if h.signal in GRPO_METRICS}
+    for name in GRPO_NODES:  # the round's sampled completions, per node, as health
+        assert 0 < figures["grpo-completion-tokens", name] <= 6
+        assert 0 <= figures["grpo-format-share", name] <= 1
+        assert figures["grpo-kl", name] >= 0
+        assert ("grpo-mean-reward", name) in figures
+
+
 def test_a_node_that_is_not_enrolled_is_refused(deployment, tiny_model_dir):
     toml = deployment.add_node(
         "stranger",
@@ -391,7 +469,7 @@ def test_every_node_announces_the_shortest_heartbeat(deployment):
             time.sleep(1)
     finally:
         superlink.dispose()
-    # Other tests of the module start nodes of their own (the DPO test's two): each online
+    # Other tests of the module start nodes of their own (DPO's two, GRPO's two): each online
     # node counts, and the module's three are always among them.
     assert len(online) >= len(NODES)
     assert {interval for (interval,) in online} == {10.0}
