@@ -395,3 +395,50 @@ def test_a_global_loss_rising_two_rounds_in_a_row_raises_an_alert(setting):
     assert [a.round for a in raised] == [3]
     assert "2.000 -> 2.100 -> 2.200" in raised[0].message
     assert [s.value for s in curve] == pytest.approx([2.0, 2.1, 2.2])
+
+
+def reply_recording(method: str, unit: str, arrays: dict) -> RecordDict:
+    """hospital's train reply whose signed entry records ``method`` over ``unit``."""
+    key = KEYS["hospital"]
+    entry, _ = signed_round("hospital", key)
+    payload = {k: v for k, v in entry.payload().items() if k not in ("seq", "prev_hash")}
+    entry = seal_entry({**payload, "method": method, "privacy_unit": unit}, previous=None, key=key)
+    return train_reply_content(
+        arrays=arrays,
+        metrics={"num-examples": 10, "train-loss": 1.0},
+        identity=ConfigRecord({"name": "hospital", PROTOCOL_KEY: PROTOCOL}),
+        budget={"target_epsilon": 8.0, "planned_rounds": 3},
+        ledger=(entry, sign_checkpoint(node="hospital", head=entry, key=key)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("run_method", "honest", "forged"),
+    [
+        ("dpo", ("dp-dpo", "preference_pair"), ("dp-sgd", "example")),
+        ("sft", ("dp-sgd", "example"), ("dp-dpo", "preference_pair")),
+        ("grpo", ("dp-grpo-seeded-noise", "prompt"), ("dp-sgd", "example")),
+    ],
+)
+def test_a_ledger_entry_of_another_training_method_than_the_run_s_is_refused(
+    setting, run_method, honest, forged
+):
+    """A node in a DPO run that records its round as DP-SGD over examples (or the reverse)
+    misstates whose privacy its epsilon is about: the coordinator keeps no such entry."""
+    _, engine, global_arrays = setting
+    check = LedgerCheck(
+        engine=engine,
+        run_id="r1",
+        enrolled={"hospital": KEYS["hospital"].public_key},
+        training_method=run_method,
+    )
+
+    refused, reason = check(1, "hospital", reply_recording(*forged, global_arrays))
+    kept, no_reason = check(1, "hospital", reply_recording(*honest, global_arrays))
+
+    assert refused is None
+    assert reason == (
+        f"ledger entry refused: it records method {forged[0]!r}, and this run trains "
+        f"with {run_method!r}"
+    )
+    assert kept is not None and no_reason is None

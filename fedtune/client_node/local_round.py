@@ -41,7 +41,12 @@ from fedtune.privacy.accounting import (
     epsilon_of,
 )
 from fedtune.privacy.budget_guard import check_round
-from fedtune.privacy.ledger import Checkpoint, LedgerEntry, privacy_unit_of
+from fedtune.privacy.ledger import (
+    Checkpoint,
+    LedgerEntry,
+    privacy_unit_of,
+    training_round_method,
+)
 from fedtune.privacy.node_ledger import NodeLedger
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
@@ -243,8 +248,8 @@ def train_local_round(
             delta=privacy.delta,
             accountant=privacy.accountant,
         )
-    method = _method(
-        dp is not None, seeded=training.seed is not None, training_method=training.method
+    method = training_round_method(
+        training.method, private=dp is not None, seeded=training.seed is not None
     )
     entry, checkpoint = ledger.append(
         {
@@ -375,13 +380,3 @@ def grpo_settings(training: TrainingSettings) -> GRPOSettings:
         beta=training.grpo_beta,
         clip_ratio=training.grpo_clip_ratio,
     )
-
-
-def _method(private: bool, *, seeded: bool, training_method: str = "sft") -> str:
-    """The entry's ``method``: DP-SGD with Opacus on the SFT loss (``dp-sgd``), the DPO loss
-    (``dp-dpo``) or the GRPO loss (``dp-grpo``), named apart when its noise came from a
-    seeded generator (reproducible runs: the noise can be recomputed, so it protects no one)."""
-    if not private:
-        return "none"
-    name = {"dpo": "dp-dpo", "grpo": "dp-grpo"}.get(training_method, "dp-sgd")
-    return f"{name}-seeded-noise" if seeded else name

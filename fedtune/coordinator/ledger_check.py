@@ -32,8 +32,17 @@ class LedgerCheck:
     """Verifies train replies' ledger entries against the enrolled node keys (the check
     itself is the privacy core's :class:`~fedtune.privacy.entry_check.EntryCheck`)."""
 
-    def __init__(self, *, engine: Engine, run_id: str, enrolled: Mapping[str, Ed25519PublicKey]):
-        self.entries = EntryCheck(engine=engine, run_id=run_id, enrolled=enrolled)
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        run_id: str,
+        enrolled: Mapping[str, Ed25519PublicKey],
+        training_method: str | None = None,
+    ):
+        self.entries = EntryCheck(
+            engine=engine, run_id=run_id, enrolled=enrolled, training_method=training_method
+        )
         self.enrolled = self.entries.enrolled
 
     def __call__(

@@ -52,7 +52,12 @@ class RunSetup:
     training: TrainingSettings  # the run's, "auto" until plan_training resolves it
 
     def ledger_check(self) -> LedgerCheck:
-        return LedgerCheck(engine=self.engine, run_id=self.run_id, enrolled=self.keys)
+        return LedgerCheck(
+            engine=self.engine,
+            run_id=self.run_id,
+            enrolled=self.keys,
+            training_method=self.training.method,
+        )
 
     @property
     def instructions(self) -> TrainInstructions:

@@ -1,7 +1,8 @@
 """Whether a node's new ledger entry, as it reaches the coordinator, may be kept: it is for
 this run and round, signed by the key enrolled for the node, internally consistent (content
-matches its hash, the signed head covers the entry) and extends — or at least does not
-contradict — the copy of the node's ledger the coordinator already holds."""
+matches its hash, the signed head covers the entry), records the run's training method (a
+DPO run's round cannot pass for SFT's: the privacy unit would be misstated) and extends — or
+at least does not contradict — the copy of the node's ledger the coordinator already holds."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedtune.privacy.ledger import (
     SIGNATURE_REASON,
     Checkpoint,
     LedgerEntry,
+    training_round_methods,
 )
 from fedtune.privacy.ledger_store import ledger_head
 from fedtune.privacy.signing import verify_signature
@@ -24,12 +26,22 @@ from fedtune.privacy.signing import verify_signature
 
 class EntryCheck:
     """Checks new entries of run ``run_id`` against the ``enrolled`` keys and the copies
-    stored in ``engine``'s ledger tables."""
+    stored in ``engine``'s ledger tables. ``training_method``: the run's (``sft``, ``dpo``,
+    ``grpo``), which its training rounds must record; None: not a training run (A/B tests)."""
 
-    def __init__(self, *, engine: Engine, run_id: str, enrolled: Mapping[str, Ed25519PublicKey]):
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        run_id: str,
+        enrolled: Mapping[str, Ed25519PublicKey],
+        training_method: str | None = None,
+    ):
         self.engine = engine
         self.run_id = run_id
         self.enrolled = dict(enrolled)
+        self.training_method = training_method
+        self.methods = None if training_method is None else training_round_methods(training_method)
 
     def problem(
         self,
@@ -57,6 +69,15 @@ class EntryCheck:
             # An older format would leave out what the round was (kind, method, unit): a
             # node of this protocol seals the current one.
             return f"its format is {entry.format or 'version 1'}, not {ENTRY_FORMAT}"
+        if (
+            kind == "training_round"
+            and self.methods is not None
+            and entry.privacy_method not in self.methods
+        ):
+            return (
+                f"it records method {entry.privacy_method!r}, and this run trains with "
+                f"{self.training_method!r}"
+            )
         if not entry.content_matches():
             return CONTENT_REASON
         if not verify_signature(key, signature=entry.signature, message=bytes.fromhex(entry.hash)):

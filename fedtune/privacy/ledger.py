@@ -129,6 +129,29 @@ _UNIT_OF_METHOD = {
 }
 
 
+# The private method of each training method (``training.method``); "-seeded-noise" names
+# it apart when the noise came from a seeded generator (reproducible: it protects no one).
+_PRIVATE_METHOD_OF_TRAINING = {"sft": "dp-sgd", "dpo": "dp-dpo", "grpo": "dp-grpo"}
+
+
+def training_round_method(training_method: str, *, private: bool, seeded: bool) -> str:
+    """The ``method`` a training round's entry records for a node training with
+    ``training_method`` (``sft``, ``dpo``, ``grpo``); ``none`` when not private."""
+    if not private:
+        return "none"
+    name = _PRIVATE_METHOD_OF_TRAINING[training_method]
+    return f"{name}-seeded-noise" if seeded else name
+
+
+def training_round_methods(training_method: str) -> frozenset[str]:
+    """Every ``method`` a training round of ``training_method`` may record."""
+    return frozenset(
+        training_round_method(training_method, private=private, seeded=seeded)
+        for private in (True, False)
+        for seeded in (True, False)
+    )
+
+
 def privacy_unit_of(method: str) -> str:
     """Whose privacy a private ``method``'s epsilon is about (``KeyError`` for ``none``)."""
     return _UNIT_OF_METHOD[method]
@@ -889,6 +912,8 @@ __all__ = [
     "privacy_unit_of",
     "seal_entry",
     "sign_checkpoint",
+    "training_round_method",
+    "training_round_methods",
     "utc_now_text",
     "verify_chain",
     "version_one_reading",
