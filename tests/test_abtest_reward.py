@@ -121,7 +121,7 @@ def test_greedy_rewards_score_each_prompts_most_likely_completion_in_row_order(
 ):
     """Left-padded batches give each prompt the completion it gets alone; bounded, a reward
     counts at most 1 and at least 0."""
-    rows = [{"prompt": f"fee for {n} transfers" + " please" * n, "answer": str(n)} for n in range(5)]
+    rows = [{"prompt": f"fee for {n} transfers" + " now" * n, "answer": str(n)} for n in range(5)]
     path = tmp_path / "held_out.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     prompts = load_prompt_dataset(path, tiny_tokenizer, max_length=48)
