@@ -266,3 +266,67 @@ def test_an_empty_poisson_batch_of_prompts_is_a_noise_only_step(tiny_tokenizer, 
 
     assert len(result.train_losses) == 5 and None in result.train_losses
     assert sum(steps for _, _, steps in result.history) == 5
+
+
+# --- what a GRPO round reports as its training tokens ------------------------------------------
+
+
+def test_a_grpo_steps_tokens_count_sampling_and_both_passes_not_the_prompts_alone(
+    tiny_tokenizer, prompts
+):
+    """Every prompt sampled once (rate 1, one step): sampling reads each prompt G times and
+    then the completions; the reference and the policy pass read G rows of prompt and
+    completion each. The step loop alone sees the prompts once."""
+    model, _ = policy_and_base(tiny_tokenizer, dtype=torch.float32)
+    prompt_tokens = sum(len(ids) for ids in prompts.prompt_ids)
+
+    _, result, stats = grpo_step(model, prompts, tiny_tokenizer, clip=1.0, scorer=length_scorer())
+
+    completion_tokens = stats.completion_tokens
+    assert completion_tokens > 0
+    group = SETTINGS.group_size
+    assert stats.tokens == 3 * (group * prompt_tokens + completion_tokens)
+    assert result.tokens == prompt_tokens  # what the step loop sees: the prompts once
+
+
+def test_a_grpo_rounds_reported_tokens_are_what_its_objective_processed(
+    tmp_path, tiny_tokenizer, prompts
+):
+    """A non-private round in full batches (each prompt once per step): the round's token
+    count, the cost report's training tokens, is the objective's, not the step loop's."""
+    from fedtune.client_node.local_round import train_local_round
+    from fedtune.platform.config import PrivacySettings, TrainingSettings
+    from fedtune.privacy.node_ledger import NodeLedger
+
+    model, _ = policy_and_base(tiny_tokenizer, dtype=torch.float32)
+    training = TrainingSettings(
+        steps=2,
+        batch_size=len(prompts),
+        physical_batch_size=len(prompts),
+        method="grpo",
+        grpo_group_size=2,
+        grpo_max_completion_tokens=5,
+        grpo_rewards=["format"],
+        seed=0,
+    )
+    ledger = NodeLedger(tmp_path / "state", node="bank")
+
+    local = train_local_round(
+        model,
+        prompts,
+        ledger=ledger,
+        data_fingerprint="sha256:" + "a" * 64,
+        base_model_fingerprint="sha256:" + "b" * 64,
+        training=training,
+        privacy=PrivacySettings(mode="non-private"),
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        device=CPU,
+        progress=False,
+        tokenizer=tiny_tokenizer,
+    )
+    ledger.close()
+
+    completions = 2 * len(prompts) * 2  # steps x prompts x G
+    completion_tokens = round(local.grpo["completion_tokens"] * completions)
+    prompt_tokens = 2 * sum(len(ids) for ids in prompts.prompt_ids)  # every prompt, each step
+    assert local.result.tokens == 3 * (2 * prompt_tokens + completion_tokens)

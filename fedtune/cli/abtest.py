@@ -29,7 +29,9 @@ def register(commands: Any) -> None:
         action="append",
         choices=get_args(AbMetric),
         help="repeat for several (default: loss and rouge-l); preference-accuracy and "
-        "reward-margin score the nodes' held-out preference pairs",
+        "reward-margin score the nodes' held-out preference pairs, reward their held-out "
+        "GRPO prompts (the greedy completion's summed reward under each node's "
+        "training.grpo_rewards, 0 to the number of rewards)",
     )
     start.add_argument("--nodes", nargs="+", default=None, help="only these nodes' scores")
     start.add_argument("--alpha", type=float, default=0.05)

@@ -25,16 +25,24 @@ from fedtune.client_node.data import (
     max_chars,
     tokenize_conversation,
 )
+from fedtune.client_node.grpo import greedy_rewards
+from fedtune.client_node.local_round import grpo_settings
 from fedtune.client_node.losses import sequence_losses
 from fedtune.client_node.preference_eval import evaluate_preferences
+from fedtune.client_node.rewards import RewardScorer, build_scorer
 from fedtune.client_node.text_metrics import exact_match, rouge_l_f1
-from fedtune.client_node.training_data import held_out_conversations
+from fedtune.client_node.training_data import (
+    answered,
+    answered_example,
+    held_out_conversations,
+)
 from fedtune.platform.config import LoraSettings
 from fedtune.platform.model.lora import load_adapter_arrays
 from fedtune.platform.wire.messages import (
     ABTEST,
     NODE,
     PREFERENCE_ACCURACY,
+    REWARD,
     REWARD_MARGIN,
     SCORES,
     SUMMARY_FIELDS,
@@ -47,20 +55,58 @@ GENERATION_METRICS: Mapping[str, Callable[[str, str], float]] = {
 }
 # Scored on held-out preference pairs (only a node whose held-out file holds them).
 PREFERENCE_METRICS = (PREFERENCE_ACCURACY, REWARD_MARGIN)
-KNOWN_METRICS = ("loss", *GENERATION_METRICS, *PREFERENCE_METRICS)
+# Scored on held-out GRPO prompts (only a node whose held-out file holds them): per prompt,
+# the greedy completion's reward under the node's training.grpo_rewards, each reward counted
+# in [0, 1], so a score lies in [0, number of rewards].
+PROMPT_METRICS = (REWARD,)
+KNOWN_METRICS = ("loss", *GENERATION_METRICS, *PREFERENCE_METRICS, *PROMPT_METRICS)
 
 
-class NoPreferencePairsError(ValueError):
+class MissingHeldOutDataError(ValueError):
+    """A metric was asked of a node whose held-out file does not hold what it scores."""
+
+
+class NoPreferencePairsError(MissingHeldOutDataError):
     """A preference metric was asked of a node whose held-out file holds no pairs."""
+
+
+class NoHeldOutPromptsError(MissingHeldOutDataError):
+    """The reward was asked of a node whose held-out file holds no GRPO prompts."""
+
+
+def held_out_prompt_rows(runtime: Any, max_examples: int) -> list[int]:
+    """The first ``max_examples`` held-out GRPO prompts whose reference answer keeps a token
+    within the node's max length (their indices): the rows every metric scores on a prompt
+    file, so one row is one prompt throughout (a DP release's sensitivity counts rows)."""
+    prompts = runtime.held_out_prompts
+    tokenizer = runtime.loaded.base.tokenizer
+    max_length = runtime.config.data.max_length
+    rows: list[int] = []
+    for index, row in enumerate(prompts.rows):
+        if answered_example(row, tokenizer, max_length=max_length) is not None:
+            rows.append(index)
+        if len(rows) == max_examples:
+            break
+    return rows
 
 
 def held_out_examples(runtime: Any, max_examples: int) -> tuple[list[Any], ChatDataset]:
     """The first ``max_examples`` held-out conversations that keep an assistant token within
     the node's max length, and their tokenized form (the same examples for A and B). From
     a preference file: the chosen answers of the first held-out pairs, the same pairs (in
-    the same order) that the preference metrics score, so one row is one pair throughout."""
+    the same order) that the preference metrics score, so one row is one pair throughout;
+    from a prompt file, the reference answers of :func:`held_out_prompt_rows`."""
     config = runtime.config
     pairs = runtime.held_out_pairs
+    prompts = getattr(runtime, "held_out_prompts", None)
+    if prompts is not None:
+        tokenizer, max_length = runtime.loaded.base.tokenizer, config.data.max_length
+        rows = [prompts.rows[i] for i in held_out_prompt_rows(runtime, max_examples)]
+        examples = [answered_example(row, tokenizer, max_length=max_length) for row in rows]
+        return (
+            [bounded_conversation(answered(row), max_chars(max_length)) for row in rows],
+            ChatDataset([e for e in examples if e is not None], source=config.data.eval),
+        )
     if pairs is not None:
         chosen = pairs.originals[:max_examples]
         return (
@@ -148,7 +194,8 @@ def score_versions(
     arrays: Mapping[str, Mapping[str, np.ndarray] | None],
 ) -> dict[str, dict[str, list[float]]]:
     """``{metric: {"a": [...], "b": [...]}}`` on the same held-out examples, in order (the
-    preference metrics on the first ``max_examples`` held-out pairs)."""
+    preference metrics on the first ``max_examples`` held-out pairs, the reward on the first
+    ``max_examples`` held-out prompts)."""
     unknown = sorted(set(instructions.metrics) - set(KNOWN_METRICS))
     if unknown:
         raise ValueError(f"unknown A/B metrics {unknown}; known: {list(KNOWN_METRICS)}")
@@ -158,6 +205,7 @@ def score_versions(
             f"node {runtime.config.node.name} holds no held-out preference pairs "
             f"(data.eval = {runtime.config.data.eval.name}): it cannot score {preference}"
         )
+    scorer = _reward_scorer(runtime) if REWARD in instructions.metrics else None
     conversations, data = held_out_examples(runtime, instructions.max_examples)
     tokenizer = runtime.loaded.base.tokenizer
     device = runtime.loaded.base.device
@@ -197,7 +245,38 @@ def score_versions(
                     scores[PREFERENCE_ACCURACY][side] = list(result.preferred)
                 if REWARD_MARGIN in scores:
                     scores[REWARD_MARGIN][side] = list(result.margins)
+            if scorer is not None:
+                scores[REWARD][side] = _rewards(runtime, model, scorer, instructions.max_examples)
     return scores
+
+
+def _reward_scorer(runtime: Any) -> RewardScorer:
+    """The node's rewards (``RewardError`` if one cannot be loaded); ``NoHeldOutPromptsError``
+    when its held-out file holds no prompts with answers."""
+    config = runtime.config
+    if getattr(runtime, "held_out_prompts", None) is None:
+        raise NoHeldOutPromptsError(
+            f"node {config.node.name} holds no held-out GRPO prompts with answers "
+            f"(data.eval = {config.data.eval.name}): it cannot score ['{REWARD}']"
+        )
+    training = config.training
+    return build_scorer(training.grpo_rewards, tolerance=training.grpo_numeric_tolerance)
+
+
+def _rewards(runtime: Any, model: Any, scorer: RewardScorer, max_examples: int) -> list[float]:
+    """Per held-out prompt, its greedy completion's reward (each reward counted in [0, 1]),
+    as ``fedtune node train`` reports the held-out reward, at the node's completion length."""
+    scored = greedy_rewards(
+        model,
+        runtime.held_out_prompts,
+        tokenizer=runtime.loaded.base.tokenizer,
+        scorer=scorer,
+        settings=grpo_settings(runtime.config.training),
+        device=runtime.loaded.base.device,
+        rows=held_out_prompt_rows(runtime, max_examples),
+        bounded=True,
+    )
+    return [reward for reward, _ in scored]
 
 
 def scores_content(

@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from fedtune.client_node.abtest_eval import (
-    NoPreferencePairsError,
+    MissingHeldOutDataError,
     score_versions,
     scores_content,
 )
@@ -38,18 +38,19 @@ from fedtune.client_node.metric_policy import (
 )
 from fedtune.client_node.preference_data import PAIR_FORM, PreferenceDataset
 from fedtune.client_node.preference_eval import PreferenceMetrics, evaluate_preferences
-from fedtune.client_node.prompt_data import PROMPT_FORM
+from fedtune.client_node.prompt_data import PROMPT_FORM, PromptDataset
 from fedtune.client_node.rewards import RewardError
 from fedtune.client_node.training_data import (
     TrainingData,
     budget_group_fingerprints,
     load_held_out,
     load_held_out_pairs,
+    load_held_out_prompts,
     load_training_data,
     method_of,
 )
 from fedtune.common.errors import FedtuneError
-from fedtune.platform.config import ConfigError, LoraSettings, NodeConfig
+from fedtune.platform.config import ConfigError, LoraSettings, NodeConfig, TrainingSettings
 from fedtune.platform.model.base_model import BaseModel, load_base_model
 from fedtune.platform.model.fingerprint import file_fingerprint
 from fedtune.platform.model.lora import adapter_arrays, attach_lora, load_adapter_arrays
@@ -112,6 +113,8 @@ class NodeRuntime:
     budget_group: list[str]  # fingerprints of data.shares_budget_with
     # The held-out preference pairs, when the held-out file holds pairs (else None).
     held_out_pairs: PreferenceDataset | None = None
+    # The held-out GRPO prompts, when the held-out file holds prompts with answers.
+    held_out_prompts: PromptDataset | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -211,6 +214,12 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
         ledger=NodeLedger(config.node.state_dir, node=config.node.name),
         budget_group=budget_group_fingerprints(config.data.shares_budget_with),
         held_out_pairs=load_held_out_pairs(
+            config.data.eval,
+            tokenizer,
+            max_length=config.data.max_length,
+            limit=config.data.max_eval_examples,
+        ),
+        held_out_prompts=load_held_out_prompts(
             config.data.eval,
             tokenizer,
             max_length=config.data.max_length,
@@ -454,6 +463,11 @@ def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
         )
         return decline_content(identity=runtime.identity(), reason=reason)
     instructions = AbTestInstructions.from_record(content.config_records[ABTEST])
+    try:  # the coordinator's beta meets the node's own rule for training.dpo_beta
+        TrainingSettings.checked("dpo_beta", instructions.dpo_beta, section="abtest")
+    except ConfigError as exc:
+        reason = f"node {config.node.name} refuses the A/B test's settings: {exc}"
+        return decline_content(identity=runtime.identity(), reason=reason)
     _check_base_model(runtime, instructions.base_model_fingerprint)
     arrays = {
         side: record_to_arrays(content.array_records[f"{ARRAYS}-{side}"])
@@ -463,7 +477,7 @@ def abtest_reply(config: NodeConfig, content: RecordDict) -> RecordDict:
     }
     try:
         scores = score_versions(runtime, instructions, arrays)
-    except NoPreferencePairsError as exc:
+    except (MissingHeldOutDataError, RewardError) as exc:
         return decline_content(identity=runtime.identity(), reason=str(exc))
     if config.privacy.release_metrics == "dp":
         try:

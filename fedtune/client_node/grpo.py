@@ -22,7 +22,7 @@ one backward leaves in row i the gradient of prompt i's loss (as for DPO's two p
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,11 @@ class GRPOStats:
     failures: list[str] = field(default_factory=list)  # the rewards' (RewardScorer.failures)
     kl_sum: float = 0.0
     kl_tokens: int = 0
+    # Every token the round's GRPO steps processed, padding excluded: sampling (each of the
+    # G copies of a prompt, then each completion's tokens), the reference passes and the
+    # policy passes (G rows of prompt + completion each). About 3 G (prompt + completion)
+    # per sampled prompt: what the round's cost report counts as its training tokens.
+    tokens: int = 0
     # Sampling and scoring; the rest of a round's step time is the update (passes, backward,
     # clipping, noise, optimizer step).
     seconds: dict[str, float] = field(default_factory=lambda: {"generation": 0.0, "reward": 0.0})
@@ -141,6 +146,8 @@ def group_losses(
     ]
     with torch.no_grad(), _adapter_disabled(model):
         references = [-labelled_token_losses(model, batch, device)[0] for batch in batches]
+    if stats is not None:  # the reference passes and the policy passes read these rows
+        stats.tokens += 2 * sum(int(batch["attention_mask"].sum()) for batch in batches)
     advantages = advantages.to(device)
     total = torch.zeros(len(prompts), device=device)
     for g, batch in enumerate(batches):
@@ -266,7 +273,11 @@ def grpo_objective(
         stats.format_hits += sum(int(format_reward(t, "")) for group in texts for t in group)
         stats.completions += int(rewards.numel())
         stats.reward_sum += float(rewards.sum())
-        stats.completion_tokens += sum(len(c) for g in groups for c in g)
+        completion_tokens = sum(len(c) for g in groups for c in g)
+        stats.completion_tokens += completion_tokens
+        # Sampling read each prompt once per completion (G rows), then the completions.
+        stats.tokens += settings.group_size * int(batch["prompt_attention_mask"].sum())
+        stats.tokens += completion_tokens
         scored = time.perf_counter()
         result = group_losses(
             model,
@@ -285,7 +296,7 @@ def grpo_objective(
     return losses
 
 
-def held_out_reward(
+def greedy_rewards(
     model: nn.Module,
     dataset: PromptDataset,
     *,
@@ -293,16 +304,19 @@ def held_out_reward(
     scorer: RewardScorer,
     settings: GRPOSettings,
     device: torch.device,
+    rows: Sequence[int] | None = None,
+    bounded: bool = False,
     batch_size: int = 8,
-) -> dict[str, float]:
-    """Mean reward (and format share) of the most likely completion per held-out prompt:
-    the number GRPO should raise."""
+) -> list[tuple[float, str]]:
+    """Per held-out prompt (``rows`` of ``dataset``, in that order; default all), the
+    reward of its most likely completion and the completion's text. ``bounded`` counts each
+    reward in [0, 1] (:meth:`RewardScorer.score`)."""
     pad = int(tokenizer.pad_token_id)
     collate = make_prompt_collate(pad)
-    rewards: list[float] = []
-    formats: list[float] = []
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+    order = list(range(len(dataset))) if rows is None else list(rows)
+    out: list[tuple[float, str]] = []
+    for start in range(0, len(order), batch_size):
+        batch = collate([dataset[i] for i in order[start : start + batch_size]])
         groups = sample_completions(
             model,
             batch["prompt_input_ids"],
@@ -316,8 +330,33 @@ def held_out_reward(
         for index, group in zip(batch["row"].tolist(), groups, strict=True):
             row = dataset.rows[index]
             text = tokenizer.decode(group[0], skip_special_tokens=True)
-            rewards.append(scorer.score(text, row.answer, where=row.where))
-            formats.append(format_reward(text, ""))
+            out.append((scorer.score(text, row.answer, where=row.where, bounded=bounded), text))
+    return out
+
+
+def held_out_reward(
+    model: nn.Module,
+    dataset: PromptDataset,
+    *,
+    tokenizer: Any,
+    scorer: RewardScorer,
+    settings: GRPOSettings,
+    device: torch.device,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Mean reward (and format share) of the most likely completion per held-out prompt:
+    the number GRPO should raise."""
+    scored = greedy_rewards(
+        model,
+        dataset,
+        tokenizer=tokenizer,
+        scorer=scorer,
+        settings=settings,
+        device=device,
+        batch_size=batch_size,
+    )
+    rewards = [reward for reward, _ in scored]
+    formats = [format_reward(text, "") for _, text in scored]
     return {
         "mean_reward": sum(rewards) / len(rewards),
         "format_share": sum(formats) / len(formats),

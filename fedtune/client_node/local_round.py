@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -238,6 +238,10 @@ def train_local_round(
         progress=progress,
         **objective,
     )
+    if training.method == "grpo":
+        # The step loop sees only the prompts; the objective sampled G completions per
+        # prompt and ran the reference and policy passes over them: count what it read.
+        result = replace(result, tokens=grpo_stats.tokens)
     epsilon_after = epsilon_round = None
     if dp is not None:
         epsilon_after = epsilon_of(

@@ -36,6 +36,7 @@ from fedtune.platform.wire.messages import (
     NODE_SECONDS,
     NUM_EXAMPLES,
     PREFERENCE_ACCURACY,
+    REWARD,
     REWARD_MARGIN,
     SCORES,
     ledger_record,
@@ -146,7 +147,8 @@ def dp_scores_content(
     ``sum_b`` and ``sum_d2`` released in one Gaussian mechanism (each example's row: 1, and
     per metric a', b', (b' - a')^2 with each score clipped to the metric's range [low, high]
     and mapped to [0, 1] as (score - low) / (high - low); the range is [0, loss bound] for
-    the loss, [-margin bound, margin bound] for the reward margin, [0, 1] for the other
+    the loss, [-margin bound, margin bound] for the reward margin, [0, number of the node's
+    training.grpo_rewards] for a held-out prompt's reward, [0, 1] for the other
     metrics), with the noise's standard deviation on each sum and the signed ledger entry
     of the release. :class:`~fedtune.privacy.accounting.BudgetExhaustedError` past the cap."""
     metrics = list(scores)
@@ -210,6 +212,10 @@ def score_range(config: NodeConfig, metric: str) -> tuple[float, float]:
         return 0.0, privacy.metric_loss_bound
     if metric == REWARD_MARGIN:
         return -privacy.metric_margin_bound, privacy.metric_margin_bound
+    if metric == REWARD:
+        # Each of the node's rewards counts in [0, 1] (abtest_eval): the node's own range,
+        # never wider than the coordinator's bound (MAX_GRPO_REWARDS, which the config keeps).
+        return 0.0, float(len(config.training.grpo_rewards))
     return 0.0, 1.0
 
 

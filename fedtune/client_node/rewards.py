@@ -123,11 +123,20 @@ class RewardScorer:
     functions: tuple[RewardFunction, ...]
     failures: list[str] = field(default_factory=list)
 
-    def score(self, completion: str, answer: str, *, where: str) -> float:
+    def score(self, completion: str, answer: str, *, where: str, bounded: bool = False) -> float:
+        """The rewards' sum. ``bounded`` counts each reward in [0, 1] (the built-ins are 0 or
+        1 already), so the sum lies in [0, :attr:`top`]: an A/B test's per-prompt score,
+        whose range the coordinator checks and a DP release clips to."""
         total = 0.0
         for name, function in zip(self.names, self.functions, strict=True):
-            total += self._one(name, function, completion, answer, where)
+            value = self._one(name, function, completion, answer, where)
+            total += min(max(value, 0.0), 1.0) if bounded else value
         return total
+
+    @property
+    def top(self) -> float:
+        """The most a bounded score can be: one per reward."""
+        return float(len(self.names))
 
     def _one(
         self, name: str, function: RewardFunction, completion: str, answer: str, where: str

@@ -62,7 +62,9 @@ class RoundResult:
     sample_rate: float
     seconds: float
     # Tokens the training forward passes read: prompt and answer, padding excluded (the
-    # attention mask's ones), summed over every physical batch of the round.
+    # attention mask's ones), summed over every physical batch of the round. For GRPO the
+    # caller puts in what the objective processed (fedtune.client_node.grpo.GRPOStats.tokens:
+    # sampling, reference and policy passes), which the step loop does not see.
     tokens: int = 0
     # Seconds the round's step loop ran on the device (forward, backward, clipping and noise,
     # optimizer steps; batch collation between them), the device synchronised at both ends.

@@ -110,22 +110,25 @@ def load_held_out(
         return load_chosen_dataset(path, tokenizer, max_length=max_length, limit=limit)
     if holds_verifiable_prompts(path):
         rows = load_prompt_rows(path)[:limit]
-        # The question and answer are at the end of a long prompt: keep the last tokens, as
-        # GRPO's prompts do (prompt_data.render_prompt).
-        examples = [
-            _last_tokens(
-                tokenize_conversation(answered(row), tokenizer, max_length=4 * max_length),
-                max_length,
-            )
-            for row in rows
-        ]
-        kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
+        examples = [answered_example(row, tokenizer, max_length=max_length) for row in rows]
+        kept = [e for e in examples if e is not None]
         if not kept:
             raise DataError(f"{path}: no reference answer falls within max_length={max_length}")
         return ChatDataset(kept, source=path, dropped=len(examples) - len(kept))
     return load_chat_dataset(
         path, tokenizer, max_length=max_length, limit=limit, loss_on_thinking=loss_on_thinking
     )
+
+
+def answered_example(row: PromptRow, tokenizer: Any, *, max_length: int) -> TokenizedExample | None:
+    """A GRPO prompt with its reference answer (:func:`answered`), tokenized for the
+    held-out loss; None when no token of the answer falls within ``max_length``."""
+    # The question and answer are at the end of a long prompt: keep the last tokens, as
+    # GRPO's prompts do (prompt_data.render_prompt).
+    example = _last_tokens(
+        tokenize_conversation(answered(row), tokenizer, max_length=4 * max_length), max_length
+    )
+    return example if any(label != IGNORE_INDEX for label in example.labels) else None
 
 
 def _last_tokens(example: TokenizedExample, max_length: int) -> TokenizedExample:
@@ -142,6 +145,16 @@ def load_held_out_pairs(
     if not holds_preference_pairs(path):
         return None
     return load_preference_dataset(path, tokenizer, max_length=max_length, limit=limit)
+
+
+def load_held_out_prompts(
+    path: Path, tokenizer: Any, *, max_length: int, limit: int | None = None
+) -> PromptDataset | None:
+    """Held-out GRPO prompts with their answers (for an A/B test's reward), or None when the
+    held-out file holds no prompts with answers."""
+    if not holds_verifiable_prompts(path):
+        return None
+    return load_prompt_dataset(path, tokenizer, max_length=max_length, limit=limit)
 
 
 def held_out_conversations(path: Path) -> list[list[Message]]:

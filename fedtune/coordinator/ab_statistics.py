@@ -15,6 +15,9 @@ power away). Per metric:
 - ``reward-margin`` (per pair, the chosen answer's implicit reward minus the rejected one's,
   unbounded, heavy-tailed; higher is better): Wilcoxon signed-rank test and a paired
   bootstrap interval, as ``rouge-l``.
+- ``reward`` (per held-out GRPO prompt, the greedy completion's summed verifiable reward,
+  each reward counted in [0, 1], so in [0, MAX_GRPO_REWARDS]; higher is better): Wilcoxon
+  signed-rank test and a paired bootstrap interval (see :data:`_RANK_TESTED` for why).
 
 A node whose policy forbids per-example scores sends a :class:`PairedSummary` instead; the
 coordinator then uses :func:`compare_summary` (paired t-test, or McNemar, from sums alone).
@@ -32,6 +35,8 @@ from typing import Any, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 from scipy import stats
+
+from fedtune.platform.config import MAX_GRPO_REWARDS
 
 Scores: TypeAlias = Sequence[float] | np.ndarray
 """Per-example scores: a list of floats or a 1-D array, one entry per held-out example."""
@@ -52,12 +57,18 @@ METRICS: Mapping[str, MetricSpec] = MappingProxyType(
         "exact-match": MetricSpec(higher_is_better=True, kind="binary"),
         "preference-accuracy": MetricSpec(higher_is_better=True, kind="binary"),
         "reward-margin": MetricSpec(higher_is_better=True, kind="continuous"),
+        "reward": MetricSpec(higher_is_better=True, kind="continuous"),
     }
 )
 
 # Continuous metrics with many ties and a bounded range get a rank test and a bootstrap CI;
-# the others get the paired t-test.
-_RANK_TESTED = frozenset({"rouge-l", "reward-margin"})
+# the others get the paired t-test. The GRPO ``reward`` is one: a sum of a few 0/1 rewards
+# takes a handful of values (0, 1, 2), so per-prompt differences are mostly 0 or +-1, far
+# from normal at the few dozen prompts a node holds out; the signed-rank test with Pratt's
+# zeros (and exact or permutation p-values under ties) keeps its level there, and a
+# percentile bootstrap of whole prompts gives an interval that stays inside the bounded
+# range. McNemar does not apply: a prompt's score is not right/wrong once two rewards add up.
+_RANK_TESTED = frozenset({"rouge-l", "reward-margin", "reward"})
 # Range each metric's per-example scores must lie in (closed interval).
 _BOUNDS: Mapping[str, tuple[float, float]] = MappingProxyType(
     {
@@ -66,6 +77,9 @@ _BOUNDS: Mapping[str, tuple[float, float]] = MappingProxyType(
         "exact-match": (0.0, 1.0),
         "preference-accuracy": (0.0, 1.0),
         "reward-margin": (-math.inf, math.inf),
+        # Each reward counts in [0, 1] and a node sums at most MAX_GRPO_REWARDS of them (its
+        # configuration refuses more): a fixed bound, not one a node states about itself.
+        "reward": (0.0, float(MAX_GRPO_REWARDS)),
     }
 )
 # Wilcoxon p-values with ties or zeros: SciPy enumerates all sign flips up to n = 13; from there
@@ -118,6 +132,13 @@ def _pair(a: Scores, b: Scores, *, binary: bool) -> tuple[np.ndarray, ...]:
             if not np.all((array == 0.0) | (array == 1.0)):
                 raise ValueError(f"binary scores {name} must be 0 or 1")
     return x, y
+
+
+def metric_bounds(metric: str) -> tuple[float, float]:
+    """The closed range a metric's per-example scores must lie in (``ValueError`` if not
+    a known metric)."""
+    _metric(metric)
+    return _BOUNDS[metric]
 
 
 def _check_bounds(metric: str, a: np.ndarray, b: np.ndarray) -> None:
@@ -572,7 +593,7 @@ def compare_paired(
 ) -> Comparison:
     """Compare version B with version A from per-example scores on the same examples.
 
-    ``loss``: paired t-test and t-interval. ``rouge-l`` and ``reward-margin``: Wilcoxon
+    ``loss``: paired t-test and t-interval. ``rouge-l``, ``reward-margin`` and ``reward``: Wilcoxon
     signed-rank (Pratt zeros) and a seeded paired bootstrap percentile CI of the mean
     difference (``bootstrap`` resamples). ``exact-match`` and ``preference-accuracy``: exact
     McNemar and Newcombe's paired interval.

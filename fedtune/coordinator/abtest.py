@@ -14,6 +14,7 @@ node is left out).
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,12 +37,13 @@ from fedtune.coordinator.ab_statistics import (
     combine_summaries,
     compare_paired,
     compare_summary,
+    metric_bounds,
 )
 from fedtune.coordinator.checkpoints import read_checkpoint
 from fedtune.coordinator.ledger_check import LedgerCheck
 from fedtune.coordinator.roster import EnrolledGrid, name_problem, reported_name
 from fedtune.coordinator.versions import ModelVersion
-from fedtune.platform.config import LoraSettings
+from fedtune.platform.config import MAX_DPO_BETA, LoraSettings
 from fedtune.platform.db.storage import AbTest, AbTestResult
 from fedtune.platform.wire.messages import (
     ABTEST,
@@ -86,8 +88,8 @@ class AbTestPlan:
             raise ValueError(f"unknown A/B metrics {unknown}; choose from {sorted(METRICS)}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if not self.dpo_beta > 0:
-            raise ValueError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        if not 0 < self.dpo_beta <= MAX_DPO_BETA:
+            raise ValueError(f"dpo_beta must be in (0, {MAX_DPO_BETA:g}], got {self.dpo_beta}")
         if self.max_examples < 2:
             raise ValueError("max_examples must be at least 2 for a paired test")
         if self.version_a.id == self.version_b.id:
@@ -174,6 +176,7 @@ def parse_reply(
             b = np.asarray(scores[f"{metric}/b"], dtype=np.float64)
             if a.shape != b.shape or a.ndim != 1:
                 raise ValueError(f"{name}: {metric} scores of A and B are not paired")
+            _check_scores(name, metric, a, b)
             per_example[metric] = (a, b)
             summaries[metric] = PairedSummary.of(a.tolist(), b.tolist(), binary=binary)
         elif f"{metric}/n" in scores:
@@ -189,7 +192,34 @@ def parse_reply(
             )
         else:
             raise ValueError(f"{name} sent no scores for {metric}")
+    for metric, summary in summaries.items():
+        noise = float(scores.get(f"{metric}/noise-sd", 0.0)) if noisy else 0.0  # type: ignore[arg-type]
+        _check_sums(name, metric, summary, noise_sd=noise)
     return NodeScores(name, per_example, summaries)
+
+
+def _check_scores(node: str, metric: str, a: np.ndarray, b: np.ndarray) -> None:
+    """A node's per-example scores lie in the metric's range (a reward above the fixed bound,
+    say, would outweigh every honest node's): else that node is left out, not the test."""
+    low, high = metric_bounds(metric)
+    for side, values in (("A", a), ("B", b)):
+        if values.size and not (np.all(values >= low) and np.all(values <= high)):
+            raise ValueError(f"{node}: {metric} scores of {side} lie outside [{low:g}, {high:g}]")
+
+
+def _check_sums(node: str, metric: str, summary: PairedSummary, *, noise_sd: float) -> None:
+    """A summary's sums fit n scores in the metric's range; under DP, give or take ten times
+    the noise the node states (an honest release is off by more once in about 10^23)."""
+    low, high = metric_bounds(metric)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return
+    slack = 10.0 * noise_sd * (1.0 + max(abs(low), abs(high)))
+    for side, total in (("A", summary.sum_a), ("B", summary.sum_b)):
+        if not summary.n * low - slack <= total <= summary.n * high + slack:
+            raise ValueError(
+                f"{node}: {metric} sum of {side} ({total:g}) cannot come from {summary.n} "
+                f"scores in [{low:g}, {high:g}]"
+            )
 
 
 def compare_scope(

@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from fedtune.common.errors import FedtuneError, unreadable
 from fedtune.privacy.training_defaults import DP_LEARNING_RATE, DP_MAX_GRAD_NORM
@@ -69,6 +77,22 @@ class _Section(BaseModel):
                 for item in exc.errors()
             ]
             raise ConfigError("; ".join(problems)) from None
+
+    @classmethod
+    def checked(cls, key: str, value: Any, *, section: str) -> Any:
+        """``value`` validated as this section's ``key`` is in the TOML, alone (without the
+        section's rules between keys): a coordinator's value for one of the node's settings,
+        e.g. an A/B test's DPO beta. :class:`ConfigError` names ``section.key``."""
+        field = cls.model_fields[key]
+        adapter: TypeAdapter[Any] = TypeAdapter(
+            Annotated[field.annotation, *field.metadata],  # type: ignore[arg-type]
+            config=ConfigDict(strict=True, allow_inf_nan=False),
+        )
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{section}.{key}: {problem}") from None
 
 
 class ModelConfig(_Section):
@@ -143,6 +167,13 @@ class LoraSettings(_Section):
 
 
 DEFAULT_DPO_BETA = 0.1
+# DPO's beta in practice lies in 0.01-1; far above, the implicit reward (beta times a log
+# ratio) only overflows. A coordinator's beta for an A/B test meets the same bound.
+MAX_DPO_BETA = 100.0
+# The most rewards training.grpo_rewards may sum: the number of built-in reward kinds. An A/B
+# test counts each reward in [0, 1], so a prompt's "reward" lies in [0, MAX_GRPO_REWARDS]:
+# the coordinator's bound on any node's per-prompt score (fedtune/coordinator/ab_statistics.py).
+MAX_GRPO_REWARDS = 3
 # GRPO's defaults, sized to run on a laptop CPU (fedtune/client_node/grpo.py). 96 completion
 # tokens: a worked answer in the <think>…</think><answer>…</answer> format takes 40-60 tokens
 # on the demo's prompts; at 32-48 every completion was cut before <answer> and all rewards
@@ -179,10 +210,10 @@ class TrainingSettings(_Section):
         "relative policy optimisation on prompts with checkable answers (the privacy unit is "
         "then one prompt). In a federated run the run's configuration chooses it for every node.",
     )
-    dpo_beta: PositiveFloat = Field(
+    dpo_beta: Annotated[float, Field(gt=0, le=MAX_DPO_BETA)] = Field(
         default=DEFAULT_DPO_BETA,
         description='With method = "dpo": how far the model may move from the base model '
-        "(DPO's beta; larger: closer to the base).",
+        "(DPO's beta, at most 100; larger: closer to the base).",
     )
     grpo_group_size: Annotated[int, Field(ge=2)] = Field(
         default=GRPO_DEFAULTS["grpo_group_size"],
@@ -204,11 +235,14 @@ class TrainingSettings(_Section):
         default=GRPO_DEFAULTS["grpo_clip_ratio"],
         description='With method = "grpo": the policy ratio is clipped to [1 - c, 1 + c].',
     )
-    grpo_rewards: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+    grpo_rewards: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        Field(min_length=1, max_length=MAX_GRPO_REWARDS),
+    ] = Field(
         default_factory=lambda: list(GRPO_DEFAULTS["grpo_rewards"]),
-        description='With method = "grpo": the rewards summed per completion: built in '
-        '"answer_exact", "answer_numeric", "format", or a name installed in the Python '
-        'entry point group "fedtune.rewards" (fedtune/client_node/rewards.py).',
+        description='With method = "grpo": the rewards summed per completion (at most 3): '
+        'built in "answer_exact", "answer_numeric", "format", or a name installed in the '
+        'Python entry point group "fedtune.rewards" (fedtune/client_node/rewards.py).',
     )
     grpo_numeric_tolerance: Annotated[float, Field(ge=0)] = Field(
         default=GRPO_DEFAULTS["grpo_numeric_tolerance"],
@@ -399,7 +433,9 @@ class NodeConfig(_Section):
 NodeName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
-AbMetric = Literal["loss", "rouge-l", "exact-match", "preference-accuracy", "reward-margin"]
+AbMetric = Literal[
+    "loss", "rouge-l", "exact-match", "preference-accuracy", "reward-margin", "reward"
+]
 AB_LOSS: AbMetric = "loss"
 
 

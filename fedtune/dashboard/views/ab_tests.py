@@ -8,6 +8,16 @@ import streamlit as st
 
 from fedtune.dashboard import charts, common, queries
 
+# What a metric's per-example score is, where its name does not say (shown under the result).
+METRIC_NOTES = {
+    "preference-accuracy": "share of held-out preference pairs whose implicit DPO reward "
+    "prefers the chosen answer",
+    "reward-margin": "per held-out pair, the chosen answer's implicit DPO reward minus the "
+    "rejected one's",
+    "reward": "per held-out GRPO prompt, the greedy completion's summed verifiable reward "
+    "(each of the node's training.grpo_rewards counted in [0, 1]: 0 to the number of rewards)",
+}
+
 
 def test_label(row: pd.Series) -> str:
     started = row["started_at"]
@@ -86,6 +96,8 @@ def show_test(test: pd.Series) -> None:
                 else ""
             )
         )
+        if row["metric"] in METRIC_NOTES:
+            st.caption(f"{row['metric']}: {METRIC_NOTES[row['metric']]}.")
     if not overall.empty:
         st.dataframe(results_table(overall).drop(columns="node"), hide_index=True)
     st.subheader("Per node")

@@ -279,7 +279,8 @@ def _metric_release(bound: float) -> str:
     return (
         "Gaussian mechanism on per-example values clipped to a stated range (a loss to "
         f"[0, privacy.metric_loss_bound = {bound:g}] nats per token, a reward margin to "
-        "[-privacy.metric_margin_bound, +privacy.metric_margin_bound], other A/B scores to "
+        "[-privacy.metric_margin_bound, +privacy.metric_margin_bound], a held-out prompt's "
+        "reward to [0, number of training.grpo_rewards], other A/B scores to "
         "[0, 1]), noise privacy.metric_noise_multiplier times the sensitivity; accounted in the "
         "node's ledger as a metric_release entry (method gaussian) on the held-out data set"
     )
@@ -393,8 +394,10 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
                     "int",
                     metric,
                     "tokens the round's training forward passes read (prompt and answer, padding "
-                    "excluded; every Poisson-sampled example once per step it joined): "
-                    + COST_NOTE,
+                    "excluded; every Poisson-sampled example once per step it joined; under GRPO "
+                    "the sampling of each prompt's completions and the reference and policy "
+                    "passes over them, about 3 x group size x (prompt + completion) per "
+                    "prompt): " + COST_NOTE,
                 ),
                 Field(
                     TRAIN_DEVICE_SECONDS,
@@ -808,8 +811,9 @@ def _abtest_replies(settings: _Settings) -> tuple[Reply, ...]:
     decline = Reply(
         ABTEST_MESSAGE_TYPE,
         "decline",
-        "the node does not score A/B tests (release_metrics = none), or a DP release would "
-        "pass the data set's cap",
+        "the node does not score A/B tests (release_metrics = none), a DP release would "
+        "pass the data set's cap, its held-out file lacks what a metric scores (preference "
+        "pairs, GRPO prompts), or the message's settings are refused (e.g. its DPO beta)",
         (_identity_record(), _decline_record()),
     )
     if settings.release_metrics == "none":

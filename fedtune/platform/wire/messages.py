@@ -57,6 +57,8 @@ NODE_SECONDS = "node-seconds"
 HELD_OUT_PAIRS = "held-out-pairs"
 PREFERENCE_ACCURACY = "preference-accuracy"
 REWARD_MARGIN = "reward-margin"
+# An A/B metric on held-out GRPO prompts: per prompt, the greedy completion's summed reward.
+REWARD = "reward"
 # What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
 # unsigned privacy report beside the ledger entry; in fedtune-wire/2 a train message had no
 # training method (a node of that version would train SFT in a DPO run); in fedtune-wire/3 it
