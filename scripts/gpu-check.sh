@@ -44,8 +44,16 @@ install_wheels() {
         return
     fi
     echo "wheels: installing ${#found[@]} from $wheels into $site"
-    "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps \
-        --upgrade --target "$site" "${found[@]}"
+    local pip=("$python" -m pip install -q --disable-pip-version-check --no-index --no-deps
+        --upgrade --target "$site")
+    if ! "${pip[@]}" "${found[@]}"; then
+        # One wheel this Python cannot take (another Python's build) must not stop the rest;
+        # the import check below says what is still missing.
+        local wheel
+        for wheel in "${found[@]}"; do
+            "${pip[@]}" "$wheel" 2>/dev/null || echo "wheels: $(basename "$wheel") does not install here"
+        done
+    fi
 }
 
 join_model_parts() {
@@ -59,8 +67,19 @@ join_model_parts() {
     elif [ ${#parts[@]} -gt 0 ]; then
         mkdir -p "$(dirname "$target")"
         cat "${parts[@]}" > "$target.partial"
-        mv "$target.partial" "$target"
-        echo "model: joined ${#parts[@]} parts into $target (its hash is checked on load)"
+        if "$python" -c 'import sys
+from pathlib import Path
+from fedtune.platform.model.fingerprint import file_fingerprint
+from fedtune.platform.model.model_store import BUILTIN_MODELS
+sys.exit(file_fingerprint(Path(sys.argv[1])) != BUILTIN_MODELS["smollm2-135m"].gguf_sha256)' \
+            "$target.partial"; then
+            mv "$target.partial" "$target"
+            echo "model: joined ${#parts[@]} parts into $target (SHA-256 as expected)"
+        else
+            rm -f "$target.partial"
+            echo "model: the ${#parts[@]} joined parts do not give the expected SHA-256" \
+                "(a part missing?): smollm2-135m is not checked"
+        fi
     else
         echo "model: no SmolLM2 GGUF here (.gpu/model/$gguf.part-*): smollm2-135m is not checked"
     fi
@@ -104,9 +123,9 @@ EOF
 
 started=$(date +%s)
 install_wheels
-join_model_parts
 echo "imports:"
 check_imports
+join_model_parts
 name=gpu_check.json
 [ "$device" = cuda ] || name=gpu_check_$device.json
 mkdir -p "$out"
