@@ -173,7 +173,7 @@ class RuntimeCache(OrderedDict[str, NodeRuntime]):
             evicted.ledger.close()
 
 
-_MODELS: dict[tuple[str, str], _LoadedModel] = {}
+_MODELS: dict[tuple[str, str, str], _LoadedModel] = {}
 _RUNTIMES = RuntimeCache()
 
 
@@ -184,7 +184,7 @@ def node_runtime(config: NodeConfig) -> NodeRuntime:
         return runtime
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
-    key = (config.model.spec, config.model.quantization)
+    key = (config.model.spec, config.model.quantization, config.model.dtype)
     loaded = _MODELS.get(key)
     if loaded is None:
         loaded = _MODELS[key] = _LoadedModel(base=load_base_model(config.model))

@@ -125,9 +125,12 @@ def prepare_run(
     adapters = config.output.dir / "adapters"
     if not resuming and adapters.exists() and any(adapters.iterdir()):
         raise AlreadyExistsError(f"{adapters} already holds checkpoints; use a new output.dir")
-    # The coordinator only averages and saves: CPU and full precision are enough.
+    # The coordinator only averages and saves: CPU and full precision are enough (whatever
+    # precision the nodes load their base weights in, the adapter is float32).
     base = load_base_model(
-        config.model.model_copy(update={"device": "cpu", "quantization": "none"})
+        config.model.model_copy(
+            update={"device": "cpu", "quantization": "none", "dtype": "float32"}
+        )
     )
     torch.manual_seed(config.run.adapter_seed)
     model = attach_lora(base.model, config.lora)

@@ -111,6 +111,23 @@ class ModelConfig(_Section):
     quantization: Literal["none", "4bit", "8bit"] = Field(
         default="none", description="QLoRA loading through bitsandbytes; CUDA only."
     )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="The precision of the base model's (unquantized) weights. bfloat16 halves "
+        "their memory on a GPU; the LoRA adapter, its gradients, the clipping and the noise "
+        "stay float32 either way. Allowed on CPU too (the tests run it there), where it saves "
+        "memory but is slower than float32 on most processors. With model.quantization the "
+        "quantizer decides the precision: leave this at float32.",
+    )
+
+    @model_validator(mode="after")
+    def _one_precision_setting(self) -> Self:
+        if self.dtype != "float32" and self.quantization != "none":
+            raise ValueError(
+                f'dtype = "{self.dtype}" applies to unquantized weights, but quantization = '
+                f'"{self.quantization}": the quantizer sets the precision, leave dtype at float32'
+            )
+        return self
 
 
 class DataConfig(_Section):

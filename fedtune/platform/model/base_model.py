@@ -15,6 +15,9 @@ from fedtune.platform.model.fingerprint import model_dir_fingerprint
 from fedtune.platform.model.hub_code import NO_HUB_CODE
 from fedtune.platform.model.model_store import resolve_model_dir
 
+# model.dtype (fedtune/platform/config.py) -> the torch dtype of the base weights.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class BaseModel:
@@ -41,7 +44,7 @@ def load_base_model(config: ModelConfig) -> BaseModel:
         raise ValueError(f"the tokenizer in {model_dir} has no chat template")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = _load_weights(model_dir, config.quantization, device)
+    model = _load_weights(model_dir, config.quantization, DTYPES[config.dtype], device)
     return BaseModel(
         model=model,
         tokenizer=tokenizer,
@@ -51,11 +54,14 @@ def load_base_model(config: ModelConfig) -> BaseModel:
     )
 
 
-def _load_weights(model_dir: Path, quantization: str, device: torch.device) -> PreTrainedModel:
+def _load_weights(
+    model_dir: Path, quantization: str, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
     if quantization == "none":
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, **NO_HUB_CODE
-        )
+        # In bfloat16 only the base weights are: PEFT creates the LoRA layers in float32
+        # (get_peft_model's autocast_adapter_dtype) and casts their input up, so per-example
+        # gradients, clipping and noise stay float32 (tests/test_base_model.py checks it).
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **NO_HUB_CODE)
         return model.to(device)
     try:
         import bitsandbytes  # noqa: F401
