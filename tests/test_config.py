@@ -9,6 +9,7 @@ from fedtune.platform.config import (
     load_node_config,
     load_run_config,
 )
+from fedtune.privacy.training_defaults import DP_LEARNING_RATE, GRPO_LEARNING_RATE
 
 VALID = """
 [node]
@@ -231,6 +232,15 @@ def test_grpo_is_chosen_with_its_settings(tmp_path):
     assert training.grpo_rewards == ["answer_numeric", "format"]
     assert training.grpo_numeric_tolerance == 0.01
     assert training.grpo_max_completion_tokens == 96  # room for the worked format
+    assert training.learning_rate == GRPO_LEARNING_RATE  # not SFT's: it wrecks the policy
+
+
+def test_a_grpo_learning_rate_that_is_set_is_kept_and_sft_keeps_its_default(tmp_path):
+    grpo = write(tmp_path, VALID + '\n[training]\nmethod = "grpo"\nlearning_rate = 0.02\n')
+
+    assert load_node_config(grpo).training.learning_rate == 0.02
+    assert TrainingSettings().learning_rate == DP_LEARNING_RATE
+    assert TrainingSettings(method="dpo").learning_rate == DP_LEARNING_RATE
 
 
 def test_dumped_training_settings_validate_again_as_a_deployment_job_does():

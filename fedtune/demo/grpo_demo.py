@@ -63,7 +63,6 @@ def grpo_demo_run_config(
             "steps": steps,
             "batch_size": 8,
             "physical_batch_size": 8,
-            "learning_rate": 0.01,
             "grpo_group_size": group,
             "grpo_max_completion_tokens": max_tokens,
             "grpo_rewards": DEMO_REWARDS,

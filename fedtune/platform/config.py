@@ -23,7 +23,11 @@ from pydantic import (
 )
 
 from fedtune.common.errors import FedtuneError, unreadable
-from fedtune.privacy.training_defaults import DP_LEARNING_RATE, DP_MAX_GRAD_NORM
+from fedtune.privacy.training_defaults import (
+    DP_LEARNING_RATE,
+    DP_MAX_GRAD_NORM,
+    GRPO_LEARNING_RATE,
+)
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 # Configuration is strict (a string "8" is no number; see _Section), but TOML has no path
@@ -218,7 +222,8 @@ class TrainingSettings(_Section):
     steps: PositiveInt | Literal["auto"] = 20
     batch_size: PositiveInt | Literal["auto"] = 32
     physical_batch_size: PositiveInt = 8
-    learning_rate: PositiveFloat = DP_LEARNING_RATE  # measured: privacy/training_defaults.py
+    # Measured (privacy/training_defaults.py); GRPO_LEARNING_RATE with method = "grpo".
+    learning_rate: PositiveFloat = DP_LEARNING_RATE
     optimizer: Literal["adamw", "sgd"] = "adamw"
     method: Literal["sft", "dpo", "grpo"] = Field(
         default="sft",
@@ -301,6 +306,14 @@ class TrainingSettings(_Section):
                 "physical_batch_size": min(self.physical_batch_size, plan.batch_size),
             }
         )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grpo_learning_rate(cls, data: Any) -> Any:
+        """GRPO's own default learning rate: the supervised one wrecks its policy."""
+        if isinstance(data, dict) and data.get("method") == "grpo" and "learning_rate" not in data:
+            return {**data, "learning_rate": GRPO_LEARNING_RATE}
+        return data
 
     @model_validator(mode="after")
     def _physical_not_larger(self) -> Self:
