@@ -19,6 +19,7 @@ DP_MAX_GRAD_NORM = 0.1
 # rates above wreck a GRPO policy. Measured with ``benchmarks/grpo_utility.py`` (SmolLM2-135M,
 # bank prompts, AdamW, LoRA r=8, from a cold start whose held-out reward was 0.94 of 2):
 # one non-private round of 4 steps at 1e-2 took the held-out reward to 0 (no completion kept
-# the <answer> format), while 1e-3 kept it (results/grpo_utility.json). GRPO's usual rates
-# are lower still (TRL's examples: 1e-6 to 1e-5, full weights, hundreds of steps).
+# the <answer> format; results/grpo_utility_lr1e-2.json), while 3 steps at 1e-3 kept it
+# (results/grpo_utility.json). GRPO's usual rates are lower still (TRL's examples: 1e-6 to
+# 1e-5, full weights, hundreds of steps).
 GRPO_LEARNING_RATE = 1e-3
