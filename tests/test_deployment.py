@@ -44,6 +44,7 @@ from fedtune.platform.model.fingerprint import file_fingerprint
 from fedtune.platform.security.encryption import load_key
 from fedtune.platform.wire.messages import GRPO_METRICS
 from fedtune.privacy.audit.independent_accounting import recompute_ledger
+from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.ledger_store import entry_from_json, ledger_entries, ledger_receipts
 from fedtune.privacy.node_ledger import LEDGER_FILE, NodeLedger
 from fedtune.privacy.signing import NodeKey
@@ -266,6 +267,43 @@ def test_a_node_level_dp_run_keeps_the_coordinator_s_signed_epsilon(
     } == dict.fromkeys(("tls", "node_authentication", "secure_aggregation", "node_level_dp"), "on")
 
 
+def run_to_the_end(deployment: LocalDeployment, run_toml: Path, nodes: dict[str, str]) -> str:
+    """Submit ``run_toml``, wait for its end, stop ``nodes``; the finished run's id."""
+    try:
+        run_id = deployment.submit(run_toml)
+        status = deployment.wait_for_run(run_id, timeout_s=600)
+    finally:
+        for name in nodes:  # SIGTERM: the SuperLink marks them offline at once
+            deployment.kill(f"node-{name}", sig=signal.SIGTERM)
+    assert status == "finished"
+    return run_id
+
+
+def verified_ledger_copies(
+    deployment: LocalDeployment, run_id: str, nodes: dict[str, str], *, tmp_path: Path, capsys
+) -> dict[str, LedgerEntry]:
+    """Each node's one entry of ``run_id`` as the coordinator holds it, after checking that it
+    is the node's own entry, that the node's export verifies (`fedtune audit verify`) and that
+    the independent accountant agrees."""
+    with transaction(open_database(deployment.coordinator.database_url)) as session:
+        copies = {
+            name: [e for e in ledger_entries(session, name) if e.run_id == run_id] for name in nodes
+        }
+    for name in nodes:
+        [copy] = copies[name]
+        state = deployment.workdir / "nodes" / name / "state"
+        exported = tmp_path / f"{name}.jsonl"
+        args = ["audit", "export", "--db", str(state / LEDGER_FILE), "--node", name]
+        assert main([*args, "--out", str(exported)]) == 0
+        key = NodeLedger(state, node=name).key.public_key_text()
+        assert main(["audit", "verify", str(exported), "--public-key", key]) == 0
+        assert "VERIFIED" in capsys.readouterr().out
+        own = [e for e in NodeLedger(state, node=name).entries() if e.run_id == run_id]
+        assert own == [copy]  # the coordinator's copy is the node's entry
+        assert [c.agrees for c in recompute_ledger([e.to_dict() for e in own])] == [True]
+    return {name: entries[0] for name, entries in copies.items()}
+
+
 DPO_NODES = {"dpo-hospital": "hospital", "dpo-bank": "bank"}
 
 
@@ -308,45 +346,25 @@ def test_a_federated_dp_dpo_run_of_two_nodes_keeps_verifiable_pair_level_ledgers
             out="runs/dpo",
         ).replace("batch_size = 16\n", 'batch_size = 16\nmethod = "dpo"\ndpo_beta = 0.2\n')
     )
-    try:
-        run_id = deployment.submit(run_toml)
-        status = deployment.wait_for_run(run_id, timeout_s=600)
-    finally:
-        for name in DPO_NODES:  # SIGTERM: the SuperLink marks them offline at once
-            deployment.kill(f"node-{name}", sig=signal.SIGTERM)
+    run_id = run_to_the_end(deployment, run_toml, DPO_NODES)
 
-    assert status == "finished"
     assert rounds_of(deployment, run_id) == [(1, 2, 2)]
+    copies = verified_ledger_copies(deployment, run_id, DPO_NODES, tmp_path=tmp_path, capsys=capsys)
     with transaction(open_database(deployment.coordinator.database_url)) as session:
-        copies = {
-            name: [e for e in ledger_entries(session, name) if e.run_id == run_id]
-            for name in DPO_NODES
-        }
         groups = session.scalars(select(BudgetGroup).where(BudgetGroup.run_id == run_id)).all()
         accuracy = session.scalars(
             select(HealthSignal).where(
                 HealthSignal.run_id == run_id, HealthSignal.signal == "preference-accuracy"
             )
         ).all()
-    for name in DPO_NODES:
-        [copy] = copies[name]
+    for copy in copies.values():
         assert (copy.method, copy.privacy_unit) == ("dp-dpo-seeded-noise", "preference_pair")
-        state = deployment.workdir / "nodes" / name / "state"
-        exported = tmp_path / f"{name}.jsonl"
-        args = ["audit", "export", "--db", str(state / LEDGER_FILE), "--node", name]
-        assert main([*args, "--out", str(exported)]) == 0
-        key = NodeLedger(state, node=name).key.public_key_text()
-        assert main(["audit", "verify", str(exported), "--public-key", key]) == 0
-        assert "VERIFIED" in capsys.readouterr().out
-        own = [e for e in NodeLedger(state, node=name).entries() if e.run_id == run_id]
-        assert own == [copy]  # the coordinator's copy is the node's entry
-        assert [c.agrees for c in recompute_ledger([e.to_dict() for e in own])] == [True]
     # The bank's SFT file holds the same people: its group, as the node's guard counted it.
     [group] = groups
     sft = file_fingerprint(deployment.workdir / "data/bank/train.jsonl")
     assert group.node_name == "dpo-bank"
-    assert group.members["fingerprints"] == sorted([sft, copies["dpo-bank"][0].data_fingerprint])
-    assert group.epsilon_after == pytest.approx(copies["dpo-bank"][0].epsilon_after)
+    assert group.members["fingerprints"] == sorted([sft, copies["dpo-bank"].data_fingerprint])
+    assert group.epsilon_after == pytest.approx(copies["dpo-bank"].epsilon_after)
     assert {s.node_name for s in accuracy} == {None, *DPO_NODES}
 
 
@@ -390,34 +408,16 @@ def test_a_federated_dp_grpo_run_of_two_nodes_keeps_verifiable_prompt_level_ledg
         .replace("steps = 2\n", "steps = 1\n")
         .replace("batch_size = 16\n", GRPO_TRAINING)
     )
-    try:
-        run_id = deployment.submit(run_toml)
-        status = deployment.wait_for_run(run_id, timeout_s=600)
-    finally:
-        for name in GRPO_NODES:  # SIGTERM: the SuperLink marks them offline at once
-            deployment.kill(f"node-{name}", sig=signal.SIGTERM)
+    run_id = run_to_the_end(deployment, run_toml, GRPO_NODES)
 
-    assert status == "finished"
     assert rounds_of(deployment, run_id) == [(1, 2, 2)]
+    copies = verified_ledger_copies(
+        deployment, run_id, GRPO_NODES, tmp_path=tmp_path, capsys=capsys
+    )
     with transaction(open_database(deployment.coordinator.database_url)) as session:
-        copies = {
-            name: [e for e in ledger_entries(session, name) if e.run_id == run_id]
-            for name in GRPO_NODES
-        }
         health = session.scalars(select(HealthSignal).where(HealthSignal.run_id == run_id)).all()
-    for name in GRPO_NODES:
-        [copy] = copies[name]
+    for copy in copies.values():
         assert (copy.method, copy.privacy_unit) == ("dp-grpo-seeded-noise", "prompt")
-        state = deployment.workdir / "nodes" / name / "state"
-        exported = tmp_path / f"{name}.jsonl"
-        args = ["audit", "export", "--db", str(state / LEDGER_FILE), "--node", name]
-        assert main([*args, "--out", str(exported)]) == 0
-        key = NodeLedger(state, node=name).key.public_key_text()
-        assert main(["audit", "verify", str(exported), "--public-key", key]) == 0
-        assert "VERIFIED" in capsys.readouterr().out
-        own = [e for e in NodeLedger(state, node=name).entries() if e.run_id == run_id]
-        assert own == [copy]  # the coordinator's copy is the node's entry
-        assert [c.agrees for c in recompute_ledger([e.to_dict() for e in own])] == [True]
     figures = {(h.signal, h.node_name): h.value for h in health if h.signal in GRPO_METRICS}
     for name in GRPO_NODES:  # the round's sampled completions, per node, as health
         assert 0 < figures["grpo-completion-tokens", name] <= 6
