@@ -129,7 +129,7 @@ def test_an_ab_test_compares_the_held_out_reward_with_its_test_and_interval(
     report = abtest_report(engine, test_id)
     assert report["status"] == "finished", report["error"]
     tests = {(r["scope"], r["metric"]): r for r in report["results"]}
-    assert report["nodes"]["answered"] == ["hospital", "bank"], said
+    assert report["nodes"]["answered"] == ["bank", "hospital"], said  # stored sorted
     hospital, bank = tests[("hospital", "reward")], tests[("bank", "reward")]
     assert hospital["test"] == "Wilcoxon signed-rank + paired bootstrap CI"
     assert hospital["examples"] == 4 and hospital["ci_low"] <= hospital["ci_high"]

@@ -284,7 +284,7 @@ def run_abtest(
         test = session.get(AbTest, test_id)
         assert test is not None
         test.status, test.finished_at = "finished", datetime.now(UTC)
-        test.nodes = {**test.nodes, "answered": answered}
+        test.nodes = {**test.nodes, "answered": sorted(answered)}
     return test_id
 
 
