@@ -486,21 +486,28 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
+    survivor = deployment.log("node-hospital-a")
+    masked = survivor.read_text().count("starting stage 2")  # earlier runs' stage 2s
     deployment.kill("node-hospital-c")
     killed_at = time.monotonic()
+    # What the dead node costs the round: the key stage it was in gives up on it after
+    # aggregation.key_stage_timeout_s (10 s) and the others go on to train and mask (stage
+    # 2); the SuperLink's heartbeat expiry (20 s) covers a node that dies while training.
+    # The rest of the round is the others' own work, whatever the machine's load.
+    while survivor.read_text().count("starting stage 2") == masked:
+        assert time.monotonic() - killed_at < 30, "the dead node held the round up over 30 s"
+        time.sleep(0.2)
+    print(f"the round went on without the killed node after {time.monotonic() - killed_at:.1f} s")
     database = open_database(deployment.coordinator.database_url)
-    while True:  # the round gives up on the dead node and records it
+    deadline = time.monotonic() + 300
+    while True:  # the round records the dead node
         with transaction(database) as session:
             noticed = session.scalars(
                 select(RejectedUpdate).where(RejectedUpdate.run_id == run_id)
             ).first()
         if noticed is not None:
-            print(f"killed node recorded after {time.monotonic() - killed_at:.1f} s")
             break
-        # A dead node costs the round at most 30 s: the key stage it was in gives up on it
-        # after aggregation.key_stage_timeout_s (10 s), the SuperLink's heartbeat expiry
-        # (20 s) covers training; the others finish the round and it is recorded.
-        assert time.monotonic() - killed_at < 30, "the dead node held the round up over 30 s"
+        assert time.monotonic() < deadline
         time.sleep(0.5)
     status = deployment.wait_for_run(run_id, timeout_s=900)
 
@@ -522,7 +529,7 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(deployment, tiny
 
 def test_coordinator_killed_mid_run_resumes_from_its_last_round(deployment, tiny_model_dir):
     run_id = deployment.submit(
-        write_run(deployment, tiny_model_dir, name="resumed", rounds=3, secure=True, min_nodes=2)
+        write_run(deployment, tiny_model_dir, name="resumed", rounds=2, secure=True, min_nodes=2)
     )
     deployment.wait_for_run(run_id, timeout_s=600, until_rounds=1)
 
@@ -532,11 +539,11 @@ def test_coordinator_killed_mid_run_resumes_from_its_last_round(deployment, tiny
     status = deployment.wait_for_run(run_id, timeout_s=900)
 
     assert status == "finished"
-    assert [number for number, _, _ in rounds_of(deployment, run_id)] == [1, 2, 3]
+    assert [number for number, _, _ in rounds_of(deployment, run_id)] == [1, 2]
     with transaction(open_database(deployment.coordinator.database_url)) as session:
         runs = session.scalars(select(Run).where(Run.id == run_id)).all()
         assert len(runs) == 1
-    assert checkpoint_arrays(deployment, run_id, 3)
+    assert checkpoint_arrays(deployment, run_id, 2)
 
 
 def test_a_rotated_connection_key_replaces_the_old_one_and_keeps_the_ledger_key(deployment):

@@ -324,10 +324,12 @@ def test_a_replayed_node_login_is_refused_and_logged(coordinator):
     assert f'"POST {path}" 200' in access and f"key={key_id(pem)}" in access
 
 
+# Two nodes, one enrolled: the run fails after node_wait_s whether or not an earlier test's
+# heartbeat left "hospital" looking online (a message to it would wait for its expiry).
 RUN_TOML = """\
 [run]
 rounds = 1
-min_nodes = 1
+min_nodes = 2
 
 [model]
 spec = "{model}"
@@ -337,6 +339,9 @@ node_wait_s = 5
 
 [[nodes]]
 name = "hospital"
+
+[[nodes]]
+name = "bank"
 
 [output]
 dir = "runs/token"
@@ -364,7 +369,7 @@ def test_a_serverapp_gets_its_task_token_on_stdin_never_on_its_command_line(
 
     assert serverapps and all("--token-stdin" in line for line in serverapps)
     assert with_token == []
-    assert status == "failed"  # fedtune's ServerApp ran: no node connected within 5 s
+    assert status == "failed"  # fedtune's ServerApp ran: not two nodes within 5 s
 
 
 def test_the_coordinator_refuses_a_gateway_it_cannot_build(tmp_path):
