@@ -161,6 +161,7 @@ def run_of(audited: Audited, mode: str) -> dict[str, Any]:
     return next(run for run in audited.result["runs"] if run["mode"] == mode)
 
 
+@pytest.mark.integration  # the audit's training run (150 steps): 24 s
 def test_without_dp_the_planted_secrets_rank_first_and_membership_is_proven(audited):
     plain = run_of(audited, "non-private")
 
@@ -170,6 +171,7 @@ def test_without_dp_the_planted_secrets_rank_first_and_membership_is_proven(audi
     assert plain["membership"]["epsilon_lower_bound"] > 0.5
 
 
+@pytest.mark.integration  # the audit's training run (150 steps): 24 s
 def test_with_dp_the_lower_bound_stays_below_the_accounted_epsilon(audited):
     private = run_of(audited, "dp")
 
@@ -184,12 +186,14 @@ def test_with_dp_the_lower_bound_stays_below_the_accounted_epsilon(audited):
     )
 
 
+@pytest.mark.integration  # the audit's training run (150 steps): 24 s
 def test_the_audit_leaves_the_node_ledger_and_budget_untouched(audited):
     assert audited.state_after == audited.state_before  # ledger.db, key: same bytes, no new file
     assert audited.history_after == audited.history_before
     assert len(audited.history_before) == 1
 
 
+@pytest.mark.integration  # the audit's training run (150 steps): 24 s
 def test_the_report_shows_the_figures_of_the_json(audited):
     verdict = audited.result["verdict"]
 
@@ -262,6 +266,7 @@ def test_an_earlier_report_is_not_overwritten(tmp_path, capsys, tiny_model_dir):
     assert (tmp_path / "o" / "canary_audit.html").read_text() == "earlier"
 
 
+@pytest.mark.integration  # the audit's training run (150 steps): 24 s
 def test_a_lower_bound_above_the_accounted_epsilon_is_reported_as_a_failure(audited):
     from fedtune.privacy.audit.canary_report import render_canary_report
 
