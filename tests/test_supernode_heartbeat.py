@@ -7,14 +7,18 @@ import inspect
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
 from flwr.common.constant import HEARTBEAT_MIN_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supernode import fleet_http_connection
 
 from fedtune.client_node.supernode import supernode_command
 from fedtune.platform.config import load_node_config
+from fedtune.platform.runtime.object_pulls import retry_pulls_sooner
 from fedtune.platform.runtime.supernode_entry import (
     FLOWER_IDLE_S,
     FLOWER_REPLY_WAIT_S,
@@ -85,6 +89,11 @@ def test_flower_still_waits_where_the_entry_point_shortens_it():
     # The loop pushes replies through the module's _push_messages, looked up at each call.
     loop = inspect.getsource(start_client_internal.start_client_internal)
     assert "_push_messages(" in loop
+    # It pulls a message's objects through the module's pull_objects, without its own
+    # back-off (so the entry point's default applies), and Flower's back-off is still 1 s.
+    receive = inspect.getsource(start_client_internal._pull_and_store_message)
+    assert "pull_objects(" in receive and "initial_backoff" not in receive
+    assert inspect.signature(pull_objects).parameters["initial_backoff"].default == 1
 
 
 def test_the_entry_point_gives_the_supernode_loop_short_waits():
@@ -95,14 +104,42 @@ def test_the_entry_point_gives_the_supernode_loop_short_waits():
         "from flwr.supernode import start_client_internal as s\n"
         "t = time.monotonic(); s.time.sleep(3); idle = time.monotonic() - t\n"
         "assert s._push_messages.__wrapped__ is not None\n"
+        "calls = []\n"
+        "def missing_once(object_id):\n"  # the ServerApp has not pushed it yet, then has
+        "    calls.append(time.monotonic())\n"
+        "    if len(calls) == 1:\n"
+        "        from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError\n"
+        "        raise ObjectUnavailableError(object_id)\n"
+        "    return b'x'\n"
+        "assert s.pull_objects(['a'], pull_object_fn=missing_once) == {'a': b'x'}\n"
+        "retry = calls[1] - calls[0]\n"
         "import fedtune.platform.runtime.supernode_entry as e\n"
         "e._noting_replies(lambda: None)()\n"  # as the wrapped _push_messages notes a reply
         "t = time.monotonic(); s.time.sleep(3); busy = time.monotonic() - t\n"
         "t = time.monotonic(); s.time.sleep(0.5); reply = time.monotonic() - t\n"
         "t = time.monotonic(); s.time.sleep(0.2); other = time.monotonic() - t\n"
-        "print(round(idle, 1), busy < 0.3, round(reply, 2) <= 0.1, round(other, 1))\n"
+        "print(round(idle, 1), busy < 0.3, round(reply, 2) <= 0.1, round(other, 1), retry < 0.5)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )
-    assert out.stdout.split() == [str(IDLE_POLL_S), "True", "True", "0.2"]
+    assert out.stdout.split() == [str(IDLE_POLL_S), "True", "True", "0.2", "True"]
+
+
+def test_the_serverapp_pulls_replies_through_the_pull_objects_it_wraps():
+    """The ServerApp process retries its reply pulls sooner too: Flower's grid pulls a
+    reply's objects through the module's ``pull_objects``, with Flower's back-off."""
+    from flwr.superlink.grid import http_grid
+
+    import fedtune.coordinator.serverapp_process as serverapp_process
+
+    source = inspect.getsource(http_grid)
+    assert "pull_objects(" in source and "initial_backoff" not in source
+    assert 'retry_pulls_sooner(importlib.import_module("flwr.superlink.grid.http_grid"))' in (
+        inspect.getsource(serverapp_process.main)
+    )
+
+
+def test_a_flower_that_moved_pull_objects_is_an_error_not_a_silent_no_op():
+    with pytest.raises(RuntimeError, match="no longer pulls with pull_objects"):
+        retry_pulls_sooner(types.ModuleType("flwr.moved"))

@@ -23,6 +23,9 @@ node asks the SuperLink (through the gateway) for work twice a second when idle 
 times a second for 5 s after each reply, instead of every 3 s, a small protobuf POST each; the
 reply wait is a look at the node's own memory.
 
+:func:`use_short_waits` also retries the node's object pulls sooner
+(:mod:`fedtune.platform.runtime.object_pulls`).
+
 ``tests/test_supernode_heartbeat.py`` fails when Flower moves or renames what this sets.
 """
 
@@ -39,6 +42,8 @@ from flwr.common.constant import (
     HEARTBEAT_CALL_TIMEOUT,
     HEARTBEAT_MIN_INTERVAL,
 )
+
+from fedtune.platform.runtime.object_pulls import retry_pulls_sooner
 
 HEARTBEAT_INTERVAL_S: float = float(HEARTBEAT_MIN_INTERVAL)
 # How often the node then sends one (Flower's HeartbeatSender: (interval - call timeout)
@@ -100,6 +105,7 @@ def use_short_waits() -> None:
         raise RuntimeError(f"{start_client_internal.__name__} no longer has _push_messages")
     if not hasattr(push, "__wrapped__"):
         start_client_internal._push_messages = _noting_replies(push)
+    retry_pulls_sooner(start_client_internal)
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
     start_client_internal.time = types.SimpleNamespace(  # type: ignore[assignment]
         **{**names, "sleep": _short_sleep}
