@@ -96,6 +96,22 @@ def test_flower_still_waits_where_the_entry_point_shortens_it():
     assert inspect.signature(pull_objects).parameters["initial_backoff"].default == 1
 
 
+# How long ``module.pull_objects`` waits before it asks again for an object the sender has not
+# pushed yet (the first request finds it missing, the second gets it): ``retry``, in seconds.
+RETRY_PROBE = (
+    "import time\n"
+    "from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError\n"
+    "calls = []\n"
+    "def missing_once(object_id):\n"
+    "    calls.append(time.monotonic())\n"
+    "    if len(calls) == 1:\n"
+    "        raise ObjectUnavailableError(object_id)\n"
+    "    return b'x'\n"
+    "assert {module}.pull_objects(['a'], pull_object_fn=missing_once) == {{'a': b'x'}}\n"
+    "retry = calls[1] - calls[0]\n"
+)
+
+
 def test_the_entry_point_gives_the_supernode_loop_short_waits():
     probe = (
         "import time\n"
@@ -104,16 +120,8 @@ def test_the_entry_point_gives_the_supernode_loop_short_waits():
         "from flwr.supernode import start_client_internal as s\n"
         "t = time.monotonic(); s.time.sleep(3); idle = time.monotonic() - t\n"
         "assert s._push_messages.__wrapped__ is not None\n"
-        "calls = []\n"
-        "def missing_once(object_id):\n"  # the ServerApp has not pushed it yet, then has
-        "    calls.append(time.monotonic())\n"
-        "    if len(calls) == 1:\n"
-        "        from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError\n"
-        "        raise ObjectUnavailableError(object_id)\n"
-        "    return b'x'\n"
-        "assert s.pull_objects(['a'], pull_object_fn=missing_once) == {'a': b'x'}\n"
-        "retry = calls[1] - calls[0]\n"
-        "import fedtune.platform.runtime.supernode_entry as e\n"
+        + RETRY_PROBE.format(module="s")
+        + "import fedtune.platform.runtime.supernode_entry as e\n"
         "e._noting_replies(lambda: None)()\n"  # as the wrapped _push_messages notes a reply
         "t = time.monotonic(); s.time.sleep(3); busy = time.monotonic() - t\n"
         "t = time.monotonic(); s.time.sleep(0.5); reply = time.monotonic() - t\n"
@@ -126,18 +134,29 @@ def test_the_entry_point_gives_the_supernode_loop_short_waits():
     assert out.stdout.split() == [str(IDLE_POLL_S), "True", "True", "0.2", "True"]
 
 
-def test_the_serverapp_pulls_replies_through_the_pull_objects_it_wraps():
-    """The ServerApp process retries its reply pulls sooner too: Flower's grid pulls a
-    reply's objects through the module's ``pull_objects``, with Flower's back-off."""
+def test_the_serverapp_process_retries_its_reply_pulls_sooner():
+    """fedtune's ServerApp process pulls node replies through Flower's grid, whose
+    ``pull_objects`` it wraps before Flower's app starts (the app itself is left out here);
+    Flower's own grid waits its 1 s."""
     from flwr.superlink.grid import http_grid
-
-    import fedtune.coordinator.serverapp_process as serverapp_process
 
     source = inspect.getsource(http_grid)
     assert "pull_objects(" in source and "initial_backoff" not in source
-    assert 'retry_pulls_sooner(importlib.import_module("flwr.superlink.grid.http_grid"))' in (
-        inspect.getsource(serverapp_process.main)
+    probe = (
+        "import fedtune.coordinator.serverapp_process as p\n"
+        "p.run_app_process = lambda **options: None\n"
+        "p.main()\n"
+        "from flwr.superlink.grid import http_grid as g\n"
+        + RETRY_PROBE.format(module="g")
+        + "print(retry < 0.5)\n"
     )
+    stock = "from flwr.superlink.grid import http_grid as g\n" + RETRY_PROBE.format(module="g")
+    stock += "print(retry > 0.7)\n"
+    for script in (probe, stock):
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+        )
+        assert out.stdout.split() == ["True"]
 
 
 def test_a_flower_that_moved_pull_objects_is_an_error_not_a_silent_no_op():

@@ -8,15 +8,14 @@ and ``--token-stdin``.
 
 from __future__ import annotations
 
-import importlib
+from flwr.superlink.grid import http_grid
 
 from fedtune.platform.runtime.object_pulls import retry_pulls_sooner
 from fedtune.platform.wire.pinned_apps import run_app_process
 
 
 def main() -> None:
-    # The grid the ServerApp pulls node replies through.
-    retry_pulls_sooner(importlib.import_module("flwr.superlink.grid.http_grid"))
+    retry_pulls_sooner(http_grid)  # the grid the ServerApp pulls node replies through
     run_app_process(
         cli="flwr.superlink.cli.flwr_serverapp",
         runtime="flwr.superlink.runtime.run_serverapp",
