@@ -56,6 +56,7 @@ from fedtune.platform.wire.messages import (
     TrainInstructions,
     arrays_to_record,
 )
+from fedtune.platform.wire.packed_arrays import ArrayLayout
 from fedtune.platform.wire.secagg_masks import GENERATOR_NAME
 from fedtune.platform.wire.secure_messages import SecureTrain, secure_reply_from_train_reply
 
@@ -74,6 +75,7 @@ TYPES: dict[str, type | tuple[type, ...]] = {
     "list[int]": list,
     "list[bytes]": list,
     "float32 array": Array,
+    "uint8 array": Array,
 }
 
 
@@ -96,7 +98,7 @@ def undeclared(content: RecordDict, declared: Sequence[Record]) -> list[str]:
                     problems.append(f"{name}.{key} is sent but declared {item.protection}")
                 if not isinstance(value, TYPES[item.type]):
                     problems.append(f"{name}.{key} is {type(value).__name__}, not {item.type}")
-                elif kind == "arrays" and value.dtype != "float32":
+                elif kind == "arrays" and value.dtype != item.type.split()[0]:
                     problems.append(f"{name}.{key} is {value.dtype}, not {item.type}")
                 if item.contains:
                     proto = ProtoRecordDict()
@@ -299,7 +301,10 @@ class FedtuneGrid(SignedGrid):
         def train(message: Message, context) -> Message:
             sent = {"w": np.zeros(12, np.float32)}
             request = SecureTrain(
-                RecordDict({ARRAYS: arrays_to_record(sent)}), ["w"], None, GENERATOR_NAME
+                RecordDict({ARRAYS: arrays_to_record(sent)}),
+                ArrayLayout.of(sent),
+                None,
+                GENERATOR_NAME,
             )
             reply = RecordDict(
                 {

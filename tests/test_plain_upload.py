@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-from fedtune.coordinator.strategy import update_problem, widen_update
+from fedtune.coordinator.strategy import open_update, update_problem
 from fedtune.platform.wire.messages import ARRAYS, TrainInstructions, arrays_to_record
 from fedtune.platform.wire.plain_upload import (
     FLOAT16_ABSOLUTE_ERROR,
@@ -83,7 +83,7 @@ def test_a_float16_update_in_a_float32_run_is_refused_and_widened_in_a_float16_r
     )
 
     assert "dtype float16" in (update_problem(content, reference) or "")
-    widen_update(content)
+    open_update(content, widen=True)
     assert update_problem(content, reference) is None
 
 

@@ -9,6 +9,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from fedtune.coordinator.deployment import StrictMajority
 from fedtune.platform.wire.messages import ARRAYS, METRICS, NUM_EXAMPLES, arrays_to_record
+from fedtune.platform.wire.packed_arrays import ArrayLayout
 from fedtune.platform.wire.secagg_masks import GENERATOR_NAME
 from fedtune.platform.wire.secure_messages import (
     MASK_GENERATOR_KEY,
@@ -33,7 +34,9 @@ def test_the_threshold_is_a_strict_majority_of_every_round_size():
 
 def test_a_node_s_masked_reply_names_the_generator_the_coordinator_unmasks_with():
     sent = {"w": np.zeros(3, dtype=np.float32)}
-    request = SecureTrain(RecordDict({ARRAYS: arrays_to_record(sent)}), ["w"], None, "")
+    request = SecureTrain(
+        RecordDict({ARRAYS: arrays_to_record(sent)}), ArrayLayout.of(sent), None, ""
+    )
     reply = RecordDict(
         {
             ARRAYS: arrays_to_record({"w": np.ones(3, dtype=np.float32)}),

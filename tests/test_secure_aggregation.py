@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import RecordDict
-from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 
 from fedtune.coordinator.ledger_check import LedgerCheck
@@ -24,6 +30,7 @@ from fedtune.platform.wire.messages import (
     node_identity,
     train_reply_content,
 )
+from fedtune.platform.wire.packed_arrays import ArrayLayout
 from fedtune.platform.wire.secure_messages import (
     REPLY_KEY,
     SecureMessageError,
@@ -40,6 +47,7 @@ from fedtune.privacy.signing import load_public_key
 
 KEYS = ["layer.lora_A.weight", "layer.lora_B.weight"]
 GLOBAL = {KEYS[0]: np.full((2, 4), 0.5, np.float32), KEYS[1]: np.zeros((4, 2), np.float32)}
+LAYOUT = ArrayLayout.of(GLOBAL)
 INSTRUCTIONS = TrainInstructions(
     run_id="run-1",
     base_model_fingerprint="sha256:base",
@@ -107,9 +115,9 @@ def node_reply(ledger: NodeLedger, name: str, *, server_round: int, examples: in
 def request(*, clipping_norm: float | None = None) -> SecureTrain:
     """The secure train message a node received: the global adapter in key order."""
     config = secure_train_config(
-        INSTRUCTIONS, server_round=1, adapter_keys=KEYS, clipping_norm=clipping_norm
+        INSTRUCTIONS, server_round=1, layout=LAYOUT, clipping_norm=clipping_norm
     )
-    fitins = FitIns(ndarrays_to_parameters([GLOBAL[k] for k in KEYS]), dict(config))
+    fitins = FitIns(ndarrays_to_parameters([LAYOUT.flatten(GLOBAL)]), dict(config))
     return train_content_from_secure(fitins_to_recorddict(fitins, keep_input=True))
 
 
@@ -139,16 +147,22 @@ def strategy(tmp_path, nodes):
     return secure, observer
 
 
+def arrays_of(parameters: Parameters) -> dict[str, np.ndarray]:
+    """The named arrays of a secure message's one vector."""
+    (vector,) = parameters_to_ndarrays(parameters)
+    return LAYOUT.split(vector)
+
+
 def with_mean(fitres: FitRes, mean: dict[str, np.ndarray]) -> FitRes:
     """What SecAgg+ hands the strategy: every result carries the unmasked mean."""
-    fitres.parameters = ndarrays_to_parameters([mean[k] for k in KEYS])
+    fitres.parameters = ndarrays_to_parameters([LAYOUT.flatten(mean)])
     return fitres
 
 
 def test_a_secure_train_message_carries_the_instructions_and_the_arrays_in_order():
     received = request()
 
-    assert received.adapter_keys == KEYS
+    assert received.layout.names == tuple(KEYS)
     assert received.clipping_norm is None
     config = received.content.config_records[CONFIG]
     assert TrainInstructions.from_record(config) == INSTRUCTIONS
@@ -162,8 +176,8 @@ def test_a_secure_reply_sends_the_update_for_masking_and_the_rest_beside_it(node
     fitres = as_fitres(reply)
 
     assert fitres.num_examples == 40
-    sent = parameters_to_ndarrays(fitres.parameters)
-    assert all(np.array_equal(s, arrays[k]) for s, k in zip(sent, KEYS, strict=True))
+    (sent,) = parameters_to_ndarrays(fitres.parameters)  # the whole adapter, one vector
+    assert np.array_equal(sent, np.concatenate([arrays[k].ravel() for k in KEYS]))
     unpacked = train_reply_from_secure_metrics(fitres.metrics)
     assert not unpacked.array_records
     assert unpacked.metric_records[METRICS]["num-examples"] == 40
@@ -214,10 +228,8 @@ def test_the_mean_becomes_the_global_adapter_when_every_reply_verifies(strategy,
     parameters, _ = secure.aggregate_fit(1, results, [])
 
     assert parameters is not None
-    assert all(
-        np.allclose(p, mean[k])
-        for p, k in zip(parameters_to_ndarrays(parameters), KEYS, strict=True)
-    )
+    returned = arrays_of(parameters)
+    assert all(np.allclose(returned[k], mean[k]) for k in KEYS)
     ((_, outcomes, aggregate, metrics),) = observer.trained
     assert sorted(o.kind for o in outcomes) == ["accepted", "accepted"]
     assert aggregate is not None
@@ -278,7 +290,7 @@ def test_under_node_level_dp_a_node_clips_its_update_and_weighs_one(nodes):
 
     fitres = as_fitres(reply, clipping_norm=0.1)
 
-    sent = dict(zip(KEYS, parameters_to_ndarrays(fitres.parameters), strict=True))
+    sent = arrays_of(fitres.parameters)
     update = np.concatenate([(sent[k] - GLOBAL[k]).ravel() for k in KEYS])
     original = np.concatenate([(arrays[k] - GLOBAL[k]).ravel() for k in KEYS])
     assert np.linalg.norm(update) == pytest.approx(0.1, rel=1e-5)
@@ -301,15 +313,12 @@ def test_node_level_dp_noises_the_mean_and_records_its_epsilon(strategy, nodes, 
     reply_a, _ = node_reply(nodes["a"], "a", server_round=1, examples=30, shift=0.1)
     reply_b, _ = node_reply(nodes["b"], "b", server_round=1, examples=10, shift=0.5)
     fitres = [as_fitres(r, clipping_norm=0.1) for r in (reply_a, reply_b)]
-    mean = {
-        k: np.mean([parameters_to_ndarrays(f.parameters)[i] for f in fitres], axis=0)
-        for i, k in enumerate(KEYS)
-    }
+    mean = {k: np.mean([arrays_of(f.parameters)[k] for f in fitres], axis=0) for k in KEYS}
     results = [(_Proxy(n + 1), with_mean(f, mean)) for n, f in enumerate(fitres)]
 
     parameters, _ = secure.aggregate_fit(1, results, [])
 
-    noised = dict(zip(KEYS, parameters_to_ndarrays(parameters), strict=True))
+    noised = arrays_of(parameters)
     assert not any(np.allclose(noised[k], mean[k]) for k in KEYS)
     ((_, _, _, metrics),) = observer.trained
     (entry,) = secure.node_dp.ledger.entries()

@@ -55,8 +55,8 @@ from fedtune.platform.wire.messages import (
     SCORES,
     SUMMARY_FIELDS,
     AbTestInstructions,
-    arrays_to_record,
 )
+from fedtune.platform.wire.packed_arrays import pack
 from fedtune.privacy.ledger_store import checkpoint_row, entry_row, node_public_keys
 from fedtune.privacy.signing import load_public_key
 
@@ -119,7 +119,7 @@ def _message_content(plan: AbTestPlan, test_id: str) -> RecordDict:
             continue
         assert version.path is not None and version.sha256 is not None
         arrays, lora = read_checkpoint(version.path, sha256=version.sha256, key=plan.checkpoint_key)
-        content[f"{ARRAYS}-{side}"] = arrays_to_record(arrays)
+        content[f"{ARRAYS}-{side}"] = pack(arrays)
         loras[side] = lora
     content[ABTEST] = AbTestInstructions(
         test_id=test_id,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -339,10 +338,8 @@ class _SecureRounds:
 
     def train(self, server_round: int) -> dict[str, np.ndarray]:
         strategy = self.strategy
-        ordered = record_to_arrays(strategy.global_arrays)
-        parameters = ndarrays_to_parameters([ordered[key] for key in strategy.adapter_keys])
         self.legacy.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(
-            parameters, keep_input=True
+            strategy.parameters(), keep_input=True
         )
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}

@@ -47,6 +47,7 @@ from fedtune.platform.wire.messages import (
     arrays_to_record,
     record_to_arrays,
 )
+from fedtune.platform.wire.packed_arrays import ArrayLayout
 from fedtune.platform.wire.secure_messages import (
     SecureMessageError,
     mask_generator_problem,
@@ -91,7 +92,8 @@ class SecureFedAvg(FedAvg):
         self.node_wait_s = node_wait_s
         self.node_dp = node_dp
         self.enrolled = enrolled
-        self.adapter_keys = list(global_arrays.keys())
+        # The adapter travels, and is masked and summed, as one vector in this layout.
+        self.layout = ArrayLayout.of(record_to_arrays(global_arrays))
         self.sampled: list[str] = []
         self.recorded_round: int | None = None  # the last round aggregate_fit recorded
 
@@ -111,7 +113,7 @@ class SecureFedAvg(FedAvg):
         config = secure_train_config(
             self.instructions,
             server_round=server_round,
-            adapter_keys=self.adapter_keys,
+            layout=self.layout,
             clipping_norm=self.node_dp.settings.clipping_norm if self.node_dp else None,
         )
         return [(client, FitIns(parameters, dict(config))) for client in clients]
@@ -156,8 +158,11 @@ class SecureFedAvg(FedAvg):
         if aggregate is None:
             return None, {}
         self.global_arrays = aggregate
-        ordered = record_to_arrays(aggregate)
-        return ndarrays_to_parameters([ordered[key] for key in self.adapter_keys]), {}
+        return self.parameters(), {}
+
+    def parameters(self) -> Parameters:
+        """The global adapter as the one vector a secure train message carries."""
+        return ndarrays_to_parameters([self.layout.flatten(record_to_arrays(self.global_arrays))])
 
     def name_of(self, node_id: int | str) -> str | None:
         """A sampled node's enrolled name (None: no roster, or not enrolled)."""
@@ -207,18 +212,11 @@ class SecureFedAvg(FedAvg):
                 f"the secure mean includes updates of {refused}, whose replies were refused; "
                 "a single update cannot be removed from it, so the round is discarded"
             )
-        arrays = parameters_to_ndarrays(results[0][1].parameters)  # the mean, in every result
-        if len(arrays) != len(self.adapter_keys):
-            return (
-                None,
-                f"the secure mean has {len(arrays)} arrays, expected {len(self.adapter_keys)}",
-            )
-        mean = arrays_to_record(
-            {
-                key: value.astype(self.global_arrays[key].numpy().dtype, copy=False)
-                for key, value in zip(self.adapter_keys, arrays, strict=True)
-            }
-        )
+        vectors = parameters_to_ndarrays(results[0][1].parameters)  # the mean, in every result
+        if len(vectors) != 1 or vectors[0].shape != (self.layout.size,):
+            shapes = [v.shape for v in vectors][:3]
+            return None, f"the secure mean is {shapes}, expected one vector of {self.layout.size}"
+        mean = arrays_to_record(self.layout.split(vectors[0].astype(self.layout.dtype, copy=False)))
         problem = update_problem(_as_reply(mean), self.global_arrays)
         return (
             (mean, None) if problem is None else (None, f"the secure mean is unusable: {problem}")

@@ -35,9 +35,12 @@ from fedtune.platform.wire.messages import (
     NODE,
     NUM_EXAMPLES,
     ProtocolMismatchError,
+    arrays_to_record,
     check_protocol,
+    record_to_arrays,
     with_receipt,
 )
+from fedtune.platform.wire.packed_arrays import PackedArraysError, is_packed, pack, unpack
 from fedtune.platform.wire.plain_upload import widened
 from fedtune.privacy.receipts import Receipt
 
@@ -94,6 +97,12 @@ def update_problem(content: RecordDict, expected: ArrayRecord) -> str | None:
     if problem is not None:
         return problem
     arrays = content.array_records[ARRAYS]
+    if is_packed(arrays):  # open_update could not open it
+        try:
+            unpack(arrays)
+        except PackedArraysError as exc:
+            return f"its packed update cannot be read: {exc}"
+        return "its packed update was not opened"
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -242,10 +251,19 @@ def sort_evaluate_replies(
     return outcomes
 
 
-def widen_update(content: RecordDict) -> None:
-    """A train reply's float16 update widened to float32, in place (plain_upload.py)."""
-    if ARRAYS in content.array_records:
-        content.array_records[ARRAYS] = widened(content.array_records[ARRAYS])
+def open_update(content: RecordDict, *, widen: bool = False) -> None:
+    """A train reply's packed update (packed_arrays.py) as named arrays, in place, and with
+    ``widen`` a float16 one widened to float32 (plain_upload.py). A packed update that cannot
+    be opened is left as it came, for :func:`update_problem` to say why it is refused."""
+    if ARRAYS not in content.array_records:
+        return
+    record = content.array_records[ARRAYS]
+    if is_packed(record):
+        try:
+            record = arrays_to_record(unpack(record))
+        except PackedArraysError:
+            return
+    content.array_records[ARRAYS] = widened(record) if widen else record
 
 
 class ValidatingFedAvg(FedAvg):
@@ -275,18 +293,17 @@ class ValidatingFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, pack(record_to_arrays(arrays)), config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        if self.upload_dtype == "float16":  # checked and averaged in float32
-            replies = list(replies)
-            for reply in replies:
-                if not reply.has_error():
-                    widen_update(reply.content)
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error():  # a float16 upload is checked and averaged in float32
+                open_update(reply.content, widen=self.upload_dtype == "float16")
         outcomes = sort_train_replies(
             replies,
             self.global_arrays,
@@ -306,7 +323,9 @@ class ValidatingFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Flower's evaluate messages, each with the coordinator's receipt for the latest
         ledger head its node sent (``receipts``), which the node keeps beside its entry."""
-        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        messages = super().configure_evaluate(
+            server_round, pack(record_to_arrays(arrays)), config, grid
+        )
         if self.receipts is None:
             return messages
         out = []

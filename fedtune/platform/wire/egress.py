@@ -65,6 +65,7 @@ from fedtune.platform.wire.messages import (
     TRAIN_DEVICE_SECONDS,
     TRAIN_TOKENS,
 )
+from fedtune.platform.wire.packed_arrays import LAYOUT_KEY, VECTOR_KEY
 from fedtune.platform.wire.secure_messages import MASK_GENERATOR_KEY, REPLY_KEY
 
 ReleaseMetrics = Literal["none", "dp", "plain"]
@@ -500,17 +501,33 @@ def _train_records(settings: _Settings) -> tuple[Record, ...]:
     )
 
 
-def _adapter_field(settings: _Settings, protection: tuple[str, ...]) -> Field:
+def _adapter_fields(settings: _Settings, protection: tuple[str, ...]) -> tuple[Field, ...]:
+    """The adapter as it travels: every tensor's values in one vector, and their layout."""
     if settings.non_private_updates:
         accounting = ""
         meaning = (
-            "a LoRA tensor after local training WITHOUT differential privacy (privacy.mode = "
-            '"non-private" and allow_non_private_updates): no guarantee'
+            "the LoRA tensors after local training WITHOUT differential privacy (privacy.mode "
+            '= "non-private" and allow_non_private_updates): no guarantee'
         )
     else:
         accounting = DP_SGD
-        meaning = "a LoRA tensor after the round's DP-SGD (every adapter tensor, trained or not)"
-    return Field("{adapter-parameter}", "float32 array", protection, meaning, accounting=accounting)
+        meaning = "the LoRA tensors after the round's DP-SGD (every adapter tensor, trained or not)"
+    return (
+        Field(
+            VECTOR_KEY,
+            "float32 array",
+            protection,
+            meaning + ", their values one after another (float16 with upload float16)",
+            accounting=accounting,
+        ),
+        Field(
+            LAYOUT_KEY,
+            "uint8 array",
+            PLAIN,
+            "the tensors' names, shapes and number type as JSON: fixed by the base model and "
+            "the run's LoRA settings, the same on every node",
+        ),
+    )
 
 
 def _train_replies(settings: _Settings) -> tuple[Reply, ...]:
@@ -530,8 +547,8 @@ def _train_replies(settings: _Settings) -> tuple[Reply, ...]:
             Record(
                 ARRAYS,
                 "arrays",
-                "the adapter's tensors by name",
-                (_adapter_field(settings, update_protection),),
+                "the adapter's tensors, packed (one vector and its layout)",
+                _adapter_fields(settings, update_protection),
             ),
             *_train_records(settings),
         ),

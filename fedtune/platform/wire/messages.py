@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import GRPO_DEFAULTS, LoraSettings
+from fedtune.platform.wire.packed_arrays import is_packed, pack, unpack
 from fedtune.privacy.ledger import Checkpoint, LedgerEntry, LedgerFormatError
 from fedtune.privacy.receipts import Receipt
 
@@ -62,8 +63,9 @@ REWARD = "reward"
 # What this version's messages mean. fedtune-wire/1 (fedtune 0.1, which stated none) sent an
 # unsigned privacy report beside the ledger entry; in fedtune-wire/2 a train message had no
 # training method (a node of that version would train SFT in a DPO run); in fedtune-wire/3 it
-# had no GRPO settings and no plain upload type (float16 uploads).
-PROTOCOL = "fedtune-wire/4"
+# had no GRPO settings and no plain upload type (float16 uploads); in fedtune-wire/4 adapters
+# travelled as one Flower array per tensor (in fedtune-wire/5 packed: packed_arrays.py).
+PROTOCOL = "fedtune-wire/5"
 PROTOCOL_KEY = "protocol"
 
 
@@ -187,10 +189,16 @@ def _grpo_value(value: Any) -> Any:
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """``arrays`` as a record of one Flower array each, for use in this process; what goes on
+    the wire is packed (:func:`fedtune.platform.wire.packed_arrays.pack`)."""
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The named arrays of ``record``, packed or not; ``PackedArraysError`` for a packed
+    record whose layout does not hold."""
+    if is_packed(record):
+        return unpack(record)
     return {name: array.numpy() for name, array in record.items()}
 
 
@@ -229,7 +237,7 @@ def train_reply_content(
 ) -> RecordDict:
     return RecordDict(
         {
-            ARRAYS: arrays_to_record(arrays),
+            ARRAYS: pack(arrays),
             METRICS: MetricRecord(dict(metrics)),
             NODE: identity,
             BUDGET: budget_record(budget),

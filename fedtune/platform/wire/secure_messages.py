@@ -4,17 +4,18 @@ Flower runs SecAgg+ only through its workflow API, which speaks the older FitIns
 records (``fitins.parameters``, ``fitres.metrics``, ...): arrays travel as an ordered list and
 the reply's metrics may hold only scalars. The coordinator unmasks only the weighted mean of
 the arrays; each node's ``fitres.metrics`` reaches it unmasked. So a secure train message
-carries fedtune's :class:`~fedtune.platform.wire.messages.TrainInstructions` and the adapter's key
-order as scalars, and a node's reply packs everything of fedtune's train reply except the
-arrays (metrics, identity, privacy report, signed ledger entry, or a decline) into one
-serialised record. A node that declines sends zeros with weight 0, which leaves the weighted
-mean unchanged.
+carries fedtune's :class:`~fedtune.platform.wire.messages.TrainInstructions` and the adapter's
+layout as scalars and the whole adapter as one vector (one Flower object, not one per tensor:
+packed_arrays.py), a node masks and replies one vector in the same layout, and its reply packs
+everything of fedtune's train reply except the arrays (metrics, identity, privacy report,
+signed ledger entry, or a decline) into one serialised record. A node that declines sends
+zeros with weight 0, which leaves the weighted mean unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,10 +45,11 @@ from fedtune.platform.wire.messages import (
     arrays_to_record,
     record_to_arrays,
 )
+from fedtune.platform.wire.packed_arrays import ArrayLayout, PackedArraysError
 from fedtune.platform.wire.secagg_masks import GENERATOR_NAME
 
 INSTRUCTIONS_KEY = "fedtune-instructions"  # TrainInstructions' record, as JSON
-ADAPTER_KEYS_KEY = "fedtune-adapter-keys"  # the order of the arrays, as JSON
+ADAPTER_LAYOUT_KEY = "fedtune-adapter-layout"  # names and shapes in the vector, as JSON
 REPLY_KEY = "fedtune-reply"  # the train reply without its arrays, serialised
 CLIPPING_NORM_KEY = "fedtune-node-dp-clipping-norm"  # node-level DP: clip the update to this
 # Which mask generator masked (node) and unmasks (coordinator): both must be the same, or the
@@ -64,13 +66,14 @@ def secure_train_config(
     instructions: TrainInstructions,
     *,
     server_round: int,
-    adapter_keys: Sequence[str],
+    layout: ArrayLayout,
     clipping_norm: float | None = None,
 ) -> dict[str, bool | bytes | float | int | str]:
-    """The FitIns config of a secure train message (``clipping_norm``: node-level DP)."""
+    """The FitIns config of a secure train message whose one array is the adapter flattened
+    in ``layout`` (``clipping_norm``: node-level DP)."""
     config: dict[str, bool | bytes | float | int | str] = {
         INSTRUCTIONS_KEY: json.dumps(dict(instructions.to_record())),
-        ADAPTER_KEYS_KEY: json.dumps(list(adapter_keys)),
+        ADAPTER_LAYOUT_KEY: layout.to_json(),
         SERVER_ROUND: server_round,
         MASK_GENERATOR_KEY: GENERATOR_NAME,
     }
@@ -84,7 +87,7 @@ class SecureTrain:
     """A secure train message as the node reads it."""
 
     content: RecordDict  # fedtune's train content: arrays by name + instructions
-    adapter_keys: list[str]  # the order to reply in
+    layout: ArrayLayout  # the layout to reply in
     clipping_norm: float | None  # node-level DP: clip the update to this L2 norm
     mask_generator: str  # the coordinator's mask generator ("" when it named none)
 
@@ -97,46 +100,53 @@ def train_content_from_secure(content: RecordDict) -> SecureTrain:
     """What a secure train message asks of the node."""
     fitins: FitIns = recorddict_to_fitins(content, keep_input=True)
     try:
-        keys = json.loads(str(fitins.config[ADAPTER_KEYS_KEY]))
+        layout = ArrayLayout.from_json(str(fitins.config[ADAPTER_LAYOUT_KEY]))
         record = ConfigRecord(json.loads(str(fitins.config[INSTRUCTIONS_KEY])))
     except (KeyError, json.JSONDecodeError) as exc:
         raise SecureMessageError(f"secure train message lacks fedtune's config ({exc})") from None
-    arrays = parameters_to_ndarrays(fitins.parameters)
-    if len(keys) != len(arrays):
-        raise SecureMessageError(f"{len(arrays)} arrays for {len(keys)} adapter keys")
+    except PackedArraysError as exc:
+        raise SecureMessageError(f"secure train message: {exc}") from None
+    vectors = parameters_to_ndarrays(fitins.parameters)
+    if len(vectors) != 1 or vectors[0].dtype.name != layout.dtype:
+        raise SecureMessageError(
+            f"{len(vectors)} arrays sent; the adapter travels as one {layout.dtype} vector"
+        )
+    try:
+        arrays = layout.split(vectors[0])
+    except PackedArraysError as exc:
+        raise SecureMessageError(f"secure train message: {exc}") from None
     record[SERVER_ROUND] = int(fitins.config[SERVER_ROUND])
-    train = RecordDict(
-        {ARRAYS: arrays_to_record(dict(zip(keys, arrays, strict=True))), CONFIG: record}
-    )
+    train = RecordDict({ARRAYS: arrays_to_record(arrays), CONFIG: record})
     clipping = fitins.config.get(CLIPPING_NORM_KEY)
     return SecureTrain(
         train,
-        keys,
+        layout,
         float(clipping) if isinstance(clipping, (int, float)) else None,
         str(fitins.config.get(MASK_GENERATOR_KEY, "")),
     )
 
 
 def secure_reply_from_train_reply(reply: RecordDict, request: SecureTrain) -> RecordDict:
-    """The FitRes content a node hands to ``secaggplus_mod``: its arrays in key order and the
-    rest of ``reply`` serialised in the metrics. A decline sends zeros with weight 0. Under
-    node-level DP the update (reply - sent) is clipped first and every node weighs 1."""
+    """The FitRes content a node hands to ``secaggplus_mod``: its arrays as one vector in the
+    request's layout and the rest of ``reply`` serialised in the metrics. A decline sends
+    zeros with weight 0. Under node-level DP the update (reply - sent) is clipped first (its
+    norm over the whole vector, as over all arrays) and every node weighs 1."""
     rest = RecordDict({key: value for key, value in reply.items() if key != ARRAYS})
-    sent = request.sent
-    keys = request.adapter_keys
+    layout = request.layout
     if DECLINE in reply.config_records:
-        arrays = [np.zeros_like(sent[key]) for key in keys]
+        vector = np.zeros(layout.size, dtype=layout.dtype)
         weight = 0
     else:
-        by_name = record_to_arrays(reply.array_records[ARRAYS])
-        arrays = [by_name[key] for key in keys]
+        vector = layout.flatten(record_to_arrays(reply.array_records[ARRAYS]))
         weight = int(reply.metric_records[METRICS][NUM_EXAMPLES])  # type: ignore[arg-type]
         if request.clipping_norm is not None:
-            compute_clip_model_update(arrays, [sent[key] for key in keys], request.clipping_norm)
-            weight = 1
+            clipped = [vector]  # Flower's helper replaces the list's items
+            sent = [layout.flatten(request.sent)]
+            compute_clip_model_update(clipped, sent, request.clipping_norm)
+            vector, weight = clipped[0], 1
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
-        parameters=ndarrays_to_parameters(arrays),
+        parameters=ndarrays_to_parameters([vector]),
         num_examples=weight,
         metrics={
             REPLY_KEY: recorddict_to_proto(rest).SerializeToString(),
