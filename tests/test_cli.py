@@ -1,11 +1,15 @@
 import hashlib
 import json
+import tomllib
 from pathlib import Path
 
 import psutil
 import pytest
 
 from fedtune.cli import main
+from fedtune.demo import run as demo_run
+from fedtune.demo.run import demo_dtype
+from fedtune.platform.config import ConfigError
 
 pytestmark = pytest.mark.simulation
 
@@ -39,6 +43,9 @@ def test_demo_trains_two_nodes_together_and_writes_database_adapters_and_summary
 
     out = capsys.readouterr().out
     assert code == 0
+    dtype = demo_dtype("auto")  # bfloat16 base weights where the CPU computes them natively
+    assert tomllib.loads((workdir / "run.toml").read_text())["model"]["dtype"] == dtype
+    assert f"base weights in {dtype}" in out
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["run"]["status"] == "finished"
     assert set(summary["nodes"]) == {"hospital", "bank"}
@@ -59,6 +66,18 @@ def test_demo_trains_two_nodes_together_and_writes_database_adapters_and_summary
     assert not [
         p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("ray::")
     ]
+
+
+def test_the_demo_takes_bfloat16_base_weights_only_where_the_device_computes_them_natively(
+    monkeypatch,
+):
+    monkeypatch.setattr(demo_run, "native_bfloat16", lambda device: False)
+    assert demo_dtype("auto") == "float32"
+    monkeypatch.setattr(demo_run, "native_bfloat16", lambda device: True)
+    assert demo_dtype("auto") == "bfloat16"
+    assert demo_dtype("float32") == "float32"
+    with pytest.raises(ConfigError, match="--dtype 'half'"):
+        demo_dtype("half")
 
 
 def test_demo_refuses_a_used_folder(tmp_path, capsys):

@@ -38,6 +38,13 @@ def register(commands: Any) -> None:
     )
     demo.add_argument("--model", default="smollm2-135m", help="model spec")
     demo.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the nodes' base weights (model.dtype); auto: bfloat16 where the device computes "
+        "it natively (faster; the adapter, clipping and noise stay float32), else float32",
+    )
+    demo.add_argument(
         "--deployment",
         action="store_true",
         help="real processes on 127.0.0.1: a coordinator and two nodes over TLS with node "
@@ -68,9 +75,11 @@ def _demo(args: argparse.Namespace) -> int:
     if args.deployment:
         from fedtune.demo.local_deployment import run_deployment_demo
 
-        run_deployment_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
+        run_deployment_demo(
+            workdir, rounds=args.rounds, steps=args.steps, model=args.model, dtype=args.dtype
+        )
         return 0
-    run_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model)
+    run_demo(workdir, rounds=args.rounds, steps=args.steps, model=args.model, dtype=args.dtype)
     return 0
 
 

@@ -33,7 +33,7 @@ from fedtune.coordinator.gateway import (
 )
 from fedtune.coordinator.run_summary import format_summary, run_summary
 from fedtune.coordinator.superlink import deployment_job, submit_run, superlink_command
-from fedtune.demo.run import DEMO_NODES, prepare_demo_folder
+from fedtune.demo.run import DEMO_NODES, demo_dtype, prepare_demo_folder
 from fedtune.platform.config import (
     CoordinatorConfig,
     RunConfig,
@@ -246,10 +246,12 @@ class LocalDeployment:
         self.processes.clear()
 
 
-def demo_node_sections(*, model: str, data: Path, name: str) -> dict[str, dict[str, Any]]:
+def demo_node_sections(
+    *, model: str, data: Path, name: str, dtype: str = "float32"
+) -> dict[str, dict[str, Any]]:
     """A deployment demo node's node.toml tables other than [node] and [coordinator]."""
     return {
-        "model": {"spec": model},
+        "model": {"spec": model, "dtype": dtype},
         "data": {
             "train": str(data / name / "train.jsonl"),
             "eval": str(data / name / "held_out.jsonl"),
@@ -332,9 +334,11 @@ def run_deployment_demo(
     rounds: int = 3,
     steps: int = 4,
     model: str = "smollm2-135m",
+    dtype: str = "auto",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The two-node demo as a real deployment on 127.0.0.1; returns the summary."""
+    dtype = demo_dtype(dtype)
     model = prepare_demo_folder(workdir, rounds=rounds, steps=steps, model=model)
     data = workdir.resolve() / "data"
     with LocalDeployment(workdir) as deployment:
@@ -346,7 +350,7 @@ def run_deployment_demo(
         for name in DEMO_NODES:
             deployment.add_node(
                 name,
-                sections=demo_node_sections(model=model, data=data, name=name),
+                sections=demo_node_sections(model=model, data=data, name=name, dtype=dtype),
                 # Two nodes: each learns the other's (DP-noised) update from the secure mean,
                 # which a demo accepts knowingly; a consortium keeps the default of 3.
                 min_secure_peers=len(DEMO_NODES),
@@ -354,7 +358,8 @@ def run_deployment_demo(
             deployment.enroll(name)
             deployment.start_node(name)
             progress(
-                f"node {name}: keys made, enrolled, started (log {deployment.log('node-' + name)})"
+                f"node {name}: keys made, enrolled, started, base weights in {dtype} "
+                f"(log {deployment.log('node-' + name)})"
             )
         run_toml = workdir / "run.toml"
         run_toml.write_text(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,6 +18,19 @@ def select_device(preference: Literal["auto", "cpu", "cuda"] = "auto") -> torch.
     if preference == "cuda":
         raise RuntimeError("model.device = 'cuda' was asked for, but no CUDA device is available")
     return torch.device("cpu")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA device that supports it, or a
+    CPU with AVX-512 BF16 or AMX instructions (read from Linux's /proc/cpuinfo). Elsewhere
+    bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def synchronize(device: torch.device) -> None:
