@@ -2,13 +2,15 @@
 # Set up (if needed), then lint, type-check and run the whole test suite.
 #   bash scripts/test.sh [--fast] [PYTEST ARGS...]
 # --fast: leave out the end-to-end (real processes, browser), simulation (Ray) and
-# integration (real model) tiers: the loop for development. CI runs everything.
+# integration (real model) tiers and run the rest in parallel: the loop for development. CI
+# runs everything, one test at a time (the slow tiers time real processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tier=()
 if [ "${1:-}" = "--fast" ]; then
     shift
-    tier=(-m "not e2e and not simulation and not integration")
+    # one pytest worker per core (pytest-xdist): 137 s instead of 217 s on 2 cores
+    tier=(-m "not e2e and not simulation and not integration" -n auto)
 fi
 bash scripts/setup.sh
 bash scripts/system-deps.sh
