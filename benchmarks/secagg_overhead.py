@@ -582,7 +582,8 @@ def main() -> None:
         "message; worker: each node in --isolation process with a long-lived ClientApp worker "
         "(fedtune's, serving this app), Flower's waits (the SuperNode's 3 s idle and 0.5 s "
         "reply waits, the worker's 0.5 s, the ServerApp's 3 s); worker-prompt: the same with "
-        "fedtune's shorter waits (supernode_entry, worker 0.1 s, PromptGrid 0.1 s). Keyed apart",
+        "fedtune's shorter waits (supernode_entry, worker 0.1 s, PromptGrid 0.1 s, object pulls "
+        "retried after 0.1 s on both sides: since 2026-12-04 20:26Z). Keyed apart",
     )  # fmt: skip
     parser.add_argument(
         "--plain-upload", choices=("float32", "float16"), default="float32",

@@ -490,8 +490,14 @@ def main(grid: Grid, context: Context) -> None:
         context=context, config=ServerConfig(num_rounds=settings["rounds"]), strategy=strategy
     )
     if settings["grid"] == "prompt":  # fedtune's coordinator grid: replies pulled every 0.1 s
-        from fedtune.coordinator.prompt_grid import PromptGrid
+        import sys
 
+        from fedtune.coordinator.prompt_grid import PromptGrid
+        from fedtune.platform.runtime.object_pulls import retry_pulls_sooner
+
+        # and a reply's missing objects asked for again after 0.1 s, as fedtune's ServerApp
+        # process does (coordinator/serverapp_process.py), in the module of this grid
+        retry_pulls_sooner(sys.modules[type(grid).__module__])
         grid = PromptGrid(grid)
     measuring = MeasuringGrid(grid, timeout=settings["timeout"], poll_s=settings["server_poll_s"])
     if mode == SECAGG:
