@@ -20,6 +20,9 @@ def select_device(preference: Literal["auto", "cpu", "cuda"] = "auto") -> torch.
     return torch.device("cpu")
 
 
+CPUINFO = Path("/proc/cpuinfo")  # Linux: the CPU's instruction-set flags
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 natively: a CUDA device that supports it, or a
     CPU with AVX-512 BF16 or AMX instructions (read from Linux's /proc/cpuinfo). Elsewhere
@@ -27,8 +30,8 @@ def native_bfloat16(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
+        flags = CPUINFO.read_text().split()
+    except OSError:  # not Linux
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
