@@ -97,3 +97,13 @@ def test_simulate_refuses_an_output_folder_that_holds_a_run(tmp_path, capsys):
     assert main(["simulate", "--config", str(tmp_path / "run.toml")]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "out" / "adapters" / "round-1").is_dir()
+
+
+def test_the_deployment_demo_runs_secure_aggregation_unless_a_comparison_asks_otherwise():
+    from fedtune.demo.local_deployment import demo_run
+    from fedtune.platform.config import RunConfig
+
+    secure = RunConfig.model_validate(demo_run(rounds=3, steps=4, model="smollm2-135m"))
+    assert secure.aggregation.secure
+    plain = demo_run(rounds=3, steps=4, model="smollm2-135m", secure=False)
+    assert not RunConfig.model_validate(plain).aggregation.secure

@@ -264,13 +264,13 @@ def demo_node_sections(
     }
 
 
-def demo_run(*, rounds: int, steps: int, model: str) -> dict[str, Any]:
+def demo_run(*, rounds: int, steps: int, model: str, secure: bool = True) -> dict[str, Any]:
     """The deployment demo's run.toml, as data."""
     return {
         "run": {"name": "demo-deployment", "rounds": rounds, "min_nodes": 2},
         "model": {"spec": model},
         "training": {"steps": steps, "batch_size": 32, "learning_rate": 0.01},
-        "aggregation": {"secure": True},
+        "aggregation": {"secure": secure},
         "nodes": [{"name": name} for name in DEMO_NODES],
         "output": {"dir": "coordinator/run"},
     }
@@ -335,9 +335,14 @@ def run_deployment_demo(
     steps: int = 4,
     model: str = "smollm2-135m",
     dtype: str = "auto",
+    secure: bool = True,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The two-node demo as a real deployment on 127.0.0.1; returns the summary."""
+    """The two-node demo as a real deployment on 127.0.0.1; returns the summary.
+
+    ``secure=False`` sends the updates in the clear (the nodes are told to accept that): only
+    for comparing a plain run with a secure one of the same work
+    (``benchmarks/secure_vs_plain_deployment.py``)."""
     dtype = demo_dtype(dtype)
     model = prepare_demo_folder(workdir, rounds=rounds, steps=steps, model=model)
     data = workdir.resolve() / "data"
@@ -354,6 +359,7 @@ def run_deployment_demo(
                 # Two nodes: each learns the other's (DP-noised) update from the secure mean,
                 # which a demo accepts knowingly; a consortium keeps the default of 3.
                 min_secure_peers=len(DEMO_NODES),
+                coordinator=None if secure else {"require_secure_aggregation": False},
             )
             deployment.enroll(name)
             deployment.start_node(name)
@@ -365,11 +371,12 @@ def run_deployment_demo(
         run_toml.write_text(
             "# The deployment demo's run: `fedtune run start --config run.toml --coordinator "
             "coordinator.toml`\n"
-            + tomli_w.dumps(demo_run(rounds=rounds, steps=steps, model=model)),
+            + tomli_w.dumps(demo_run(rounds=rounds, steps=steps, model=model, secure=secure)),
             encoding="utf-8",
         )
         run_id = deployment.submit(run_toml)
-        progress(f"run {run_id} submitted: {rounds} rounds of {steps} DP-SGD steps, SecAgg+")
+        aggregation = "SecAgg+" if secure else "plain aggregation (updates in the clear)"
+        progress(f"run {run_id} submitted: {rounds} rounds of {steps} DP-SGD steps, {aggregation}")
         status = deployment.wait_for_run(run_id, timeout_s=3600, progress=progress)
         engine = open_database(config.database_url)
         if status != "finished":
