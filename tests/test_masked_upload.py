@@ -44,16 +44,20 @@ from test_secagg_guard import (  # the in-process harness, and its autouse fixtu
 from fedtune.client_node.secagg_guard import guarded_secaggplus_mod
 from fedtune.coordinator.masked_vectors import MaskedVectorCheck
 from fedtune.platform.wire.masked_upload import (
+    QUANTIZATION_RANGE,
     masked_vector_problem,
+    modulus_for,
     pack_masked_reply,
     upload_dtype,
+    upload_width,
+    widened,
 )
 
 __all__ = ["server_app_identity", "strong_masks"]
 
 NODES = [2001, 2002, 2003, 2004]
 VALUES = 50_000
-CLIPPING_RANGE, QUANTIZATION_RANGE, MAX_WEIGHT = 8.0, 2**22, 20.0
+CLIPPING_RANGE, MAX_WEIGHT = 8.0, 20.0
 
 
 def update(node: int, values: int = VALUES) -> np.ndarray:
@@ -161,11 +165,35 @@ def upload_bytes(grid: InProcessGrid, node: int) -> int:
 
 
 @pytest.mark.parametrize(
-    ("modulus", "dtype"),
-    [(2**8, "uint8"), (2**16, "uint16"), (2**20, "uint32"), (2**32, "uint32"), (2**33, "int64")],
+    ("modulus", "dtype", "width"),
+    [
+        (2**8, "uint8", 1),
+        (2**16, "uint16", 2),
+        (2**17, "uint8", 3),  # three bytes a value: numpy has no 24-bit type
+        (2**24, "uint8", 3),
+        (2**25, "uint32", 4),
+        (2**32, "uint32", 4),
+        (2**33, "int64", 8),
+    ],
 )
-def test_masked_values_travel_in_the_smallest_type_a_power_of_two_modulus_needs(modulus, dtype):
-    assert upload_dtype(modulus) == np.dtype(dtype)
+def test_masked_values_travel_in_the_smallest_type_a_power_of_two_modulus_needs(
+    modulus, dtype, width
+):
+    assert (upload_dtype(modulus), upload_width(modulus)) == (np.dtype(dtype), width)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "modulus"), [(1, 2**24), (2, 2**24), (3, 2**24), (4, 2**32), (1023, 2**32)]
+)
+def test_the_modulus_is_the_fewest_whole_bytes_the_sum_of_all_nodes_cannot_wrap(nodes, modulus):
+    assert modulus_for(nodes, quantization_range=QUANTIZATION_RANGE) == modulus
+    # Every node at the top of the quantisation range: the sum still fits.
+    assert nodes * QUANTIZATION_RANGE < modulus
+
+
+def test_a_run_too_large_for_any_modulus_is_refused_with_the_numbers():
+    with pytest.raises(ValueError, match="1024 nodes at a quantisation range of 4194304"):
+        modulus_for(1024, quantization_range=QUANTIZATION_RANGE)
 
 
 def test_a_modulus_that_is_not_a_power_of_two_keeps_flowers_int64():
@@ -207,6 +235,42 @@ def test_a_secure_round_uploads_uint32_and_gives_the_weighted_mean():
     )
     error = np.abs(strategy.mean - weighted_mean(NODES[:3])).max()
     assert error < error_bound(NODES[:3]), (error, error_bound(NODES[:3]))
+
+
+def test_three_nodes_upload_three_bytes_a_value_and_get_the_same_mean_as_with_uint32():
+    """2**24 holds the sum of three nodes at 2**22: a quarter less upload, the same numbers
+    (the same quantisation draws; masks cancel exactly)."""
+    nodes = NODES[:3]
+    np.random.seed(11)
+    wide_grid = Grid(nodes)
+    wide = secure_round(wide_grid, via=MaskedVectorCheck(wide_grid), modulus=2**32)
+    np.random.seed(11)
+    grid = Grid(nodes)
+    narrow = secure_round(grid, via=MaskedVectorCheck(grid), modulus=2**24)
+
+    assert narrow.failures == []
+    assert all(
+        array.dtype == np.uint8 and array.shape[-1] == 3
+        for reply in grid.stage_replies(Stage.COLLECT_MASKED_VECTORS)
+        for array in masked_arrays(reply)
+    )
+    assert np.array_equal(narrow.mean, wide.mean)
+    assert np.abs(narrow.mean - weighted_mean(nodes)).max() < error_bound(nodes)
+    ratio = upload_bytes(grid, nodes[0]) / upload_bytes(wide_grid, nodes[0])
+    assert 0.74 < ratio < 0.77, ratio
+
+
+def test_three_byte_values_widen_to_the_uint32_flower_sums():
+    values = np.array([[0, 1, 2**24 - 1], [2**16, 255, 2**23]], np.int64)
+    configs = ConfigRecord({Key.MASKED_PARAMETERS: saved([values])})
+    pack_masked_reply(configs, 2**24)
+    blobs = configs[Key.MASKED_PARAMETERS]
+    assert masked_vector_problem(blobs, mod_range=2**24, shapes=[(2, 3)]) is None
+
+    (wide,) = [np.load(io.BytesIO(blob)) for blob in widened(blobs, 2**24)]
+
+    assert wide.dtype == np.uint32 and np.array_equal(wide, values)
+    assert widened(blobs, 2**32) is blobs  # other widths travel as Flower sums them
 
 
 def test_packing_leaves_the_mean_exactly_as_flowers_int64_upload_gives_it():
@@ -282,6 +346,43 @@ BAD_UPLOADS = {
     "a pickle": (lambda a: [pickle.dumps(a[0]), *saved(a[1:])], "cannot be read"),
     "not bytes": (lambda a: ["0"] * len(a), "not a list of arrays"),
 }
+
+
+THREE_BYTE_UPLOADS = {
+    "uint32 where three bytes are due": (
+        lambda a: saved([x.astype(np.uint32) for x in a]),
+        "is uint32, the modulus 8388608 needs uint8",
+    ),
+    "four bytes a value": (
+        lambda a: saved([np.concatenate([x, x[..., :1]], axis=-1) for x in a]),
+        "has shape (1, 4), the round sent (1, 3)",
+    ),
+    "values flattened": (
+        lambda a: saved([x.reshape(-1) for x in a]),
+        "has shape (3,), the round sent (1, 3)",
+    ),
+    "beyond a 23-bit modulus": (
+        lambda a: saved([a[0], np.full_like(a[1], 255)]),
+        "outside [0, 8388608)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(THREE_BYTE_UPLOADS))
+def test_a_node_whose_three_byte_upload_the_sum_cannot_take_is_dropped_with_the_reason(kind):
+    change, reason = THREE_BYTE_UPLOADS[kind]
+    grid = Grid(NODES, mod=tampering(NODES[3], change))
+    grid.values = 1000
+
+    strategy = secure_round(grid, via=MaskedVectorCheck(grid), threshold=0.75, modulus=2**23)
+
+    assert strategy.mean is not None  # the others' mean, the bad node's masks taken off
+    honest = NODES[:3]
+    total = sum(weight(n) * update(n, 1000).astype(np.float64) for n in honest)
+    expected = total / sum(weight(n) for n in honest)
+    assert np.abs(strategy.mean - expected).max() < error_bound(honest)
+    assert all(f"node {NODES[3]} refused" in str(f) for f in strategy.failures)
+    assert any(reason in str(f) for f in strategy.failures), strategy.failures
 
 
 @pytest.mark.parametrize("kind", list(BAD_UPLOADS))

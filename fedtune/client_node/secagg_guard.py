@@ -31,8 +31,8 @@ for this run and round, every certificate names a different node, and this node'
 is its own (:mod:`fedtune.platform.security.enrollment_certificates`): a coordinator can then
 neither substitute a key nor invent a peer.
 
-Its masked update travels in the smallest integer type the round's modulus needs (uint32 for
-Flower's 2**32, not Flower's int64: :mod:`fedtune.platform.wire.masked_upload`).
+Its masked update travels in the fewest bytes the round's modulus needs (uint32 for 2**32,
+three bytes a value for 2**24; not Flower's int64: :mod:`fedtune.platform.wire.masked_upload`).
 
 A refusal answers with an error message (``MOD_FAILED_PRECONDITION``; the reason, nothing
 else) and drops the round's SecAgg+ state, secrets included, so that only a new setup
@@ -252,8 +252,8 @@ def _check_unmask(state: SecAggPlusState, configs: ConfigRecord) -> None:
 
 
 def _pack(reply: Message, context: Context) -> None:
-    """The masked vectors in the smallest type the round's modulus needs (half of Flower's
-    int64 for its default 2**32; :mod:`fedtune.platform.wire.masked_upload`)."""
+    """The masked vectors in the fewest bytes the round's modulus needs (half of Flower's
+    int64 for 2**32, three eighths for 2**24; :mod:`fedtune.platform.wire.masked_upload`)."""
     state = SecAggPlusState(**dict(context.state.config_records[RECORD_KEY_STATE]))
     pack_masked_reply(reply.content.config_records[RECORD_KEY_CONFIGS], state.mod_range)
 

@@ -49,6 +49,7 @@ from fedtune.coordinator.strategy import ReplyOutcome, ValidatingFedAvg
 from fedtune.platform.config import RunConfig
 from fedtune.platform.db.storage import AdapterCheckpoint, Round, open_database
 from fedtune.platform.wire import secagg_masks
+from fedtune.platform.wire.masked_upload import QUANTIZATION_RANGE, modulus_for
 from fedtune.platform.wire.messages import (
     DESCRIBE_MESSAGE_TYPE,
     NODE,
@@ -328,6 +329,9 @@ class _SecureRounds:
             reconstruction_threshold=StrictMajority(aggregation.reconstruction_threshold),
             max_weight=max_weight,
             clipping_range=aggregation.clipping_range,
+            quantization_range=QUANTIZATION_RANGE,
+            # A round sums at most the run's nodes: 3 bytes a masked value for up to 3 nodes.
+            modulus_range=modulus_for(len(config.nodes), quantization_range=QUANTIZATION_RANGE),
             timeout=aggregation.reply_timeout_s,
         )
         # The client manager learns its nodes from the grid it is given: enrolled ones only.

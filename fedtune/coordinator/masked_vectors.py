@@ -7,7 +7,8 @@ wrong shape is broadcast over the sum, and an array of another integer type chan
 sum wraps around. This grid remembers the modulus of the round (from the setup messages it
 sends) and the shapes it sends with each node's train message, and turns a reply whose
 masked vectors are not of :func:`fedtune.platform.wire.masked_upload.upload_dtype`, of those
-shapes, within ``[0, mod_range)`` into an error reply from that node. The workflow then treats
+shapes, within ``[0, mod_range)`` into an error reply from that node (and widens three-byte
+values to the uint32 the workflow sums). The workflow then treats
 the node as one that dropped out: its pairwise masks are rebuilt from its peers' shares and
 taken off, and the mean is that of the others (if enough stayed); ``SecureFedAvg`` records the
 node as failed with the reason.
@@ -20,13 +21,13 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, Error, Message
+from flwr.app import Array, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
 
 from fedtune.coordinator.grid_wrapper import WrappedGrid, secaggplus_stage
-from fedtune.platform.wire.masked_upload import masked_vector_problem
+from fedtune.platform.wire.masked_upload import masked_vector_problem, widened
 
 LOGGER = logging.getLogger(__name__)
 FITINS_PARAMETERS = "fitins.parameters"  # where Flower's workflow puts the arrays it sends
@@ -66,11 +67,10 @@ class MaskedVectorCheck(WrappedGrid):
         elif configs is None:
             problem = "its reply carries no SecAgg+ record"
         else:
-            problem = masked_vector_problem(
-                configs.get(Key.MASKED_PARAMETERS), mod_range=self.mod_range, shapes=shapes[node]
-            )
-        if problem is None:
-            return reply
+            blobs = configs.get(Key.MASKED_PARAMETERS)
+            problem = masked_vector_problem(blobs, mod_range=self.mod_range, shapes=shapes[node])
+            if problem is None:
+                return _widened(reply, configs, self.mod_range)
         reason = f"masked update of node {node} refused: {problem}"
         LOGGER.warning("%s", reason)
         # The reply's own metadata (sender, reply-to id): Flower's keyword for that is not in
@@ -101,3 +101,15 @@ def _shape(array: Array) -> tuple[int, ...]:
     )
     shape, _, _ = read(stream)
     return tuple(int(d) for d in shape)
+
+
+def _widened(reply: Message, configs: ConfigRecord, mod_range: int) -> Message:
+    """``reply``, with three-byte masked values as the uint32 arrays Flower's workflow sums
+    (a new message: the node's reply stays as it came)."""
+    blobs = configs[Key.MASKED_PARAMETERS]
+    wide = widened(blobs, mod_range)  # type: ignore[arg-type]
+    if wide is blobs:
+        return reply
+    content = RecordDict(dict(reply.content.items()))
+    content[RECORD_KEY_CONFIGS] = ConfigRecord({**configs, Key.MASKED_PARAMETERS: wide})
+    return Message(content=content, metadata=reply.metadata)  # type: ignore[call-overload]

@@ -4,9 +4,10 @@ The ClientApp trains nothing: each train message gets a synthetic float32 update
 numbers, deterministic per (seed, round, node index) -- ``synthetic_update`` -- with
 ``num_examples = 100 + node index``. The node index comes from the SuperNode's
 ``--node-config index=I``. Under SecAgg+ the update goes through Flower's ``secaggplus_mod``
-(with ``masked-upload = "packed"`` its masked vectors are then re-encoded as fedtune's node
-does, in the smallest type the modulus needs, and the ServerApp checks them as fedtune's
-coordinator does: the only imports of fedtune here);
+(with ``masked-upload = "packed"`` the ServerApp picks the modulus as fedtune's coordinator
+does, the fewest whole bytes the sum of all nodes cannot wrap, its masked vectors are then
+re-encoded as fedtune's node does, in the smallest type the modulus needs, and the ServerApp
+checks them as fedtune's coordinator does: the only imports of fedtune here);
 plain rounds skip the mod (it would reject a train message without its configs). An outer
 mod writes one JSON line per message to ``node-log-dir/node-I.jsonl``: the stage, when the
 ClientApp process started (Flower starts one per message), when the handler started and how
@@ -14,7 +15,7 @@ long it took, and how long generating the update took.
 
 The ServerApp runs Flower's legacy ``DefaultWorkflow`` with a legacy ``FedAvg`` (no
 evaluation): the fit workflow is ``SecAggPlusWorkflow(num_shares=1.0,
-reconstruction_threshold=0.6, max_weight=<largest num_examples>)`` when the run config says
+reconstruction_threshold=0.6, max_weight=<largest num_examples>, ...)`` when the run config says
 ``mode = "secagg+"``, else Flower's default fit workflow. The new global vector is cast back to
 float32 (SecAgg+ returns a float64 mean, which would double what the nodes receive; fedtune's
 ``SecureFedAvg`` casts likewise). Per round it records, server side:
@@ -502,10 +503,22 @@ def main(grid: Grid, context: Context) -> None:
     measuring = MeasuringGrid(grid, timeout=settings["timeout"], poll_s=settings["server_poll_s"])
     if mode == SECAGG:
         max_weight = float(num_examples(settings["nodes"] - 1))
+        ranges = {"quantization_range": 2**22, "modulus_range": 2**32}  # Flower's defaults
+        if settings["masked_upload"] == PACKED:
+            # the modulus fedtune's coordinator picks: 3 bytes a value for up to 3 nodes
+            from fedtune.platform.wire.masked_upload import QUANTIZATION_RANGE, modulus_for
+
+            ranges = {
+                "quantization_range": QUANTIZATION_RANGE,
+                "modulus_range": modulus_for(
+                    settings["nodes"], quantization_range=QUANTIZATION_RANGE
+                ),
+            }
         settings["secaggplus"] = {
             "num_shares": 1.0,
             "reconstruction_threshold": 0.6,
             "max_weight": max_weight,
+            **ranges,
         }
         inner: Callable[[Grid, LegacyContext], None] = TimedSecAggPlus(
             measuring,
@@ -513,6 +526,7 @@ def main(grid: Grid, context: Context) -> None:
             reconstruction_threshold=0.6,
             max_weight=max_weight,
             timeout=settings["timeout"],
+            **ranges,
         )
     else:
         inner = default_fit_workflow

@@ -620,8 +620,8 @@ def _train_replies(settings: _Settings) -> tuple[Reply, ...]:
                             "list[bytes]",
                             masked,
                             "the adapter's tensors, weighted, quantised and masked, in the "
-                            "smallest unsigned type the modulus needs (uint32 for 2**32): only "
-                            "the round's sum unmasks",
+                            "fewest bytes the modulus needs (uint32 for 2**32, 3 bytes a value "
+                            "for 2**24): only the round's sum unmasks",
                             accounting="" if settings.non_private_updates else DP_SGD,
                         ),
                     ),
