@@ -239,7 +239,7 @@ def test_a_later_run_spreads_what_is_left_of_the_target_over_its_rounds(node, ti
     assert ledger_from_content(later.content)[0].epsilon_after == pytest.approx(8.0, rel=2e-3)
 
 
-@pytest.mark.parametrize("stated", [None, "fedtune-wire/1", "fedtune-wire/4", "fedtune-wire/6"])
+@pytest.mark.parametrize("stated", [None, "fedtune-wire/1", "fedtune-wire/5", "fedtune-wire/7"])
 def test_a_node_declines_instructions_of_another_protocol_before_training(
     node, tiny_model_dir, stated
 ):

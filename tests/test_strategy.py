@@ -280,7 +280,7 @@ def test_a_new_entry_in_the_old_format_is_refused(setting):
 
 @pytest.mark.parametrize(
     "stated",
-    [None, "fedtune-wire/1", "fedtune-wire/4", "fedtune-wire/6", "x" * 100_000],
+    [None, "fedtune-wire/1", "fedtune-wire/5", "fedtune-wire/7", "x" * 100_000],
     ids=["none", "wire-1", "wire-4", "wire-6", "100k-chars"],
 )
 def test_a_reply_in_another_protocol_is_refused_naming_both(setting, stated):

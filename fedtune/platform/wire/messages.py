@@ -64,8 +64,10 @@ REWARD = "reward"
 # unsigned privacy report beside the ledger entry; in fedtune-wire/2 a train message had no
 # training method (a node of that version would train SFT in a DPO run); in fedtune-wire/3 it
 # had no GRPO settings and no plain upload type (float16 uploads); in fedtune-wire/4 adapters
-# travelled as one Flower array per tensor (in fedtune-wire/5 packed: packed_arrays.py).
-PROTOCOL = "fedtune-wire/5"
+# travelled as one Flower array per tensor (in fedtune-wire/5 packed: packed_arrays.py); a
+# fedtune-wire/5 node sends a 2**24 modulus's masked values as uint32, not three bytes each
+# (masked_upload.py).
+PROTOCOL = "fedtune-wire/6"
 PROTOCOL_KEY = "protocol"
 
 
