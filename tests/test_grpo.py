@@ -33,6 +33,16 @@ CPU = torch.device("cpu")
 SETTINGS = GRPOSettings(group_size=3, max_completion_tokens=6, beta=0.3, clip_ratio=0.2)
 
 
+def test_the_objectives_defaults_are_the_configs():
+    """A caller of the trainer without a TOML (a benchmark, a notebook) gets what a node's
+    config leaves out: 96 completion tokens, not a length that cuts every worked answer."""
+    from fedtune.client_node.local_round import grpo_settings
+    from fedtune.platform.config import TrainingSettings
+
+    assert GRPOSettings() == grpo_settings(TrainingSettings(method="grpo"))
+    assert GRPOSettings().max_completion_tokens == 96
+
+
 def test_advantages_are_standardised_within_each_group_and_zero_without_spread():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
 

@@ -35,17 +35,18 @@ from fedtune.client_node.dpo import _adapter_disabled
 from fedtune.client_node.losses import labelled_token_losses
 from fedtune.client_node.prompt_data import PromptDataset, make_prompt_collate
 from fedtune.client_node.rewards import RewardScorer, format_reward
+from fedtune.platform.config import GRPO_DEFAULTS
 
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    """The objective's knobs (``training.grpo_*``)."""
+    """The objective's knobs (``training.grpo_*``; the defaults are the config's)."""
 
-    group_size: int = 4
-    max_completion_tokens: int = 32
-    temperature: float = 1.0
-    beta: float = 0.04
-    clip_ratio: float = 0.2
+    group_size: int = GRPO_DEFAULTS["grpo_group_size"]
+    max_completion_tokens: int = GRPO_DEFAULTS["grpo_max_completion_tokens"]
+    temperature: float = GRPO_DEFAULTS["grpo_temperature"]
+    beta: float = GRPO_DEFAULTS["grpo_beta"]
+    clip_ratio: float = GRPO_DEFAULTS["grpo_clip_ratio"]
 
 
 @dataclass
