@@ -121,6 +121,17 @@ def test_a_superlink_port_equal_to_the_gateway_port_is_refused(tmp_path):
         load_coordinator_config(path)
 
 
+def test_a_gateway_rate_of_zero_is_refused_naming_the_key(tmp_path):
+    path = tmp_path / "coordinator.toml"
+    path.write_text(
+        "[gateway]\nrequests_per_second = 0\n"
+        '[tls]\nca_certificate = "ca.pem"\ncertificate = "s.pem"\nprivate_key = "s.key"\n'
+    )
+
+    with pytest.raises(ConfigError, match=r"coordinator\.toml: gateway\.requests_per_second"):
+        load_coordinator_config(path)
+
+
 def test_a_coordinator_config_cannot_name_a_superlink_host(tmp_path):
     path = tmp_path / "coordinator.toml"
     path.write_text(

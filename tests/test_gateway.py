@@ -30,7 +30,7 @@ from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
 from flwr.proto.node_pb2 import Node
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 
-from fedtune.coordinator.gateway import FLEET_PATHS, gateway_folder, key_id
+from fedtune.coordinator.gateway import BURST_SECONDS, FLEET_PATHS, gateway_folder, key_id
 from fedtune.coordinator.superlink import CONNECTION, CoordinatorError, flwr
 from fedtune.demo.data import write_demo_data
 from fedtune.demo.local_deployment import LocalDeployment
@@ -462,6 +462,64 @@ def test_a_login_the_superlink_refused_is_not_kept_in_the_replay_cache(coordinat
     ]
 
     assert statuses == [401, 401]  # not 403: junk logins do not fill the cache
+
+
+def flood(
+    address: str, path: str, *, ca: Path, source: str, refusals: int, deadline_s: float = 120
+) -> tuple[list[int], float]:
+    """POSTs without a login from ``source`` over kept-alive connections, as fast as one
+    client sends them, until ``refusals`` were answered 429 (or ``deadline_s``): their
+    statuses in order, and the seconds it took."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    statuses: list[int] = []
+    started = time.monotonic()
+    connection = None
+    while statuses.count(429) < refusals and time.monotonic() - started < deadline_s:
+        if connection is None:
+            connection = http.client.HTTPSConnection(
+                host, int(port), context=context, timeout=30, source_address=(source, 0)
+            )
+        connection.request("POST", path, body=b"", headers={"content-length": "0"})
+        answer = connection.getresponse()
+        answer.read()
+        statuses.append(answer.status)
+        if answer.will_close:
+            connection.close()
+            connection = None
+    if connection is not None:
+        connection.close()
+    return statuses, time.monotonic() - started
+
+
+def test_a_flood_from_one_address_is_cut_by_nginx_and_other_addresses_get_through(coordinator):
+    config = coordinator.coordinator
+    rate = config.gateway.requests_per_second
+    burst = rate * BURST_SECONDS
+    path = "/v1/fleet/pull-messages"
+    error_log = gateway_folder(config) / "error.log"
+    refused_before = error_log.read_text().count("from 127.0.0.2 key")
+
+    # 127.0.0.2 is this host's loopback too: the flooder, apart from the nodes' 127.0.0.1.
+    statuses, took = flood(
+        config.public_address,
+        path,
+        ca=config.tls.ca_certificate,
+        source="127.0.0.2",
+        refusals=100,
+    )
+    other = request(config.public_address, "POST", path, ca=config.tls.ca_certificate)
+
+    answered = [status for status in statuses if status != 429]
+    assert set(statuses) == {401, 429}, set(statuses)
+    assert statuses[:burst] == [401] * burst  # a burst of ten seconds' worth passes
+    assert len(answered) <= burst + rate * took + rate  # then the rate, give or take a second
+    assert other == 401  # another address still reaches the node check
+    log = error_log.read_text()
+    assert "limiting requests" in log
+    # The node check saw only what nginx let through.
+    assert log.count("from 127.0.0.2 key") - refused_before == len(answered)
 
 
 def test_a_run_with_a_serverapp_of_its_own_is_refused_on_the_coordinator(coordinator, tmp_path):

@@ -33,6 +33,9 @@ HEALTH_PATH = "/healthz"
 # Logins seen in the last 330 s: about 200 bytes each, so 64 MiB holds some 300,000 (a node
 # sends one to three requests a second); when full, the oldest are evicted, and logged.
 REPLAY_CACHE_MB = 64
+# A client address may send this many seconds' worth of requests at once before the rate
+# applies (gateway.requests_per_second).
+BURST_SECONDS = 10
 # The SuperNode's requests (flwr/supernode/fleet_http_client.py, superlink/routers/fleet).
 FLEET_PATHS = tuple(
     f"/v1/fleet/{name}"
@@ -80,6 +83,8 @@ def render_config(config: CoordinatorConfig) -> str:
         folder=folder,
         replay_cache_mb=REPLAY_CACHE_MB,
         max_body_mb=config.gateway.max_body_mb,
+        requests_per_second=config.gateway.requests_per_second,
+        burst=config.gateway.requests_per_second * BURST_SECONDS,
         ca_certificate=config.tls.ca_certificate,
         certificate=config.tls.certificate,
         private_key=config.tls.private_key,

@@ -781,6 +781,12 @@ class GatewaySettings(_Section):
         default=64,
         description="Largest request body in MiB; above Flower's 5 MiB array chunks.",
     )
+    requests_per_second: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=50,
+        description="Requests a second from one client address, in bursts of up to 10 "
+        "seconds' worth; more are answered 429 before the node check and the SuperLink see "
+        "them. A node sends 1-3 a second: raise it when many nodes share one address (NAT).",
+    )
 
 
 class TlsSettings(_Section):
