@@ -784,8 +784,8 @@ class GatewaySettings(_Section):
     requests_per_second: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=50,
         description="Requests a second from one client address, in bursts of up to 10 "
-        "seconds' worth; more are answered 429 before the node check and the SuperLink see "
-        "them. A node sends 1-3 a second: raise it when many nodes share one address (NAT).",
+        "seconds' worth; more are answered 503 (a node backs off and retries) before the node "
+        "check and the SuperLink see them. A node sends 1-3 a second: raise it when many nodes share one address (NAT).",
     )
 
 
