@@ -373,6 +373,21 @@ def test_an_error_reply_never_quotes_a_data_row(tmp_path, tiny_model_dir, row):
     assert SECRET.encode() not in sent
 
 
+@pytest.mark.parametrize(
+    "raised",
+    [KeyError(SECRET), ValueError(f"invalid literal: {SECRET!r}"), RuntimeError(SECRET)],
+    ids=["KeyError", "ValueError", "RuntimeError"],
+)
+def test_a_library_errors_text_never_leaves_in_an_error_reply(tiny_model_dir, raised):
+    message = as_message(train_content(tiny_model_dir), "train")
+
+    reply, details = error_reply(message, raised)
+
+    assert reply.error.reason.startswith(type(raised).__name__)
+    assert SECRET.encode() not in message_to_proto(reply).SerializeToString()
+    assert SECRET not in details
+
+
 def test_an_error_reply_is_in_the_manifest():
     error = egress_manifest().reply("any", "error").records[0]
 

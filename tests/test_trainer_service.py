@@ -8,6 +8,7 @@ import json
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedtune.client_node.data_files import DataError
 from fedtune.client_node.trainer_service import (
     SERVICE_FILE,
     TrainerError,
@@ -29,7 +30,12 @@ def _count_words(config: NodeConfig, content: RecordDict) -> RecordDict:
 
 
 def _refuse(config: NodeConfig, content: RecordDict) -> RecordDict:
-    raise ValueError("this base model is not mine")
+    raise DataError("train.jsonl:2: this row has no messages")
+
+
+def _library_failure(config: NodeConfig, content: RecordDict) -> RecordDict:
+    row = str(content.config_records["config"]["text"])
+    raise ValueError(f"cannot tokenize {row!r}")  # as a library may quote its input
 
 
 @pytest.fixture
@@ -38,7 +44,9 @@ def service(tmp_path):
         node=NodeSettings(name="hospital", state_dir=tmp_path / "state"),
         data=DataConfig(train=tmp_path / "train.jsonl", eval=tmp_path / "eval.jsonl"),
     )
-    running = TrainerService(config, {"train": _count_words, "evaluate": _refuse})
+    running = TrainerService(
+        config, {"train": _count_words, "evaluate": _refuse, "query": _library_failure}
+    )
     running.start()
     yield running
     running.stop()
@@ -55,9 +63,20 @@ def test_a_message_is_answered_by_the_node_handler(service):
     assert reply.config_records["node"]["name"] == "hospital"
 
 
-def test_the_handler_s_failure_comes_back_with_its_reason(service):
-    with pytest.raises(TrainerError, match="ValueError: this base model is not mine"):
+def test_fedtunes_own_refusal_comes_back_with_its_reason(service):
+    with pytest.raises(TrainerError, match=r"DataError: train\.jsonl:2: this row has no messages"):
         call_trainer(service.config.node.state_dir, "evaluate", message("x"))
+
+
+def test_a_library_errors_text_stays_in_the_nodes_log_and_only_its_type_leaves(service, capfd):
+    secret = "Patient Jane Roe, MRN 0042"
+
+    with pytest.raises(TrainerError) as raised:
+        call_trainer(service.config.node.state_dir, "query", message(secret))
+
+    assert str(raised.value).startswith("ValueError (its text stays on the node")
+    assert "Jane Roe" not in str(raised.value)
+    assert f"ValueError: cannot tokenize '{secret}'" in capfd.readouterr().err
 
 
 def test_a_message_type_the_node_does_not_handle_is_refused(service):

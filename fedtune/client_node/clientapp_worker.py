@@ -52,6 +52,7 @@ from flwr.supernode.runtime.run_clientapp import (
     push_task_output,
 )
 
+from fedtune.client_node.failure_reason import coordinator_reason
 from fedtune.platform.wire.run_bundle import UntrustedBundleError, check_bundle
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the call Flower's SuperExec signs
@@ -210,9 +211,8 @@ class ClientAppWorker:
 
 def error_reply(message: Message, exc: Exception) -> tuple[Message, str]:
     """The error reply to ``message`` when the ClientApp raised ``exc``, and its reason: the
-    exception's type and text go back to the coordinator, as in Flower's own ClientApp runner
-    (the egress manifest's error reply; fedtune's texts name files and lines, never a data
-    row)."""
-    reason = f"{type(exc)}:<'{exc}'>"
+    type and, for fedtune's own errors, the text (:func:`coordinator_reason`; the egress
+    manifest's error reply). The caller logs the whole text on the node."""
+    reason = coordinator_reason(exc)
     error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
     return Message(error, reply_to=message), reason

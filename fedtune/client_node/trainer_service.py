@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
@@ -25,6 +27,7 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedtune.client_node.failure_reason import coordinator_reason
 from fedtune.common.errors import FedtuneError
 from fedtune.platform.config import NodeConfig
 
@@ -110,7 +113,10 @@ class TrainerService:
                     reply = handler(self.config, content)
             except Exception as exc:  # the reason goes back to the coordinator
                 connection.send_bytes(b"error")
-                connection.send_bytes(f"{type(exc).__name__}: {exc}".encode())
+                connection.send_bytes(coordinator_reason(exc).encode())
+                if not isinstance(exc, FedtuneError):
+                    print(f"trainer: a '{kind}' message failed:", file=sys.stderr, flush=True)
+                    traceback.print_exception(exc, file=sys.stderr)
                 return
             connection.send_bytes(b"ok")
             connection.send_bytes(_to_bytes(reply))

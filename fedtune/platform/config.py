@@ -785,7 +785,8 @@ class GatewaySettings(_Section):
         default=50,
         description="Requests a second from one client address, in bursts of up to 10 "
         "seconds' worth; more are answered 503 (a node backs off and retries) before the node "
-        "check and the SuperLink see them. A node sends 1-3 a second: raise it when many nodes share one address (NAT).",
+        "check and the SuperLink see them. A node sends about 3 a second: raise it when many "
+        "nodes share one address (NAT).",
     )
 
 

@@ -933,8 +933,9 @@ def _error_reply() -> Reply:
                         "reason",
                         "str",
                         PLAIN,
-                        "the exception's type and text (fedtune's texts name files and lines, "
-                        "never a data row: tested)",
+                        "the exception's type; the text only for fedtune's own errors, which "
+                        "name files, lines and keys, never a data row (tested); another "
+                        "library's text stays in the node's log",
                     ),
                 ),
             ),
