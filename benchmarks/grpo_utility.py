@@ -85,6 +85,13 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=["non_private", "dp"],
+        default=["non_private", "dp"],
+        help="which runs from the cold start to measure (dp alone: compare clips or rates)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--budget-minutes",
@@ -196,7 +203,7 @@ def main() -> None:
         accountant="rdp",
         history=[],
     )
-    for arm in ("non_private", "dp"):
+    for arm in args.arms:
         load_adapter_arrays(model, start_arrays)
         history: list[Any] = []
         curve, timing = [], {"generation": 0.0, "reward": 0.0, "update": 0.0}
@@ -272,6 +279,8 @@ def _plot(output: dict[str, Any], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     start = results["cold_start"]["mean_reward"]
     for arm, label in (("non_private", "GRPO, non-private"), ("dp", "DP-GRPO, epsilon 8")):
+        if arm not in results:
+            continue
         rounds = [0] + [point["round"] for point in results[arm]["held_out_by_round"]]
         values = [start] + [point["mean_reward"] for point in results[arm]["held_out_by_round"]]
         axis.plot(rounds, values, marker="o", label=label)
