@@ -110,25 +110,27 @@ def test_the_documented_example_coordinator_config_is_valid():
     assert config.superlink_address == "127.0.0.1:9093"  # the SuperLink never leaves loopback
 
 
-def test_a_superlink_port_equal_to_the_gateway_port_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("section", "refusal"),
+    [
+        (  # the gateway listens on port, the SuperLink on superlink_port
+            "[coordinator]\nport = 9092\nsuperlink_port = 9092\n",
+            r"coordinator\.toml: coordinator: .*superlink_port",
+        ),
+        (
+            "[gateway]\nrequests_per_second = 0\n",
+            r"coordinator\.toml: gateway\.requests_per_second",
+        ),
+    ],
+    ids=["superlink-port-equal-to-the-gateway-port", "gateway-rate-of-zero"],
+)
+def test_a_coordinator_setting_out_of_range_is_refused_naming_the_key(tmp_path, section, refusal):
     path = tmp_path / "coordinator.toml"
     path.write_text(
-        "[coordinator]\nport = 9092\nsuperlink_port = 9092\n"
-        '[tls]\nca_certificate = "ca.pem"\ncertificate = "s.pem"\nprivate_key = "s.key"\n'
+        section + '[tls]\nca_certificate = "ca.pem"\ncertificate = "s.pem"\nprivate_key = "s.key"\n'
     )
 
-    with pytest.raises(ConfigError, match=r"coordinator\.toml: coordinator: .*superlink_port"):
-        load_coordinator_config(path)
-
-
-def test_a_gateway_rate_of_zero_is_refused_naming_the_key(tmp_path):
-    path = tmp_path / "coordinator.toml"
-    path.write_text(
-        "[gateway]\nrequests_per_second = 0\n"
-        '[tls]\nca_certificate = "ca.pem"\ncertificate = "s.pem"\nprivate_key = "s.key"\n'
-    )
-
-    with pytest.raises(ConfigError, match=r"coordinator\.toml: gateway\.requests_per_second"):
+    with pytest.raises(ConfigError, match=refusal):
         load_coordinator_config(path)
 
 
