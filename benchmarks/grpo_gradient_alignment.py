@@ -12,10 +12,12 @@ prompt's gradient of the node's GRPO objective alone, with plain autograd, and r
 - ``|g_bar|``, estimated without bias from the pairwise dot products (the norm of the sample
   mean would count each prompt's own part), with an upper bound two jackknife standard errors
   above;
-- that per-step signal-to-noise ratio at the run's clip and at the median per-prompt norm,
-  and the expected batch it would need to reach 1.
+- that per-step signal-to-noise ratio at the run's clip and at the median per-prompt norm
+  (the gradients clipped there, so the signal shrinks with the noise), and the expected batch
+  it would need to reach 1.
 
-Writes ``benchmarks/results/grpo_gradient_alignment.json``.
+Writes ``benchmarks/results/grpo_gradient_alignment.json``; ``--reanalyse`` recomputes a
+results file's figures from the dot products it holds.
 
     .venv/bin/python benchmarks/grpo_gradient_alignment.py --domain hospital --prompts 24
 """
@@ -25,10 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,7 +70,16 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0, help="the run's max_grad_norm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "grpo_gradient_alignment.json")
+    parser.add_argument(
+        "--reanalyse",
+        type=Path,
+        metavar="JSON",
+        help="recompute a results file's figures from its measured dot products, no model",
+    )
     args = parser.parse_args()
+    if args.reanalyse is not None:
+        reanalyse(args.reanalyse)
+        return
     if args.prompts < 3:
         parser.error("--prompts must be at least 3 (pairs of non-zero gradients are needed)")
     torch.set_num_threads(args.threads)
@@ -116,29 +127,24 @@ def main() -> None:
         gradients.append(flat * min(1.0, args.clip / max(float(flat.norm()), 1e-12)))
         print(f"prompt {index}: gradient norm {float(gradients[-1].norm()):.4f}", flush=True)
 
-    norms = [float(g.norm()) for g in gradients]
-    nonzero = [g for g in gradients if float(g.norm()) > 0]
     stacked = torch.stack(gradients)
-    dots = stacked @ stacked.T
-    pairs = ~torch.eye(len(gradients), dtype=torch.bool)
-    # E[g_i . g_j] over i != j is |g_bar|^2 without each prompt's own part; may come out < 0.
-    mean_dot = float(dots[pairs].mean())
-    shared_norm = max(mean_dot, 0.0) ** 0.5
-    # Jackknife over prompts (the pairs share prompts, so they are not independent draws).
-    count = len(gradients)
-    leave_one_out = torch.tensor(
-        [
-            float(dots[keep][:, keep][pairs[keep][:, keep]].mean())
-            for keep in (torch.arange(count) != i for i in range(count))
-        ]
-    )
-    mean_dot_se = float(
-        ((count - 1) / count * ((leave_one_out - leave_one_out.mean()) ** 2).sum()) ** 0.5
-    )
-    shared_norm_upper = max(mean_dot + 2 * mean_dot_se, 0.0) ** 0.5
-    unit = torch.stack([g / g.norm() for g in nonzero])
-    cosines = (unit @ unit.T)[~torch.eye(len(nonzero), dtype=torch.bool)]
-    sigma = calibrate_noise_multiplier(
+    sigma = noise_multiplier(args)
+    output = {
+        "what": "per-prompt gradients of the node's GRPO objective after the demo's cold "
+        "start; the shared part (mean gradient) against DP noise",
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "cold_start": cold,
+        "trainable_values": sum(p.numel() for p in parameters),
+        **analyse(stacked @ stacked.T, clip=args.clip, batch=args.batch, sigma=sigma),
+        "seconds_total": time.perf_counter() - started,
+        "machine": {"platform": platform.platform(), "threads": args.threads},
+    }
+    write(output, args.out)
+
+
+def noise_multiplier(args: argparse.Namespace) -> float:
+    """The demo's sigma: its epsilon over its DP steps at its sample rate."""
+    return calibrate_noise_multiplier(
         target_epsilon=args.epsilon,
         delta=args.delta,
         sample_rate=sample_rate_for(args.train, args.batch),
@@ -146,47 +152,92 @@ def main() -> None:
         accountant="rdp",
         history=[],
     )
-    median = statistics.median(n for n in norms if n > 0)
 
-    def snr(clip: float) -> dict[str, float | None]:
+
+def clipped(dots: torch.Tensor, clip: float) -> torch.Tensor:
+    """The dot products of the same gradients clipped to ``clip`` (each scaled by
+    min(1, clip / norm), so clipping again at a smaller norm is exact)."""
+    norms = dots.diagonal().clamp_min(0).sqrt()
+    scale = (clip / norms.clamp_min(1e-12)).clamp(max=1.0)
+    return dots * scale[:, None] * scale[None, :]
+
+
+def shared_part(dots: torch.Tensor) -> tuple[float, float]:
+    """|g_bar|^2 estimated as the mean of g_i . g_j over i != j (without each prompt's own
+    part; may come out < 0), and its jackknife standard error over prompts (the pairs share
+    prompts, so they are not independent draws)."""
+    count = len(dots)
+    pairs = ~torch.eye(count, dtype=torch.bool)
+    mean_dot = float(dots[pairs].mean())
+    leave_one_out = torch.tensor(
+        [
+            float(dots[keep][:, keep][pairs[keep][:, keep]].mean())
+            for keep in (torch.arange(count) != i for i in range(count))
+        ]
+    )
+    se = float(((count - 1) / count * ((leave_one_out - leave_one_out.mean()) ** 2).sum()) ** 0.5)
+    return mean_dot, se
+
+
+def analyse(dots: torch.Tensor, *, clip: float, batch: int, sigma: float) -> dict[str, Any]:
+    """Everything the JSON says about the gradients, from their pairwise dot products (measured
+    at the run's clip)."""
+    norms = dots.diagonal().clamp_min(0).sqrt()
+    nonzero = norms > 0
+    unit = dots[nonzero][:, nonzero] / (norms[nonzero][:, None] * norms[nonzero][None, :])
+    cosines = unit[~torch.eye(int(nonzero.sum()), dtype=torch.bool)]
+    mean_dot, se = shared_part(dots)
+
+    def snr(at: float) -> dict[str, float | None]:
+        # Clipping at ``at`` scales the signal too: the shared part is re-estimated there.
+        dot, dot_se = shared_part(clipped(dots, at))
+        shared, upper = max(dot, 0.0) ** 0.5, max(dot + 2 * dot_se, 0.0) ** 0.5
         return {
-            "clip": clip,
-            "per_step_snr": args.batch * shared_norm / (sigma * clip),
-            "per_step_snr_upper": args.batch * shared_norm_upper / (sigma * clip),
-            "batch_for_snr_1": sigma * clip / shared_norm if shared_norm > 0 else None,
-            "batch_for_snr_1_at_least": sigma * clip / shared_norm_upper,
+            "clip": at,
+            "shared_gradient_norm": shared,
+            "shared_gradient_norm_upper": upper,
+            "per_step_snr": batch * shared / (sigma * at),
+            "per_step_snr_upper": batch * upper / (sigma * at),
+            "batch_for_snr_1": sigma * at / shared if shared > 0 else None,
+            "batch_for_snr_1_at_least": sigma * at / upper if upper > 0 else None,
         }
 
-    output = {
-        "what": "per-prompt gradients of the node's GRPO objective after the demo's cold "
-        "start; the shared part (mean gradient) against DP noise",
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "cold_start": cold,
-        "trainable_values": sum(p.numel() for p in parameters),
-        "gradient_norms": norms,
-        "zero_gradients": len(norms) - len(nonzero),
+    return {
+        "gradient_norms": norms.tolist(),
+        "zero_gradients": int((~nonzero).sum()),
         "mean_pairwise_cosine_nonzero": float(cosines.mean()),
         "mean_abs_pairwise_cosine_nonzero": float(cosines.abs().mean()),
-        "shared_gradient_norm": shared_norm,
-        "shared_gradient_norm_upper": shared_norm_upper,
+        "shared_gradient_norm": max(mean_dot, 0.0) ** 0.5,
+        "shared_gradient_norm_upper": max(mean_dot + 2 * se, 0.0) ** 0.5,
         "mean_pairwise_dot": mean_dot,
-        "mean_pairwise_dot_jackknife_se": mean_dot_se,
+        "mean_pairwise_dot_jackknife_se": se,
         "pairwise_dots": dots.tolist(),
         "noise_multiplier": sigma,
-        "at_run_clip": snr(args.clip),
-        "at_median_norm": snr(median),
-        "seconds_total": time.perf_counter() - started,
-        "machine": {"platform": platform.platform(), "threads": args.threads},
+        "at_run_clip": snr(clip),
+        "at_median_norm": snr(float(norms[nonzero].quantile(0.5))),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(output, indent=2) + "\n")
+
+
+def reanalyse(path: Path) -> None:
+    """Recompute the analysis of a results file from its measured dot products (no model)."""
+    output = json.loads(path.read_text())
+    settings = argparse.Namespace(**output["settings"])
+    sigma = noise_multiplier(settings)
+    dots = torch.tensor(output["pairwise_dots"], dtype=torch.float64)
+    output.update(analyse(dots, clip=settings.clip, batch=settings.batch, sigma=sigma))
+    write(output, path)
+
+
+def write(output: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(output, indent=2) + "\n")
     print(
         json.dumps(
             {k: v for k, v in output.items() if k not in ("gradient_norms", "pairwise_dots")},
             indent=2,
         )
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
